@@ -1,1 +1,4 @@
-pub fn placeholder() {}
+//! factpatch: compile fact edits (ROME, MEMIT, RECT) into small verifiable weight patches.
+
+pub mod atomic;
+pub mod checkpoint;

@@ -1,0 +1,322 @@
+//! Hugging Face checkpoint folders: `config.json` plus memory-mapped safetensors,
+//! single-file or sharded (`model.safetensors.index.json`). Validated on open, read lazily.
+
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype as StDtype, Metadata};
+use safetensors::SafeTensors;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// Everything that can go wrong opening or reading a checkpoint folder.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The folder has no `config.json`.
+    #[error("{0}: no config.json here (not a Hugging Face model folder)")]
+    MissingConfig(PathBuf),
+    /// The folder has neither `model.safetensors` nor `model.safetensors.index.json`.
+    #[error("{0}: no model.safetensors or model.safetensors.index.json here")]
+    MissingWeights(PathBuf),
+    /// A file could not be opened or read.
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    /// A JSON file is malformed.
+    #[error("{path}: invalid JSON: {source}")]
+    Json { path: PathBuf, source: serde_json::Error },
+    /// A safetensors file is truncated or its header is corrupt.
+    #[error("{path}: not a valid safetensors file ({reason})")]
+    Safetensors { path: PathBuf, reason: String },
+    /// The shard index names a tensor that its shard does not hold.
+    #[error("{path}: tensor `{name}` is listed in the index but missing from its shard")]
+    IndexMismatch { path: PathBuf, name: String },
+    /// A tensor the model needs is absent.
+    #[error("{dir}: tensor `{name}` not found")]
+    MissingTensor { dir: PathBuf, name: String },
+    /// A tensor is stored in a dtype factpatch does not handle.
+    #[error("{path}: tensor `{name}` has dtype {dtype}; only F32, F16 and BF16 are supported")]
+    UnsupportedDtype { path: PathBuf, name: String, dtype: String },
+    /// A tensor's shape differs from what the model's config implies.
+    #[error("{path}: tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    Shape { path: PathBuf, name: String, found: Vec<usize>, expected: Vec<usize> },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Floating-point storage types of checkpoint tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Dtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl Dtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+        }
+    }
+
+    /// Little-endian bytes to f32 values (exact for every dtype).
+    pub fn decode(self, bytes: &[u8]) -> Vec<f32> {
+        match self {
+            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+        }
+    }
+
+    /// f32 values to little-endian bytes, rounding to nearest-even once.
+    pub fn encode(self, values: &[f32]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(values.len() * self.size());
+        for &v in values {
+            match self {
+                Dtype::F32 => out.extend_from_slice(&v.to_le_bytes()),
+                Dtype::F16 => out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+                Dtype::BF16 => out.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+            }
+        }
+        out
+    }
+
+    fn from_safetensors(d: StDtype) -> Option<Self> {
+        match d {
+            StDtype::F32 => Some(Dtype::F32),
+            StDtype::F16 => Some(Dtype::F16),
+            StDtype::BF16 => Some(Dtype::BF16),
+            _ => None,
+        }
+    }
+
+    /// The same dtype as the safetensors crate names it.
+    pub fn to_safetensors(self) -> StDtype {
+        match self {
+            Dtype::F32 => StDtype::F32,
+            Dtype::F16 => StDtype::F16,
+            Dtype::BF16 => StDtype::BF16,
+        }
+    }
+}
+
+/// One memory-mapped safetensors file with its parsed header.
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    metadata: Metadata,
+}
+
+/// A borrowed view of one stored tensor.
+#[derive(Clone, Copy)]
+pub struct TensorRef<'a> {
+    pub name: &'a str,
+    pub dtype: Dtype,
+    pub shape: &'a [usize],
+    /// Raw little-endian bytes, straight from the memory map.
+    pub bytes: &'a [u8],
+    /// The file that holds it.
+    pub path: &'a Path,
+}
+
+impl TensorRef<'_> {
+    /// The values as f32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        self.dtype.decode(self.bytes)
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// An opened Hugging Face model folder.
+pub struct Checkpoint {
+    dir: PathBuf,
+    config: serde_json::Value,
+    shards: Vec<Shard>,
+    /// Tensor name → index into `shards`, sorted by name.
+    index: BTreeMap<String, usize>,
+}
+
+pub const CONFIG: &str = "config.json";
+pub const SINGLE: &str = "model.safetensors";
+pub const INDEX: &str = "model.safetensors.index.json";
+
+impl Checkpoint {
+    /// Opens `dir`, memory-maps every weight file and validates every header.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let config_path = dir.join(CONFIG);
+        if !config_path.is_file() {
+            return Err(Error::MissingConfig(dir.to_path_buf()));
+        }
+        let config = read_json(&config_path)?;
+        let files = weight_files(dir)?;
+        let mut shards = Vec::with_capacity(files.len());
+        let mut index = BTreeMap::new();
+        for (i, file) in files.iter().enumerate() {
+            let shard = map_shard(&dir.join(file))?;
+            for name in shard.metadata.tensors().keys() {
+                index.insert(name.clone(), i);
+            }
+            shards.push(shard);
+        }
+        let ckpt = Checkpoint { dir: dir.to_path_buf(), config, shards, index };
+        ckpt.check_index()?;
+        for name in ckpt.index.keys() {
+            ckpt.tensor(name)?; // dtype check on every tensor, before anyone trusts it
+        }
+        Ok(ckpt)
+    }
+
+    /// Every tensor listed in a shard index must be where the index says.
+    fn check_index(&self) -> Result<()> {
+        let path = self.dir.join(INDEX);
+        if !path.is_file() {
+            return Ok(());
+        }
+        let map = read_json(&path)?;
+        let weight_map = map.get("weight_map").and_then(|m| m.as_object()).into_iter().flatten();
+        for (name, file) in weight_map {
+            let in_shard = self
+                .index
+                .get(name)
+                .is_some_and(|&i| Some(self.shards[i].path.file_name().unwrap_or_default()) == file.as_str().map(std::ffi::OsStr::new));
+            if !in_shard {
+                return Err(Error::IndexMismatch { path: path.clone(), name: name.clone() });
+            }
+        }
+        Ok(())
+    }
+
+    /// The folder this checkpoint was opened from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The parsed `config.json`.
+    pub fn config(&self) -> &serde_json::Value {
+        &self.config
+    }
+
+    /// All tensor names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// The weight files, in the order they were listed.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.shards.iter().map(|s| s.path.as_path())
+    }
+
+    /// Names of the tensors stored in `file` (one of [`Checkpoint::files`]), in file order.
+    pub fn names_in(&self, file: &Path) -> Vec<&str> {
+        let Some(shard) = self.shards.iter().find(|s| s.path == file) else { return Vec::new() };
+        let mut names: Vec<_> = shard.metadata.tensors().into_iter().map(|(n, info)| (info.data_offsets.0, n)).collect();
+        names.sort();
+        names.into_iter().filter_map(|(_, n)| self.index.get_key_value(&n).map(|(k, _)| k.as_str())).collect()
+    }
+
+    /// Whether a tensor of this name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// A view of tensor `name`.
+    pub fn tensor(&self, name: &str) -> Result<TensorRef<'_>> {
+        let (key, &i) = self
+            .index
+            .get_key_value(name)
+            .ok_or_else(|| Error::MissingTensor { dir: self.dir.clone(), name: name.to_string() })?;
+        let shard = &self.shards[i];
+        let info = shard.metadata.info(name).expect("index built from this shard's metadata");
+        let dtype = Dtype::from_safetensors(info.dtype).ok_or_else(|| Error::UnsupportedDtype {
+            path: shard.path.clone(),
+            name: name.to_string(),
+            dtype: format!("{:?}", info.dtype),
+        })?;
+        let (start, end) = info.data_offsets;
+        Ok(TensorRef {
+            name: key,
+            dtype,
+            shape: &info.shape,
+            bytes: &shard.mmap[shard.data_start + start..shard.data_start + end],
+            path: &shard.path,
+        })
+    }
+
+    /// A view of tensor `name`, checked to have `shape`.
+    pub fn tensor_with_shape(&self, name: &str, shape: &[usize]) -> Result<TensorRef<'_>> {
+        let t = self.tensor(name)?;
+        if t.shape != shape {
+            return Err(Error::Shape {
+                path: t.path.to_path_buf(),
+                name: name.to_string(),
+                found: t.shape.to_vec(),
+                expected: shape.to_vec(),
+            });
+        }
+        Ok(t)
+    }
+
+    /// blake3 over every tensor's name, dtype, shape and bytes in name order: the model's identity.
+    pub fn identity(&self) -> blake3::Hash {
+        let mut h = blake3::Hasher::new();
+        for name in self.index.keys() {
+            let t = self.tensor(name).expect("validated on open");
+            h.update(name.as_bytes());
+            h.update(format!("{:?}{:?}", t.dtype, t.shape).as_bytes());
+            h.update(t.bytes);
+        }
+        h.finalize()
+    }
+}
+
+/// The weight files of a folder: the single file, or the shards named by the index (sorted, unique).
+fn weight_files(dir: &Path) -> Result<Vec<String>> {
+    let index = dir.join(INDEX);
+    if index.is_file() {
+        let map = read_json(&index)?;
+        let files: std::collections::BTreeSet<String> = map
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::Safetensors { path: index.clone(), reason: "no `weight_map` object".into() })?
+            .values()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        if files.iter().any(|f| f.contains('/') || f.contains('\\')) {
+            return Err(Error::Safetensors { path: index, reason: "shard names must be plain file names".into() });
+        }
+        return Ok(files.into_iter().collect());
+    }
+    if dir.join(SINGLE).is_file() {
+        return Ok(vec![SINGLE.to_string()]);
+    }
+    Err(Error::MissingWeights(dir.to_path_buf()))
+}
+
+fn map_shard(path: &Path) -> Result<Shard> {
+    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    let file = File::open(path).map_err(io)?;
+    // SAFETY: checkpoints are treated as immutable while open; factpatch never writes into a base.
+    let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+    let bad = |e: safetensors::SafeTensorError| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() };
+    SafeTensors::deserialize(&mmap).map_err(bad)?;
+    let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(bad)?;
+    Ok(Shard { path: path.to_path_buf(), mmap, data_start: 8 + header_len, metadata })
+}
+
+/// Reads and parses a JSON file, naming it in any error.
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })
+}
