@@ -2,3 +2,5 @@
 
 pub mod atomic;
 pub mod checkpoint;
+pub mod model;
+pub mod tokenize;

@@ -1,0 +1,191 @@
+//! Differentiable building blocks. candle-nn's fused kernels (softmax, norms, rope, sdpa)
+//! have no backward pass, so everything gradients must flow through is composed here from
+//! primitive ops that do. Weight matmuls go through [`linear`], whose backward pass computes
+//! the input gradient only: weights are frozen, and candle's own matmul would also compute theirs.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor, D};
+
+/// A frozen affine map `y = x·Wᵀ + b`, with `W` stored `[out, in]`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(Linear { weight: self.weight.to_dtype(dtype)?, bias: self.bias.as_ref().map(|b| b.to_dtype(dtype)).transpose()? })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        let lead = &x.dims()[..x.rank() - 1];
+        let rows: usize = lead.iter().product();
+        let x2 = x.reshape((rows, in_dim))?.contiguous()?;
+        let y = x2.apply_op2(&self.weight, FrozenMatmul)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut shape = lead.to_vec();
+        shape.push(out_dim);
+        y.reshape(shape)
+    }
+}
+
+/// `x [m, k] · w [n, k]ᵀ`, differentiable in `x` only.
+struct FrozenMatmul;
+
+fn bmnk(l1: &Layout, l2: &Layout) -> Result<(usize, usize, usize, usize)> {
+    let (m, k) = l1.shape().dims2()?;
+    let (n, k2) = l2.shape().dims2()?;
+    if k != k2 {
+        candle_core::bail!("frozen matmul: inner dimensions differ ({k} vs {k2})");
+    }
+    Ok((1, m, n, k))
+}
+
+impl CustomOp2 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, m, n, k) = bmnk(l1, l2)?;
+        let out = s1.matmul(s2, (b, m, n, k), l1, &l2.transpose(0, 1)?)?;
+        Ok((out, Shape::from((m, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (b, m, n, k) = bmnk(l1, l2)?;
+        let out = s1.matmul(s2, (b, m, n, k), l1, &l2.transpose(0, 1)?)?;
+        Ok((out, Shape::from((m, n))))
+    }
+
+    fn bwd(&self, _x: &Tensor, w: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(w)?), None))
+    }
+}
+
+/// Softmax over the last dimension, stable, with a backward pass.
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Log-softmax over the last dimension, stable, with a backward pass.
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
+}
+
+/// Normalisation layers, as their families define them.
+#[derive(Clone, Debug)]
+pub enum Norm {
+    /// `x / sqrt(mean(x²) + eps) · w` (Llama).
+    Rms { weight: Tensor, eps: f64 },
+    /// `(x − mean) / sqrt(var + eps) · w + b` (GPT-2).
+    Layer { weight: Tensor, bias: Tensor, eps: f64 },
+}
+
+impl Norm {
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(match self {
+            Norm::Rms { weight, eps } => Norm::Rms { weight: weight.to_dtype(dtype)?, eps: *eps },
+            Norm::Layer { weight, bias, eps } => Norm::Layer { weight: weight.to_dtype(dtype)?, bias: bias.to_dtype(dtype)?, eps: *eps },
+        })
+    }
+}
+
+impl Module for Norm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Norm::Rms { weight, eps } => {
+                let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+                x.broadcast_div(&(ms + *eps)?.sqrt()?)?.broadcast_mul(weight)
+            }
+            Norm::Layer { weight, bias, eps } => {
+                let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+                let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+                centred.broadcast_div(&(var + *eps)?.sqrt()?)?.broadcast_mul(weight)?.broadcast_add(bias)
+            }
+        }
+    }
+}
+
+/// Rotary position embedding (the half-split layout Hugging Face Llama uses).
+#[derive(Clone, Debug)]
+pub struct Rope {
+    /// `[max_positions, head_dim]`: the angles' cosines, each frequency twice.
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, theta: f64, max_positions: usize, device: &candle_core::Device) -> Result<Self> {
+        let half = head_dim / 2;
+        let inv: Vec<f64> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)).collect();
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for p in 0..max_positions {
+            for _ in 0..2 {
+                for f in &inv {
+                    // HF computes the angle in f32: match it so logits agree to the last bits.
+                    let angle = (p as f32) * (*f as f32);
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        Ok(Rope {
+            cos: Tensor::from_vec(cos, (max_positions, head_dim), device)?,
+            sin: Tensor::from_vec(sin, (max_positions, head_dim), device)?,
+        })
+    }
+
+    /// Rotates `x [b, heads, t, head_dim]` by `positions [b, t]`.
+    pub fn apply(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        let (b, _, t, hd) = x.dims4()?;
+        let flat = positions.flatten_all()?;
+        let cos = self.cos.index_select(&flat, 0)?.reshape((b, 1, t, hd))?.to_dtype(x.dtype())?;
+        let sin = self.sin.index_select(&flat, 0)?.reshape((b, 1, t, hd))?.to_dtype(x.dtype())?;
+        let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
+        let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+    }
+
+    /// Positions the table covers.
+    pub fn max_positions(&self) -> usize {
+        self.cos.dim(0).unwrap_or(0)
+    }
+}
+
+/// Activation functions of MLPs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `x·σ(x)` (Llama's SwiGLU gate).
+    Silu,
+    /// GPT-2's tanh approximation of GELU ("gelu_new").
+    GeluTanh,
+}
+
+impl Activation {
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::Silu => x.silu(),
+            Activation::GeluTanh => x.gelu(),
+        }
+    }
+}
