@@ -2,5 +2,7 @@
 
 pub mod atomic;
 pub mod checkpoint;
+pub mod edit;
 pub mod model;
+pub mod rect;
 pub mod tokenize;

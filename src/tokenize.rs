@@ -58,3 +58,9 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 }
+
+/// The last token whose byte span overlaps `span` (a byte range of the encoded text): where a
+/// subject ends, however it was split into tokens.
+pub fn last_token_in(offsets: &[(usize, usize)], span: (usize, usize)) -> Option<usize> {
+    offsets.iter().rposition(|&(a, b)| a < span.1 && b > span.0)
+}

@@ -281,6 +281,11 @@ pub struct Hooks {
     pub keys: Vec<usize>,
     /// Layers whose block outputs (residual stream) are captured.
     pub residuals: Vec<usize>,
+    /// Layers whose MLP outputs are captured.
+    pub mlp_outputs: Vec<usize>,
+    /// Start at this layer from this residual stream `[batch, seq, hidden]` instead of the
+    /// embeddings (what earlier layers computed, reused).
+    pub resume: Option<(usize, Tensor)>,
     pub additions: Vec<Addition>,
     /// Run layers `0..=stop_after` only.
     pub stop_after: Option<usize>,
@@ -292,6 +297,8 @@ pub struct Trace {
     pub keys: BTreeMap<usize, Tensor>,
     /// Layer → block outputs `[batch, seq, hidden]`.
     pub residuals: BTreeMap<usize, Tensor>,
+    /// Layer → MLP outputs `[batch, seq, hidden]`.
+    pub mlp_outputs: BTreeMap<usize, Tensor>,
     /// The residual stream after the last layer run, before the final norm `[batch, seq, hidden]`.
     pub hidden: Tensor,
 }
@@ -431,9 +438,11 @@ impl Model {
         if last >= cfg.num_layers {
             return Err(Error::Input(format!("layer {last} out of range: the model has {} layers", cfg.num_layers)));
         }
-        for l in hooks.keys.iter().chain(&hooks.residuals).chain(hooks.additions.iter().map(|a| &a.layer)) {
-            if *l > last {
-                return Err(Error::Input(format!("hook at layer {l} but the pass stops after layer {last}")));
+        let first = hooks.resume.as_ref().map_or(0, |(l, _)| *l);
+        let hooked = hooks.keys.iter().chain(&hooks.residuals).chain(&hooks.mlp_outputs).chain(hooks.additions.iter().map(|a| &a.layer));
+        for l in hooked {
+            if *l > last || *l < first {
+                return Err(Error::Input(format!("hook at layer {l} but the pass runs layers {first}..={last}")));
             }
         }
         if let Some(c) = cache.as_deref_mut() {
@@ -451,14 +460,23 @@ impl Model {
         if let Some(&bad) = flat_ids.iter().find(|&&i| i as usize >= cfg.vocab_size) {
             return Err(Error::Input(format!("token id {bad} out of range (vocabulary {})", cfg.vocab_size)));
         }
-        let ids = Tensor::from_vec(flat_ids, b * t, &self.device)?;
-        let mut x = self.w.embed.index_select(&ids, 0)?.reshape((b, t, cfg.hidden_size))?;
-        if let Some(pos) = &self.w.positions {
-            x = (x + pos.index_select(&positions.flatten_all()?, 0)?.reshape((b, t, cfg.hidden_size))?)?;
-        }
+        let mut x = match &hooks.resume {
+            Some((_, hidden)) if hidden.dims() != [b, t, cfg.hidden_size] => {
+                return Err(Error::Input(format!("resume state {:?} does not fit the batch [{b}, {t}]", hidden.dims())));
+            }
+            Some((_, hidden)) => hidden.clone(),
+            None => {
+                let ids = Tensor::from_vec(flat_ids, b * t, &self.device)?;
+                let x = self.w.embed.index_select(&ids, 0)?.reshape((b, t, cfg.hidden_size))?;
+                match &self.w.positions {
+                    Some(pos) => (x + pos.index_select(&positions.flatten_all()?, 0)?.reshape((b, t, cfg.hidden_size))?)?,
+                    None => x,
+                }
+            }
+        };
 
-        let mut trace = Trace { keys: BTreeMap::new(), residuals: BTreeMap::new(), hidden: x.clone() };
-        for (l, block) in self.w.blocks.iter().enumerate().take(last + 1) {
+        let mut trace = Trace { keys: BTreeMap::new(), residuals: BTreeMap::new(), mlp_outputs: BTreeMap::new(), hidden: x.clone() };
+        for (l, block) in self.w.blocks.iter().enumerate().take(last + 1).skip(first) {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.kv[l]);
             let attn = self.attention(block, &block.attn_norm.forward(&x)?, &positions, &bias, layer_cache)?;
             x = (x + attn)?;
@@ -472,6 +490,9 @@ impl Model {
                 trace.keys.insert(l, key);
             }
             mlp = add_vectors(mlp, hooks, l, Site::MlpOut)?;
+            if hooks.mlp_outputs.contains(&l) {
+                trace.mlp_outputs.insert(l, mlp.clone());
+            }
             x = add_vectors((x + mlp)?, hooks, l, Site::Residual)?;
             if hooks.residuals.contains(&l) {
                 trace.residuals.insert(l, x.clone());
@@ -584,24 +605,30 @@ impl Model {
 fn add_vectors(x: Tensor, hooks: &Hooks, layer: usize, site: Site) -> Result<Tensor> {
     let mut x = x;
     for a in hooks.additions.iter().filter(|a| a.layer == layer && a.site == site) {
-        let (b, t, d) = x.dims3()?;
-        let n = a.at.len();
-        let mut onehot = vec![0f32; b * t * n];
-        for (i, &(s, p)) in a.at.iter().enumerate() {
-            if s >= b || p >= t {
-                return Err(Error::Input(format!("addition at ({s}, {p}) outside the batch [{b}, {t}]")));
-            }
-            onehot[(s * t + p) * n + i] = 1.0;
-        }
-        let onehot = Tensor::from_vec(onehot, (b * t, n), x.device())?.to_dtype(x.dtype())?;
-        let delta = match a.delta.rank() {
-            1 => a.delta.unsqueeze(0)?.broadcast_as((n, d))?,
-            _ => a.delta.clone(),
-        };
-        let added = onehot.matmul(&delta.to_dtype(x.dtype())?)?.reshape((b, t, d))?;
-        x = (x + added)?;
+        x = add_at(&x, &a.at, &a.delta)?;
     }
     Ok(x)
+}
+
+/// `x [b, t, hidden]` plus `delta` (`[hidden]`, or `[at.len(), hidden]`) at the `(sequence,
+/// position)` pairs `at`; differentiable in both.
+pub fn add_at(x: &Tensor, at: &[(usize, usize)], delta: &Tensor) -> Result<Tensor> {
+    let (b, t, d) = x.dims3()?;
+    let n = at.len();
+    let mut onehot = vec![0f32; b * t * n];
+    for (i, &(s, p)) in at.iter().enumerate() {
+        if s >= b || p >= t {
+            return Err(Error::Input(format!("addition at ({s}, {p}) outside the batch [{b}, {t}]")));
+        }
+        onehot[(s * t + p) * n + i] = 1.0;
+    }
+    let onehot = Tensor::from_vec(onehot, (b * t, n), x.device())?.to_dtype(x.dtype())?;
+    let delta = match delta.rank() {
+        1 => delta.unsqueeze(0)?.broadcast_as((n, d))?,
+        _ => delta.clone(),
+    };
+    let added = onehot.matmul(&delta.to_dtype(x.dtype())?)?.reshape((b, t, d))?;
+    Ok((x + added)?)
 }
 
 /// CPU, or the first CUDA device when built with `cuda` and one is present.

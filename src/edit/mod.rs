@@ -1,0 +1,346 @@
+//! The edit compiler: requests → keys and target vectors on the model → ROME or MEMIT closed
+//! form → RECT. Updates are applied to the in-memory model as they are made (MEMIT reads each
+//! layer's keys after the layers before it changed), and returned as low-rank factors.
+
+pub mod request;
+pub mod solve;
+pub mod target;
+
+use crate::model::{self, Model, Sampling};
+use crate::tokenize::Tokenizer;
+use candle_core::{DType, Tensor};
+use ndarray::{Array1, Array2};
+use request::Request;
+use std::collections::BTreeMap;
+use target::{Edit, Prompt};
+
+/// Everything that can go wrong compiling an edit.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request cannot be compiled against this model.
+    #[error("{origin}: {problem}")]
+    Request { origin: String, problem: String },
+    /// The hyperparameters do not fit the model.
+    #[error("{0}")]
+    Hparams(String),
+    /// Statistics for a layer are missing.
+    #[error("no key statistics for layer {0}: compute them with `factpatch stats`")]
+    MissingStats(usize),
+    #[error(transparent)]
+    Model(#[from] model::Error),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::tokenize::Error),
+    #[error(transparent)]
+    Solve(#[from] solve::Error),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Model(e.into())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// The editing algorithm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Rank-one update of one layer per fact (Meng et al. 2022).
+    Rome,
+    /// Batched update spread over several layers (Meng et al. 2023).
+    Memit,
+}
+
+/// Hyperparameters (defaults: `../shared/reference/algorithms.md` §3, Llama column).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Hparams {
+    pub method: Method,
+    /// Edited layers (ROME: one).
+    pub layers: Vec<usize>,
+    /// Target-vector optimisation: Adam steps, learning rate, weight decay, norm clamp, KL factor.
+    pub v_steps: usize,
+    pub v_lr: f64,
+    pub v_weight_decay: f64,
+    pub clamp_norm: f64,
+    pub kl_factor: f64,
+    /// MEMIT's λ on the key second moment.
+    pub mom2_weight: f64,
+    /// ROME: use C⁻¹ for the update direction.
+    pub mom2_adjustment: bool,
+    /// Context templates: groups of (count, length in tokens), sampled with `seed`.
+    pub templates: Vec<(usize, usize)>,
+    pub seed: u64,
+    /// RECT: keep the top-k% of each update by relative change; 100 keeps everything.
+    pub rect_k: f64,
+}
+
+impl Hparams {
+    /// The defaults of `method` for `model`'s family.
+    pub fn defaults(method: Method, model: &Model) -> Self {
+        let layers = model.config.family.default_edit_layers.to_vec();
+        Hparams {
+            method,
+            layers: match method {
+                Method::Rome => vec![layers[1]],
+                Method::Memit => layers,
+            },
+            v_steps: 25,
+            v_lr: 0.5,
+            v_weight_decay: 1e-3,
+            clamp_norm: 4.0,
+            kl_factor: 0.0625,
+            mom2_weight: 15000.0,
+            mom2_adjustment: true,
+            templates: match method {
+                Method::Rome => vec![(10, 5), (10, 10)],
+                Method::Memit => vec![(5, 10)],
+            },
+            seed: 0,
+            rect_k: 40.0,
+        }
+    }
+
+    fn check(&self, model: &Model) -> Result<()> {
+        let n = model.config.num_layers;
+        if self.layers.is_empty() || self.layers.iter().any(|&l| l >= n) {
+            return Err(Error::Hparams(format!("layers {:?} must be non-empty and below {n}", self.layers)));
+        }
+        if self.method == Method::Rome && self.layers.len() != 1 {
+            return Err(Error::Hparams("ROME edits exactly one layer".into()));
+        }
+        if !(self.rect_k > 0.0 && self.rect_k <= 100.0) {
+            return Err(Error::Hparams(format!("RECT k = {} must be in (0, 100]", self.rect_k)));
+        }
+        Ok(())
+    }
+}
+
+/// One layer's update in the edit view (`[out, in]`): `ΔW = U·Vᵀ`, masked by RECT at `rect_k`.
+#[derive(Clone, Debug)]
+pub struct LayerUpdate {
+    pub layer: usize,
+    /// `[d_out, r]`, row-major f32.
+    pub u: Array2<f32>,
+    /// `[d_in, r]`, row-major f32.
+    pub v: Array2<f32>,
+    pub rect_k: f64,
+}
+
+/// Per-fact diagnostics of a compile.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FactReport {
+    pub subject: String,
+    pub target_new: String,
+    pub steps: usize,
+    pub loss: f64,
+}
+
+/// Key second moments `E[k kᵀ]` per layer.
+pub type Covariances = BTreeMap<usize, Array2<f64>>;
+
+/// Samples the context templates: `{}` alone, then for each group `(n, len)`, `n` seeded top-5
+/// continuations of short openers, each turned into `"<text>. {}"`.
+pub fn context_templates(model: &Model, tok: &Tokenizer, groups: &[(usize, usize)], seed: u64) -> Result<Vec<Vec<String>>> {
+    const OPENERS: [&str; 5] = ["The", "Therefore", "Because", "I", "You"];
+    let mut out = vec![vec!["{}".to_string()]];
+    for (g, &(n, len)) in groups.iter().enumerate() {
+        let prompts: Vec<Vec<u32>> =
+            (0..n).map(|i| tok.ids(OPENERS[i % OPENERS.len()])).collect::<std::result::Result<_, _>>()?;
+        let sampling = Sampling::TopK { k: 5, temperature: 1.0, seed: seed.wrapping_add(g as u64) };
+        let gens = model::generate(model, &prompts, len, sampling, &[])?;
+        let mut group = Vec::new();
+        for (p, g) in prompts.iter().zip(gens) {
+            let text = tok.decode(&p.iter().chain(&g).copied().collect::<Vec<_>>())?;
+            group.push(format!("{}. {{}}", text.replace(['{', '}'], " ")));
+        }
+        out.push(group);
+    }
+    Ok(out)
+}
+
+/// Compiles `requests` into updates and applies them to `model` (which ends up edited).
+pub fn compile(
+    model: &mut Model,
+    tok: &Tokenizer,
+    requests: &[Request],
+    hp: &Hparams,
+    cov: &Covariances,
+) -> Result<(Vec<LayerUpdate>, Vec<FactReport>)> {
+    hp.check(model)?;
+    for l in &hp.layers {
+        if (hp.method == Method::Memit || hp.mom2_adjustment) && !cov.contains_key(l) {
+            return Err(Error::MissingStats(*l));
+        }
+    }
+    let templates = context_templates(model, tok, &hp.templates, hp.seed)?;
+    let mut updates = Vec::new();
+    let mut reports = Vec::new();
+    match hp.method {
+        Method::Rome => {
+            for req in requests {
+                let (update, report) = rome(model, tok, req, hp, &templates, cov)?;
+                updates.push(update);
+                reports.push(report);
+            }
+        }
+        Method::Memit => {
+            let (mut u, r) = memit(model, tok, requests, hp, &templates, cov)?;
+            updates.append(&mut u);
+            reports.extend(r);
+        }
+    }
+    Ok((updates, reports))
+}
+
+/// Tokenized target ids (with the leading space), refusing empty ones.
+fn target_ids(tok: &Tokenizer, req: &Request) -> Result<Vec<u32>> {
+    let ids = tok.ids(&req.target_text())?;
+    if ids.is_empty() {
+        return Err(Error::Request { origin: req.origin.clone(), problem: "target tokenizes to nothing".into() });
+    }
+    Ok(ids)
+}
+
+/// The rewriting prompts (every template, with the target) and the essence prompt.
+fn optimisation_prompts(tok: &Tokenizer, req: &Request, templates: &[Vec<String>]) -> Result<(Vec<Prompt>, Prompt)> {
+    let target = target_ids(tok, req)?;
+    let rewriting = templates
+        .iter()
+        .flatten()
+        .map(|ctx| target::prompt(tok, &ctx.replacen("{}", &req.prompt, 1), &req.subject, Some(&target), req))
+        .collect::<Result<Vec<_>>>()?;
+    let essence = target::prompt(tok, "{} is a", &req.subject, None, req)?;
+    Ok((rewriting, essence))
+}
+
+/// Keys of `req` at `layers`, averaged within each template group and then across groups.
+fn mean_keys(model: &Model, tok: &Tokenizer, req: &Request, templates: &[Vec<String>], layers: &[usize]) -> Result<Vec<Array1<f64>>> {
+    let prompts: Vec<Prompt> = templates
+        .iter()
+        .flatten()
+        .map(|ctx| target::prompt(tok, &ctx.replacen("{}", &req.prompt, 1), &req.subject, None, req))
+        .collect::<Result<_>>()?;
+    let keys = target::keys(model, &prompts, layers)?;
+    keys.iter()
+        .map(|k| {
+            let k: Vec<Vec<f64>> = k.to_dtype(DType::F64)?.to_vec2()?;
+            let mut start = 0;
+            let mut acc = Array1::<f64>::zeros(k[0].len());
+            for group in templates {
+                let mean = k[start..start + group.len()].iter().fold(Array1::zeros(acc.len()), |a, r| a + &Array1::from(r.clone()))
+                    / group.len() as f64;
+                acc += &(mean / templates.len() as f64);
+                start += group.len();
+            }
+            Ok(acc)
+        })
+        .collect()
+}
+
+fn rome(
+    model: &mut Model,
+    tok: &Tokenizer,
+    req: &Request,
+    hp: &Hparams,
+    templates: &[Vec<String>],
+    cov: &Covariances,
+) -> Result<(LayerUpdate, FactReport)> {
+    let layer = hp.layers[0];
+    // ROME weighs every template equally.
+    let flat = vec![templates.iter().flatten().cloned().collect::<Vec<_>>()];
+    let k_mean = mean_keys(model, tok, req, &flat, &[layer])?.remove(0);
+    let k_prompt = mean_keys(model, tok, req, &[vec!["{}".into()]], &[layer])?.remove(0);
+    let (rewriting, essence) = optimisation_prompts(tok, req, templates)?;
+    let t = target::optimize(model, &rewriting, &essence, Edit::MlpOut(layer), hp)?;
+    let c = if hp.mom2_adjustment { Some(&cov[&layer]) } else { None };
+    let (u, v) = solve::rome(&Array1::from(t.delta.clone()), &k_mean, &k_prompt, c)?;
+    let update = commit(model, layer, &u, &v, hp.rect_k)?;
+    Ok((update, FactReport { subject: req.subject.clone(), target_new: req.target_new.clone(), steps: t.steps, loss: t.loss }))
+}
+
+fn memit(
+    model: &mut Model,
+    tok: &Tokenizer,
+    requests: &[Request],
+    hp: &Hparams,
+    templates: &[Vec<String>],
+    cov: &Covariances,
+) -> Result<(Vec<LayerUpdate>, Vec<FactReport>)> {
+    let last = *hp.layers.iter().max().expect("checked non-empty");
+    let mut targets = Vec::new();
+    let mut reports = Vec::new();
+    for req in requests {
+        let (rewriting, essence) = optimisation_prompts(tok, req, templates)?;
+        let t = target::optimize(model, &rewriting, &essence, Edit::Residual(last), hp)?;
+        reports.push(FactReport { subject: req.subject.clone(), target_new: req.target_new.clone(), steps: t.steps, loss: t.loss });
+        // z = h + δ at the last edited layer.
+        targets.push(Array1::from(t.init) + Array1::from(t.delta));
+    }
+    let raw: Vec<Prompt> = requests
+        .iter()
+        .map(|r| target::prompt(tok, &r.prompt, &r.subject, None, r))
+        .collect::<Result<_>>()?;
+    let mut layers = hp.layers.clone();
+    layers.sort_unstable();
+    let mut updates = Vec::new();
+    for (i, &layer) in layers.iter().enumerate() {
+        let keys: Vec<Array1<f64>> = requests
+            .iter()
+            .map(|r| Ok(mean_keys(model, tok, r, templates, &[layer])?.remove(0)))
+            .collect::<Result<_>>()?;
+        let k = stack(&keys);
+        // What the last edited layer holds now, for each raw prompt.
+        let now = current_residuals(model, &raw, last)?;
+        let r = (stack(&targets) - stack(&now)) / (layers.len() - i) as f64;
+        let (u, v) = solve::memit(&r, &k, &cov[&layer], hp.mom2_weight)?;
+        updates.push(commit(model, layer, &u, &v, hp.rect_k)?);
+    }
+    Ok((updates, reports))
+}
+
+fn current_residuals(model: &Model, prompts: &[Prompt], layer: usize) -> Result<Vec<Array1<f64>>> {
+    let batch = model::Batch::right_padded(&prompts.iter().map(|p| p.ids.clone()).collect::<Vec<_>>());
+    let hooks = model::Hooks { residuals: vec![layer], stop_after: Some(layer), ..Default::default() };
+    let trace = model.forward(&batch, &hooks, None)?;
+    let at: Vec<_> = prompts.iter().enumerate().map(|(i, p)| (i, p.lookup)).collect();
+    let rows: Vec<Vec<f64>> = target::rows(&trace.residuals[&layer], &at)?.to_dtype(DType::F64)?.to_vec2()?;
+    Ok(rows.into_iter().map(Array1::from).collect())
+}
+
+/// Columns → matrix.
+fn stack(cols: &[Array1<f64>]) -> Array2<f64> {
+    Array2::from_shape_fn((cols[0].len(), cols.len()), |(i, j)| cols[j][i])
+}
+
+/// Rounds the factors to f32 (as a patch stores them), forms ΔW, masks it with RECT against the
+/// current weight, and writes `W + ΔW` into the model.
+fn commit(model: &mut Model, layer: usize, u: &Array2<f64>, v: &Array2<f64>, rect_k: f64) -> Result<LayerUpdate> {
+    let u = u.mapv(|x| x as f32);
+    let v = v.mapv(|x| x as f32);
+    let w_t = model.mlp_out_weight(layer);
+    let (rows, cols) = w_t.dims2()?;
+    let w: Vec<f32> = w_t.flatten_all()?.to_vec1()?;
+    let mut delta = product(&u, &v);
+    crate::rect::mask(&mut delta, &w, rect_k, RECT_EPS);
+    let updated: Vec<f32> = w.iter().zip(&delta).map(|(a, b)| a + b).collect();
+    model.set_mlp_out_weight(layer, Tensor::from_vec(updated, (rows, cols), model.device())?)?;
+    Ok(LayerUpdate { layer, u, v, rect_k })
+}
+
+/// RECT's ε in |ΔW|/max(|W|, ε).
+pub const RECT_EPS: f32 = 1e-8;
+
+/// `U·Vᵀ` row-major, summing over the rank in order (the order apply uses).
+fn product(u: &Array2<f32>, v: &Array2<f32>) -> Vec<f32> {
+    let (rows, r) = u.dim();
+    let cols = v.nrows();
+    let mut out = vec![0f32; rows * cols];
+    for (i, row) in out.chunks_exact_mut(cols).enumerate() {
+        for t in 0..r {
+            let a = u[[i, t]];
+            row.iter_mut().zip(v.column(t)).for_each(|(o, b)| *o += a * b);
+        }
+    }
+    out
+}
