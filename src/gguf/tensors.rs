@@ -247,32 +247,6 @@ fn encode(values: &[f32], dtype: OutDtype) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    /// llama.cpp's forward permutation, written independently from its converter.
-    fn permute(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
-        let rows = w.len() / cols;
-        let half = rows / heads / 2;
-        // reshape(heads, 2, half, cols).swapaxes(1, 2)
-        let mut out = Vec::with_capacity(w.len());
-        for h in 0..heads {
-            for i in 0..half {
-                for t in 0..2 {
-                    let r = h * 2 * half + t * half + i;
-                    out.extend_from_slice(&w[r * cols..(r + 1) * cols]);
-                }
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn unpermute_inverts_llama_cpp_permutation() {
-        let (heads, head_dim, cols) = (3, 8, 5);
-        let w: Vec<f32> = (0..heads * head_dim * cols).map(|x| x as f32).collect();
-        let permuted = permute(&w, heads, cols);
-        assert_ne!(permuted, w);
-        assert_eq!(unpermute_rotary(&permuted, heads, cols), w);
-    }
-
     #[test]
     fn bf16_rounds_to_nearest_even() {
         // 1 + 2^-8 is a tie between 1.0 and 1 + 2^-7: rounds to the even 1.0.
