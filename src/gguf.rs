@@ -144,8 +144,20 @@ pub fn import(gguf: &Path, out_dir: &Path, dtype: OutDtype) -> Result<ImportSumm
         "eos_token_id": meta.opt_usize("tokenizer.ggml.eos_token_id")?,
     });
 
-    weights.write(&staging.dir.join("model.safetensors"))?;
-    write_json(&staging.dir.join("config.json"), &config)?;
+    let (weights_path, config_path) = (
+        staging.dir.join("model.safetensors"),
+        staging.dir.join("config.json"),
+    );
+    write_json(&config_path, &config)?;
+    weights.write(&weights_path)?;
+    // safetensors writes through a private temp file (mode 0600): give it the
+    // permissions of an ordinarily created file.
+    fs::metadata(&config_path)
+        .and_then(|m| fs::set_permissions(&weights_path, m.permissions()))
+        .map_err(|e| Error::Write {
+            path: weights_path.clone(),
+            reason: e.to_string(),
+        })?;
     write_json(&staging.dir.join("generation_config.json"), &generation)?;
     write_json(&staging.dir.join("tokenizer.json"), &tok.tokenizer)?;
     write_json(&staging.dir.join("tokenizer_config.json"), &tok.config)?;
@@ -214,13 +226,19 @@ impl Hparams {
             if rot != hp.head_dim() {
                 return Err(meta.error(
                     "llama.rope.dimension_count",
-                    format!("partial rotary ({rot} of {}) is not supported", hp.head_dim()),
+                    format!(
+                        "partial rotary ({rot} of {}) is not supported",
+                        hp.head_dim()
+                    ),
                 ));
             }
         }
         if let Some(kind) = meta.opt_string("llama.rope.scaling.type")? {
             if kind != "none" {
-                return Err(meta.error("llama.rope.scaling.type", format!("`{kind}` is not supported")));
+                return Err(meta.error(
+                    "llama.rope.scaling.type",
+                    format!("`{kind}` is not supported"),
+                ));
             }
         }
         Ok(hp)

@@ -19,7 +19,9 @@ const TOKENS: [&str; 5] = ["<|endoftext|>", "a", "b", "ab", "Ġ"];
 
 /// A deterministic `rows x cols` matrix (row-major) whose entries are all distinct.
 fn matrix(seed: usize, rows: usize, cols: usize) -> Vec<f32> {
-    (0..rows * cols).map(|i| (seed * 1000 + i) as f32 / 64.0).collect()
+    (0..rows * cols)
+        .map(|i| (seed * 1000 + i) as f32 / 64.0)
+        .collect()
 }
 
 /// llama.cpp's rotary permutation of q/k rows: each head's rows
@@ -70,7 +72,8 @@ fn tiny_weights() -> Vec<(String, Vec<usize>, Vec<f32>)> {
 /// and pre-tokenizer names.
 fn write_tiny_gguf(path: &Path, arch: &str, pre: &str) {
     use gguf_file::Value as V;
-    let strings = |items: &[&str]| V::Array(items.iter().map(|s| V::String(s.to_string())).collect());
+    let strings =
+        |items: &[&str]| V::Array(items.iter().map(|s| V::String(s.to_string())).collect());
     let metadata: Vec<(&str, V)> = vec![
         ("general.architecture", V::String(arch.into())),
         ("llama.block_count", V::U32(1)),
@@ -85,7 +88,10 @@ fn write_tiny_gguf(path: &Path, arch: &str, pre: &str) {
         ("tokenizer.ggml.model", V::String("gpt2".into())),
         ("tokenizer.ggml.pre", V::String(pre.into())),
         ("tokenizer.ggml.tokens", strings(&TOKENS)),
-        ("tokenizer.ggml.token_type", V::Array([3, 1, 1, 1, 1].map(V::I32).to_vec())),
+        (
+            "tokenizer.ggml.token_type",
+            V::Array([3, 1, 1, 1, 1].map(V::I32).to_vec()),
+        ),
         ("tokenizer.ggml.merges", strings(&["a b"])),
         ("tokenizer.ggml.bos_token_id", V::U32(0)),
         ("tokenizer.ggml.eos_token_id", V::U32(0)),
@@ -132,8 +138,14 @@ fn listing(dir: &Path) -> Vec<String> {
 fn assert_rejected(gguf: &Path, out: &Path, problem: &str) -> Error {
     let err = import(gguf, out, OutDtype::F32).expect_err("import should fail");
     let msg = err.to_string();
-    assert!(msg.contains(&gguf.display().to_string()), "message does not name the file: {msg}");
-    assert!(msg.contains(problem), "message does not say `{problem}`: {msg}");
+    assert!(
+        msg.contains(&gguf.display().to_string()),
+        "message does not name the file: {msg}"
+    );
+    assert!(
+        msg.contains(problem),
+        "message does not say `{problem}`: {msg}"
+    );
     assert!(!out.exists(), "output {} left behind", out.display());
     let parent = out.parent().unwrap();
     if parent.exists() {
@@ -150,7 +162,13 @@ fn imports_tiny_llama_with_hf_names_and_unpermuted_qk() {
     assert!(summary.tie_word_embeddings);
     assert_eq!(
         listing(&out),
-        ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+        [
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json"
+        ]
     );
 
     let bytes = fs::read(out.join("model.safetensors")).unwrap();
@@ -160,7 +178,9 @@ fn imports_tiny_llama_with_hf_names_and_unpermuted_qk() {
             "token_embd.weight" => "model.embed_tokens.weight".into(),
             "output_norm.weight" => "model.norm.weight".into(),
             other => {
-                let part = other.trim_start_matches("blk.0.").trim_end_matches(".weight");
+                let part = other
+                    .trim_start_matches("blk.0.")
+                    .trim_end_matches(".weight");
                 let hf_part = match part {
                     "attn_q" => "self_attn.q_proj",
                     "attn_k" => "self_attn.k_proj",
@@ -177,7 +197,9 @@ fn imports_tiny_llama_with_hf_names_and_unpermuted_qk() {
         }
     };
     for (name, shape, values) in tiny_weights() {
-        let t = st.tensor(&hf(&name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let t = st
+            .tensor(&hf(&name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(t.shape(), shape.as_slice(), "{name}");
         let got: Vec<f32> = t
             .data()
@@ -209,7 +231,11 @@ fn import_is_deterministic_and_bf16_halves_the_weights() {
     let again = dir.path().join("again");
     import(&gguf, &again, OutDtype::F32).unwrap();
     for name in listing(&out) {
-        assert_eq!(fs::read(out.join(&name)).unwrap(), fs::read(again.join(&name)).unwrap(), "{name}");
+        assert_eq!(
+            fs::read(out.join(&name)).unwrap(),
+            fs::read(again.join(&name)).unwrap(),
+            "{name}"
+        );
     }
     let bf16 = dir.path().join("bf16");
     import(&gguf, &bf16, OutDtype::Bf16).unwrap();
@@ -226,7 +252,10 @@ fn truncated_tensor_data_is_rejected() {
     let (_dir, gguf, out) = setup("llama", "smollm");
     let bytes = fs::read(&gguf).unwrap();
     fs::write(&gguf, &bytes[..bytes.len() - 100]).unwrap();
-    assert!(matches!(assert_rejected(&gguf, &out, "truncated"), Error::Corrupt { .. }));
+    assert!(matches!(
+        assert_rejected(&gguf, &out, "truncated"),
+        Error::Corrupt { .. }
+    ));
 }
 
 #[test]
@@ -234,7 +263,10 @@ fn truncated_header_is_rejected() {
     let (_dir, gguf, out) = setup("llama", "smollm");
     let bytes = fs::read(&gguf).unwrap();
     fs::write(&gguf, &bytes[..200]).unwrap();
-    assert!(matches!(assert_rejected(&gguf, &out, "truncated"), Error::Corrupt { .. }));
+    assert!(matches!(
+        assert_rejected(&gguf, &out, "truncated"),
+        Error::Corrupt { .. }
+    ));
 }
 
 #[test]
@@ -257,7 +289,11 @@ fn unsupported_architecture_is_rejected() {
 #[test]
 fn unsupported_pre_tokenizer_is_rejected_listing_supported_ones() {
     let (_dir, gguf, out) = setup("llama", "qwen2");
-    let err = assert_rejected(&gguf, &out, "unsupported pre-tokenizer `qwen2` (supported: default, gpt2, smollm)");
+    let err = assert_rejected(
+        &gguf,
+        &out,
+        "unsupported pre-tokenizer `qwen2` (supported: default, gpt2, smollm)",
+    );
     assert!(matches!(err, Error::UnsupportedPreTokenizer { .. }));
 }
 
@@ -266,7 +302,10 @@ fn missing_gguf_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let gguf = dir.path().join("absent.gguf");
     let out = dir.path().join("out").join("model");
-    assert!(matches!(assert_rejected(&gguf, &out, "cannot open"), Error::Open { .. }));
+    assert!(matches!(
+        assert_rejected(&gguf, &out, "cannot open"),
+        Error::Open { .. }
+    ));
 }
 
 #[test]
@@ -277,7 +316,10 @@ fn existing_non_empty_output_is_refused_and_kept() {
     let err = import(&gguf, &out, OutDtype::F32).expect_err("must refuse");
     let msg = err.to_string();
     assert!(matches!(err, Error::OutputExists { .. }));
-    assert!(msg.contains(&out.display().to_string()) && msg.contains("not empty"), "{msg}");
+    assert!(
+        msg.contains(&out.display().to_string()) && msg.contains("not empty"),
+        "{msg}"
+    );
     assert_eq!(listing(&out), ["keep.txt"]);
     assert_eq!(listing(out.parent().unwrap()), ["model"]);
 }

@@ -55,7 +55,12 @@ fn ids_and_byte_offsets_match_the_reference() {
     for case in &cases {
         let enc = tok.encode(case.text.as_str(), false).unwrap();
         assert_eq!(enc.get_ids(), case.ids.as_slice(), "ids of {:?}", case.text);
-        assert_eq!(enc.get_offsets(), case.byte_offsets.as_slice(), "byte offsets of {:?}", case.text);
+        assert_eq!(
+            enc.get_offsets(),
+            case.byte_offsets.as_slice(),
+            "byte offsets of {:?}",
+            case.text
+        );
     }
 }
 
@@ -64,7 +69,12 @@ fn char_offsets_match_the_reference() {
     let tok = smollm2_tokenizer();
     for case in &fixture().cases {
         let enc = tok.encode_char_offsets(case.text.as_str(), false).unwrap();
-        assert_eq!(enc.get_offsets(), case.char_offsets.as_slice(), "char offsets of {:?}", case.text);
+        assert_eq!(
+            enc.get_offsets(),
+            case.char_offsets.as_slice(),
+            "char offsets of {:?}",
+            case.text
+        );
     }
 }
 

@@ -53,8 +53,12 @@ impl<'a> Meta<'a> {
             Value::I64(v) => u64::try_from(v).ok(),
             _ => None,
         };
-        n.and_then(|n| usize::try_from(n).ok())
-            .ok_or_else(|| self.error(key, format!("expected a non-negative integer, found {value:?}")))
+        n.and_then(|n| usize::try_from(n).ok()).ok_or_else(|| {
+            self.error(
+                key,
+                format!("expected a non-negative integer, found {value:?}"),
+            )
+        })
     }
 
     /// A required non-negative integer.
@@ -111,7 +115,9 @@ impl<'a> Meta<'a> {
         match self.map.get(key) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(other) => Err(self.error(key, format!("expected a boolean, found {}", kind(other)))),
+            Some(other) => {
+                Err(self.error(key, format!("expected a boolean, found {}", kind(other))))
+            }
         }
     }
 
@@ -130,7 +136,9 @@ impl<'a> Meta<'a> {
             .enumerate()
             .map(|(i, v)| match v {
                 Value::String(s) => Ok(s.as_str()),
-                other => Err(self.error(key, format!("element {i} is {}, not a string", kind(other)))),
+                other => {
+                    Err(self.error(key, format!("element {i} is {}, not a string", kind(other))))
+                }
             })
             .collect()
     }

@@ -116,9 +116,21 @@ fn expected(hp: &Hparams) -> BTreeMap<String, (String, Vec<usize>)> {
     let mut add = |gguf: String, hf: String, shape: Vec<usize>| {
         map.insert(gguf, (hf, shape));
     };
-    add("token_embd.weight".into(), "model.embed_tokens.weight".into(), vec![hp.vocab_size, h]);
-    add("output_norm.weight".into(), "model.norm.weight".into(), vec![h]);
-    add("output.weight".into(), "lm_head.weight".into(), vec![hp.vocab_size, h]);
+    add(
+        "token_embd.weight".into(),
+        "model.embed_tokens.weight".into(),
+        vec![hp.vocab_size, h],
+    );
+    add(
+        "output_norm.weight".into(),
+        "model.norm.weight".into(),
+        vec![h],
+    );
+    add(
+        "output.weight".into(),
+        "lm_head.weight".into(),
+        vec![hp.vocab_size, h],
+    );
     for layer in 0..hp.layers {
         for (gguf, hf) in LAYER_NAMES {
             let shape = match gguf {

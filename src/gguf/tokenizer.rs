@@ -65,7 +65,10 @@ pub(super) fn build(meta: &Meta) -> Result<Tokenizer, Error> {
         }
     };
     if meta.opt_bool("tokenizer.ggml.add_bos_token")? == Some(true) {
-        return Err(meta.error("tokenizer.ggml.add_bos_token", "adding BOS automatically is not supported"));
+        return Err(meta.error(
+            "tokenizer.ggml.add_bos_token",
+            "adding BOS automatically is not supported",
+        ));
     }
 
     let tokens = meta.string_array("tokenizer.ggml.tokens")?;
@@ -77,8 +80,15 @@ pub(super) fn build(meta: &Meta) -> Result<Tokenizer, Error> {
         ));
     }
     let merges = meta.string_array("tokenizer.ggml.merges")?;
-    if let Some((i, bad)) = merges.iter().enumerate().find(|(_, m)| m.split(' ').count() != 2) {
-        return Err(meta.error("tokenizer.ggml.merges", format!("merge {i} `{bad}` is not two symbols")));
+    if let Some((i, bad)) = merges
+        .iter()
+        .enumerate()
+        .find(|(_, m)| m.split(' ').count() != 2)
+    {
+        return Err(meta.error(
+            "tokenizer.ggml.merges",
+            format!("merge {i} `{bad}` is not two symbols"),
+        ));
     }
 
     let mut vocab = BTreeMap::new();
