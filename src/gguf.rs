@@ -216,7 +216,7 @@ impl Hparams {
                 format!("{heads} heads, {kv_heads} kv heads and width {hidden} are inconsistent"),
             ));
         }
-        if hp.head_dim() % 2 != 0 {
+        if !hp.head_dim().is_multiple_of(2) {
             return Err(meta.error(
                 "llama.attention.head_count",
                 format!("head dimension {} is odd", hp.head_dim()),
