@@ -3,6 +3,7 @@
 pub mod atomic;
 pub mod checkpoint;
 pub mod edit;
+pub mod gguf;
 pub mod model;
 pub mod rect;
 pub mod tokenize;
