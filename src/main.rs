@@ -15,6 +15,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Import a GGUF file (llama architecture) as a Hugging Face folder.
+    ///
+    /// Example: factpatch import-gguf SmolLM2-135M-Instruct.Q4_1.gguf models/SmolLM2-135M-Instruct
+    ImportGguf {
+        gguf: PathBuf,
+        out_dir: PathBuf,
+        /// Weight dtype of the written safetensors.
+        #[arg(long, value_enum, default_value_t = WeightDtype::F32)]
+        dtype: WeightDtype,
+    },
     /// Describe a model folder: family, dimensions, dtypes, editable tensors.
     ///
     /// Example: factpatch inspect-model fixtures/models/SmolLM2-135M-Instruct
@@ -43,8 +53,41 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().command {
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum WeightDtype {
+    F32,
+    Bf16,
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse().command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // Typed errors already quote their cause: print each cause only when it adds something.
+            let mut message = String::new();
+            for cause in e.chain().map(|c| c.to_string()) {
+                if !message.contains(&cause) {
+                    message += if message.is_empty() { "" } else { ": " };
+                    message += &cause;
+                }
+            }
+            eprintln!("error: {message}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::ImportGguf { gguf, out_dir, dtype } => {
+            let dtype = match dtype {
+                WeightDtype::F32 => factpatch::gguf::OutDtype::F32,
+                WeightDtype::Bf16 => factpatch::gguf::OutDtype::Bf16,
+            };
+            let s = factpatch::gguf::import(&gguf, &out_dir, dtype)?;
+            println!("imported {} tensors ({} parameters, vocabulary {}) into {}", s.tensors, s.parameters, s.vocab_size, s.out_dir.display());
+            Ok(())
+        }
         Command::InspectModel { dir, json } => inspect(&dir, json),
         Command::Generate { model, prompt, max_new_tokens, top_k, temperature, seed } => {
             let sampling = match top_k {
