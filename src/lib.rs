@@ -3,4 +3,5 @@
 pub mod atomic;
 pub mod checkpoint;
 pub mod model;
+pub mod stats;
 pub mod tokenize;
