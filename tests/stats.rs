@@ -268,8 +268,8 @@ fn bad_input_gets_clear_errors() {
 fn smollm2_layer5_keys_match_transformers() {
     let reference = fixtures().join("reference/smollm2-keys.safetensors");
     let dir = fixtures().join("models/SmolLM2-135M-Instruct");
-    if !reference.is_file() || !dir.is_dir() {
-        eprintln!("skipped: needs {} and {}", reference.display(), dir.display());
+    if !dir.is_dir() {
+        eprintln!("skipped: {} is missing (run fixtures/get-model.sh)", dir.display());
         return;
     }
     let bytes = std::fs::read(&reference).unwrap();
@@ -284,7 +284,8 @@ fn smollm2_layer5_keys_match_transformers() {
         assert_eq!(got.len(), want.len());
         let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
         let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(diff <= 1e-4 * scale, "{p}: max |Δ| {diff:e} (scale {scale})");
+        eprintln!("{p}: {} tokens, max |Δ| {diff:e}, max |k| {scale}", got.len() / model.config.intermediate_size);
+        assert!(diff <= 1e-5 * scale, "{p}: max |Δ| {diff:e} (scale {scale})");
         checked += 1;
     }
     assert_eq!(checked, 2);
