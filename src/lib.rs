@@ -6,4 +6,5 @@ pub mod edit;
 pub mod gguf;
 pub mod model;
 pub mod rect;
+pub mod stats;
 pub mod tokenize;
