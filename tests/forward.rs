@@ -134,3 +134,31 @@ fn smollm2_greedy_generation_knows_its_facts() {
         assert_eq!(text.contains(answer), *known, "`{prompt}` → `{text}`");
     }
 }
+
+/// A left-padded prefix run into the KV cache, continued by right-padded suffixes, gives the
+/// logits of the whole sequences (what the target optimisation and generation rely on).
+#[test]
+fn cached_prefix_and_suffix_equal_the_full_pass() {
+    for name in ["tiny-llama", "tiny-gpt2"] {
+        let model = Model::load(&root().join("fixtures").join(name)).unwrap();
+        let seqs: Vec<Vec<u32>> = vec![vec![5, 17, 42, 99, 7, 3, 250], vec![11, 12, 13, 200], vec![9, 8, 7]];
+        let split = [3, 0, 2];
+        let full = logits(&model, &Batch::right_padded(&seqs));
+        let prefixes: Vec<Vec<u32>> = seqs.iter().zip(split).map(|(s, k)| s[..k].to_vec()).collect();
+        let suffixes: Vec<Vec<u32>> = seqs.iter().zip(split).map(|(s, k)| s[k..].to_vec()).collect();
+        let mut cache = factpatch::model::KvCache::default();
+        model.forward(&Batch::left_padded(&prefixes), &Hooks::default(), Some(&mut cache)).unwrap();
+        let got = logits_cached(&model, &Batch::right_padded(&suffixes), &mut cache);
+        for (i, s) in seqs.iter().enumerate() {
+            for j in 0..s.len() - split[i] {
+                let worst = got[i][j].iter().zip(&full[i][split[i] + j]).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(worst < 1e-4, "{name} row {i} position {j}: max |Δ| {worst:e}");
+            }
+        }
+    }
+}
+
+fn logits_cached(model: &Model, batch: &Batch, cache: &mut factpatch::model::KvCache) -> Vec<Vec<Vec<f32>>> {
+    let trace = model.forward(batch, &Hooks::default(), Some(cache)).unwrap();
+    model.logits(&trace.hidden).unwrap().to_vec3().unwrap()
+}

@@ -3,7 +3,7 @@
 
 use super::{Error, Hparams, Result};
 use crate::edit::request::Request;
-use crate::model::{self, ops, Batch, Hooks, Model};
+use crate::model::{self, ops, Batch, Hooks, KvCache, Model};
 use crate::tokenize::{self, Tokenizer};
 use candle_core::{DType, IndexOp, Tensor, Var};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
@@ -79,29 +79,37 @@ pub struct Target {
 /// Optimises a vector δ added at the subject's last token (at `edit`) of every prompt so that
 /// the rewriting prompts predict their targets: mean target NLL + `kl_factor`·KL(now ‖ before)
 /// on the essence prompt + `weight_decay`·‖δ‖/‖init‖², Adam, ‖δ‖ clamped to
-/// `clamp_norm`·‖init‖. Layers before the edit point run once; each step runs the rest.
+/// `clamp_norm`·‖init‖. Nothing before the subject's last token depends on δ, so each prompt's
+/// prefix runs once into a KV cache, and each step runs only the suffixes through the layers
+/// after the edit point.
 pub fn optimize(model: &Model, rewriting: &[Prompt], essence: &Prompt, edit: Edit, hp: &Hparams) -> Result<Target> {
     let layer = match edit {
         Edit::MlpOut(l) | Edit::Residual(l) => l,
     };
     let mut all: Vec<&Prompt> = rewriting.iter().collect();
     all.push(essence);
-    let batch = Batch::right_padded(&all.iter().map(|p| p.ids.clone()).collect::<Vec<_>>());
-    let at: Vec<_> = all.iter().enumerate().map(|(i, p)| (i, p.lookup)).collect();
-    let ess = (all.len() - 1, essence.lookup);
+    let prefixes: Vec<Vec<u32>> = all.iter().map(|p| p.ids[..p.lookup].to_vec()).collect();
+    let suffix = Batch::right_padded(&all.iter().map(|p| p.ids[p.lookup..].to_vec()).collect::<Vec<_>>());
+    let mut prefix_cache = KvCache::default();
+    if prefixes.iter().any(|p| !p.is_empty()) {
+        model.forward(&Batch::left_padded(&prefixes), &Hooks::default(), Some(&mut prefix_cache))?;
+    }
+    // In suffix coordinates the subject's last token is position 0 of every row.
+    let at: Vec<_> = (0..all.len()).map(|i| (i, 0)).collect();
+    let ess = (all.len() - 1, 0);
     let target_rows: Vec<(usize, usize)> =
-        rewriting.iter().enumerate().flat_map(|(i, p)| p.targets.iter().map(move |&(pos, _)| (i, pos))).collect();
+        rewriting.iter().enumerate().flat_map(|(i, p)| p.targets.iter().map(move |&(pos, _)| (i, pos - p.lookup))).collect();
     let target_ids: Vec<u32> = rewriting.iter().flat_map(|p| p.targets.iter().map(|&(_, id)| id)).collect();
     let target_len: Vec<f64> = rewriting.iter().flat_map(|p| p.targets.iter().map(|_| p.targets.len() as f64)).collect();
     let dev = model.device();
 
     // The unedited pass: the resume state after `layer`, the value at the edit point, the KL anchor.
     let hooks = Hooks { residuals: vec![layer], mlp_outputs: vec![layer], ..Hooks::default() };
-    let base = model.forward(&batch, &hooks, None)?;
+    let base = model.forward(&suffix, &hooks, Some(&mut prefix_cache.clone()))?;
     let resume = base.residuals[&layer].detach();
     let init = match edit {
-        Edit::MlpOut(_) => base.mlp_outputs[&layer].i((0, all[0].lookup))?,
-        Edit::Residual(_) => resume.i((0, all[0].lookup))?,
+        Edit::MlpOut(_) => base.mlp_outputs[&layer].i((0, 0))?,
+        Edit::Residual(_) => resume.i((0, 0))?,
     };
     let init: Vec<f64> = init.to_dtype(DType::F64)?.to_vec1()?;
     let init_norm = init.iter().map(|x| x * x).sum::<f64>().sqrt();
@@ -113,19 +121,24 @@ pub fn optimize(model: &Model, rewriting: &[Prompt], essence: &Prompt, edit: Edi
     let ids = Tensor::from_vec(target_ids, (target_rows.len(), 1), dev)?;
     let inv_len = Tensor::from_vec(target_len.iter().map(|n| (1.0 / (n * rewriting.len() as f64)) as f32).collect::<Vec<_>>(), target_rows.len(), dev)?;
     let max_norm = hp.clamp_norm * init_norm;
+    let mut wanted = target_rows.clone();
+    wanted.push(ess);
     let (mut steps, mut loss_value) = (0, f64::NAN);
     for step in 0..hp.v_steps {
         let x = model::add_at(&resume, &at, delta.as_tensor())?;
-        let hooks = Hooks { resume: Some((layer + 1, x.clone())), ..Hooks::default() };
-        let hidden = if layer + 1 < model.config.num_layers { model.forward(&batch, &hooks, None)?.hidden } else { x };
-        let mut wanted = target_rows.clone();
-        wanted.push(ess);
+        let hidden = if layer + 1 < model.config.num_layers {
+            let hooks = Hooks { resume: Some((layer + 1, x)), ..Hooks::default() };
+            model.forward(&suffix, &hooks, Some(&mut prefix_cache.clone()))?.hidden
+        } else {
+            x
+        };
         let lp = ops::log_softmax(&model.logits(&rows(&hidden, &wanted)?)?)?;
         let n = target_rows.len();
         let nll = (lp.narrow(0, 0, n)?.gather(&ids, 1)?.squeeze(1)? * &inv_len)?.sum_all()?.neg()?;
         let now = lp.narrow(0, n, 1)?;
         let kl = (now.exp()? * (&now - &anchor)?)?.sum_all()?;
-        let norm = delta.as_tensor().sqr()?.sum_all()?.sqrt()?;
+        // ‖δ‖ with a zero-safe gradient (δ starts at 0, where √ has none).
+        let norm = (delta.as_tensor().sqr()?.sum_all()? + 1e-24)?.sqrt()?;
         let loss = ((nll + (kl * hp.kl_factor)?)? + (norm * (hp.v_weight_decay / (init_norm * init_norm)))?)?;
         loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         steps = step;

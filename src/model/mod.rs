@@ -340,8 +340,9 @@ impl Batch {
     }
 }
 
-/// Keys and values of earlier positions, per layer, for incremental decoding.
-#[derive(Default)]
+/// Keys and values of earlier positions, per layer, for incremental decoding. Cloning is
+/// cheap (tensors are shared), so one prefix can be continued many ways.
+#[derive(Clone, Default)]
 pub struct KvCache {
     kv: Vec<Option<(Tensor, Tensor)>>,
     /// Which cached positions are real tokens, per sequence.
