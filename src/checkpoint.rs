@@ -77,15 +77,29 @@ impl Dtype {
 
     /// f32 values to little-endian bytes, rounding to nearest-even once.
     pub fn encode(self, values: &[f32]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(values.len() * self.size());
-        for &v in values {
-            match self {
-                Dtype::F32 => out.extend_from_slice(&v.to_le_bytes()),
-                Dtype::F16 => out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
-                Dtype::BF16 => out.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
-            }
+        let mut out = vec![0; values.len() * self.size()];
+        for (&v, o) in values.iter().zip(out.chunks_exact_mut(self.size())) {
+            self.put(v, o);
         }
         out
+    }
+
+    /// Writes `v`, rounded to nearest-even, into `out` (exactly [`Dtype::size`] bytes).
+    pub fn put(self, v: f32, out: &mut [u8]) {
+        match self {
+            Dtype::F32 => out.copy_from_slice(&v.to_le_bytes()),
+            Dtype::F16 => out.copy_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+            Dtype::BF16 => out.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+        }
+    }
+
+    /// `v` rounded to nearest-even in this dtype, as f32.
+    pub fn round(self, v: f32) -> f32 {
+        match self {
+            Dtype::F32 => v,
+            Dtype::F16 => half::f16::from_f32(v).to_f32(),
+            Dtype::BF16 => half::bf16::from_f32(v).to_f32(),
+        }
     }
 
     fn from_safetensors(d: StDtype) -> Option<Self> {
@@ -125,6 +139,8 @@ pub struct TensorRef<'a> {
     pub bytes: &'a [u8],
     /// The file that holds it.
     pub path: &'a Path,
+    /// Where `bytes` start in that file.
+    pub offset: usize,
 }
 
 impl TensorRef<'_> {
@@ -251,6 +267,7 @@ impl Checkpoint {
             shape: &info.shape,
             bytes: &shard.mmap[shard.data_start + start..shard.data_start + end],
             path: &shard.path,
+            offset: shard.data_start + start,
         })
     }
 
@@ -273,12 +290,44 @@ impl Checkpoint {
         let mut h = blake3::Hasher::new();
         for name in self.index.keys() {
             let t = self.tensor(name).expect("validated on open");
-            h.update(name.as_bytes());
-            h.update(format!("{:?}{:?}", t.dtype, t.shape).as_bytes());
+            hash_meta(&mut h, &t);
             h.update(t.bytes);
         }
         h.finalize()
     }
+
+    /// [`Checkpoint::identity`], reading the files in small chunks instead of through the
+    /// memory map, so that hashing a large model does not grow the process's resident memory.
+    pub fn identity_streamed(&self) -> Result<blake3::Hash> {
+        use std::os::unix::fs::FileExt;
+        let mut h = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut open: Option<(&Path, File)> = None;
+        for name in self.index.keys() {
+            let t = self.tensor(name)?;
+            hash_meta(&mut h, &t);
+            let io = |source| Error::Io { path: t.path.to_path_buf(), source };
+            if open.as_ref().is_none_or(|(p, _)| *p != t.path) {
+                open = Some((t.path, File::open(t.path).map_err(io)?));
+            }
+            let file = &open.as_ref().expect("just opened").1;
+            let mut pos = t.offset as u64;
+            let mut left = t.bytes.len();
+            while left > 0 {
+                let n = left.min(buf.len());
+                file.read_exact_at(&mut buf[..n], pos).map_err(io)?;
+                h.update(&buf[..n]);
+                pos += n as u64;
+                left -= n;
+            }
+        }
+        Ok(h.finalize())
+    }
+}
+
+fn hash_meta(h: &mut blake3::Hasher, t: &TensorRef) {
+    h.update(t.name.as_bytes());
+    h.update(format!("{:?}{:?}", t.dtype, t.shape).as_bytes());
 }
 
 /// The weight files of a folder: the single file, or the shards named by the index (sorted, unique).
