@@ -112,7 +112,12 @@ fn apply_of_merge_equals_applying_the_stack() {
     let no_parent = apply::merge(&lr, &merged_lr, None, false).unwrap();
     assert!(Patch::read(&merged_lr).unwrap().manifest().entries.iter().any(|e| e.encoding.kind() == "low_rank"));
     assert!(no_parent.bytes < 10_000);
-    apply::apply(&base, &lr, &t.path().join("lr_stacked")).unwrap_err(); // p3's base hashes need p2
+    apply::apply(&base, &lr, &t.path().join("lr_stacked")).unwrap(); // p2 touches nothing p3 does
+    apply::apply(&base, &[merged_lr], &t.path().join("lr_merged")).unwrap();
+    assert_eq!(folder(&t.path().join("lr_stacked")), folder(&t.path().join("lr_merged")));
+    // Out of order: p2 was compiled on top of p1.
+    let err = apply::apply(&base, &[patches[1].clone(), patches[0].clone()], &t.path().join("bad")).unwrap_err();
+    assert!(matches!(err, apply::Error::ParentChain { .. } | apply::Error::BaseMismatch { .. }), "{err}");
 }
 
 #[test]
@@ -128,7 +133,7 @@ fn merging_low_rank_stacks_concatenates_exactly() {
     apply::merge(&[p1.clone(), p2.clone()], &m12, None, false).unwrap();
     let m123 = t.path().join("m123");
     apply::merge(&[m12.clone(), p3.clone()], &m123, None, false).unwrap();
-    let e = &Patch::read(&m123).unwrap().manifest().entries[0];
+    let e = Patch::read(&m123).unwrap().manifest().entries[0].clone();
     assert_eq!(e.encoding.kind(), "low_rank");
     apply::apply(&base, &[p1, p2, p3], &t.path().join("s")).unwrap();
     apply::apply(&base, &[m123], &t.path().join("m")).unwrap();
@@ -153,7 +158,7 @@ fn conflicting_facts_are_refused_unless_overridden() {
     assert!(!out.exists());
     let s = apply::merge(&[p1, p2], &out, None, true).unwrap();
     assert_eq!(s.overridden.len(), 1);
-    let edits = &Patch::read(&out).unwrap().manifest().edits;
+    let edits = Patch::read(&out).unwrap().manifest().edits.clone();
     assert_eq!(edits.len(), 1);
     assert_eq!(edits[0].target_new, "Lyon");
 }
