@@ -11,20 +11,12 @@ use safetensors::tensor::TensorView;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::values;
+
 const LAYERS: [usize; 5] = [3, 4, 5, 6, 7];
 const RECT_K: f64 = 20.0;
-
-fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
 
 /// A synthetic SmolLM2-135M: 30 layers, hidden 576, intermediate 1536, vocab 49152,
 /// 9 heads, 3 KV heads (head dim 64), tied embeddings, BF16.

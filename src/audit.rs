@@ -3,7 +3,7 @@
 
 use crate::apply::{self, Error, Result, Stack};
 use crate::checkpoint::Checkpoint;
-use crate::patch::{Edit, Method, ModelInfo, Patch};
+use crate::patch::{Manifest, Patch};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -19,21 +19,14 @@ const DECADES: std::ops::Range<i32> = -8..2;
 pub struct Report {
     pub id: String,
     pub path: PathBuf,
-    pub tool: String,
-    pub model: ModelInfo,
-    pub parent: Option<String>,
-    pub includes: Vec<String>,
-    pub edits: Vec<Edit>,
-    pub method: Method,
-    pub stats_id: Option<String>,
-    pub rect_k: Option<f64>,
-    pub metrics: BTreeMap<String, f64>,
     pub file_bytes: u64,
     /// Compressed payload bytes per encoding kind.
     pub bytes_by_encoding: BTreeMap<String, u64>,
     /// The base checkpoint the changes were measured against, if any.
     pub against_model: Option<PathBuf>,
     pub tensors: Vec<TensorReport>,
+    /// The patch's manifest, as stored.
+    pub manifest: Manifest,
 }
 
 /// One touched tensor.
@@ -90,19 +83,10 @@ pub fn report(patch: &Path, model: Option<&Path>) -> Result<Report> {
             fill_delta_stats(tensors.last_mut().expect("just pushed"), &d);
         }
     }
-    let m = p.manifest().clone();
     let mut r = Report {
         id: p.id().to_string(),
         path: patch.to_path_buf(),
-        tool: m.tool,
-        model: m.model,
-        parent: m.parent,
-        includes: m.includes,
-        edits: m.edits,
-        method: m.method,
-        stats_id: m.stats_id,
-        rect_k: m.rect_k,
-        metrics: m.metrics,
+        manifest: p.manifest().clone(),
         file_bytes: p.bytes().len() as u64,
         bytes_by_encoding,
         against_model: model.map(Path::to_path_buf),
@@ -174,25 +158,26 @@ fn against_base(m: &Measured) -> AgainstBase {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "patch {}  ({} bytes, {})", self.id, self.file_bytes, self.tool)?;
-        writeln!(f, "model {} ({}), method {}", self.model.name, self.model.family, self.method.name)?;
-        if let Some(p) = &self.parent {
+        let m = &self.manifest;
+        writeln!(f, "patch {}  ({} bytes, {})", self.id, self.file_bytes, m.tool)?;
+        writeln!(f, "model {} ({}), method {}", m.model.name, m.model.family, m.method.name)?;
+        if let Some(p) = &m.parent {
             writeln!(f, "parent {p}")?;
         }
-        for i in &self.includes {
+        for i in &m.includes {
             writeln!(f, "includes {i}")?;
         }
-        if let Some(k) = self.rect_k {
+        if let Some(k) = m.rect_k {
             writeln!(f, "RECT k = {k}%")?;
         }
-        if let Some(s) = &self.stats_id {
+        if let Some(s) = &m.stats_id {
             writeln!(f, "statistics {s}")?;
         }
-        for (k, v) in &self.metrics {
-            writeln!(f, "metric {k} = {v}")?;
+        for (k, v) in m.method.hyperparameters.iter().map(|(k, v)| (k, v.to_string())).chain(m.metrics.iter().map(|(k, v)| (k, v.to_string()))) {
+            writeln!(f, "{k} = {v}")?;
         }
-        writeln!(f, "{} edit(s):", self.edits.len())?;
-        for e in &self.edits {
+        writeln!(f, "{} edit(s):", m.edits.len())?;
+        for e in &m.edits {
             writeln!(f, "  {:?} [{}]: {:?} → {:?}   ({:?})", e.subject, e.relation, e.target_old, e.target_new, e.prompt)?;
         }
         let enc: Vec<_> = self.bytes_by_encoding.iter().map(|(k, v)| format!("{k} {v} B")).collect();

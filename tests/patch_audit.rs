@@ -3,7 +3,6 @@
 mod common;
 use common::*;
 use factpatch::audit;
-use factpatch::checkpoint::Checkpoint;
 use factpatch::patch::{Delta, Edit};
 
 const DOWN0: &str = "model.layers.0.mlp.down_proj.weight";
@@ -11,10 +10,7 @@ const UP0: &str = "model.layers.0.mlp.up_proj.weight";
 
 #[test]
 fn report_with_and_without_model() {
-    let t = tempfile::tempdir().unwrap();
-    let base = t.path().join("base");
-    write_model(&base, &tiny_specs(), 1);
-    let ckpt = Checkpoint::open(&base).unwrap();
+    let (t, base, ckpt) = tiny_model();
     let mut m = manifest("rome");
     m.edits.push(Edit { subject: "France".into(), relation: "capital".into(), prompt: "The capital of France is".into(), target_old: "Paris".into(), target_new: "Lyon".into() });
     m.rect_k = Some(10.0);

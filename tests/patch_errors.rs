@@ -18,11 +18,8 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
-    let t = tempfile::tempdir().unwrap();
+    let (t, base, ckpt) = tiny_model();
     let root = t.path().to_path_buf();
-    let base = root.join("base");
-    write_model(&base, &tiny_specs(), 1);
-    let ckpt = Checkpoint::open(&base).unwrap();
     let good = write_patch(&root.join("good.fp"), &ckpt, &[], manifest("rome"), vec![(UP0, Delta::LowRank(vec![factors(24, 16, 1, 3, 0.01)]))]);
     Fixture { _t: t, root, base, good }
 }

@@ -28,10 +28,7 @@ fn rect_delta(seed: u64, k: f64) -> Delta {
 
 #[test]
 fn low_rank_apply_matches_hand_computation() {
-    let t = tempfile::tempdir().unwrap();
-    let base = t.path().join("base");
-    write_model(&base, &tiny_specs(), 1);
-    let ckpt = Checkpoint::open(&base).unwrap();
+    let (t, base, ckpt) = tiny_model();
     let f = factors(24, 16, 2, 7, 0.01);
     let p = write_patch(&t.path().join("p"), &ckpt, &[], manifest("rome"), vec![(UP0, Delta::LowRank(vec![f.clone()]))]);
     let out = t.path().join("out");
@@ -90,9 +87,7 @@ fn stack(dir: &std::path::Path, base: &std::path::Path) -> Vec<PathBuf> {
 
 #[test]
 fn apply_of_merge_equals_applying_the_stack() {
-    let t = tempfile::tempdir().unwrap();
-    let base = t.path().join("base");
-    write_model(&base, &tiny_specs(), 1);
+    let (t, base, _) = tiny_model();
     let patches = stack(t.path(), &base);
     apply::apply(&base, &patches, &t.path().join("stacked")).unwrap();
     let merged = t.path().join("merged.fp");
@@ -122,10 +117,7 @@ fn apply_of_merge_equals_applying_the_stack() {
 
 #[test]
 fn merging_low_rank_stacks_concatenates_exactly() {
-    let t = tempfile::tempdir().unwrap();
-    let base = t.path().join("base");
-    write_model(&base, &tiny_specs(), 1);
-    let ckpt = Checkpoint::open(&base).unwrap();
+    let (t, base, ckpt) = tiny_model();
     let p1 = write_patch(&t.path().join("a"), &ckpt, &[], manifest("rome"), vec![(DOWN0, Delta::LowRank(vec![factors(16, 24, 3, 21, 0.05)]))]);
     let p2 = write_patch(&t.path().join("b"), &ckpt, &[p1.clone()], manifest("rome"), vec![(DOWN0, Delta::LowRank(vec![factors(16, 24, 2, 22, 0.05)]))]);
     let p3 = write_patch(&t.path().join("c"), &ckpt, &[p1.clone(), p2.clone()], manifest("rome"), vec![(DOWN0, Delta::LowRank(vec![factors(16, 24, 1, 23, 0.05)]))]);
@@ -142,10 +134,7 @@ fn merging_low_rank_stacks_concatenates_exactly() {
 
 #[test]
 fn conflicting_facts_are_refused_unless_overridden() {
-    let t = tempfile::tempdir().unwrap();
-    let base = t.path().join("base");
-    write_model(&base, &tiny_specs(), 1);
-    let ckpt = Checkpoint::open(&base).unwrap();
+    let (t, _, ckpt) = tiny_model();
     let mut m1 = manifest("rome");
     m1.edits.push(edit("France", "Paris"));
     let p1 = write_patch(&t.path().join("a"), &ckpt, &[], m1, vec![(UP0, Delta::LowRank(vec![factors(24, 16, 1, 1, 0.01)]))]);
@@ -165,10 +154,7 @@ fn conflicting_facts_are_refused_unless_overridden() {
 
 #[test]
 fn rect_and_explicit_sparse_give_identical_checkpoints() {
-    let t = tempfile::tempdir().unwrap();
-    let base = t.path().join("base");
-    write_model(&base, &tiny_specs(), 1);
-    let ckpt = Checkpoint::open(&base).unwrap();
+    let (t, base, ckpt) = tiny_model();
     let implicit = write_patch(&t.path().join("r"), &ckpt, &[], manifest("rome"), vec![(DOWN0, rect_delta(31, 5.0))]);
     let Delta::LowRankRect { factors: f, k, eps } = rect_delta(31, 5.0) else { unreachable!() };
     let mut full = product(&f, &[16, 24]);
@@ -229,10 +215,7 @@ fn sharded_checkpoints_stream_through() {
 
 #[test]
 fn encoding_is_deterministic_and_smallest_exact() {
-    let t = tempfile::tempdir().unwrap();
-    let base = t.path().join("base");
-    write_model(&base, &tiny_specs(), 1);
-    let ckpt = Checkpoint::open(&base).unwrap();
+    let (t, _, ckpt) = tiny_model();
     let bf16_exact: Vec<f32> = values(384, 9, 0.01).iter().map(|&v| Dtype::BF16.round(v)).collect();
     let a = write_patch(&t.path().join("a"), &ckpt, &[], manifest("x"), vec![(DOWN1, Delta::Dense(bf16_exact.clone()))]);
     let b = write_patch(&t.path().join("b"), &ckpt, &[], manifest("x"), vec![(DOWN1, Delta::Dense(bf16_exact))]);

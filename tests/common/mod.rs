@@ -61,6 +61,15 @@ pub fn write_model(dir: &Path, specs: &[Spec], shards: usize) {
     }
 }
 
+/// A temporary folder holding the tiny model at `base`, opened.
+pub fn tiny_model() -> (tempfile::TempDir, PathBuf, Checkpoint) {
+    let t = tempfile::tempdir().unwrap();
+    let base = t.path().join("base");
+    write_model(&base, &tiny_specs(), 1);
+    let ckpt = Checkpoint::open(&base).unwrap();
+    (t, base, ckpt)
+}
+
 /// A manifest for the tiny model.
 pub fn manifest(method: &str) -> Manifest {
     Manifest::new(
