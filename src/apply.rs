@@ -3,7 +3,7 @@
 
 use crate::atomic::{AtomicDir, AtomicFile};
 use crate::checkpoint::{self, Checkpoint, Dtype, TensorRef};
-use crate::patch::{self, BaseTensor, Delta, Edit, Factors, Manifest, Method, ModelInfo, Patch};
+use crate::patch::{self, BaseTensor, Delta, Edit, Entry, Factors, Manifest, Method, ModelInfo, Patch};
 use crate::rect;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -112,20 +112,18 @@ impl Stack {
     /// The stack's accumulated f32 delta `D` for `base`, verifying each patch's base hash,
     /// dtype and shape against the tensor as that patch sees it.
     pub fn delta_for(&self, base: &TensorRef) -> Result<Vec<f32>> {
+        Ok(self.accumulate(base)?.1)
+    }
+
+    /// The base values `W₀` as f32 and the accumulated delta `D` (see [`Stack::delta_for`]).
+    fn accumulate(&self, base: &TensorRef) -> Result<(Vec<f32>, Vec<f32>)> {
         let list = self.touched.get(base.name).map_or(&[][..], Vec::as_slice);
         let w0 = base.to_f32();
         let mut d = vec![0f32; w0.len()];
         for (k, &(p, e)) in list.iter().enumerate() {
             let patch = &self.patches[p];
             let entry = &patch.manifest().entries[e];
-            if entry.dtype != base.dtype || entry.shape != base.shape {
-                return Err(Error::ShapeMismatch {
-                    patch: patch.path().to_path_buf(),
-                    name: base.name.to_string(),
-                    expected: format!("{:?}{:?}", entry.dtype, entry.shape),
-                    found: format!("{:?}{:?}", base.dtype, base.shape),
-                });
-            }
+            check_layout(patch, entry, base.dtype, base.shape)?;
             let current: Cow<[u8]> =
                 if k == 0 { Cow::Borrowed(base.bytes) } else { Cow::Owned(materialize(base, &w0, &d, patch)?) };
             let found = blake3::hash(&current).to_hex().to_string();
@@ -145,15 +143,15 @@ impl Stack {
             };
             add_delta(&mut d, &delta, base.shape, w.as_deref());
         }
-        Ok(d)
+        Ok((w0, d))
     }
 
     /// The bytes of `base` with the whole stack applied (`base`'s own bytes if untouched).
     pub fn patched<'a>(&self, base: &TensorRef<'a>) -> Result<Cow<'a, [u8]>> {
         let Some(list) = self.touched.get(base.name) else { return Ok(Cow::Borrowed(base.bytes)) };
-        let d = self.delta_for(base)?;
+        let (w0, d) = self.accumulate(base)?;
         let last = &self.patches[list.last().expect("non-empty").0];
-        Ok(Cow::Owned(materialize(base, &base.to_f32(), &d, last)?))
+        Ok(Cow::Owned(materialize(base, &w0, &d, last)?))
     }
 
     /// Verifies every patch against `ckpt` (hashes, shapes, finite results) without writing anything.
@@ -171,6 +169,19 @@ impl Stack {
             model: ckpt.dir().to_path_buf(),
         })
     }
+}
+
+/// The tensor `entry` patches must have `dtype` and `shape`.
+fn check_layout(patch: &Patch, entry: &Entry, dtype: Dtype, shape: &[usize]) -> Result<()> {
+    if entry.dtype == dtype && entry.shape == shape {
+        return Ok(());
+    }
+    Err(Error::ShapeMismatch {
+        patch: patch.path().to_path_buf(),
+        name: entry.tensor.clone(),
+        expected: format!("{:?}{:?}", entry.dtype, entry.shape),
+        found: format!("{:?}{:?}", dtype, shape),
+    })
 }
 
 /// Adds one entry's contributions to `d`. `w` gives the tensor as the patch saw it (for RECT).
@@ -289,9 +300,7 @@ fn write_weights(ckpt: &Checkpoint, stack: &Stack, src: &Path, dest: &Path) -> R
     let len = input.metadata().map_err(io_err(src))?.len();
     let mut out = AtomicFile::create(dest, false).map_err(io_err(dest))?;
     let mut pos = 0u64;
-    let mut names: Vec<_> = ckpt.names_in(src).into_iter().filter(|n| stack.touched.contains_key(*n)).collect();
-    names.sort_by_key(|n| ckpt.tensor(n).map(|t| t.offset).unwrap_or(0));
-    for name in names {
+    for name in ckpt.names_in(src).into_iter().filter(|n| stack.touched.contains_key(*n)) {
         let t = ckpt.tensor(name)?;
         copy_range(&mut input, src, &mut out, dest, pos, t.offset as u64)?;
         out.write_all(&stack.patched(&t)?).map_err(io_err(dest))?;
@@ -392,6 +401,9 @@ pub fn merge(patches: &[PathBuf], out: &Path, model: Option<&Path>, allow_overri
             shape: entry.shape.clone(),
             blake3: entry.base_blake3.clone(),
         };
+        for &(p, e) in &list[1..] {
+            check_layout(&stack.patches[p], &stack.patches[p].manifest().entries[e], entry.dtype, &entry.shape)?;
+        }
         let decoded: Vec<Delta> = list.iter().map(|&(p, e)| stack.patches[p].delta(e)).collect::<patch::Result<_>>()?;
         let delta = if decoded.len() == 1 {
             decoded.into_iter().next().expect("one")

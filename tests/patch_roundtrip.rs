@@ -206,9 +206,11 @@ fn sharded_checkpoints_stream_through() {
     assert_eq!(a["model.safetensors.index.json"], b["model.safetensors.index.json"]);
     let got = Checkpoint::open(&out).unwrap();
     let stack = Stack::load(&patches).unwrap();
+    let overlay = apply::Overlay::new(&ckpt, &stack).unwrap();
     for name in ckpt.names() {
         let want = stack.patched(&ckpt.tensor(name).unwrap()).unwrap();
         assert_eq!(got.tensor(name).unwrap().bytes, &want[..], "{name}");
+        assert_eq!(overlay.tensor(name).unwrap().bytes, &want[..], "{name}");
     }
     assert_eq!(got.tensor("model.embed_tokens.weight").unwrap().bytes, ckpt.tensor("model.embed_tokens.weight").unwrap().bytes);
 }
