@@ -78,9 +78,10 @@ fn peak_rss_kib() -> u64 {
 fn main() {
     // Child mode: apply one patch and report this process's peak RSS.
     if let (Ok(model), Ok(p), Ok(out)) = (std::env::var("FP_MODEL"), std::env::var("FP_PATCH"), std::env::var("FP_OUT")) {
+        let start = peak_rss_kib();
         let t = Instant::now();
         apply::apply(Path::new(&model), &[PathBuf::from(p)], Path::new(&out)).unwrap();
-        println!("{} {}", t.elapsed().as_secs_f64(), peak_rss_kib());
+        println!("{} {} {start}", t.elapsed().as_secs_f64(), peak_rss_kib());
         return;
     }
     let scratch = tempfile::tempdir().unwrap();
@@ -130,12 +131,15 @@ fn main() {
     let rect_patch = rect_patch.unwrap();
     let size: u64 = ckpt.files().map(|f| std::fs::metadata(f).unwrap().len()).sum();
     println!("\ncheckpoint: {size} bytes; largest touched tensor: {} bytes stored, {} bytes as f32", rows * cols * ckpt.tensor(&name(3)).unwrap().dtype.size(), rows * cols * 4);
-    println!("\n| run | cp -r (s) | apply RECT patch (s) | ratio | apply peak RSS (MiB) |\n| --- | ---: | ---: | ---: | ---: |");
+    println!("\n| run | cp -r (s) | cp -r + sync (s) | apply RECT patch (s) | vs cp | vs cp+sync | apply peak RSS (MiB) | RSS before apply (MiB) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    assert!(std::process::Command::new("sync").status().unwrap().success());
     for run in 0..3 {
         let cp_out = scratch.path().join(format!("cp{run}"));
         let t = Instant::now();
         assert!(std::process::Command::new("cp").arg("-r").arg(&model).arg(&cp_out).status().unwrap().success());
         let cp = t.elapsed().as_secs_f64();
+        assert!(std::process::Command::new("sync").status().unwrap().success());
+        let cp_sync = t.elapsed().as_secs_f64();
         let out = scratch.path().join(format!("ap{run}"));
         let child = std::process::Command::new(std::env::current_exe().unwrap())
             .env("FP_MODEL", &model)
@@ -147,7 +151,8 @@ fn main() {
         let mut it = text.split_whitespace();
         let secs: f64 = it.next().unwrap_or_else(|| panic!("child failed: {}", String::from_utf8_lossy(&child.stderr))).parse().unwrap();
         let rss: f64 = it.next().unwrap().parse::<f64>().unwrap() / 1024.0;
-        println!("| {run} | {cp:.3} | {secs:.3} | {:.2} | {rss:.1} |", secs / cp);
+        let start: f64 = it.next().unwrap().parse::<f64>().unwrap() / 1024.0;
+        println!("| {run} | {cp:.3} | {cp_sync:.3} | {secs:.3} | {:.2} | {:.2} | {rss:.1} | {start:.1} |", secs / cp, secs / cp_sync);
         std::fs::remove_dir_all(&cp_out).unwrap();
         std::fs::remove_dir_all(&out).unwrap();
     }

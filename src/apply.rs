@@ -1,7 +1,7 @@
 //! Consuming patches: stacks (verify, accumulate, materialize), streaming apply onto a
 //! checkpoint folder, load-time overlay, merge and diff. Semantics: `formats/patch.md`.
 
-use crate::atomic::{AtomicDir, AtomicFile};
+use crate::atomic::AtomicDir;
 use crate::checkpoint::{self, Checkpoint, Dtype, TensorRef};
 use crate::patch::{self, BaseTensor, Delta, Edit, Entry, Factors, Manifest, Method, ModelInfo, Patch};
 use crate::rect;
@@ -126,15 +126,7 @@ impl Stack {
             check_layout(patch, entry, base.dtype, base.shape)?;
             let current: Cow<[u8]> =
                 if k == 0 { Cow::Borrowed(base.bytes) } else { Cow::Owned(materialize(base, &w0, &d, patch)?) };
-            let found = blake3::hash(&current).to_hex().to_string();
-            if found != entry.base_blake3 {
-                return Err(Error::BaseMismatch {
-                    patch: patch.path().to_path_buf(),
-                    name: base.name.to_string(),
-                    expected: entry.base_blake3.clone(),
-                    found,
-                });
-            }
+            check_hash(patch, entry, &current)?;
             let delta = patch.delta(e)?;
             let w = match delta {
                 Delta::LowRankRect { .. } if k == 0 => Some(Cow::Borrowed(&w0[..])),
@@ -154,10 +146,21 @@ impl Stack {
         Ok(Cow::Owned(materialize(base, &w0, &d, last)?))
     }
 
-    /// Verifies every patch against `ckpt` (hashes, shapes, finite results) without writing anything.
+    /// Verifies every patch against `ckpt` without writing anything: dtypes, shapes, base
+    /// hashes and finite payloads. A tensor touched by several patches is fully accumulated, since
+    /// later base hashes depend on earlier patches; a result that overflows is caught when written.
     pub fn verify(&self, ckpt: &Checkpoint) -> Result<()> {
-        for name in self.touched() {
-            self.patched(&self.base(ckpt, name)?)?;
+        for (name, list) in &self.touched {
+            let base = self.base(ckpt, name)?;
+            if let [(p, e)] = list[..] {
+                let (patch, entry) = (&self.patches[p], &self.patches[p].manifest().entries[e]);
+                check_layout(patch, entry, base.dtype, base.shape)?;
+                check_hash(patch, entry, base.bytes)?;
+                patch.delta(e)?;
+            } else {
+                self.accumulate(&base)?;
+            }
+            ckpt.evict(&base);
         }
         Ok(())
     }
@@ -169,6 +172,20 @@ impl Stack {
             model: ckpt.dir().to_path_buf(),
         })
     }
+}
+
+/// The tensor `entry` patches must have the bytes it was compiled against.
+fn check_hash(patch: &Patch, entry: &Entry, bytes: &[u8]) -> Result<()> {
+    let found = blake3::hash(bytes).to_hex().to_string();
+    if found == entry.base_blake3 {
+        return Ok(());
+    }
+    Err(Error::BaseMismatch {
+        patch: patch.path().to_path_buf(),
+        name: entry.tensor.clone(),
+        expected: entry.base_blake3.clone(),
+        found,
+    })
 }
 
 /// The tensor `entry` patches must have `dtype` and `shape`.
@@ -282,8 +299,15 @@ pub fn apply(model: &Path, patches: &[PathBuf], out: &Path) -> Result<ApplySumma
     }
     let weights: BTreeSet<_> = ckpt.files().filter_map(Path::file_name).collect();
     copy_others(model, dir.path(), &weights)?;
-    dir.commit().map_err(io_err(out))?;
-    let identity = Checkpoint::open(out)?.identity_streamed()?.to_hex().to_string();
+    // Hash the output while the directory is synced and renamed into place.
+    let written = Checkpoint::open(dir.path())?;
+    let (identity, committed) = std::thread::scope(|s| {
+        let hashing = s.spawn(|| written.identity_streamed());
+        let committed = dir.commit();
+        (hashing.join().expect("hashing thread does not panic"), committed)
+    });
+    committed.map_err(io_err(out))?;
+    let identity = identity?.to_hex().to_string();
     Ok(ApplySummary {
         output: out.to_path_buf(),
         identity,
@@ -293,28 +317,27 @@ pub fn apply(model: &Path, patches: &[PathBuf], out: &Path) -> Result<ApplySumma
     })
 }
 
-/// Rewrites one weight file: header and untouched ranges copied by the kernel, patched tensors
-/// written from memory one at a time. Returns the bytes written.
+/// Rewrites one weight file inside the output's temporary folder: header and untouched ranges
+/// copied by the kernel, patched tensors written from memory one at a time. Returns its length.
 fn write_weights(ckpt: &Checkpoint, stack: &Stack, src: &Path, dest: &Path) -> Result<u64> {
     let mut input = File::open(src).map_err(io_err(src))?;
     let len = input.metadata().map_err(io_err(src))?.len();
-    let mut out = AtomicFile::create(dest, false).map_err(io_err(dest))?;
+    let mut out = File::create_new(dest).map_err(io_err(dest))?;
     let mut pos = 0u64;
     for name in ckpt.names_in(src).into_iter().filter(|n| stack.touched.contains_key(*n)) {
         let t = ckpt.tensor(name)?;
         copy_range(&mut input, src, &mut out, dest, pos, t.offset as u64)?;
         out.write_all(&stack.patched(&t)?).map_err(io_err(dest))?;
+        ckpt.evict(&t);
         pos = (t.offset + t.bytes.len()) as u64;
     }
     copy_range(&mut input, src, &mut out, dest, pos, len)?;
-    out.commit().map_err(io_err(dest))?;
     Ok(len)
 }
 
-fn copy_range(input: &mut File, src: &Path, out: &mut AtomicFile, dest: &Path, from: u64, to: u64) -> Result<()> {
+fn copy_range(input: &mut File, src: &Path, out: &mut File, dest: &Path, from: u64, to: u64) -> Result<()> {
     input.seek(SeekFrom::Start(from)).map_err(io_err(src))?;
-    let file = out.file().map_err(io_err(dest))?;
-    let copied = std::io::copy(&mut std::io::Read::take(&*input, to - from), file).map_err(io_err(dest))?;
+    let copied = std::io::copy(&mut std::io::Read::take(&*input, to - from), out).map_err(io_err(dest))?;
     if copied != to - from {
         return Err(Error::Io { path: src.to_path_buf(), source: std::io::ErrorKind::UnexpectedEof.into() });
     }

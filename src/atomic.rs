@@ -24,13 +24,6 @@ impl AtomicFile {
         Ok(AtomicFile { tmp, dest: dest.to_path_buf(), writer: Some(BufWriter::new(file)) })
     }
 
-    /// The underlying file, after flushing buffered bytes (for kernel-side copies into it).
-    pub fn file(&mut self) -> io::Result<&mut File> {
-        let w = self.writer.as_mut().expect("not yet committed");
-        w.flush()?;
-        Ok(w.get_mut())
-    }
-
     /// Flushes, syncs and renames into place.
     pub fn commit(mut self) -> io::Result<()> {
         let file = self.writer.take().expect("not yet committed").into_inner().map_err(|e| e.into_error())?;

@@ -124,6 +124,8 @@ impl Dtype {
 /// One memory-mapped safetensors file with its parsed header.
 struct Shard {
     path: PathBuf,
+    /// Kept open so reads keep working if the folder is renamed.
+    file: File,
     mmap: Mmap,
     data_start: usize,
     metadata: Metadata,
@@ -285,6 +287,16 @@ impl Checkpoint {
         Ok(t)
     }
 
+    /// Lets the kernel drop `t`'s pages from this process's resident memory once it has been
+    /// read; they are read back from the file if touched again. Keeps streaming passes small.
+    pub fn evict(&self, t: &TensorRef) {
+        if let Some(shard) = self.shards.iter().find(|s| s.path == t.path) {
+            // SAFETY: the map is read-only and backed by the file, so MADV_DONTNEED only drops
+            // clean pages; later reads see the same bytes. A failure only means no eviction.
+            let _ = unsafe { shard.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, t.offset, t.bytes.len()) };
+        }
+    }
+
     /// blake3 over every tensor's name, dtype, shape and bytes in name order: the model's identity.
     pub fn identity(&self) -> blake3::Hash {
         let mut h = blake3::Hasher::new();
@@ -301,22 +313,18 @@ impl Checkpoint {
     pub fn identity_streamed(&self) -> Result<blake3::Hash> {
         use std::os::unix::fs::FileExt;
         let mut h = blake3::Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut open: Option<(&Path, File)> = None;
-        for name in self.index.keys() {
+        let mut buf = vec![0u8; 4 << 20];
+        for (name, &i) in &self.index {
             let t = self.tensor(name)?;
             hash_meta(&mut h, &t);
             let io = |source| Error::Io { path: t.path.to_path_buf(), source };
-            if open.as_ref().is_none_or(|(p, _)| *p != t.path) {
-                open = Some((t.path, File::open(t.path).map_err(io)?));
-            }
-            let file = &open.as_ref().expect("just opened").1;
+            let file = &self.shards[i].file;
             let mut pos = t.offset as u64;
             let mut left = t.bytes.len();
             while left > 0 {
                 let n = left.min(buf.len());
                 file.read_exact_at(&mut buf[..n], pos).map_err(io)?;
-                h.update(&buf[..n]);
+                h.update_rayon(&buf[..n]);
                 pos += n as u64;
                 left -= n;
             }
@@ -361,7 +369,7 @@ fn map_shard(path: &Path) -> Result<Shard> {
     let bad = |e: safetensors::SafeTensorError| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() };
     SafeTensors::deserialize(&mmap).map_err(bad)?;
     let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(bad)?;
-    Ok(Shard { path: path.to_path_buf(), mmap, data_start: 8 + header_len, metadata })
+    Ok(Shard { path: path.to_path_buf(), file, mmap, data_start: 8 + header_len, metadata })
 }
 
 /// Reads and parses a JSON file, naming it in any error.
