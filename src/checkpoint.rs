@@ -77,15 +77,29 @@ impl Dtype {
 
     /// f32 values to little-endian bytes, rounding to nearest-even once.
     pub fn encode(self, values: &[f32]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(values.len() * self.size());
-        for &v in values {
-            match self {
-                Dtype::F32 => out.extend_from_slice(&v.to_le_bytes()),
-                Dtype::F16 => out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
-                Dtype::BF16 => out.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
-            }
+        let mut out = vec![0; values.len() * self.size()];
+        for (&v, o) in values.iter().zip(out.chunks_exact_mut(self.size())) {
+            self.put(v, o);
         }
         out
+    }
+
+    /// Writes `v`, rounded to nearest-even, into `out` (exactly [`Dtype::size`] bytes).
+    pub fn put(self, v: f32, out: &mut [u8]) {
+        match self {
+            Dtype::F32 => out.copy_from_slice(&v.to_le_bytes()),
+            Dtype::F16 => out.copy_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+            Dtype::BF16 => out.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+        }
+    }
+
+    /// `v` rounded to nearest-even in this dtype, as f32.
+    pub fn round(self, v: f32) -> f32 {
+        match self {
+            Dtype::F32 => v,
+            Dtype::F16 => half::f16::from_f32(v).to_f32(),
+            Dtype::BF16 => half::bf16::from_f32(v).to_f32(),
+        }
     }
 
     fn from_safetensors(d: StDtype) -> Option<Self> {
@@ -110,6 +124,8 @@ impl Dtype {
 /// One memory-mapped safetensors file with its parsed header.
 struct Shard {
     path: PathBuf,
+    /// Kept open so reads keep working if the folder is renamed.
+    file: File,
     mmap: Mmap,
     data_start: usize,
     metadata: Metadata,
@@ -125,6 +141,8 @@ pub struct TensorRef<'a> {
     pub bytes: &'a [u8],
     /// The file that holds it.
     pub path: &'a Path,
+    /// Where `bytes` start in that file.
+    pub offset: usize,
 }
 
 impl TensorRef<'_> {
@@ -251,6 +269,7 @@ impl Checkpoint {
             shape: &info.shape,
             bytes: &shard.mmap[shard.data_start + start..shard.data_start + end],
             path: &shard.path,
+            offset: shard.data_start + start,
         })
     }
 
@@ -268,17 +287,55 @@ impl Checkpoint {
         Ok(t)
     }
 
+    /// Lets the kernel drop `t`'s pages from this process's resident memory once it has been
+    /// read; they are read back from the file if touched again. Keeps streaming passes small.
+    pub fn evict(&self, t: &TensorRef) {
+        if let Some(shard) = self.shards.iter().find(|s| s.path == t.path) {
+            // SAFETY: the map is read-only and backed by the file, so MADV_DONTNEED only drops
+            // clean pages; later reads see the same bytes. A failure only means no eviction.
+            let _ = unsafe { shard.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, t.offset, t.bytes.len()) };
+        }
+    }
+
     /// blake3 over every tensor's name, dtype, shape and bytes in name order: the model's identity.
     pub fn identity(&self) -> blake3::Hash {
         let mut h = blake3::Hasher::new();
         for name in self.index.keys() {
             let t = self.tensor(name).expect("validated on open");
-            h.update(name.as_bytes());
-            h.update(format!("{:?}{:?}", t.dtype, t.shape).as_bytes());
+            hash_meta(&mut h, &t);
             h.update(t.bytes);
         }
         h.finalize()
     }
+
+    /// [`Checkpoint::identity`], reading the files in small chunks instead of through the
+    /// memory map, so that hashing a large model does not grow the process's resident memory.
+    pub fn identity_streamed(&self) -> Result<blake3::Hash> {
+        use std::os::unix::fs::FileExt;
+        let mut h = blake3::Hasher::new();
+        let mut buf = vec![0u8; 4 << 20];
+        for (name, &i) in &self.index {
+            let t = self.tensor(name)?;
+            hash_meta(&mut h, &t);
+            let io = |source| Error::Io { path: t.path.to_path_buf(), source };
+            let file = &self.shards[i].file;
+            let mut pos = t.offset as u64;
+            let mut left = t.bytes.len();
+            while left > 0 {
+                let n = left.min(buf.len());
+                file.read_exact_at(&mut buf[..n], pos).map_err(io)?;
+                h.update_rayon(&buf[..n]);
+                pos += n as u64;
+                left -= n;
+            }
+        }
+        Ok(h.finalize())
+    }
+}
+
+fn hash_meta(h: &mut blake3::Hasher, t: &TensorRef) {
+    h.update(t.name.as_bytes());
+    h.update(format!("{:?}{:?}", t.dtype, t.shape).as_bytes());
 }
 
 /// The weight files of a folder: the single file, or the shards named by the index (sorted, unique).
@@ -312,7 +369,7 @@ fn map_shard(path: &Path) -> Result<Shard> {
     let bad = |e: safetensors::SafeTensorError| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() };
     SafeTensors::deserialize(&mmap).map_err(bad)?;
     let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(bad)?;
-    Ok(Shard { path: path.to_path_buf(), mmap, data_start: 8 + header_len, metadata })
+    Ok(Shard { path: path.to_path_buf(), file, mmap, data_start: 8 + header_len, metadata })
 }
 
 /// Reads and parses a JSON file, naming it in any error.

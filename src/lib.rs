@@ -1,10 +1,13 @@
 //! factpatch: compile fact edits (ROME, MEMIT, RECT) into small verifiable weight patches.
 
+pub mod apply;
 pub mod atomic;
+pub mod audit;
 pub mod checkpoint;
 pub mod edit;
 pub mod gguf;
 pub mod model;
+pub mod patch;
 pub mod rect;
 pub mod stats;
 pub mod tokenize;

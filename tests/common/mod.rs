@@ -1,9 +1,126 @@
-//! Shared test helpers: fixture paths, the real model, and reading reference tensors.
+//! Shared test helpers: tiny checkpoints and hand-made patches, fixture paths, the real model,
+//! and reference tensors.
 #![allow(dead_code)]
 
-use safetensors::{Dtype, SafeTensors};
+use factpatch::checkpoint::{Dtype, Checkpoint};
+use factpatch::patch::{self, BaseTensor, Delta, Manifest, Method, ModelInfo};
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype as StDtype, SafeTensors};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+/// A tensor to write: name, dtype, shape, values.
+pub type Spec = (&'static str, Dtype, Vec<usize>, Vec<f32>);
+
+/// Deterministic pseudo-random values in [-scale, scale).
+pub fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+/// The standard tiny model: f32 and bf16 matrices, a 1-D norm, an f16 matrix.
+pub fn tiny_specs() -> Vec<Spec> {
+    vec![
+        ("model.embed_tokens.weight", Dtype::BF16, vec![32, 16], values(512, 1, 1.0)),
+        ("model.layers.0.mlp.down_proj.weight", Dtype::BF16, vec![16, 24], values(384, 2, 0.1)),
+        ("model.layers.0.mlp.up_proj.weight", Dtype::F32, vec![24, 16], values(384, 3, 0.1)),
+        ("model.layers.0.input_layernorm.weight", Dtype::F32, vec![16], values(16, 4, 1.0)),
+        ("model.layers.1.mlp.down_proj.weight", Dtype::F16, vec![16, 24], values(384, 5, 0.1)),
+    ]
+}
+
+/// Writes a model folder: config, a tokenizer file, weights in `shards` files (1 = single file).
+pub fn write_model(dir: &Path, specs: &[Spec], shards: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), r#"{"model_type": "llama", "_name_or_path": "tiny"}"#).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), "{}").unwrap();
+    let bytes: Vec<Vec<u8>> = specs.iter().map(|s| s.1.encode(&s.3)).collect();
+    let mut weight_map = BTreeMap::new();
+    for k in 0..shards {
+        let file = if shards == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{shards:05}.safetensors", k + 1) };
+        let views: Vec<_> = specs
+            .iter()
+            .zip(&bytes)
+            .enumerate()
+            .filter(|(i, _)| i % shards == k)
+            .map(|(_, (s, b))| {
+                weight_map.insert(s.0.to_string(), file.clone());
+                (s.0, TensorView::new(s.1.to_safetensors(), s.2.clone(), b).unwrap())
+            })
+            .collect();
+        safetensors::tensor::serialize_to_file(views, None, &dir.join(&file)).unwrap();
+    }
+    if shards > 1 {
+        let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    }
+}
+
+/// A temporary folder holding the tiny model at `base`, opened.
+pub fn tiny_model() -> (tempfile::TempDir, PathBuf, Checkpoint) {
+    let t = tempfile::tempdir().unwrap();
+    let base = t.path().join("base");
+    write_model(&base, &tiny_specs(), 1);
+    let ckpt = Checkpoint::open(&base).unwrap();
+    (t, base, ckpt)
+}
+
+/// A manifest for the tiny model.
+pub fn manifest(method: &str) -> Manifest {
+    Manifest::new(
+        ModelInfo { name: "tiny".into(), family: "llama".into() },
+        Method { name: method.into(), hyperparameters: BTreeMap::new() },
+    )
+}
+
+/// Writes a patch of `deltas` against the tensors of `ckpt` (after `overlay` patches, if any).
+pub fn write_patch(path: &Path, ckpt: &Checkpoint, prior: &[PathBuf], m: Manifest, deltas: Vec<(&str, Delta)>) -> PathBuf {
+    let stack = factpatch::apply::Stack::load(prior).unwrap();
+    let overlay = factpatch::apply::Overlay::new(ckpt, &stack).unwrap();
+    let deltas = deltas.into_iter().map(|(n, d)| (BaseTensor::of(&overlay.tensor(n).unwrap()), d)).collect();
+    std::fs::write(path, patch::encode(m, deltas).unwrap()).unwrap();
+    path.to_path_buf()
+}
+
+/// Rank-`r` factors for a `rows × cols` tensor.
+pub fn factors(rows: usize, cols: usize, r: usize, seed: u64, scale: f32) -> patch::Factors {
+    patch::Factors { rank: r, u: values(rows * r, seed, scale), v: values(cols * r, seed + 100, 1.0) }
+}
+
+/// Every file in a folder, name → bytes.
+pub fn folder(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap())
+        })
+        .collect()
+}
+
+/// Assembles a patch file by hand (per `formats/patch.md`) from a manifest and raw payloads.
+pub fn forge(manifest_json: &[u8], payloads: &[Vec<u8>]) -> Vec<u8> {
+    let m = zstd::bulk::compress(manifest_json, 3).unwrap();
+    let mut out = b"FACTPTCH".to_vec();
+    out.extend_from_slice(&1u32.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&(m.len() as u64).to_le_bytes());
+    out.extend_from_slice(&m);
+    for p in payloads {
+        out.extend_from_slice(p);
+    }
+    let h = blake3::hash(&out);
+    out.extend_from_slice(h.as_bytes());
+    out
+}
+
 
 pub fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -32,8 +149,8 @@ pub fn read_ref(path: &Path) -> BTreeMap<String, Ref> {
         .map(|(name, v)| {
             let data = v.data();
             let (f, i) = match v.dtype() {
-                Dtype::F32 => (data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect(), vec![]),
-                Dtype::I64 => (vec![], data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect()),
+                StDtype::F32 => (data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect(), vec![]),
+                StDtype::I64 => (vec![], data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect()),
                 d => panic!("{name}: unexpected dtype {d:?}"),
             };
             (name, Ref { shape: v.shape().to_vec(), f, i })

@@ -1,0 +1,281 @@
+//! Auditing a patch: which facts, which tensors, how much change, how it is stored.
+//! [`Report`] prints for people (`Display`) and serializes for machines; [`heatmap`] draws |ΔW/W|.
+
+use crate::apply::{self, Error, Result, Stack};
+use crate::checkpoint::Checkpoint;
+use crate::patch::{Manifest, Patch};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Relative changes |ΔW|/|W| are taken against max(|W|, this).
+pub const REL_FLOOR: f32 = 1e-12;
+/// Decades of the relative-change histogram: 10^-8 … 10^2.
+const DECADES: std::ops::Range<i32> = -8..2;
+
+/// Everything `factpatch audit` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub id: String,
+    pub path: PathBuf,
+    pub file_bytes: u64,
+    /// Compressed payload bytes per encoding kind.
+    pub bytes_by_encoding: BTreeMap<String, u64>,
+    /// The base checkpoint the changes were measured against, if any.
+    pub against_model: Option<PathBuf>,
+    pub tensors: Vec<TensorReport>,
+    /// The patch's manifest, as stored.
+    pub manifest: Manifest,
+}
+
+/// One touched tensor.
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorReport {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub encoding: String,
+    pub stored_bytes: u64,
+    pub raw_bytes: u64,
+    /// Non-zero delta elements (needs the model for RECT entries).
+    pub nonzeros: Option<u64>,
+    pub delta_norm: Option<f64>,
+    pub delta_max_abs: Option<f64>,
+    /// Only with the model.
+    pub against_base: Option<AgainstBase>,
+}
+
+/// Measurements that need the base tensor.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgainstBase {
+    pub base_norm: f64,
+    /// ‖ΔW‖ / ‖W‖.
+    pub norm_ratio: f64,
+    /// Elements whose stored value changes after rounding to the checkpoint's dtype.
+    pub changed_after_rounding: u64,
+    /// Quantiles of |ΔW|/|W| over the non-zero delta elements: p50, p90, p99, max.
+    pub relative_quantiles: [f64; 4],
+    /// Counts of |ΔW|/|W| per decade: below 10^-8, [10^-8, 10^-7), …, [10^1, 10^2), ≥ 10^2.
+    pub relative_histogram: Vec<u64>,
+}
+
+/// Audits the patch at `patch`; with `model`, also measures it against that base.
+pub fn report(patch: &Path, model: Option<&Path>) -> Result<Report> {
+    let p = Patch::read(patch)?;
+    let mut tensors = Vec::new();
+    let mut bytes_by_encoding = BTreeMap::new();
+    for (i, e) in p.manifest().entries.iter().enumerate() {
+        *bytes_by_encoding.entry(e.encoding.kind().to_string()).or_insert(0) += e.zlen;
+        tensors.push(TensorReport {
+            name: e.tensor.clone(),
+            dtype: format!("{:?}", e.dtype),
+            shape: e.shape.clone(),
+            encoding: e.encoding.kind().to_string(),
+            stored_bytes: e.zlen,
+            raw_bytes: e.raw_len,
+            nonzeros: None,
+            delta_norm: None,
+            delta_max_abs: None,
+            against_base: None,
+        });
+        if let Some(d) = apply::standalone(&p.delta(i)?, &e.shape) {
+            fill_delta_stats(tensors.last_mut().expect("just pushed"), &d);
+        }
+    }
+    let mut r = Report {
+        id: p.id().to_string(),
+        path: patch.to_path_buf(),
+        manifest: p.manifest().clone(),
+        file_bytes: p.bytes().len() as u64,
+        bytes_by_encoding,
+        against_model: model.map(Path::to_path_buf),
+        tensors,
+    };
+    if let Some(dir) = model {
+        let ckpt = Checkpoint::open(dir)?;
+        let stack = Stack::new(vec![p])?;
+        for t in &mut r.tensors {
+            let m = measure(&ckpt, &stack, &t.name)?;
+            fill_delta_stats(t, &m.delta);
+            t.against_base = Some(against_base(&m));
+        }
+    }
+    Ok(r)
+}
+
+fn fill_delta_stats(t: &mut TensorReport, d: &[f32]) {
+    t.nonzeros = Some(d.iter().filter(|v| **v != 0.0).count() as u64);
+    t.delta_norm = Some(d.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt());
+    t.delta_max_abs = Some(d.iter().fold(0f64, |m, &v| m.max(v.abs() as f64)));
+}
+
+/// One touched tensor measured against its base.
+struct Measured {
+    w: Vec<f32>,
+    delta: Vec<f32>,
+    changed: u64,
+    shape: Vec<usize>,
+}
+
+fn measure(ckpt: &Checkpoint, stack: &Stack, name: &str) -> Result<Measured> {
+    let base = ckpt.tensor(name).map_err(|_| Error::MissingTensor {
+        patch: stack.patches()[0].path().to_path_buf(),
+        name: name.to_string(),
+        model: ckpt.dir().to_path_buf(),
+    })?;
+    let delta = stack.delta_for(&base)?;
+    let out = stack.patched(&base)?;
+    let s = base.dtype.size();
+    let changed = base.bytes.chunks_exact(s).zip(out.chunks_exact(s)).filter(|(a, b)| a != b).count() as u64;
+    Ok(Measured { w: base.to_f32(), delta, changed, shape: base.shape.to_vec() })
+}
+
+fn relative(d: f32, w: f32) -> f32 {
+    d.abs() / w.abs().max(REL_FLOOR)
+}
+
+fn against_base(m: &Measured) -> AgainstBase {
+    let norm = |v: &[f32]| v.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt();
+    let mut rel: Vec<f32> = m.delta.iter().zip(&m.w).filter(|(d, _)| **d != 0.0).map(|(&d, &w)| relative(d, w)).collect();
+    rel.sort_by(f32::total_cmp);
+    let q = |p: f64| rel.get(((rel.len().max(1) - 1) as f64 * p).round() as usize).map_or(0.0, |&v| v as f64);
+    let mut histogram = vec![0u64; DECADES.len() + 2];
+    for &r in &rel {
+        let decade = (r as f64).log10().floor() as i64;
+        let bin = (decade - DECADES.start as i64 + 1).clamp(0, histogram.len() as i64 - 1);
+        histogram[bin as usize] += 1;
+    }
+    let base_norm = norm(&m.w);
+    AgainstBase {
+        base_norm,
+        norm_ratio: if base_norm > 0.0 { norm(&m.delta) / base_norm } else { f64::INFINITY },
+        changed_after_rounding: m.changed,
+        relative_quantiles: [q(0.5), q(0.9), q(0.99), q(1.0)],
+        relative_histogram: histogram,
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = &self.manifest;
+        writeln!(f, "patch {}  ({} bytes, {})", self.id, self.file_bytes, m.tool)?;
+        writeln!(f, "model {} ({}), method {}", m.model.name, m.model.family, m.method.name)?;
+        if let Some(p) = &m.parent {
+            writeln!(f, "parent {p}")?;
+        }
+        for i in &m.includes {
+            writeln!(f, "includes {i}")?;
+        }
+        if let Some(k) = m.rect_k {
+            writeln!(f, "RECT k = {k}%")?;
+        }
+        if let Some(s) = &m.stats_id {
+            writeln!(f, "statistics {s}")?;
+        }
+        for (k, v) in m.method.hyperparameters.iter().map(|(k, v)| (k, v.to_string())).chain(m.metrics.iter().map(|(k, v)| (k, v.to_string()))) {
+            writeln!(f, "{k} = {v}")?;
+        }
+        writeln!(f, "{} edit(s):", m.edits.len())?;
+        for e in &m.edits {
+            writeln!(f, "  {:?} [{}]: {:?} → {:?}   ({:?})", e.subject, e.relation, e.target_old, e.target_new, e.prompt)?;
+        }
+        let enc: Vec<_> = self.bytes_by_encoding.iter().map(|(k, v)| format!("{k} {v} B")).collect();
+        writeln!(f, "{} tensor(s); payload bytes by encoding: {}", self.tensors.len(), enc.join(", "))?;
+        let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3e}"));
+        for t in &self.tensors {
+            writeln!(
+                f,
+                "  {} {}{:?} {} stored {} B (raw {} B) nnz {} ‖Δ‖ {} max|Δ| {}",
+                t.name,
+                t.dtype,
+                t.shape,
+                t.encoding,
+                t.stored_bytes,
+                t.raw_bytes,
+                t.nonzeros.map_or("-".to_string(), |n| n.to_string()),
+                opt(t.delta_norm),
+                opt(t.delta_max_abs)
+            )?;
+            if let Some(a) = &t.against_base {
+                let [p50, p90, p99, max] = a.relative_quantiles;
+                writeln!(
+                    f,
+                    "      ‖Δ‖/‖W‖ {:.3e}; |ΔW/W| p50 {p50:.2e} p90 {p90:.2e} p99 {p99:.2e} max {max:.2e}; changed after rounding to {}: {}",
+                    a.norm_ratio, t.dtype, a.changed_after_rounding
+                )?;
+                let bins: Vec<_> = a.relative_histogram.iter().map(u64::to_string).collect();
+                writeln!(f, "      |ΔW/W| per decade (<1e-8 … ≥1e2): {}", bins.join(" "))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Longest side of one heatmap panel, in pixels; larger matrices are max-pooled.
+const PANEL: usize = 512;
+
+/// Draws |ΔW/W| of every touched tensor of `patch` against `model` into `png`, one panel per
+/// tensor from top to bottom, colour on a log scale from 10^-6 (dark) to 1 (bright); black
+/// is no change. Returns the tensor names in panel order.
+pub fn heatmap(patch: &Path, model: &Path, png: &Path) -> Result<Vec<String>> {
+    if png.exists() {
+        return Err(Error::OutputExists(png.to_path_buf()));
+    }
+    let ckpt = Checkpoint::open(model)?;
+    let stack = Stack::load(&[patch.to_path_buf()])?;
+    let names: Vec<String> = stack.touched().map(str::to_string).collect();
+    let mut panels = Vec::new();
+    for name in &names {
+        let m = measure(&ckpt, &stack, name)?;
+        let (rows, cols) = match m.shape[..] {
+            [r, c] => (r, c),
+            _ => (1, m.w.len()),
+        };
+        let block = rows.max(cols).div_ceil(PANEL).max(1);
+        let (h, w) = (rows.div_ceil(block), cols.div_ceil(block));
+        let mut cells = vec![0f32; h * w];
+        for (i, (&d, &wv)) in m.delta.iter().zip(&m.w).enumerate() {
+            let cell = &mut cells[(i / cols / block) * w + (i % cols) / block];
+            *cell = cell.max(if d == 0.0 { 0.0 } else { relative(d, wv) });
+        }
+        panels.push((h, w, cells));
+    }
+    let width = panels.iter().map(|p| p.1).max().unwrap_or(1);
+    let height = panels.iter().map(|p| p.0 + 4).sum::<usize>().max(1);
+    let mut rgb = vec![40u8; width * height * 3];
+    let mut y0 = 0;
+    for (h, w, cells) in &panels {
+        for y in 0..*h {
+            for x in 0..*w {
+                let px = ((y0 + y) * width + x) * 3;
+                rgb[px..px + 3].copy_from_slice(&colour(cells[y * w + x]));
+            }
+        }
+        y0 += h + 4;
+    }
+    let io = |source| Error::Io { path: png.to_path_buf(), source };
+    let mut file = crate::atomic::AtomicFile::create(png, false).map_err(io)?;
+    {
+        let mut enc = png::Encoder::new(&mut file, width as u32, height as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut w = enc.write_header().map_err(|e| io(e.into()))?;
+        w.write_image_data(&rgb).map_err(|e| io(e.into()))?;
+    }
+    file.commit().map_err(io)?;
+    Ok(names)
+}
+
+/// Black for zero, then a dark-purple → red → yellow ramp over log10 from -6 to 0.
+fn colour(r: f32) -> [u8; 3] {
+    if r <= 0.0 {
+        return [0, 0, 0];
+    }
+    let t = ((r.log10() + 6.0) / 6.0).clamp(0.0, 1.0);
+    const STOPS: [[f32; 3]; 4] = [[40.0, 10.0, 80.0], [150.0, 30.0, 110.0], [230.0, 90.0, 30.0], [252.0, 250.0, 150.0]];
+    let x = t * (STOPS.len() - 1) as f32;
+    let i = (x as usize).min(STOPS.len() - 2);
+    let f = x - i as f32;
+    std::array::from_fn(|c| (STOPS[i][c] + (STOPS[i + 1][c] - STOPS[i][c]) * f) as u8)
+}
