@@ -96,7 +96,7 @@ fn direct(model: &Model, layer: usize, batches: &[Vec<Vec<u32>>], padded: bool) 
 #[test]
 fn tiny_statistics_equal_direct_computation() {
     let model = Model::load(&fixtures().join("tiny-llama")).unwrap();
-    let docs: Vec<Vec<u32>> = (0..12).map(|i| (0..(7 + i * 23) as u32).map(|j| (j * 31 + i * 7) % 512).collect()).collect();
+    let docs: Vec<Vec<u32>> = (0..12u32).map(|i| (0..(7 + i * 23)).map(|j| (j * 31 + i * 7) % 512).collect()).collect();
     let plan = stats::plan(&docs, 48, 3, None, Shard::ALL);
     assert_eq!(plan.tokens, docs.iter().map(|d| d.len() as u64).sum::<u64>());
     assert!(plan.batches.iter().any(|b| b.iter().any(|s| s.len() < b[0].len())), "some batch must be padded");
@@ -175,6 +175,12 @@ fn sharded_and_merged_equals_unsharded() {
     assert_eq!((partial.meta.shards.clone(), partial.meta.shard_count), (vec![0, 1], 3));
     let twice = stats::merge_files(&[shards[0].clone(), shards[0].clone()], &dir.path().join("t.safetensors"), None);
     assert!(matches!(twice, Err(Error::Merge { .. })), "{twice:?}");
+
+    // A compiler finds them by model and layers alone.
+    let model_id = &whole.stats.meta.model;
+    assert_eq!(stats::find_in_cache(&cache, model_id, &[1]).unwrap().unwrap().0, whole.paths[0]);
+    assert!(stats::find_in_cache(&cache, model_id, &[1, 2]).unwrap().is_none());
+    assert!(stats::find_in_cache(&cache, &"0".repeat(64), &[1]).unwrap().is_none());
 
     // Same request again: the cache answers, same bytes.
     let again = stats::run(&req, Some(&dir.path().join("copy.safetensors")), &cache, false).unwrap();
