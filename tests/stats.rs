@@ -296,3 +296,35 @@ fn smollm2_layer5_keys_match_transformers() {
     }
     assert_eq!(checked, 2);
 }
+
+/// On the real model and corpus: two shards of 512-token chunks merge into the unsharded run.
+#[test]
+fn smollm2_sharded_equals_unsharded() {
+    let dir = fixtures().join("models/SmolLM2-135M-Instruct");
+    let corpus = [fixtures().join("corpus/sotu.txt"), fixtures().join("../../shared/data/text/sotu.txt")].into_iter().find(|p| p.is_file());
+    let (true, Some(corpus)) = (dir.is_dir(), corpus) else {
+        eprintln!("skipped: needs fixtures/get-model.sh and fixtures/get-corpus.sh");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(corpus).unwrap();
+    let part = tmp.path().join("sotu-part.txt");
+    std::fs::write(&part, &text[..text[..300_000].rfind("\n\n").unwrap()]).unwrap();
+    let mut req = Request::new(&dir, &[part]);
+    req.max_tokens = Some(3000);
+    let whole = stats::run(&req, None, tmp.path(), false).unwrap().stats;
+    assert_eq!((whole.meta.layers.clone(), whole.meta.tokens), (vec![4, 5, 6, 7, 8], 3000));
+    let parts: Vec<(PathBuf, Stats)> = (0..2)
+        .map(|i| {
+            let p = stats::prepare(&Request { shard: Shard { index: i, count: 2 }, ..req.clone() }).unwrap();
+            (PathBuf::from(format!("shard{i}")), stats::compute(&p, false).unwrap())
+        })
+        .collect();
+    let merged = Stats::merge(&parts).unwrap();
+    assert_eq!(merged.meta, whole.meta);
+    for (l, s) in &whole.layers {
+        assert_eq!(merged.layers[l].count, 3000);
+        let diff = max_rel_diff(&s.sum, &merged.layers[l].sum);
+        assert!(diff < 1e-12, "layer {l}: {diff:e}");
+    }
+}
