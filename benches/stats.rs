@@ -75,10 +75,10 @@ fn main() {
     // The work: SOTU chunks of 512 tokens, as `factpatch stats` plans them.
     let tok = Tokenizer::open(&dir).unwrap();
     let corpus = stats::Corpus::read(&[corpus]).unwrap_or_else(|e| panic!("{e}\n(run fixtures/get-corpus.sh first)"));
-    let (tok_s, docs) = secs(|| stats::tokenize(&tok, &corpus.documents).unwrap());
-    let all: usize = docs.iter().map(Vec::len).sum();
-    println!("\ntokenized {} documents, {all} tokens in {tok_s:.2} s ({:.0} tokens/s)", docs.len(), all as f64 / tok_s);
-    let plan = stats::plan(&docs, seq_len, 0, Some(budget), stats::Shard::ALL);
+    let ids = |d: &str| Ok(tok.ids(d)?);
+    let (tok_s, chunks) = secs(|| stats::sample(&corpus.documents, ids, seq_len, 0, Some(budget)).unwrap());
+    println!("\nsampled {} chunks of {} documents in {tok_s:.2} s (tokenizing only the documents needed)", chunks.len(), corpus.documents.len());
+    let plan = stats::plan(chunks, stats::Shard::ALL);
     let n = plan.tokens as f64;
 
     let run = |hooks: &Hooks| {

@@ -196,9 +196,36 @@ fn jsonl_documents(path: &Path, text: &str) -> Result<Vec<String>> {
     Ok(docs)
 }
 
-/// Token ids of every document (tokenized in parallel, no special tokens added).
-pub fn tokenize(tokenizer: &Tokenizer, documents: &[String]) -> Result<Vec<Vec<u32>>> {
-    Ok(documents.par_iter().map(|d| tokenizer.ids(d)).collect::<tokenize::Result<_>>()?)
+/// Documents tokenized together, in parallel, while sampling.
+const TOKENIZE_GROUP: usize = 64;
+
+/// The chunks a run reads, whatever its shard: documents in an order shuffled with `seed`
+/// (Fisher–Yates driven by SplitMix64), each tokenized by `ids` and cut into chunks of at most
+/// `seq_len` tokens, until `max_tokens` in all (the last chunk cut short). Only the documents
+/// needed are tokenized, so a small sample of a large corpus is quick.
+pub fn sample<F>(documents: &[String], ids: F, seq_len: usize, seed: u64, max_tokens: Option<u64>) -> Result<Vec<Vec<u32>>>
+where
+    F: Fn(&str) -> Result<Vec<u32>> + Sync,
+{
+    let mut order: Vec<usize> = (0..documents.len()).collect();
+    let mut rng = SplitMix64(seed);
+    for i in (1..order.len()).rev() {
+        order.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+    }
+    let mut left = max_tokens.unwrap_or(u64::MAX);
+    let mut chunks = Vec::new();
+    for group in order.chunks(TOKENIZE_GROUP) {
+        let tokenized = group.par_iter().map(|&d| ids(&documents[d])).collect::<Result<Vec<_>>>()?;
+        for chunk in tokenized.iter().flat_map(|t| t.chunks(seq_len.max(1))) {
+            let take = (chunk.len() as u64).min(left) as usize;
+            if take == 0 {
+                return Ok(chunks);
+            }
+            chunks.push(chunk[..take].to_vec());
+            left -= take as u64;
+        }
+    }
+    Ok(chunks)
 }
 
 /// The batches one shard reads and how many tokens they hold.
@@ -208,42 +235,19 @@ pub struct Plan {
     pub tokens: u64,
 }
 
-/// Splits documents into chunks of at most `seq_len` tokens, shuffles them with `seed`, keeps
-/// the first ones up to `max_tokens` in all (the last kept chunk cut short), sorts the kept
-/// chunks by length (longest first), packs them into batches of at most [`BATCH_TOKENS`]
-/// padded tokens and gives batch `j` to shard `j mod n`. The shards of a run thus partition
-/// exactly the tokens of the unsharded run.
-pub fn plan(documents: &[Vec<u32>], seq_len: usize, seed: u64, max_tokens: Option<u64>, shard: Shard) -> Plan {
-    let mut chunks: Vec<&[u32]> = documents.iter().flat_map(|d| d.chunks(seq_len.max(1))).collect();
-    let mut rng = SplitMix64(seed);
-    for i in (1..chunks.len()).rev() {
-        chunks.swap(i, (rng.next() % (i as u64 + 1)) as usize);
-    }
-    if let Some(cap) = max_tokens {
-        let mut left = cap;
-        chunks = chunks
-            .into_iter()
-            .map_while(|c| {
-                let take = (c.len() as u64).min(left) as usize;
-                left -= take as u64;
-                (take > 0).then(|| &c[..take])
-            })
-            .collect();
-    }
+/// Sorts a run's chunks by length (longest first, stable), packs them into batches of at most
+/// [`BATCH_TOKENS`] padded tokens and keeps batch `j` if `j mod n` is this shard's index. The
+/// shards of a run thus partition exactly its tokens, and each batch is the same in any shard.
+pub fn plan(mut chunks: Vec<Vec<u32>>, shard: Shard) -> Plan {
     chunks.sort_by_key(|c| std::cmp::Reverse(c.len()));
-    let mut batches: Vec<Vec<&[u32]>> = Vec::new();
+    let mut batches: Vec<Vec<Vec<u32>>> = Vec::new();
     for c in chunks {
         match batches.last_mut() {
             Some(b) if (b.len() + 1) * b[0].len() <= BATCH_TOKENS => b.push(c),
             _ => batches.push(vec![c]),
         }
     }
-    let batches: Vec<Vec<Vec<u32>>> = batches
-        .into_iter()
-        .enumerate()
-        .filter(|(j, _)| j % shard.count == shard.index)
-        .map(|(_, b)| b.into_iter().map(<[u32]>::to_vec).collect())
-        .collect();
+    let batches: Vec<_> = batches.into_iter().enumerate().filter(|(j, _)| j % shard.count == shard.index).map(|(_, b)| b).collect();
     let tokens = batches.iter().flatten().map(|c| c.len() as u64).sum();
     Plan { batches, tokens }
 }
@@ -669,14 +673,15 @@ pub fn prepare(req: &Request) -> Result<Prepared> {
 /// Tokenizes, plans and accumulates; with `progress`, shows a bar with tokens/s and ETA.
 pub fn compute(p: &Prepared, progress: bool) -> Result<Stats> {
     let spinner = if progress { ProgressBar::new_spinner() } else { ProgressBar::hidden() };
-    spinner.set_message(format!("stats: tokenizing {} documents", p.corpus.documents.len()));
+    spinner.set_message(format!("stats: sampling {} documents", p.corpus.documents.len()));
     spinner.enable_steady_tick(std::time::Duration::from_millis(200));
-    let docs = tokenize(&p.tokenizer, &p.corpus.documents)?;
+    let ids = |d: &str| Ok(p.tokenizer.ids(d)?);
+    let chunks = sample(&p.corpus.documents, ids, p.meta.seq_len, p.meta.seed, p.meta.max_tokens)?;
     spinner.finish_and_clear();
-    if docs.iter().all(Vec::is_empty) {
-        return Err(Error::EmptyCorpus(format!("{} document(s) but no tokens", docs.len())));
+    if chunks.is_empty() {
+        return Err(Error::EmptyCorpus(format!("{} document(s) but no tokens", p.corpus.documents.len())));
     }
-    let plan = plan(&docs, p.meta.seq_len, p.meta.seed, p.meta.max_tokens, p.shard);
+    let plan = plan(chunks, p.shard);
     let bar = if progress { ProgressBar::new(plan.tokens) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("stats {bar:30} {human_pos}/{human_len} tokens  {per_sec}  ETA {eta}").expect("valid template"),

@@ -97,7 +97,7 @@ fn direct(model: &Model, layer: usize, batches: &[Vec<Vec<u32>>], padded: bool) 
 fn tiny_statistics_equal_direct_computation() {
     let model = Model::load(&fixtures().join("tiny-llama")).unwrap();
     let docs: Vec<Vec<u32>> = (0..12u32).map(|i| (0..(7 + i * 23)).map(|j| (j * 31 + i * 7) % 512).collect()).collect();
-    let plan = stats::plan(&docs, 48, 3, None, Shard::ALL);
+    let plan = stats::plan(docs.iter().flat_map(|d| d.chunks(48).map(<[u32]>::to_vec)).collect(), Shard::ALL);
     assert_eq!(plan.tokens, docs.iter().map(|d| d.len() as u64).sum::<u64>());
     assert!(plan.batches.iter().any(|b| b.iter().any(|s| s.len() < b[0].len())), "some batch must be padded");
     let got = stats::accumulate(&model, &[0, 1], &plan.batches, &ProgressBar::hidden()).unwrap();
@@ -115,23 +115,26 @@ fn tiny_statistics_equal_direct_computation() {
 }
 
 #[test]
-fn plan_partitions_tokens_across_shards_and_caps() {
-    let docs: Vec<Vec<u32>> = (0..40).map(|i| (0..(1 + i * 13) as u32).collect()).collect();
-    let total: u64 = docs.iter().map(|d| d.len() as u64).sum();
+fn sampling_caps_and_shards_partition_tokens() {
+    // Every token is distinct: document i holds i·1000 + j.
+    let docs: Vec<String> = (0..40).map(|i| (0..1 + i * 13).map(|j| (i * 1000 + j).to_string()).collect::<Vec<_>>().join(" ")).collect();
+    let ids = |d: &str| Ok(d.split(' ').map(|x| x.parse().unwrap()).collect());
+    let total: u64 = (0..40).map(|i| 1 + i * 13).sum();
     for cap in [None, Some(1000), Some(total + 5)] {
-        let all = stats::plan(&docs, 64, 9, cap, Shard::ALL);
-        assert_eq!(all.tokens, cap.map_or(total, |c| c.min(total)));
-        let mut chunks: Vec<Vec<u32>> = all.batches.concat();
-        let mut union: Vec<Vec<u32>> = (0..3).flat_map(|i| stats::plan(&docs, 64, 9, cap, Shard { index: i, count: 3 }).batches.concat()).collect();
-        chunks.sort();
-        union.sort();
-        assert_eq!(chunks, union);
-        assert!(all.batches.iter().flatten().all(|c| c.len() <= 64));
+        let chunks = stats::sample(&docs, ids, 64, 9, cap).unwrap();
+        assert!(chunks.iter().all(|c| !c.is_empty() && c.len() <= 64));
+        let mut all: Vec<u32> = chunks.concat();
+        assert_eq!(all.len() as u64, cap.map_or(total, |c| c.min(total)));
+        assert_eq!(stats::plan(chunks.clone(), Shard::ALL).tokens, all.len() as u64);
+        let mut union: Vec<u32> = (0..3).flat_map(|i| stats::plan(chunks.clone(), Shard { index: i, count: 3 }).batches.concat().concat()).collect();
+        all.sort_unstable();
+        union.sort_unstable();
+        assert_eq!(all, union);
     }
-    // Another seed keeps other chunks under a cap.
-    let a = stats::plan(&docs, 64, 1, Some(500), Shard::ALL).batches.concat();
-    let b = stats::plan(&docs, 64, 2, Some(500), Shard::ALL).batches.concat();
-    assert_ne!(a, b);
+    // Another seed samples other documents under a cap; the same seed the same ones.
+    let a = stats::sample(&docs, ids, 64, 1, Some(500)).unwrap();
+    assert_eq!(a, stats::sample(&docs, ids, 64, 1, Some(500)).unwrap());
+    assert_ne!(a, stats::sample(&docs, ids, 64, 2, Some(500)).unwrap());
 }
 
 #[test]
