@@ -161,6 +161,10 @@ impl Corpus {
                 documents.extend(paragraphs(text));
             }
         }
+        if documents.is_empty() {
+            let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+            return Err(Error::EmptyCorpus(format!("{} hold(s) no text", names.join(", "))));
+        }
         Ok(Corpus { documents, hash: hash.finalize() })
     }
 }
@@ -545,6 +549,9 @@ impl Stats {
             }
             let values: Vec<f64> = sum.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
             let count = u64::from_le_bytes(count.data().try_into().expect("8 bytes"));
+            if count != meta.tokens {
+                return Err(bad(format!("layer {l} counts {count} tokens, the metadata {}", meta.tokens)));
+            }
             layers.insert(l, Sums { sum: Array2::from_shape_vec((d, d), values).expect("d × d"), count });
         }
         Ok(Stats { meta, layers })
@@ -587,6 +594,9 @@ impl Stats {
             out.meta.tokens += b.tokens;
             for (l, sums) in &s.layers {
                 let acc = out.layers.get_mut(l).expect("same layers checked");
+                if acc.sum.dim() != sums.sum.dim() {
+                    return Err(mismatch("key sizes", format!("{:?}", acc.sum.dim()), format!("{:?}", sums.sum.dim())));
+                }
                 acc.sum += &sums.sum;
                 acc.count += sums.count;
             }
