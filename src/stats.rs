@@ -23,8 +23,9 @@ pub const FORMAT: &str = "factpatch-stats";
 /// The version of `formats/stats.md` this module reads and writes.
 pub const FORMAT_VERSION: &str = "1";
 /// Padded tokens per forward batch (sequences × longest). Fixed, so that a chunk always meets the
-/// same kernels whichever shard it lands in.
-pub const BATCH_TOKENS: usize = 2048;
+/// same kernels whichever shard it lands in. 1024 keeps SmolLM2's attention scores at seq-len 512
+/// under glibc's 32 MiB mmap threshold (no page faults per op); it measured no slower than 512 or 2048.
+pub const BATCH_TOKENS: usize = 1024;
 
 /// Everything that can go wrong computing, reading or merging statistics.
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +161,10 @@ impl Corpus {
                 documents.extend(paragraphs(text));
             }
         }
+        if documents.is_empty() {
+            let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+            return Err(Error::EmptyCorpus(format!("{} hold(s) no text", names.join(", "))));
+        }
         Ok(Corpus { documents, hash: hash.finalize() })
     }
 }
@@ -195,9 +200,36 @@ fn jsonl_documents(path: &Path, text: &str) -> Result<Vec<String>> {
     Ok(docs)
 }
 
-/// Token ids of every document (tokenized in parallel, no special tokens added).
-pub fn tokenize(tokenizer: &Tokenizer, documents: &[String]) -> Result<Vec<Vec<u32>>> {
-    Ok(documents.par_iter().map(|d| tokenizer.ids(d)).collect::<tokenize::Result<_>>()?)
+/// Documents tokenized together, in parallel, while sampling.
+const TOKENIZE_GROUP: usize = 64;
+
+/// The chunks a run reads, whatever its shard: documents in an order shuffled with `seed`
+/// (Fisher–Yates driven by SplitMix64), each tokenized by `ids` and cut into chunks of at most
+/// `seq_len` tokens, until `max_tokens` in all (the last chunk cut short). Only the documents
+/// needed are tokenized, so a small sample of a large corpus is quick.
+pub fn sample<F>(documents: &[String], ids: F, seq_len: usize, seed: u64, max_tokens: Option<u64>) -> Result<Vec<Vec<u32>>>
+where
+    F: Fn(&str) -> Result<Vec<u32>> + Sync,
+{
+    let mut order: Vec<usize> = (0..documents.len()).collect();
+    let mut rng = SplitMix64(seed);
+    for i in (1..order.len()).rev() {
+        order.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+    }
+    let mut left = max_tokens.unwrap_or(u64::MAX);
+    let mut chunks = Vec::new();
+    for group in order.chunks(TOKENIZE_GROUP) {
+        let tokenized = group.par_iter().map(|&d| ids(&documents[d])).collect::<Result<Vec<_>>>()?;
+        for chunk in tokenized.iter().flat_map(|t| t.chunks(seq_len.max(1))) {
+            let take = (chunk.len() as u64).min(left) as usize;
+            if take == 0 {
+                return Ok(chunks);
+            }
+            chunks.push(chunk[..take].to_vec());
+            left -= take as u64;
+        }
+    }
+    Ok(chunks)
 }
 
 /// The batches one shard reads and how many tokens they hold.
@@ -207,42 +239,19 @@ pub struct Plan {
     pub tokens: u64,
 }
 
-/// Splits documents into chunks of at most `seq_len` tokens, shuffles them with `seed`, keeps
-/// the first ones up to `max_tokens` in all (the last kept chunk cut short), sorts the kept
-/// chunks by length (longest first), packs them into batches of at most [`BATCH_TOKENS`]
-/// padded tokens and gives batch `j` to shard `j mod n`. The shards of a run thus partition
-/// exactly the tokens of the unsharded run.
-pub fn plan(documents: &[Vec<u32>], seq_len: usize, seed: u64, max_tokens: Option<u64>, shard: Shard) -> Plan {
-    let mut chunks: Vec<&[u32]> = documents.iter().flat_map(|d| d.chunks(seq_len.max(1))).collect();
-    let mut rng = SplitMix64(seed);
-    for i in (1..chunks.len()).rev() {
-        chunks.swap(i, (rng.next() % (i as u64 + 1)) as usize);
-    }
-    if let Some(cap) = max_tokens {
-        let mut left = cap;
-        chunks = chunks
-            .into_iter()
-            .map_while(|c| {
-                let take = (c.len() as u64).min(left) as usize;
-                left -= take as u64;
-                (take > 0).then(|| &c[..take])
-            })
-            .collect();
-    }
+/// Sorts a run's chunks by length (longest first, stable), packs them into batches of at most
+/// [`BATCH_TOKENS`] padded tokens and keeps batch `j` if `j mod n` is this shard's index. The
+/// shards of a run thus partition exactly its tokens, and each batch is the same in any shard.
+pub fn plan(mut chunks: Vec<Vec<u32>>, shard: Shard) -> Plan {
     chunks.sort_by_key(|c| std::cmp::Reverse(c.len()));
-    let mut batches: Vec<Vec<&[u32]>> = Vec::new();
+    let mut batches: Vec<Vec<Vec<u32>>> = Vec::new();
     for c in chunks {
         match batches.last_mut() {
             Some(b) if (b.len() + 1) * b[0].len() <= BATCH_TOKENS => b.push(c),
             _ => batches.push(vec![c]),
         }
     }
-    let batches: Vec<Vec<Vec<u32>>> = batches
-        .into_iter()
-        .enumerate()
-        .filter(|(j, _)| j % shard.count == shard.index)
-        .map(|(_, b)| b.into_iter().map(<[u32]>::to_vec).collect())
-        .collect();
+    let batches: Vec<_> = batches.into_iter().enumerate().filter(|(j, _)| j % shard.count == shard.index).map(|(_, b)| b).collect();
     let tokens = batches.iter().flatten().map(|c| c.len() as u64).sum();
     Plan { batches, tokens }
 }
@@ -290,10 +299,10 @@ pub fn accumulate(model: &Model, layers: &[usize], batches: &[Vec<Vec<u32>>], pr
         let t = batch.seq_len();
         let real: usize = seqs.iter().map(Vec::len).sum();
         for (layer, keys) in &trace.keys {
-            let keys = keys.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let keys = keys.to_dtype(candle_core::DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
             rows.clear();
             for (s, seq) in seqs.iter().enumerate() {
-                rows.extend(keys[s * t * d..(s * t + seq.len()) * d].iter().map(|&x| x as f64));
+                rows.extend_from_slice(&keys[s * t * d..(s * t + seq.len()) * d]);
             }
             syrk_upper(&mut upper.get_mut(layer).expect("hooked layer")[..], &rows, d);
         }
@@ -540,6 +549,9 @@ impl Stats {
             }
             let values: Vec<f64> = sum.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
             let count = u64::from_le_bytes(count.data().try_into().expect("8 bytes"));
+            if count != meta.tokens {
+                return Err(bad(format!("layer {l} counts {count} tokens, the metadata {}", meta.tokens)));
+            }
             layers.insert(l, Sums { sum: Array2::from_shape_vec((d, d), values).expect("d × d"), count });
         }
         Ok(Stats { meta, layers })
@@ -582,6 +594,9 @@ impl Stats {
             out.meta.tokens += b.tokens;
             for (l, sums) in &s.layers {
                 let acc = out.layers.get_mut(l).expect("same layers checked");
+                if acc.sum.dim() != sums.sum.dim() {
+                    return Err(mismatch("key sizes", format!("{:?}", acc.sum.dim()), format!("{:?}", sums.sum.dim())));
+                }
                 acc.sum += &sums.sum;
                 acc.count += sums.count;
             }
@@ -667,11 +682,16 @@ pub fn prepare(req: &Request) -> Result<Prepared> {
 
 /// Tokenizes, plans and accumulates; with `progress`, shows a bar with tokens/s and ETA.
 pub fn compute(p: &Prepared, progress: bool) -> Result<Stats> {
-    let docs = tokenize(&p.tokenizer, &p.corpus.documents)?;
-    if docs.iter().all(Vec::is_empty) {
-        return Err(Error::EmptyCorpus(format!("{} document(s) but no tokens", docs.len())));
+    let spinner = if progress { ProgressBar::new_spinner() } else { ProgressBar::hidden() };
+    spinner.set_message(format!("stats: sampling {} documents", p.corpus.documents.len()));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    let ids = |d: &str| Ok(p.tokenizer.ids(d)?);
+    let chunks = sample(&p.corpus.documents, ids, p.meta.seq_len, p.meta.seed, p.meta.max_tokens)?;
+    spinner.finish_and_clear();
+    if chunks.is_empty() {
+        return Err(Error::EmptyCorpus(format!("{} document(s) but no tokens", p.corpus.documents.len())));
     }
-    let plan = plan(&docs, p.meta.seq_len, p.meta.seed, p.meta.max_tokens, p.shard);
+    let plan = plan(chunks, p.shard);
     let bar = if progress { ProgressBar::new(plan.tokens) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("stats {bar:30} {human_pos}/{human_len} tokens  {per_sec}  ETA {eta}").expect("valid template"),
@@ -738,18 +758,60 @@ pub fn find_or_compute(req: &Request, cache: &Path, progress: bool) -> Result<Ou
 /// `factpatch stats`: an unsharded run goes through the cache (and is copied to `out` if
 /// given); a shard needs `out` and bypasses the cache.
 pub fn run(req: &Request, out: Option<&Path>, cache: &Path, progress: bool) -> Result<Outcome> {
-    let mut outcome = if req.shard == Shard::ALL {
-        find_or_compute(req, cache, progress)?
-    } else {
+    if req.shard != Shard::ALL {
         let out = out.ok_or_else(|| Error::Invalid(format!("shard {} needs --out (shards are not cached)", req.shard)))?;
-        let stats = compute(&prepare(req)?, progress)?;
-        return write_out(stats, out, None);
-    };
+        return write_out(compute(&prepare(req)?, progress)?, out, None);
+    }
+    let mut outcome = find_or_compute(req, cache, progress)?;
     if let Some(out) = out {
         outcome.stats.write(out)?;
         outcome.paths.push(out.to_path_buf());
     }
     Ok(outcome)
+}
+
+/// The best complete statistics in `cache` for `model` (its identity, hex) covering `layers`,
+/// whatever corpus they came from: the most tokens, then the smallest file name. Reads headers
+/// only. This lets a compiler use existing statistics without knowing how they were made.
+pub fn find_in_cache(cache: &Path, model: &str, layers: &[usize]) -> Result<Option<(PathBuf, Meta)>> {
+    let entries = match std::fs::read_dir(cache) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::Io { path: cache.to_path_buf(), source: e }),
+    };
+    let mut best: Option<(PathBuf, Meta)> = None;
+    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    paths.sort();
+    for path in paths.into_iter().filter(|p| p.extension().is_some_and(|e| e == "safetensors")) {
+        let Ok(meta) = read_meta(&path) else { continue };
+        let fits = meta.model == model && meta.is_complete() && layers.iter().all(|l| meta.layers.contains(l));
+        if fits && best.as_ref().is_none_or(|(_, b)| meta.tokens > b.tokens) {
+            best = Some((path, meta));
+        }
+    }
+    Ok(best)
+}
+
+/// The metadata of a statistics file, from its header alone.
+pub fn read_meta(path: &Path) -> Result<Meta> {
+    use std::io::Read;
+    let bad = |problem: String| Error::Format { path: path.to_path_buf(), problem };
+    let mut f = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|_| bad("shorter than a header".into()))?;
+    let len = u64::from_le_bytes(len);
+    if len > 1 << 24 {
+        return Err(bad(format!("header of {len} bytes")));
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).map_err(|_| bad("truncated header".into()))?;
+    #[derive(serde::Deserialize)]
+    struct Header {
+        #[serde(rename = "__metadata__")]
+        metadata: std::collections::HashMap<String, String>,
+    }
+    let h: Header = serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+    Meta::from_map(&h.metadata, path)
 }
 
 fn write_out(stats: Stats, out: &Path, cache: Option<&Path>) -> Result<Outcome> {

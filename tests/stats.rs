@@ -96,8 +96,8 @@ fn direct(model: &Model, layer: usize, batches: &[Vec<Vec<u32>>], padded: bool) 
 #[test]
 fn tiny_statistics_equal_direct_computation() {
     let model = Model::load(&fixtures().join("tiny-llama")).unwrap();
-    let docs: Vec<Vec<u32>> = (0..12).map(|i| (0..(7 + i * 23) as u32).map(|j| (j * 31 + i * 7) % 512).collect()).collect();
-    let plan = stats::plan(&docs, 48, 3, None, Shard::ALL);
+    let docs: Vec<Vec<u32>> = (0..12u32).map(|i| (0..(7 + i * 23)).map(|j| (j * 31 + i * 7) % 512).collect()).collect();
+    let plan = stats::plan(docs.iter().flat_map(|d| d.chunks(48).map(<[u32]>::to_vec)).collect(), Shard::ALL);
     assert_eq!(plan.tokens, docs.iter().map(|d| d.len() as u64).sum::<u64>());
     assert!(plan.batches.iter().any(|b| b.iter().any(|s| s.len() < b[0].len())), "some batch must be padded");
     let got = stats::accumulate(&model, &[0, 1], &plan.batches, &ProgressBar::hidden()).unwrap();
@@ -115,23 +115,26 @@ fn tiny_statistics_equal_direct_computation() {
 }
 
 #[test]
-fn plan_partitions_tokens_across_shards_and_caps() {
-    let docs: Vec<Vec<u32>> = (0..40).map(|i| (0..(1 + i * 13) as u32).collect()).collect();
-    let total: u64 = docs.iter().map(|d| d.len() as u64).sum();
+fn sampling_caps_and_shards_partition_tokens() {
+    // Every token is distinct: document i holds i·1000 + j.
+    let docs: Vec<String> = (0..40).map(|i| (0..1 + i * 13).map(|j| (i * 1000 + j).to_string()).collect::<Vec<_>>().join(" ")).collect();
+    let ids = |d: &str| Ok(d.split(' ').map(|x| x.parse().unwrap()).collect());
+    let total: u64 = (0..40).map(|i| 1 + i * 13).sum();
     for cap in [None, Some(1000), Some(total + 5)] {
-        let all = stats::plan(&docs, 64, 9, cap, Shard::ALL);
-        assert_eq!(all.tokens, cap.map_or(total, |c| c.min(total)));
-        let mut chunks: Vec<Vec<u32>> = all.batches.concat();
-        let mut union: Vec<Vec<u32>> = (0..3).flat_map(|i| stats::plan(&docs, 64, 9, cap, Shard { index: i, count: 3 }).batches.concat()).collect();
-        chunks.sort();
-        union.sort();
-        assert_eq!(chunks, union);
-        assert!(all.batches.iter().flatten().all(|c| c.len() <= 64));
+        let chunks = stats::sample(&docs, ids, 64, 9, cap).unwrap();
+        assert!(chunks.iter().all(|c| !c.is_empty() && c.len() <= 64));
+        let mut all: Vec<u32> = chunks.concat();
+        assert_eq!(all.len() as u64, cap.map_or(total, |c| c.min(total)));
+        assert_eq!(stats::plan(chunks.clone(), Shard::ALL).tokens, all.len() as u64);
+        let mut union: Vec<u32> = (0..3).flat_map(|i| stats::plan(chunks.clone(), Shard { index: i, count: 3 }).batches.concat().concat()).collect();
+        all.sort_unstable();
+        union.sort_unstable();
+        assert_eq!(all, union);
     }
-    // Another seed keeps other chunks under a cap.
-    let a = stats::plan(&docs, 64, 1, Some(500), Shard::ALL).batches.concat();
-    let b = stats::plan(&docs, 64, 2, Some(500), Shard::ALL).batches.concat();
-    assert_ne!(a, b);
+    // Another seed samples other documents under a cap; the same seed the same ones.
+    let a = stats::sample(&docs, ids, 64, 1, Some(500)).unwrap();
+    assert_eq!(a, stats::sample(&docs, ids, 64, 1, Some(500)).unwrap());
+    assert_ne!(a, stats::sample(&docs, ids, 64, 2, Some(500)).unwrap());
 }
 
 #[test]
@@ -175,6 +178,12 @@ fn sharded_and_merged_equals_unsharded() {
     assert_eq!((partial.meta.shards.clone(), partial.meta.shard_count), (vec![0, 1], 3));
     let twice = stats::merge_files(&[shards[0].clone(), shards[0].clone()], &dir.path().join("t.safetensors"), None);
     assert!(matches!(twice, Err(Error::Merge { .. })), "{twice:?}");
+
+    // A compiler finds them by model and layers alone.
+    let model_id = &whole.stats.meta.model;
+    assert_eq!(stats::find_in_cache(&cache, model_id, &[1]).unwrap().unwrap().0, whole.paths[0]);
+    assert!(stats::find_in_cache(&cache, model_id, &[1, 2]).unwrap().is_none());
+    assert!(stats::find_in_cache(&cache, &"0".repeat(64), &[1]).unwrap().is_none());
 
     // Same request again: the cache answers, same bytes.
     let again = stats::run(&req, Some(&dir.path().join("copy.safetensors")), &cache, false).unwrap();
@@ -289,4 +298,36 @@ fn smollm2_layer5_keys_match_transformers() {
         checked += 1;
     }
     assert_eq!(checked, 2);
+}
+
+/// On the real model and corpus: two shards of 512-token chunks merge into the unsharded run.
+#[test]
+fn smollm2_sharded_equals_unsharded() {
+    let dir = fixtures().join("models/SmolLM2-135M-Instruct");
+    let corpus = [fixtures().join("corpus/sotu.txt"), fixtures().join("../../shared/data/text/sotu.txt")].into_iter().find(|p| p.is_file());
+    let (true, Some(corpus)) = (dir.is_dir(), corpus) else {
+        eprintln!("skipped: needs fixtures/get-model.sh and fixtures/get-corpus.sh");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(corpus).unwrap();
+    let part = tmp.path().join("sotu-part.txt");
+    std::fs::write(&part, &text[..text[..300_000].rfind("\n\n").unwrap()]).unwrap();
+    let mut req = Request::new(&dir, &[part]);
+    req.max_tokens = Some(3000);
+    let whole = stats::run(&req, None, tmp.path(), false).unwrap().stats;
+    assert_eq!((whole.meta.layers.clone(), whole.meta.tokens), (vec![4, 5, 6, 7, 8], 3000));
+    let parts: Vec<(PathBuf, Stats)> = (0..2)
+        .map(|i| {
+            let p = stats::prepare(&Request { shard: Shard { index: i, count: 2 }, ..req.clone() }).unwrap();
+            (PathBuf::from(format!("shard{i}")), stats::compute(&p, false).unwrap())
+        })
+        .collect();
+    let merged = Stats::merge(&parts).unwrap();
+    assert_eq!(merged.meta, whole.meta);
+    for (l, s) in &whole.layers {
+        assert_eq!(merged.layers[l].count, 3000);
+        let diff = max_rel_diff(&s.sum, &merged.layers[l].sum);
+        assert!(diff < 1e-12, "layer {l}: {diff:e}");
+    }
 }
