@@ -2,9 +2,12 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use factpatch::checkpoint::Checkpoint;
+use factpatch::edit::{self, request, Hparams, Method};
 use factpatch::model::{self, Model, Sampling};
 use factpatch::tokenize::Tokenizer;
-use std::path::PathBuf;
+use factpatch::{apply, audit, patch, stats};
+use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
 #[command(name = "factpatch", version, about = "Compile fact edits into small, verifiable weight patches")]
@@ -51,6 +54,158 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Key statistics E[k kᵀ] for MEMIT/ROME, cached by request (formats/stats.md).
+    ///
+    /// Example: factpatch stats --model fixtures/models/SmolLM2-135M-Instruct --corpus fixtures/corpus/sotu.txt --tokens 100000
+    #[command(args_conflicts_with_subcommands = true)]
+    Stats {
+        #[command(subcommand)]
+        merge: Option<StatsCommand>,
+        #[arg(long, required = true)]
+        model: Option<PathBuf>,
+        /// Plain-text files (documents separated by blank lines) or .jsonl files with a `text` field.
+        #[arg(long, required = true, num_args = 1..)]
+        corpus: Vec<PathBuf>,
+        /// e.g. 4-8 or 3,5,7 (default: the family's MEMIT layers).
+        #[arg(long)]
+        layers: Option<String>,
+        /// Cap on tokens for the whole run, all shards together (default: the whole corpus).
+        #[arg(long)]
+        tokens: Option<u64>,
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        /// i/n: compute shard i of n (needs --out); merge the shards with `stats merge`.
+        #[arg(long, default_value = "0/1")]
+        shard: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Also write the statistics here (required for a shard).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Statistics cache (default: $FACTPATCH_CACHE/stats or ~/.cache/factpatch/stats).
+        #[arg(long)]
+        cache: Option<PathBuf>,
+    },
+    /// Compile fact edits into a patch (ROME or MEMIT, with RECT).
+    ///
+    /// Example: factpatch compile --model fixtures/models/SmolLM2-135M-Instruct --fact '{} is located in the city of|The Eiffel Tower|Rome' --corpus fixtures/corpus/sotu.txt --out eiffel.fpatch
+    Compile {
+        #[command(flatten)]
+        args: CompileArgs,
+        /// Where to write the patch.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Compile and apply in one go: a new model folder with the facts changed, and its patch beside it.
+    ///
+    /// Example: factpatch edit --model fixtures/models/SmolLM2-135M-Instruct --fact '{} is located in the city of|The Eiffel Tower|Rome' --corpus fixtures/corpus/sotu.txt --out /tmp/smollm2-rome
+    Edit {
+        #[command(flatten)]
+        args: CompileArgs,
+        /// The edited model folder (the patch is written to OUT.fpatch).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Apply patches, in order, to a model: a new folder; the base is never modified.
+    ///
+    /// Example: factpatch apply --model fixtures/models/SmolLM2-135M-Instruct --patch eiffel.fpatch --out /tmp/edited
+    Apply {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, required = true, num_args = 1..)]
+        patch: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Merge a stack of patches into one equivalent patch.
+    ///
+    /// Example: factpatch merge a.fpatch b.fpatch --out ab.fpatch
+    Merge {
+        #[arg(required = true, num_args = 1..)]
+        patches: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        /// The base model (needed when RECT entries of different patches share a tensor).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Let a later patch override an earlier edit of the same fact.
+        #[arg(long)]
+        allow_override: bool,
+    },
+    /// A patch that turns checkpoint A into checkpoint B (e.g. to audit a fine-tune).
+    ///
+    /// Example: factpatch diff --from base/ --to finetuned/ --out ft.fpatch
+    Diff {
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        to: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// What a patch changes: facts, tensors, sizes, relative changes.
+    ///
+    /// Example: factpatch audit eiffel.fpatch --model fixtures/models/SmolLM2-135M-Instruct --heatmap eiffel.png
+    Audit {
+        patch: PathBuf,
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Draw |ΔW/W| per touched matrix into this PNG (needs --model).
+        #[arg(long)]
+        heatmap: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum StatsCommand {
+    /// Sum the shards of a run into one file.
+    Merge {
+        #[arg(required = true, num_args = 1..)]
+        inputs: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        /// Store a completed run in this cache too.
+        #[arg(long)]
+        cache: Option<PathBuf>,
+    },
+}
+
+/// What to compile, shared by `compile` and `edit`.
+#[derive(clap::Args)]
+struct CompileArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Request files: CounterFact, EasyEdit, zsRE or factpatch JSONL (formats/requests.md).
+    #[arg(long)]
+    requests: Vec<PathBuf>,
+    /// A fact on the command line: 'PROMPT|SUBJECT|TARGET' (PROMPT with {} for the subject).
+    #[arg(long)]
+    fact: Vec<String>,
+    #[arg(long, value_enum, default_value_t = Method::Memit)]
+    method: Method,
+    /// Edited layers, e.g. 4-8 (default: the family's).
+    #[arg(long)]
+    layers: Option<String>,
+    /// RECT: keep the top-k% of each update by relative change; 100 turns it off.
+    #[arg(long, default_value_t = 40.0)]
+    rect: f64,
+    /// Seed of the context-template sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Key statistics file; else computed (or found in the cache) from --corpus.
+    #[arg(long)]
+    stats: Option<PathBuf>,
+    /// Corpus for key statistics (plain text or JSONL).
+    #[arg(long, num_args = 1..)]
+    corpus: Vec<PathBuf>,
+    /// Tokens of --corpus to use for statistics.
+    #[arg(long, default_value_t = 100_000)]
+    stats_tokens: u64,
+    /// Statistics cache (default: $FACTPATCH_CACHE/stats or ~/.cache/factpatch/stats).
+    #[arg(long)]
+    cache: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -89,6 +244,67 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::InspectModel { dir, json } => inspect(&dir, json),
+        Command::Stats { merge: Some(StatsCommand::Merge { inputs, out, cache }), .. } => {
+            report_stats(&stats::merge_files(&inputs, &out, cache.as_deref())?);
+            Ok(())
+        }
+        Command::Stats { merge: None, model, corpus, layers, tokens, seq_len, shard, seed, out, cache } => {
+            let req = stats::Request {
+                model: model.expect("required"),
+                corpus,
+                layers: layers.as_deref().map(stats::parse_layers).transpose()?,
+                max_tokens: tokens,
+                seq_len,
+                seed,
+                shard: shard.parse()?,
+            };
+            let cache = cache.unwrap_or_else(stats::default_cache_dir);
+            report_stats(&stats::run(&req, out.as_deref(), &cache, true)?);
+            Ok(())
+        }
+        Command::Compile { args, out } => {
+            compile(&args, &out)?;
+            Ok(())
+        }
+        Command::Edit { args, out } => {
+            let patch_path = PathBuf::from(format!("{}.fpatch", out.display()));
+            compile(&args, &patch_path)?;
+            let s = apply::apply(&args.model, &[patch_path], &out)?;
+            println!("edited model {} (identity {})", s.output.display(), s.identity);
+            Ok(())
+        }
+        Command::Apply { model, patch, out } => {
+            let s = apply::apply(&model, &patch, &out)?;
+            println!("applied {} patch(es), {} tensor(s) changed: {} (identity {})", s.patches.len(), s.tensors_patched, s.output.display(), s.identity);
+            Ok(())
+        }
+        Command::Merge { patches, out, model, allow_override } => {
+            let s = apply::merge(&patches, &out, model.as_deref(), allow_override)?;
+            for fact in &s.overridden {
+                println!("overridden: {fact}");
+            }
+            println!("merged {} patches into {} ({}, {} bytes)", patches.len(), s.output.display(), s.id, s.bytes);
+            Ok(())
+        }
+        Command::Diff { from, to, out } => {
+            let s = apply::diff(&from, &to, &out)?;
+            println!("{} tensor(s) differ: {} ({}, {} bytes)", s.tensors_changed, s.output.display(), s.id, s.bytes);
+            Ok(())
+        }
+        Command::Audit { patch, model, heatmap, json } => {
+            let report = audit::report(&patch, model.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
+            }
+            if let Some(png) = heatmap {
+                let model = model.context("--heatmap needs --model (|ΔW/W| is relative to the base)")?;
+                audit::heatmap(&patch, &model, &png)?;
+                eprintln!("heatmap: {}", png.display());
+            }
+            Ok(())
+        }
         Command::Generate { model, prompt, max_new_tokens, top_k, temperature, seed } => {
             let sampling = match top_k {
                 Some(k) => Sampling::TopK { k, temperature, seed },
@@ -137,5 +353,68 @@ fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {
     println!("edit view  out = W·k, W [{}, {}]; stored {:?}", cfg.hidden_size, cfg.intermediate_size, f.mlp_out.orientation);
     println!("editable   {} .. {} (default edit layers {:?})", editable[0], editable[editable.len() - 1], f.default_edit_layers);
     let _ = ckpt.tensor(&editable[0]).with_context(|| format!("{}: editable tensor missing", dir.display()))?;
+    Ok(())
+}
+
+fn report_stats(o: &stats::Outcome) {
+    let m = &o.stats.meta;
+    let layers: Vec<String> = m.layers.iter().map(|l| l.to_string()).collect();
+    let cached = if o.cached { " (from the cache)" } else { "" };
+    println!("statistics {}: {} tokens, layers {}, shards {:?}/{}{cached}", o.id, m.tokens, layers.join(","), m.shards, m.shard_count);
+    for p in &o.paths {
+        println!("  {}", p.display());
+    }
+}
+
+/// Reads the requests, finds or computes the statistics, compiles, writes the patch.
+fn compile(args: &CompileArgs, out: &Path) -> Result<()> {
+    if out.exists() {
+        anyhow::bail!("{}: already exists", out.display());
+    }
+    let mut requests = Vec::new();
+    for file in &args.requests {
+        requests.extend(request::read(file)?);
+    }
+    for fact in &args.fact {
+        requests.push(request::parse_fact(fact)?);
+    }
+    let requests = request::check(requests)?;
+    let tok = Tokenizer::open(&args.model)?;
+    let mut model = Model::load(&args.model)?;
+    let mut hp = Hparams::defaults(args.method, &model);
+    hp.rect_k = args.rect;
+    hp.seed = args.seed;
+    if let Some(layers) = &args.layers {
+        hp.layers = stats::parse_layers(layers)?;
+    }
+    let needs_stats = hp.method == Method::Memit || hp.mom2_adjustment;
+    let (cov, stats_id) = if !needs_stats {
+        (edit::Covariances::new(), None)
+    } else if let Some(path) = &args.stats {
+        let s = stats::Stats::read(path)?;
+        (s.layers.iter().map(|(l, s)| (*l, s.second_moment())).collect(), Some(stats::file_id(path)?))
+    } else if !args.corpus.is_empty() {
+        let mut req = stats::Request::new(&args.model, &args.corpus);
+        req.layers = Some(hp.layers.clone());
+        req.max_tokens = Some(args.stats_tokens);
+        let cache = args.cache.clone().unwrap_or_else(stats::default_cache_dir);
+        let o = stats::find_or_compute(&req, &cache, true)?;
+        (o.stats.layers.iter().map(|(l, s)| (*l, s.second_moment())).collect(), Some(o.id))
+    } else {
+        anyhow::bail!("{:?} needs key statistics: pass --stats FILE or --corpus FILE", hp.method);
+    };
+    let started = std::time::Instant::now();
+    let (updates, reports) = edit::compile(&mut model, &tok, &requests, &hp, &cov)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let base = Checkpoint::open(&args.model)?;
+    let name = args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let prov = edit::Provenance { model_name: name, stats_id, parent: None, reports: &reports };
+    let bytes = edit::patch_bytes(&base, model.config.family, &requests, &updates, &hp, &prov)?;
+    factpatch::atomic::write(out, &bytes, false).with_context(|| format!("{}: cannot write the patch", out.display()))?;
+    let id = patch::Patch::from_bytes(bytes.clone(), out)?.id().to_string();
+    for r in &reports {
+        println!("  {} → {}: {} steps, loss {:.3}", r.subject, r.target_new, r.steps, r.loss);
+    }
+    println!("patch {id}: {} fact(s), {} bytes, {:.1} s ({:.2} s per fact) → {}", requests.len(), bytes.len(), seconds, seconds / requests.len() as f64, out.display());
     Ok(())
 }

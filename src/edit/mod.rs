@@ -6,7 +6,9 @@ pub mod request;
 pub mod solve;
 pub mod target;
 
-use crate::model::{self, Model, Sampling};
+use crate::checkpoint::Checkpoint;
+use crate::model::{self, Family, Model, Orientation, Sampling};
+use crate::patch::{BaseTensor, Delta, Edit as PatchEdit, Factors, Manifest, Method as PatchMethod, ModelInfo};
 use crate::tokenize::Tokenizer;
 use candle_core::{DType, Tensor};
 use ndarray::{Array1, Array2};
@@ -313,34 +315,113 @@ fn stack(cols: &[Array1<f64>]) -> Array2<f64> {
     Array2::from_shape_fn((cols[0].len(), cols.len()), |(i, j)| cols[j][i])
 }
 
-/// Rounds the factors to f32 (as a patch stores them), forms ΔW, masks it with RECT against the
-/// current weight, and writes `W + ΔW` into the model.
+/// Rounds the factors to f32 (as a patch stores them), forms ΔW in the stored layout exactly as
+/// apply will (same product, same RECT mask and tie order), and writes `W + ΔW` into the model.
 fn commit(model: &mut Model, layer: usize, u: &Array2<f64>, v: &Array2<f64>, rect_k: f64) -> Result<LayerUpdate> {
-    let u = u.mapv(|x| x as f32);
-    let v = v.mapv(|x| x as f32);
-    let w_t = model.mlp_out_weight(layer);
-    let (rows, cols) = w_t.dims2()?;
-    let w: Vec<f32> = w_t.flatten_all()?.to_vec1()?;
-    let mut delta = product(&u, &v);
-    crate::rect::mask(&mut delta, &w, rect_k, RECT_EPS);
-    let updated: Vec<f32> = w.iter().zip(&delta).map(|(a, b)| a + b).collect();
-    model.set_mlp_out_weight(layer, Tensor::from_vec(updated, (rows, cols), model.device())?)?;
-    Ok(LayerUpdate { layer, u, v, rect_k })
+    let update = LayerUpdate { layer, u: u.mapv(|x| x as f32), v: v.mapv(|x| x as f32), rect_k };
+    let orientation = model.config.family.mlp_out.orientation;
+    let w = model.mlp_out_weight(layer);
+    let (rows, cols) = w.dims2()?;
+    let stored = match orientation {
+        Orientation::OutIn => w.clone(),
+        Orientation::InOut => w.t()?.contiguous()?,
+    };
+    let shape = stored.dims().to_vec();
+    let w_stored: Vec<f32> = stored.flatten_all()?.to_vec1()?;
+    let mut delta = crate::apply::product(&update.stored_factors(orientation), &shape);
+    crate::rect::mask(&mut delta, &w_stored, rect_k, RECT_EPS);
+    let updated: Vec<f32> = w_stored.iter().zip(&delta).map(|(a, b)| a + b).collect();
+    let updated = Tensor::from_vec(updated, shape.as_slice(), model.device())?;
+    let updated = match orientation {
+        Orientation::OutIn => updated,
+        Orientation::InOut => updated.t()?.contiguous()?,
+    };
+    debug_assert_eq!(updated.dims(), [rows, cols]);
+    model.set_mlp_out_weight(layer, updated)?;
+    Ok(update)
 }
 
 /// RECT's ε in |ΔW|/max(|W|, ε).
 pub const RECT_EPS: f32 = 1e-8;
 
-/// `U·Vᵀ` row-major, summing over the rank in order (the order apply uses).
-fn product(u: &Array2<f32>, v: &Array2<f32>) -> Vec<f32> {
-    let (rows, r) = u.dim();
-    let cols = v.nrows();
-    let mut out = vec![0f32; rows * cols];
-    for (i, row) in out.chunks_exact_mut(cols).enumerate() {
-        for t in 0..r {
-            let a = u[[i, t]];
-            row.iter_mut().zip(v.column(t)).for_each(|(o, b)| *o += a * b);
-        }
+impl LayerUpdate {
+    /// The factors in the stored tensor's layout (`[in, out]` storage swaps them).
+    pub fn stored_factors(&self, orientation: Orientation) -> Factors {
+        let (u, v) = match orientation {
+            Orientation::OutIn => (&self.u, &self.v),
+            Orientation::InOut => (&self.v, &self.u),
+        };
+        Factors { rank: u.ncols(), u: u.iter().copied().collect(), v: v.iter().copied().collect() }
     }
-    out
+}
+
+/// Provenance recorded in a compiled patch (nothing time-dependent: same inputs, same bytes).
+pub struct Provenance<'a> {
+    pub model_name: String,
+    pub stats_id: Option<String>,
+    pub parent: Option<String>,
+    pub reports: &'a [FactReport],
+}
+
+/// The patch bytes for `updates` compiled from `requests` against `base` (the checkpoint they
+/// apply to). One entry per touched tensor: a single update keeps its factors (with RECT's k
+/// when it masks); several updates of one tensor are stored as their exact explicit sum.
+pub fn patch_bytes(base: &Checkpoint, family: &Family, requests: &[Request], updates: &[LayerUpdate], hp: &Hparams, prov: &Provenance) -> std::result::Result<Vec<u8>, crate::patch::Error> {
+    let mut by_layer: BTreeMap<usize, Vec<&LayerUpdate>> = BTreeMap::new();
+    for u in updates {
+        by_layer.entry(u.layer).or_default().push(u);
+    }
+    let mut deltas = Vec::new();
+    for (layer, ups) in by_layer {
+        let name = family.mlp_out.at(layer);
+        let t = base.tensor(&name).map_err(|e| crate::patch::Error::InvalidDelta { name: name.clone(), reason: e.to_string() })?;
+        let factors: Vec<Factors> = ups.iter().map(|u| u.stored_factors(family.mlp_out.orientation)).collect();
+        let delta = match (&ups[..], hp.rect_k < 100.0) {
+            ([_], true) => Delta::LowRankRect { factors: factors[0].clone(), k: hp.rect_k, eps: RECT_EPS },
+            (_, false) => Delta::LowRank(factors),
+            (_, true) => {
+                // Each mask was computed against the weight as the earlier updates left it.
+                let mut w = t.to_f32();
+                let mut sum = vec![0f32; w.len()];
+                for f in &factors {
+                    let mut d = crate::apply::product(f, t.shape);
+                    crate::rect::mask(&mut d, &w, hp.rect_k, RECT_EPS);
+                    for ((s, w), d) in sum.iter_mut().zip(w.iter_mut()).zip(&d) {
+                        *s += d;
+                        *w += d;
+                    }
+                }
+                Delta::explicit(sum)
+            }
+        };
+        deltas.push((BaseTensor::of(&t), delta));
+    }
+    let mut manifest = Manifest::new(
+        ModelInfo { name: prov.model_name.clone(), family: family.name.to_string() },
+        PatchMethod {
+            name: format!("{:?}", hp.method).to_lowercase(),
+            hyperparameters: serde_json::to_value(hp)
+                .ok()
+                .and_then(|v| v.as_object().cloned())
+                .map(|m| m.into_iter().collect())
+                .unwrap_or_default(),
+        },
+    );
+    manifest.parent = prov.parent.clone();
+    manifest.stats_id = prov.stats_id.clone();
+    manifest.rect_k = Some(hp.rect_k);
+    manifest.edits = requests
+        .iter()
+        .map(|r| PatchEdit {
+            subject: r.subject.clone(),
+            relation: r.relation.clone().unwrap_or_else(|| r.prompt.clone()),
+            prompt: r.prompt.clone(),
+            target_old: r.target_true.clone().unwrap_or_default(),
+            target_new: r.target_new.clone(),
+        })
+        .collect();
+    let n = prov.reports.len().max(1) as f64;
+    manifest.metrics.insert("mean_target_loss".into(), prov.reports.iter().map(|r| r.loss).sum::<f64>() / n);
+    manifest.metrics.insert("mean_optimisation_steps".into(), prov.reports.iter().map(|r| r.steps as f64).sum::<f64>() / n);
+    crate::patch::encode(manifest, deltas)
 }
