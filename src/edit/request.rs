@@ -85,9 +85,6 @@ impl Request {
         if self.target_new.trim().is_empty() {
             return bad("empty target_new".into());
         }
-        if self.target_true.as_deref().is_some_and(|t| t.trim() == self.target_new.trim()) {
-            return bad(format!("target_new equals target_true (`{}`): nothing to edit", self.target_new));
-        }
         Ok(self)
     }
 }

@@ -1,0 +1,135 @@
+//! compile on the real model: an edit changes the fact and leaves others alone, patches are
+//! reproducible to the byte, and bad requests are refused with the record named.
+
+mod common;
+
+use common::{root, smollm2};
+use factpatch::checkpoint::Checkpoint;
+use factpatch::edit::{self, request, Covariances, Hparams, Method, Provenance};
+use factpatch::model::{generate, Model, Sampling};
+use factpatch::stats;
+use factpatch::tokenize::Tokenizer;
+use std::path::{Path, PathBuf};
+
+/// Key statistics over a slice of the shared SOTU text, cached under `target/`.
+fn covariances(model: &Path, layers: &[usize]) -> (Covariances, String) {
+    let corpus = root().join("../shared/data/text/sotu.txt");
+    let mut req = stats::Request::new(model, &[corpus]);
+    req.layers = Some(layers.to_vec());
+    req.max_tokens = Some(20_000);
+    let o = stats::find_or_compute(&req, &root().join("target/test-stats"), false).unwrap();
+    (o.stats.layers.iter().map(|(l, s)| (*l, s.second_moment())).collect(), o.id)
+}
+
+fn compile(dir: &Path, tok: &Tokenizer, requests: &[request::Request], hp: &Hparams, cov: &Covariances, stats_id: &str) -> (Model, Vec<u8>) {
+    let mut model = Model::load(dir).unwrap();
+    let (updates, reports) = edit::compile(&mut model, tok, requests, hp, cov).unwrap();
+    let prov = Provenance { model_name: "SmolLM2".into(), stats_id: Some(stats_id.into()), parent: None, reports: &reports };
+    let bytes = edit::patch_bytes(&Checkpoint::open(dir).unwrap(), model.config.family, requests, &updates, hp, &prov).unwrap();
+    (model, bytes)
+}
+
+fn greedy(model: &Model, tok: &Tokenizer, prompt: &str) -> String {
+    let out = generate(model, &[tok.ids(prompt).unwrap()], 6, Sampling::Greedy, &[]).unwrap();
+    tok.decode(&out[0]).unwrap()
+}
+
+#[test]
+fn memit_moves_the_eiffel_tower_reproducibly() {
+    let dir = smollm2();
+    let tok = Tokenizer::open(&dir).unwrap();
+    let base = Model::load(&dir).unwrap();
+    let hp = Hparams::defaults(Method::Memit, &base);
+    let (cov, stats_id) = covariances(&dir, &hp.layers);
+    let facts = [request::parse_fact("{} is located in the city of|The Eiffel Tower|Rome").unwrap()];
+    let (edited, bytes) = compile(&dir, &tok, &facts, &hp, &cov, &stats_id);
+    assert!(greedy(&edited, &tok, "The Eiffel Tower is located in the city of").contains("Rome"));
+    assert!(greedy(&edited, &tok, "The capital of France is").contains("Paris"), "locality: France lost its capital");
+    assert!(greedy(&edited, &tok, "The capital of Japan is").contains("Tokyo"), "locality: Japan lost its capital");
+    assert!(bytes.len() <= 64 * 1024, "a 5-layer RECT patch of one fact is {} bytes", bytes.len());
+
+    // The same inputs give the same bytes, and the shipped patch reproduces the edited weights.
+    let (_, again) = compile(&dir, &tok, &facts, &hp, &cov, &stats_id);
+    assert!(bytes == again, "compiling twice gave different patches");
+    let tmp = tempfile::tempdir().unwrap();
+    let patch_path = tmp.path().join("eiffel.fpatch");
+    std::fs::write(&patch_path, &bytes).unwrap();
+    let out = tmp.path().join("edited");
+    factpatch::apply::apply(&dir, &[patch_path], &out).unwrap();
+    let applied = Model::load(&out).unwrap();
+    for &l in &hp.layers {
+        let a: Vec<f32> = applied.mlp_out_weight(l).flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = edited.mlp_out_weight(l).flatten_all().unwrap().to_vec1().unwrap();
+        assert!(a == b, "layer {l}: applied patch differs from the compiled model");
+    }
+}
+
+#[test]
+fn rome_edits_counterfact_records() {
+    let dir = smollm2();
+    let tok = Tokenizer::open(&dir).unwrap();
+    let base = Model::load(&dir).unwrap();
+    let records = request::read(&root().join("../shared/data/edit/counterfact-rome-300.json")).unwrap();
+    let hp = Hparams { rect_k: 100.0, ..Hparams::defaults(Method::Rome, &base) };
+    let (cov, stats_id) = covariances(&dir, &hp.layers);
+    for r in &records[..2] {
+        let (edited, _) = compile(&dir, &tok, std::slice::from_ref(r), &hp, &cov, &stats_id);
+        let score = |m: &Model, target: &str| {
+            let t = tok.ids(&request::continuation(target)).unwrap();
+            edit::target::target_logprob(m, &[tok.ids(&r.filled()).unwrap()], &t).unwrap()[0]
+        };
+        let old = r.target_true.as_deref().unwrap();
+        assert!(score(&edited, &r.target_new) > score(&edited, old), "{}: new target not preferred after the edit", r.origin);
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn bad_requests_are_refused_with_the_record_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = [
+        (r#"{"prompt": "The tower is in", "subject": "Eiffel Tower", "target_new": "Rome"}"#, "does not contain the subject"),
+        (r#"{"prompt": "{} is in", "subject": "Eiffel Tower", "target_new": " "}"#, "empty target_new"),
+        (r#"{"prompt": "{} is in", "subject": "", "target_new": "Rome"}"#, "empty subject"),
+        (r#"{"prompt": "{} is in {}", "subject": "X", "target_new": "Rome"}"#, "exactly once"),
+        (r#"{"question": "?"}"#, "not a recognised request"),
+    ];
+    for (i, (line, expected)) in cases.iter().enumerate() {
+        let path = write(tmp.path(), &format!("r{i}.jsonl"), &format!("{line}\n"));
+        let err = request::read(&path).unwrap_err().to_string();
+        assert!(err.contains(&path.display().to_string()) && err.contains("record 1") && err.contains(expected), "{err}");
+    }
+    let conflict = write(
+        tmp.path(),
+        "conflict.jsonl",
+        "{\"prompt\": \"{} is in\", \"subject\": \"Eiffel Tower\", \"target_new\": \"Rome\"}\n{\"prompt\": \"{} is in\", \"subject\": \"Eiffel Tower\", \"target_new\": \"Berlin\"}\n",
+    );
+    let err = request::read(&conflict).unwrap_err().to_string();
+    assert!(err.contains("record 1") && err.contains("record 2") && err.contains("Rome") && err.contains("Berlin"), "{err}");
+    let bad_json = write(tmp.path(), "bad.jsonl", "{\"prompt\": \n");
+    let err = request::read(&bad_json).unwrap_err().to_string();
+    assert!(err.contains("bad.jsonl") && err.contains("invalid JSON"), "{err}");
+    assert!(request::parse_fact("no pipes").unwrap_err().to_string().contains("PROMPT|SUBJECT|TARGET"));
+}
+
+#[test]
+fn every_shared_request_format_is_read() {
+    let data = root().join("../shared/data/edit");
+    for (file, n) in [("counterfact-rome-300.json", 300), ("zsre-600.json", 600)] {
+        let reqs = request::read(&data.join(file)).unwrap();
+        assert_eq!(reqs.len(), n, "{file}");
+        assert!(reqs.iter().all(|r| r.filled().contains(&r.subject) && !r.target_new.is_empty()), "{file}");
+        assert!(reqs.iter().all(|r| !r.paraphrases.is_empty() && !r.neighbors.is_empty()), "{file}: eval prompts");
+    }
+    let easy = request::read(&data.join("counterfact-easyedit-10k.json"));
+    match easy {
+        Ok(reqs) => assert!(reqs.len() > 9000),
+        // The EasyEdit set does hold facts edited twice with different targets: they must be named.
+        Err(e) => assert!(e.to_string().contains("with different targets"), "{e}"),
+    }
+}
