@@ -97,7 +97,7 @@ fn patch_for_another_base() {
     let mut specs = tiny_specs();
     specs[2].3[0] += 1.0;
     write_model(&other, &specs, 1);
-    let err = apply::apply(&other, &[f.good.clone()], &f.root.join("out")).unwrap_err();
+    let err = apply::apply(&other, std::slice::from_ref(&f.good), &f.root.join("out")).unwrap_err();
     assert!(matches!(err, Error::BaseMismatch { .. }), "{err}");
     assert!(err.to_string().contains(UP0));
     assert!(!f.root.join("out").exists());
@@ -110,7 +110,7 @@ fn wrong_shapes() {
     let mut specs = tiny_specs();
     specs[2].2 = vec![16, 24];
     write_model(&other, &specs, 1);
-    let err = apply::apply(&other, &[f.good.clone()], &f.root.join("out")).unwrap_err();
+    let err = apply::apply(&other, std::slice::from_ref(&f.good), &f.root.join("out")).unwrap_err();
     assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
     // A delta that does not fit is refused by the writer too.
     let ckpt = Checkpoint::open(&f.base).unwrap();
@@ -160,7 +160,7 @@ fn absurd_sizes() {
             j["entries"][0]["shape"] = serde_json::json!([1u64 << 40, 1u64 << 40]);
             j["entries"][0]["raw_len"] = serde_json::json!(u64::MAX);
         },
-        &[frame.clone()],
+        std::slice::from_ref(&frame),
     );
     let err = refuse(&f, &p);
     assert!(err.to_string().contains("absurdly large"), "{err}");
@@ -195,10 +195,10 @@ fn output_that_exists() {
     let out = f.root.join("out");
     std::fs::create_dir(&out).unwrap();
     std::fs::File::create(out.join("keep")).unwrap().write_all(b"x").unwrap();
-    let err = apply::apply(&f.base, &[f.good.clone()], &out).unwrap_err();
+    let err = apply::apply(&f.base, std::slice::from_ref(&f.good), &out).unwrap_err();
     assert!(matches!(err, Error::OutputExists(_)), "{err}");
     assert_eq!(std::fs::read(out.join("keep")).unwrap(), b"x");
-    let err = apply::merge(&[f.good.clone()], &f.good, None, false).unwrap_err();
+    let err = apply::merge(std::slice::from_ref(&f.good), &f.good, None, false).unwrap_err();
     assert!(matches!(err, Error::OutputExists(_)), "{err}");
     let err = apply::diff(&f.base, &f.base, &f.good).unwrap_err();
     assert!(matches!(err, Error::OutputExists(_)), "{err}");

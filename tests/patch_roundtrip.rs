@@ -67,7 +67,7 @@ fn stack(dir: &std::path::Path, base: &std::path::Path) -> Vec<PathBuf> {
     m2.parent = Some(Patch::read(&p1).unwrap().id().to_string());
     m2.edits.push(edit("Spain", "Madrid"));
     m2.rect_k = Some(10.0);
-    let p2 = write_patch(&dir.join("p2"), &ckpt, &[p1.clone()], m2, vec![(DOWN0, rect_delta(13, 10.0))]);
+    let p2 = write_patch(&dir.join("p2"), &ckpt, std::slice::from_ref(&p1), m2, vec![(DOWN0, rect_delta(13, 10.0))]);
     let mut m3 = manifest("memit");
     m3.edits.push(edit("Italy", "Rome"));
     let dense = values(384, 14, 0.001);
@@ -96,7 +96,7 @@ fn apply_of_merge_equals_applying_the_stack() {
     assert_eq!(m.manifest().includes.len(), 3);
     assert_eq!(m.manifest().edits.len(), 3);
     assert_eq!(m.id(), s.id);
-    apply::apply(&base, &[merged.clone()], &t.path().join("via_merge")).unwrap();
+    apply::apply(&base, std::slice::from_ref(&merged), &t.path().join("via_merge")).unwrap();
     assert_eq!(folder(&t.path().join("stacked")), folder(&t.path().join("via_merge")));
     // Merging is deterministic.
     apply::merge(&patches, &t.path().join("merged2.fp"), Some(&base), false).unwrap();
@@ -119,7 +119,7 @@ fn apply_of_merge_equals_applying_the_stack() {
 fn merging_low_rank_stacks_concatenates_exactly() {
     let (t, base, ckpt) = tiny_model();
     let p1 = write_patch(&t.path().join("a"), &ckpt, &[], manifest("rome"), vec![(DOWN0, Delta::LowRank(vec![factors(16, 24, 3, 21, 0.05)]))]);
-    let p2 = write_patch(&t.path().join("b"), &ckpt, &[p1.clone()], manifest("rome"), vec![(DOWN0, Delta::LowRank(vec![factors(16, 24, 2, 22, 0.05)]))]);
+    let p2 = write_patch(&t.path().join("b"), &ckpt, std::slice::from_ref(&p1), manifest("rome"), vec![(DOWN0, Delta::LowRank(vec![factors(16, 24, 2, 22, 0.05)]))]);
     let p3 = write_patch(&t.path().join("c"), &ckpt, &[p1.clone(), p2.clone()], manifest("rome"), vec![(DOWN0, Delta::LowRank(vec![factors(16, 24, 1, 23, 0.05)]))]);
     let m12 = t.path().join("m12");
     apply::merge(&[p1.clone(), p2.clone()], &m12, None, false).unwrap();
@@ -140,7 +140,7 @@ fn conflicting_facts_are_refused_unless_overridden() {
     let p1 = write_patch(&t.path().join("a"), &ckpt, &[], m1, vec![(UP0, Delta::LowRank(vec![factors(24, 16, 1, 1, 0.01)]))]);
     let mut m2 = manifest("rome");
     m2.edits.push(edit("France", "Lyon"));
-    let p2 = write_patch(&t.path().join("b"), &ckpt, &[p1.clone()], m2, vec![(UP0, Delta::LowRank(vec![factors(24, 16, 1, 2, 0.01)]))]);
+    let p2 = write_patch(&t.path().join("b"), &ckpt, std::slice::from_ref(&p1), m2, vec![(UP0, Delta::LowRank(vec![factors(24, 16, 1, 2, 0.01)]))]);
     let out = t.path().join("m");
     let err = apply::merge(&[p1.clone(), p2.clone()], &out, None, false).unwrap_err().to_string();
     assert!(err.contains("France") && err.contains("Paris") && err.contains("Lyon"), "{err}");
