@@ -91,9 +91,6 @@ pub enum Error {
     /// The output folder already exists and is not empty (or is not a folder).
     #[error("{path}: output directory already exists and is not empty")]
     OutputExists { path: PathBuf },
-    /// The output folder path has no parent or no final name component.
-    #[error("{path}: not a usable output directory path")]
-    BadOutputPath { path: PathBuf },
     /// Writing the output failed.
     #[error("{path}: cannot write: {reason}")]
     Write { path: PathBuf, reason: String },
@@ -104,7 +101,10 @@ pub enum Error {
 /// `out_dir` must not exist or be an empty folder; its parent is created if
 /// needed. On error nothing is left behind in the destination.
 pub fn import(gguf: &Path, out_dir: &Path, dtype: OutDtype) -> Result<ImportSummary, Error> {
-    let staging = Staging::new(out_dir)?;
+    let staging = crate::atomic::AtomicDir::create(out_dir).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => Error::OutputExists { path: out_dir.to_path_buf() },
+        _ => Error::Write { path: out_dir.to_path_buf(), reason: e.to_string() },
+    })?;
 
     let file = fs::File::open(gguf).map_err(|source| Error::Open {
         path: gguf.to_path_buf(),
@@ -145,8 +145,8 @@ pub fn import(gguf: &Path, out_dir: &Path, dtype: OutDtype) -> Result<ImportSumm
     });
 
     let (weights_path, config_path) = (
-        staging.dir.join("model.safetensors"),
-        staging.dir.join("config.json"),
+        staging.path().join("model.safetensors"),
+        staging.path().join("config.json"),
     );
     write_json(&config_path, &config)?;
     weights.write(&weights_path)?;
@@ -158,10 +158,10 @@ pub fn import(gguf: &Path, out_dir: &Path, dtype: OutDtype) -> Result<ImportSumm
             path: weights_path.clone(),
             reason: e.to_string(),
         })?;
-    write_json(&staging.dir.join("generation_config.json"), &generation)?;
-    write_json(&staging.dir.join("tokenizer.json"), &tok.tokenizer)?;
-    write_json(&staging.dir.join("tokenizer_config.json"), &tok.config)?;
-    staging.commit()?;
+    write_json(&staging.path().join("generation_config.json"), &generation)?;
+    write_json(&staging.path().join("tokenizer.json"), &tok.tokenizer)?;
+    write_json(&staging.path().join("tokenizer_config.json"), &tok.config)?;
+    staging.commit().map_err(|e| Error::Write { path: out_dir.to_path_buf(), reason: e.to_string() })?;
 
     Ok(ImportSummary {
         out_dir: out_dir.to_path_buf(),
@@ -289,75 +289,3 @@ fn write_json(path: &Path, value: &Value) -> Result<(), Error> {
     })
 }
 
-/// A staging folder next to the destination, removed on drop unless committed.
-struct Staging {
-    /// The staging folder.
-    dir: PathBuf,
-    /// The final destination.
-    dest: PathBuf,
-    /// Set once renamed into place.
-    committed: bool,
-}
-
-impl Staging {
-    /// Check the destination is absent or an empty folder, and create the staging folder.
-    fn new(dest: &Path) -> Result<Self, Error> {
-        let bad = || Error::BadOutputPath {
-            path: dest.to_path_buf(),
-        };
-        let name = dest.file_name().ok_or_else(bad)?;
-        let parent = match dest.parent() {
-            Some(p) if p.as_os_str().is_empty() => Path::new("."),
-            Some(p) => p,
-            None => return Err(bad()),
-        };
-        if dest.exists() {
-            let empty_dir = fs::read_dir(dest)
-                .map(|mut entries| entries.next().is_none())
-                .unwrap_or(false);
-            if !empty_dir {
-                return Err(Error::OutputExists {
-                    path: dest.to_path_buf(),
-                });
-            }
-        }
-        let write_err = |path: &Path, e: std::io::Error| Error::Write {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        };
-        fs::create_dir_all(parent).map_err(|e| write_err(parent, e))?;
-        let dir = parent.join(format!(
-            ".{}.import-{}.tmp",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        if dir.exists() {
-            fs::remove_dir_all(&dir).map_err(|e| write_err(&dir, e))?;
-        }
-        fs::create_dir(&dir).map_err(|e| write_err(&dir, e))?;
-        Ok(Staging {
-            dir,
-            dest: dest.to_path_buf(),
-            committed: false,
-        })
-    }
-
-    /// Rename the staging folder onto the destination (an empty folder there is replaced).
-    fn commit(mut self) -> Result<(), Error> {
-        fs::rename(&self.dir, &self.dest).map_err(|e| Error::Write {
-            path: self.dest.clone(),
-            reason: e.to_string(),
-        })?;
-        self.committed = true;
-        Ok(())
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if !self.committed {
-            // Best effort: the error being reported matters more than a leftover.
-            let _ = fs::remove_dir_all(&self.dir);
-        }
-    }
-}

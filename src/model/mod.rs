@@ -595,11 +595,6 @@ impl Model {
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         Ok(block.o.forward(&out)?)
     }
-
-    /// Which stored tensors editing touches: the MLP output projection of every layer.
-    pub fn editable_tensors(&self) -> Vec<String> {
-        (0..self.config.num_layers).map(|l| self.config.family.mlp_out.at(l)).collect()
-    }
 }
 
 /// Adds the hooks' vectors for `(layer, site)` to `x [b, t, hidden]`.

@@ -165,11 +165,6 @@ impl Rope {
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
         x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
     }
-
-    /// Positions the table covers.
-    pub fn max_positions(&self) -> usize {
-        self.cos.dim(0).unwrap_or(0)
-    }
 }
 
 /// Activation functions of MLPs.

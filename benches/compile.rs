@@ -1,0 +1,68 @@
+//! Compile speed and edit quality on SmolLM2: seconds per fact for ROME, MEMIT one fact at a
+//! time and MEMIT in one batch, each with RECT off and at 40%, and the CounterFact scores of the
+//! edited model (probability comparison: new target more probable than the true one).
+//!
+//! Run: `cargo bench --bench compile` (after `fixtures/setup.sh`); `FACTPATCH_BENCH_FACTS=N`
+//! sets how many records of `../shared/data/edit/counterfact-rome-300.json` (default 10).
+
+use factpatch::edit::{self, request, target, Covariances, Hparams, Method};
+use factpatch::model::Model;
+use factpatch::stats;
+use factpatch::tokenize::Tokenizer;
+use std::path::Path;
+use std::time::Instant;
+
+/// Share of prompts whose mean log-probability of `new` exceeds that of `old`.
+fn prefers_new(m: &Model, tok: &Tokenizer, prompts: &[String], new: &str, old: &str) -> f64 {
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| tok.ids(p).unwrap()).collect();
+    let lp = |t: &str| target::target_logprob(m, &ids, &tok.ids(&request::continuation(t)).unwrap()).unwrap();
+    let (a, b) = (lp(new), lp(old));
+    a.iter().zip(&b).filter(|(x, y)| x > y).count() as f64 / a.len().max(1) as f64
+}
+
+/// (efficacy, paraphrase, neighbourhood) summed over `reqs` on `m`.
+fn scores(m: &Model, tok: &Tokenizer, reqs: &[request::Request]) -> [f64; 3] {
+    let mut s = [0.0; 3];
+    for r in reqs {
+        let old = r.target_true.as_deref().unwrap_or_default();
+        s[0] += prefers_new(m, tok, &[r.filled()], &r.target_new, old);
+        s[1] += prefers_new(m, tok, &r.paraphrases, &r.target_new, old);
+        let neighbours: Vec<String> = r.neighbors.iter().map(|x| x.prompt.clone()).collect();
+        s[2] += 1.0 - prefers_new(m, tok, &neighbours, &r.target_new, old);
+    }
+    s
+}
+
+fn main() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = root.join("fixtures/models/SmolLM2-135M-Instruct");
+    let n: usize = std::env::var("FACTPATCH_BENCH_FACTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let tok = Tokenizer::open(&dir).unwrap();
+    let base = Model::load(&dir).unwrap_or_else(|e| panic!("{e} (run fixtures/setup.sh first)"));
+    let reqs = request::read(&root.join("../shared/data/edit/counterfact-rome-300.json")).unwrap();
+    let reqs = &reqs[..n];
+    let mut sreq = stats::Request::new(&dir, &[root.join("fixtures/corpus/sotu.txt")]);
+    sreq.max_tokens = Some(100_000);
+    let st = stats::find_or_compute(&sreq, &stats::default_cache_dir(), true).unwrap();
+    let cov: Covariances = st.stats.layers.iter().map(|(l, s)| (*l, s.second_moment())).collect();
+    let pre = scores(&base, &tok, reqs);
+    println!("{n} CounterFact records; unedited: efficacy {:.2}, paraphrase {:.2}, neighbourhood {:.2}", pre[0] / n as f64, pre[1] / n as f64, pre[2] / n as f64);
+    println!("\n| method | RECT k | batch | s/fact | efficacy | paraphrase | neighbourhood |\n|---|---|---|---|---|---|---|");
+    for (method, batch) in [(Method::Rome, 1), (Method::Memit, 1), (Method::Memit, n)] {
+        for rect in [100.0, 40.0] {
+            let hp = Hparams { rect_k: rect, ..Hparams::defaults(method, &base) };
+            let (mut seconds, mut s) = (0.0, [0.0; 3]);
+            for group in reqs.chunks(batch) {
+                let mut m = Model::load(&dir).unwrap();
+                let t = Instant::now();
+                edit::compile(&mut m, &tok, group, &hp, &cov).unwrap();
+                seconds += t.elapsed().as_secs_f64();
+                let g = scores(&m, &tok, group);
+                (0..3).for_each(|i| s[i] += g[i]);
+            }
+            let k = if rect < 100.0 { format!("{rect}") } else { "off".into() };
+            let f = n as f64;
+            println!("| {method:?} | {k} | {batch} | {:.2} | {:.2} | {:.2} | {:.2} |", seconds / f, s[0] / f, s[1] / f, s[2] / f);
+        }
+    }
+}
