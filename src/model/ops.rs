@@ -77,8 +77,12 @@ impl CustomOp2 for FrozenMatmul {
     }
 }
 
-/// Softmax over the last dimension, stable, with a backward pass.
+/// Softmax over the last dimension, stable, with a backward pass. When no gradient can flow
+/// through `x`, candle-nn's fused kernel (which has no backward) computes the same values faster.
 pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    if !x.track_op() {
+        return candle_nn::ops::softmax_last_dim(x);
+    }
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
@@ -112,6 +116,10 @@ impl Norm {
 impl Module for Norm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
+            // The fused kernel has no backward: only where no gradient can flow.
+            Norm::Rms { weight, eps } if !x.track_op() && x.dtype() == DType::F32 => {
+                candle_nn::ops::rms_norm(&x.contiguous()?, weight, *eps as f32)
+            }
             Norm::Rms { weight, eps } => {
                 let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
                 x.broadcast_div(&(ms + *eps)?.sqrt()?)?.broadcast_mul(weight)
