@@ -349,16 +349,6 @@ pub struct KvCache {
     mask: Vec<Vec<bool>>,
 }
 
-impl KvCache {
-    pub fn len(&self) -> usize {
-        self.mask.first().map_or(0, Vec::len)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 impl Model {
     /// Loads a Hugging Face folder onto the default device (CPU, or the first GPU with `cuda`).
     pub fn load(dir: &Path) -> Result<Self> {
