@@ -14,7 +14,10 @@ use candle_core::{DType, Tensor};
 use ndarray::{Array1, Array2};
 use request::Request;
 use std::collections::BTreeMap;
-use target::{Edit, Prompt};
+use target::{Edit, FactPrompts, Prompt};
+
+/// How many facts' target vectors are optimised in one batch.
+const TARGET_BATCH: usize = 16;
 
 /// Everything that can go wrong compiling an edit.
 #[derive(Debug, thiserror::Error)]
@@ -205,7 +208,7 @@ fn target_ids(tok: &Tokenizer, req: &Request) -> Result<Vec<u32>> {
 }
 
 /// The rewriting prompts (every template, with the target) and the essence prompt.
-fn optimisation_prompts(tok: &Tokenizer, req: &Request, templates: &[Vec<String>]) -> Result<(Vec<Prompt>, Prompt)> {
+fn optimisation_prompts(tok: &Tokenizer, req: &Request, templates: &[Vec<String>]) -> Result<FactPrompts> {
     let target = target_ids(tok, req)?;
     let rewriting = templates
         .iter()
@@ -213,7 +216,7 @@ fn optimisation_prompts(tok: &Tokenizer, req: &Request, templates: &[Vec<String>
         .map(|ctx| target::prompt(tok, &ctx.replacen("{}", &req.prompt, 1), &req.subject, Some(&target), req))
         .collect::<Result<Vec<_>>>()?;
     let essence = target::prompt(tok, "{} is a", &req.subject, None, req)?;
-    Ok((rewriting, essence))
+    Ok(FactPrompts { rewriting, essence })
 }
 
 /// Keys of `req` at `layers`, averaged within each template group and then across groups.
@@ -253,8 +256,8 @@ fn rome(
     let flat = vec![templates.iter().flatten().cloned().collect::<Vec<_>>()];
     let k_mean = mean_keys(model, tok, req, &flat, &[layer])?.remove(0);
     let k_prompt = mean_keys(model, tok, req, &[vec!["{}".into()]], &[layer])?.remove(0);
-    let (rewriting, essence) = optimisation_prompts(tok, req, templates)?;
-    let t = target::optimize(model, &rewriting, &essence, Edit::MlpOut(layer), hp)?;
+    let prompts = optimisation_prompts(tok, req, templates)?;
+    let t = target::optimize(model, &[prompts], Edit::MlpOut(layer), hp)?.remove(0);
     let c = if hp.mom2_adjustment { Some(&cov[&layer]) } else { None };
     let (u, v) = solve::rome(&Array1::from(t.delta.clone()), &k_mean, &k_prompt, c)?;
     let update = commit(model, layer, &u, &v, hp.rect_k)?;
@@ -272,12 +275,14 @@ fn memit(
     let last = *hp.layers.iter().max().expect("checked non-empty");
     let mut targets = Vec::new();
     let mut reports = Vec::new();
-    for req in requests {
-        let (rewriting, essence) = optimisation_prompts(tok, req, templates)?;
-        let t = target::optimize(model, &rewriting, &essence, Edit::Residual(last), hp)?;
-        reports.push(FactReport { subject: req.subject.clone(), target_new: req.target_new.clone(), steps: t.steps, loss: t.loss });
-        // z = h + δ at the last edited layer.
-        targets.push(Array1::from(t.init) + Array1::from(t.delta));
+    // Facts are optimised together, a bounded number at a time.
+    for chunk in requests.chunks(TARGET_BATCH) {
+        let prompts = chunk.iter().map(|r| optimisation_prompts(tok, r, templates)).collect::<Result<Vec<_>>>()?;
+        for (req, t) in chunk.iter().zip(target::optimize(model, &prompts, Edit::Residual(last), hp)?) {
+            reports.push(FactReport { subject: req.subject.clone(), target_new: req.target_new.clone(), steps: t.steps, loss: t.loss });
+            // z = h + δ at the last edited layer.
+            targets.push(Array1::from(t.init) + Array1::from(t.delta));
+        }
     }
     let raw: Vec<Prompt> = requests
         .iter()

@@ -76,18 +76,39 @@ pub struct Target {
     pub loss: f64,
 }
 
-/// Optimises a vector δ added at the subject's last token (at `edit`) of every prompt so that
-/// the rewriting prompts predict their targets: mean target NLL + `kl_factor`·KL(now ‖ before)
-/// on the essence prompt + `weight_decay`·‖δ‖/‖init‖², Adam, ‖δ‖ clamped to
-/// `clamp_norm`·‖init‖. Nothing before the subject's last token depends on δ, so each prompt's
-/// prefix runs once into a KV cache, and each step runs only the suffixes through the layers
-/// after the edit point.
-pub fn optimize(model: &Model, rewriting: &[Prompt], essence: &Prompt, edit: Edit, hp: &Hparams) -> Result<Target> {
+/// One fact's prompts for [`optimize`]: the rewriting prompts (with targets) and the essence prompt.
+pub struct FactPrompts {
+    pub rewriting: Vec<Prompt>,
+    pub essence: Prompt,
+}
+
+/// Optimises, for each fact, a vector δ added at the subject's last token (at `edit`) of every
+/// one of its prompts so that the rewriting prompts predict their targets: mean target NLL +
+/// `kl_factor`·KL(now ‖ before) on the essence prompt + `weight_decay`·‖δ‖/‖init‖², Adam, ‖δ‖
+/// clamped to `clamp_norm`·‖init‖, stopping a fact once its loss is below 0.05.
+///
+/// Facts are independent (separate sequences, separate rows of δ, element-wise Adam), so they
+/// run together in one batch; a finished fact's row is frozen. Nothing before the subject's last
+/// token depends on δ: each prompt's prefix runs once into a KV cache, and each step runs only
+/// the suffixes through the layers after the edit point.
+pub fn optimize(model: &Model, facts: &[FactPrompts], edit: Edit, hp: &Hparams) -> Result<Vec<Target>> {
     let layer = match edit {
         Edit::MlpOut(l) | Edit::Residual(l) => l,
     };
-    let mut all: Vec<&Prompt> = rewriting.iter().collect();
-    all.push(essence);
+    let dev = model.device();
+    let nf = facts.len();
+    // Rows: each fact's rewriting prompts, then its essence prompt.
+    let mut all: Vec<&Prompt> = Vec::new();
+    let mut row_fact: Vec<u32> = Vec::new();
+    let mut first_row = Vec::new();
+    let mut essence_rows = Vec::new();
+    for (f, fp) in facts.iter().enumerate() {
+        first_row.push(all.len());
+        all.extend(fp.rewriting.iter());
+        essence_rows.push((all.len(), 0));
+        all.push(&fp.essence);
+        row_fact.extend(std::iter::repeat(f as u32).take(fp.rewriting.len() + 1));
+    }
     let prefixes: Vec<Vec<u32>> = all.iter().map(|p| p.ids[..p.lookup].to_vec()).collect();
     let suffix = Batch::right_padded(&all.iter().map(|p| p.ids[p.lookup..].to_vec()).collect::<Vec<_>>());
     let mut prefix_cache = KvCache::default();
@@ -96,36 +117,47 @@ pub fn optimize(model: &Model, rewriting: &[Prompt], essence: &Prompt, edit: Edi
     }
     // In suffix coordinates the subject's last token is position 0 of every row.
     let at: Vec<_> = (0..all.len()).map(|i| (i, 0)).collect();
-    let ess = (all.len() - 1, 0);
-    let target_rows: Vec<(usize, usize)> =
-        rewriting.iter().enumerate().flat_map(|(i, p)| p.targets.iter().map(move |&(pos, _)| (i, pos - p.lookup))).collect();
-    let target_ids: Vec<u32> = rewriting.iter().flat_map(|p| p.targets.iter().map(|&(_, id)| id)).collect();
-    let target_len: Vec<f64> = rewriting.iter().flat_map(|p| p.targets.iter().map(|_| p.targets.len() as f64)).collect();
-    let dev = model.device();
+    let (mut target_rows, mut target_ids, mut target_weight) = (Vec::new(), Vec::new(), Vec::new());
+    let mut target_fact = vec![0f32; 0];
+    for (f, fp) in facts.iter().enumerate() {
+        for (i, p) in fp.rewriting.iter().enumerate() {
+            for &(pos, id) in &p.targets {
+                target_rows.push((first_row[f] + i, pos - p.lookup));
+                target_ids.push(id);
+                target_weight.push((1.0 / (p.targets.len() * fp.rewriting.len()) as f64) as f32);
+                target_fact.extend((0..nf).map(|g| (g == f) as u8 as f32));
+            }
+        }
+    }
+    let n = target_rows.len();
 
-    // The unedited pass: the resume state after `layer`, the value at the edit point, the KL anchor.
+    // The unedited pass: the resume state after `layer`, the values at the edit point, the KL anchors.
     let hooks = Hooks { residuals: vec![layer], mlp_outputs: vec![layer], ..Hooks::default() };
     let base = model.forward(&suffix, &hooks, Some(&mut prefix_cache.clone()))?;
     let resume = base.residuals[&layer].detach();
-    let init = match edit {
-        Edit::MlpOut(_) => base.mlp_outputs[&layer].i((0, 0))?,
-        Edit::Residual(_) => resume.i((0, 0))?,
+    let source = match edit {
+        Edit::MlpOut(_) => &base.mlp_outputs[&layer],
+        Edit::Residual(_) => &resume,
     };
-    let init: Vec<f64> = init.to_dtype(DType::F64)?.to_vec1()?;
-    let init_norm = init.iter().map(|x| x * x).sum::<f64>().sqrt();
-    let anchor = ops::log_softmax(&model.logits(&rows(&base.hidden, &[ess])?)?)?.detach();
+    let inits: Vec<Vec<f64>> = first_row.iter().map(|&r| Ok(source.i((r, 0))?.to_dtype(DType::F64)?.to_vec1()?)).collect::<Result<_>>()?;
+    let init_norms: Vec<f64> = inits.iter().map(|v| v.iter().map(|x| x * x).sum::<f64>().sqrt()).collect();
+    let anchor = ops::log_softmax(&model.logits(&rows(&base.hidden, &essence_rows)?)?)?.detach();
 
     let d = model.config.hidden_size;
-    let delta = Var::zeros(d, DType::F32, dev)?;
+    let delta = Var::zeros((nf, d), DType::F32, dev)?;
     let mut adam = AdamW::new(vec![delta.clone()], ParamsAdamW { lr: hp.v_lr, weight_decay: 0.0, ..Default::default() })?;
-    let ids = Tensor::from_vec(target_ids, (target_rows.len(), 1), dev)?;
-    let inv_len = Tensor::from_vec(target_len.iter().map(|n| (1.0 / (n * rewriting.len() as f64)) as f32).collect::<Vec<_>>(), target_rows.len(), dev)?;
-    let max_norm = hp.clamp_norm * init_norm;
+    let row_fact = Tensor::from_vec(row_fact, all.len(), dev)?;
+    let ids = Tensor::from_vec(target_ids, (n, 1), dev)?;
+    let weight = Tensor::from_vec(target_weight, n, dev)?;
+    // [facts, target rows]: sums each fact's weighted target log-probabilities.
+    let by_fact = Tensor::from_vec(target_fact, (n, nf), dev)?.t()?.contiguous()?;
+    let decay = Tensor::from_vec(init_norms.iter().map(|v| (hp.v_weight_decay / (v * v)) as f32).collect::<Vec<_>>(), nf, dev)?;
     let mut wanted = target_rows.clone();
-    wanted.push(ess);
-    let (mut steps, mut loss_value) = (0, f64::NAN);
+    wanted.extend(&essence_rows);
+    let mut done: Vec<Option<(usize, f64, Vec<f32>)>> = vec![None; nf];
+    let mut last_loss = vec![f64::NAN; nf];
     for step in 0..hp.v_steps {
-        let x = model::add_at(&resume, &at, delta.as_tensor())?;
+        let x = model::add_at(&resume, &at, &delta.as_tensor().index_select(&row_fact, 0)?)?;
         let hidden = if layer + 1 < model.config.num_layers {
             let hooks = Hooks { resume: Some((layer + 1, x)), ..Hooks::default() };
             model.forward(&suffix, &hooks, Some(&mut prefix_cache.clone()))?.hidden
@@ -133,27 +165,55 @@ pub fn optimize(model: &Model, rewriting: &[Prompt], essence: &Prompt, edit: Edi
             x
         };
         let lp = ops::log_softmax(&model.logits(&rows(&hidden, &wanted)?)?)?;
-        let n = target_rows.len();
-        let nll = (lp.narrow(0, 0, n)?.gather(&ids, 1)?.squeeze(1)? * &inv_len)?.sum_all()?.neg()?;
-        let now = lp.narrow(0, n, 1)?;
-        let kl = (now.exp()? * (&now - &anchor)?)?.sum_all()?;
+        let picked = (lp.narrow(0, 0, n)?.gather(&ids, 1)?.squeeze(1)? * &weight)?;
+        let nll = by_fact.matmul(&picked.unsqueeze(1)?)?.squeeze(1)?.neg()?;
+        let now = lp.narrow(0, n, nf)?;
+        let kl = (now.exp()? * (&now - &anchor)?)?.sum(1)?;
         // ‖δ‖ with a zero-safe gradient (δ starts at 0, where √ has none).
-        let norm = (delta.as_tensor().sqr()?.sum_all()? + 1e-24)?.sqrt()?;
-        let loss = ((nll + (kl * hp.kl_factor)?)? + (norm * (hp.v_weight_decay / (init_norm * init_norm)))?)?;
-        loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        steps = step;
-        if loss_value < 5e-2 {
+        let norm = (delta.as_tensor().sqr()?.sum(1)? + 1e-24)?.sqrt()?;
+        let losses = ((nll + (kl * hp.kl_factor)?)? + (norm * &decay)?)?;
+        let values: Vec<f32> = losses.to_vec1()?;
+        let current: Vec<f32> = delta.as_tensor().flatten_all()?.to_vec1()?;
+        let mut active = vec![0f32; nf];
+        for f in 0..nf {
+            last_loss[f] = values[f] as f64;
+            if done[f].is_none() && (values[f] as f64) < 5e-2 {
+                done[f] = Some((step, values[f] as f64, current[f * d..(f + 1) * d].to_vec()));
+            }
+            active[f] = done[f].is_none() as u8 as f32;
+        }
+        if done.iter().all(Option::is_some) {
             break;
         }
+        let loss = (losses * Tensor::from_vec(active, nf, dev)?)?.sum_all()?;
         adam.backward_step(&loss)?;
-        let norm = delta.as_tensor().sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
-        if norm > max_norm {
-            delta.set(&(delta.as_tensor() * (max_norm / norm))?)?;
+        // Finished facts keep their δ (Adam's momentum would move them); the rest are clamped.
+        let mut next: Vec<f32> = delta.as_tensor().flatten_all()?.to_vec1()?;
+        for f in 0..nf {
+            let row = &mut next[f * d..(f + 1) * d];
+            match &done[f] {
+                Some((_, _, frozen)) => row.copy_from_slice(frozen),
+                None => {
+                    let norm = row.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt();
+                    let max = hp.clamp_norm * init_norms[f];
+                    if norm > max {
+                        row.iter_mut().for_each(|x| *x = (*x as f64 * max / norm) as f32);
+                    }
+                }
+            }
         }
-        steps = step + 1;
+        delta.set(&Tensor::from_vec(next, (nf, d), dev)?)?;
     }
-    let delta: Vec<f64> = delta.as_tensor().to_dtype(DType::F64)?.to_vec1()?;
-    Ok(Target { delta, init, steps, loss: loss_value })
+    let finals: Vec<f32> = delta.as_tensor().flatten_all()?.to_vec1()?;
+    Ok((0..nf)
+        .map(|f| {
+            let (steps, loss, row) = match &done[f] {
+                Some((s, l, r)) => (*s, *l, r.clone()),
+                None => (hp.v_steps, last_loss[f], finals[f * d..(f + 1) * d].to_vec()),
+            };
+            Target { delta: row.iter().map(|&x| x as f64).collect(), init: inits[f].clone(), steps, loss }
+        })
+        .collect())
 }
 
 /// Mean per-token log-probability of `target` after each prompt, on the current model:
