@@ -194,6 +194,9 @@ struct CompileArgs {
     /// Seed of the context-template sampler.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// MEMIT's λ on the key second moment (default: see `Hparams::mom2_weight`).
+    #[arg(long)]
+    mom2_weight: Option<f64>,
     /// Key statistics file; else computed (or found in the cache) from --corpus.
     #[arg(long)]
     stats: Option<PathBuf>,
@@ -384,6 +387,9 @@ fn compile(args: &CompileArgs, out: &Path) -> Result<()> {
     let mut hp = Hparams::defaults(args.method, &model);
     hp.rect_k = args.rect;
     hp.seed = args.seed;
+    if let Some(w) = args.mom2_weight {
+        hp.mom2_weight = w;
+    }
     if let Some(layers) = &args.layers {
         hp.layers = stats::parse_layers(layers)?;
     }

@@ -69,7 +69,9 @@ pub struct Hparams {
     pub v_weight_decay: f64,
     pub clamp_norm: f64,
     pub kl_factor: f64,
-    /// MEMIT's λ on the key second moment.
+    /// MEMIT's λ on the key second moment. The peers' Llama-7B value is 15,000; on SmolLM2-135M
+    /// (10 CounterFact facts, batch) 15,000 gave efficacy 0.70, 5,000 gave 0.90 and 1,500 gave
+    /// 1.00 with neighbourhood 0.94× its pre-edit value, so 1,500 is the default.
     pub mom2_weight: f64,
     /// ROME: use C⁻¹ for the update direction.
     pub mom2_adjustment: bool,
@@ -95,7 +97,7 @@ impl Hparams {
             v_weight_decay: 1e-3,
             clamp_norm: 4.0,
             kl_factor: 0.0625,
-            mom2_weight: 15000.0,
+            mom2_weight: 1500.0,
             mom2_adjustment: true,
             templates: match method {
                 Method::Rome => vec![(10, 5), (10, 10)],
