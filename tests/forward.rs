@@ -71,7 +71,7 @@ fn smollm2_logits_match_transformers() {
     for p in 0.. {
         let Some(input) = refs.get(&format!("p{p}.input_ids")) else { break };
         let input = ids(input);
-        let got = logits(&model, &Batch::right_padded(&[input.clone()]));
+        let got = logits(&model, &Batch::right_padded(std::slice::from_ref(&input)));
         check_summary(&format!("prompt {p}"), &got[0], &refs, &format!("p{p}"), 0, input.len());
         prompts += 1;
     }

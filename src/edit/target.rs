@@ -107,7 +107,7 @@ pub fn optimize(model: &Model, facts: &[FactPrompts], edit: Edit, hp: &Hparams) 
         all.extend(fp.rewriting.iter());
         essence_rows.push((all.len(), 0));
         all.push(&fp.essence);
-        row_fact.extend(std::iter::repeat(f as u32).take(fp.rewriting.len() + 1));
+        row_fact.extend(std::iter::repeat_n(f as u32, fp.rewriting.len() + 1));
     }
     let prefixes: Vec<Vec<u32>> = all.iter().map(|p| p.ids[..p.lookup].to_vec()).collect();
     let suffix = Batch::right_padded(&all.iter().map(|p| p.ids[p.lookup..].to_vec()).collect::<Vec<_>>());

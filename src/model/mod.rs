@@ -322,7 +322,7 @@ impl Batch {
     /// Sequences padded on the left (for generation: every sequence ends at the last column).
     pub fn left_padded(seqs: &[Vec<u32>]) -> Self {
         let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
-        let ids = seqs.iter().map(|s| std::iter::repeat(0).take(t - s.len()).chain(s.iter().copied()).collect()).collect();
+        let ids = seqs.iter().map(|s| std::iter::repeat_n(0, t - s.len()).chain(s.iter().copied()).collect()).collect();
         let mask = seqs.iter().map(|s| (0..t).map(|i| i >= t - s.len()).collect()).collect();
         Batch { ids, mask }
     }
