@@ -221,28 +221,29 @@ fn optimisation_prompts(tok: &Tokenizer, req: &Request, templates: &[Vec<String>
     Ok(FactPrompts { rewriting, essence })
 }
 
-/// Keys of `req` at `layers`, averaged within each template group and then across groups.
-fn mean_keys(model: &Model, tok: &Tokenizer, req: &Request, templates: &[Vec<String>], layers: &[usize]) -> Result<Vec<Array1<f64>>> {
-    let prompts: Vec<Prompt> = templates
+/// Keys of each request at `layer`, in one forward pass over every request × template: the
+/// average within each template group and then across groups, and the key of the raw prompt
+/// (`templates[0][0]` is always `{}`).
+fn request_keys(model: &Model, tok: &Tokenizer, requests: &[Request], templates: &[Vec<String>], layer: usize) -> Result<Vec<(Array1<f64>, Array1<f64>)>> {
+    let prompts: Vec<Prompt> = requests
         .iter()
-        .flatten()
-        .map(|ctx| target::prompt(tok, &ctx.replacen("{}", &req.prompt, 1), &req.subject, None, req))
+        .flat_map(|r| templates.iter().flatten().map(move |ctx| target::prompt(tok, &ctx.replacen("{}", &r.prompt, 1), &r.subject, None, r)))
         .collect::<Result<_>>()?;
-    let keys = target::keys(model, &prompts, layers)?;
-    keys.iter()
+    let keys: Vec<Vec<f64>> = target::keys(model, &prompts, &[layer])?.remove(0).to_dtype(DType::F64)?.to_vec2()?;
+    let per_request = prompts.len() / requests.len();
+    Ok(keys
+        .chunks(per_request)
         .map(|k| {
-            let k: Vec<Vec<f64>> = k.to_dtype(DType::F64)?.to_vec2()?;
             let mut start = 0;
-            let mut acc = Array1::<f64>::zeros(k[0].len());
+            let mut mean = Array1::<f64>::zeros(k[0].len());
             for group in templates {
-                let mean = k[start..start + group.len()].iter().fold(Array1::zeros(acc.len()), |a, r| a + &Array1::from(r.clone()))
-                    / group.len() as f64;
-                acc += &(mean / templates.len() as f64);
+                let sum = k[start..start + group.len()].iter().fold(Array1::zeros(mean.len()), |a, r| a + &Array1::from(r.clone()));
+                mean += &(sum / (group.len() * templates.len()) as f64);
                 start += group.len();
             }
-            Ok(acc)
+            (mean, Array1::from(k[0].clone()))
         })
-        .collect()
+        .collect())
 }
 
 fn rome(
@@ -256,8 +257,7 @@ fn rome(
     let layer = hp.layers[0];
     // ROME weighs every template equally.
     let flat = vec![templates.iter().flatten().cloned().collect::<Vec<_>>()];
-    let k_mean = mean_keys(model, tok, req, &flat, &[layer])?.remove(0);
-    let k_prompt = mean_keys(model, tok, req, &[vec!["{}".into()]], &[layer])?.remove(0);
+    let (k_mean, k_prompt) = request_keys(model, tok, std::slice::from_ref(req), &flat, layer)?.remove(0);
     let prompts = optimisation_prompts(tok, req, templates)?;
     let t = target::optimize(model, &[prompts], Edit::MlpOut(layer), hp)?.remove(0);
     let c = if hp.mom2_adjustment { Some(&cov[&layer]) } else { None };
@@ -294,10 +294,7 @@ fn memit(
     layers.sort_unstable();
     let mut updates = Vec::new();
     for (i, &layer) in layers.iter().enumerate() {
-        let keys: Vec<Array1<f64>> = requests
-            .iter()
-            .map(|r| Ok(mean_keys(model, tok, r, templates, &[layer])?.remove(0)))
-            .collect::<Result<_>>()?;
+        let keys: Vec<Array1<f64>> = request_keys(model, tok, requests, templates, layer)?.into_iter().map(|(mean, _)| mean).collect();
         let k = stack(&keys);
         // What the last edited layer holds now, for each raw prompt.
         let now = current_residuals(model, &raw, last)?;
