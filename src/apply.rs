@@ -116,34 +116,59 @@ impl Stack {
     }
 
     /// The base values `W₀` as f32 and the accumulated delta `D` (see [`Stack::delta_for`]).
-    fn accumulate(&self, base: &TensorRef) -> Result<(Vec<f32>, Vec<f32>)> {
+    /// For one patch on an F32 checkpoint, `W₀` is the map itself and `D` the only buffer.
+    fn accumulate<'a>(&self, base: &TensorRef<'a>) -> Result<(Cow<'a, [f32]>, Vec<f32>)> {
         let list = self.touched.get(base.name).map_or(&[][..], Vec::as_slice);
         let w0 = base.to_f32();
-        let mut d = vec![0f32; w0.len()];
+        let mut d = Vec::new();
         for (k, &(p, e)) in list.iter().enumerate() {
             let patch = &self.patches[p];
             let entry = &patch.manifest().entries[e];
             check_layout(patch, entry, base.dtype, base.shape)?;
-            let current: Cow<[u8]> =
-                if k == 0 { Cow::Borrowed(base.bytes) } else { Cow::Owned(materialize(base, &w0, &d, patch)?) };
-            check_hash(patch, entry, &current)?;
+            let current = (k > 0).then(|| {
+                let mut c = Vec::with_capacity(base.bytes.len());
+                materialize(base, &w0, &d, patch, &mut |chunk| {
+                    c.extend_from_slice(chunk);
+                    Ok(())
+                }).map(|_| c)
+            });
+            let current = current.transpose()?;
+            check_hash(patch, entry, current.as_deref().unwrap_or(base.bytes))?;
             let delta = patch.delta(e)?;
-            let w = match delta {
-                Delta::LowRankRect { .. } if k == 0 => Some(Cow::Borrowed(&w0[..])),
-                Delta::LowRankRect { .. } => Some(Cow::Owned(base.dtype.decode(&current))),
-                _ => None,
-            };
-            add_delta(&mut d, &delta, base.shape, w.as_deref());
+            match &current {
+                None if matches!(delta, Delta::LowRankRect { .. }) => d = rect_contribution(&delta, base.shape, &w0),
+                None => {
+                    d = vec![0.0; w0.len()];
+                    add_delta(&mut d, &delta, base.shape, None);
+                }
+                Some(c) => add_delta(&mut d, &delta, base.shape, Some(&base.dtype.decode(c))),
+            }
+        }
+        if d.is_empty() {
+            d = vec![0.0; w0.len()];
         }
         Ok((w0, d))
     }
 
     /// The bytes of `base` with the whole stack applied (`base`'s own bytes if untouched).
     pub fn patched<'a>(&self, base: &TensorRef<'a>) -> Result<Cow<'a, [u8]>> {
-        let Some(list) = self.touched.get(base.name) else { return Ok(Cow::Borrowed(base.bytes)) };
+        if !self.touched.contains_key(base.name) {
+            return Ok(Cow::Borrowed(base.bytes));
+        }
+        let mut out = Vec::with_capacity(base.bytes.len());
+        self.write_patched(base, &mut |chunk| {
+            out.extend_from_slice(chunk);
+            Ok(())
+        })?;
+        Ok(Cow::Owned(out))
+    }
+
+    /// Streams the bytes of touched tensor `base` with the whole stack applied to `sink`, in
+    /// chunks, so that writing it needs no second copy of the tensor.
+    fn write_patched(&self, base: &TensorRef, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        let last = &self.patches[self.touched[base.name].last().expect("non-empty").0];
         let (w0, d) = self.accumulate(base)?;
-        let last = &self.patches[list.last().expect("non-empty").0];
-        Ok(Cow::Owned(materialize(base, &w0, &d, last)?))
+        materialize(base, &w0, &d, last, sink)
     }
 
     /// Verifies every patch against `ckpt` without writing anything: dtypes, shapes, base
@@ -212,18 +237,23 @@ fn add_delta(d: &mut [f32], delta: &Delta, shape: &[usize], w: Option<&[f32]>) {
         }
         Delta::LowRank(groups) => {
             for g in groups {
-                for (dr, gr) in d.chunks_exact_mut(shape[1]).zip(product(g, shape).chunks_exact(shape[1])) {
-                    dr.iter_mut().zip(gr).for_each(|(d, g)| *d += g);
-                }
+                d.iter_mut().zip(product(g, shape)).for_each(|(d, g)| *d += g);
             }
         }
-        Delta::LowRankRect { factors, k, eps } => {
-            let w = w.expect("callers without a base reject RECT first");
-            let mut full = product(factors, shape);
-            rect::mask(&mut full, w, *k, *eps);
-            d.iter_mut().zip(&full).for_each(|(d, v)| *d += v);
+        Delta::LowRankRect { .. } => {
+            let masked = rect_contribution(delta, shape, w.expect("callers without a base reject RECT first"));
+            d.iter_mut().zip(&masked).for_each(|(d, v)| *d += v);
         }
     }
+}
+
+/// The masked `U·Vᵀ` of a low-rank + RECT entry against `w`. It has no −0, so adding it to a
+/// fresh `D = +0` gives it back unchanged.
+fn rect_contribution(delta: &Delta, shape: &[usize], w: &[f32]) -> Vec<f32> {
+    let Delta::LowRankRect { factors, k, eps } = delta else { unreachable!("only called for RECT entries") };
+    let mut full = product(factors, shape);
+    rect::mask(&mut full, w, *k, *eps);
+    full
 }
 
 /// A delta that needs no base (anything but RECT) as a full f32 array, summed from +0.
@@ -255,20 +285,25 @@ pub fn product(f: &Factors, shape: &[usize]) -> Vec<f32> {
     out
 }
 
-/// The tensor's bytes with delta `d` added: untouched where `d` is ±0, else `round(W₀ + D)`.
-fn materialize(base: &TensorRef, w0: &[f32], d: &[f32], patch: &Patch) -> Result<Vec<u8>> {
+/// The tensor's bytes with delta `d` added, streamed to `sink` in chunks: untouched where `d`
+/// is ±0, else `round(W₀ + D)`.
+fn materialize(base: &TensorRef, w0: &[f32], d: &[f32], patch: &Patch, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+    const CHUNK: usize = 1 << 14;
     let s = base.dtype.size();
-    let mut out = base.bytes.to_vec();
-    for (i, (&w, &d)) in w0.iter().zip(d).enumerate() {
-        if d != 0.0 {
-            let v = base.dtype.round(w + d);
-            if !v.is_finite() {
-                return Err(Error::NonFinite { patch: patch.path().to_path_buf(), name: base.name.to_string(), index: i });
+    for (c, (w0, d)) in w0.chunks(CHUNK).zip(d.chunks(CHUNK)).enumerate() {
+        let mut out = base.bytes[c * CHUNK * s..(c * CHUNK + w0.len()) * s].to_vec();
+        for (i, (&w, &d)) in w0.iter().zip(d).enumerate() {
+            if d != 0.0 {
+                let v = base.dtype.round(w + d);
+                if !v.is_finite() {
+                    return Err(Error::NonFinite { patch: patch.path().to_path_buf(), name: base.name.to_string(), index: c * CHUNK + i });
+                }
+                base.dtype.put(v, &mut out[i * s..(i + 1) * s]);
             }
-            base.dtype.put(v, &mut out[i * s..(i + 1) * s]);
         }
+        sink(&out)?;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// What [`apply`] did.
@@ -284,6 +319,8 @@ pub struct ApplySummary {
 
 /// Applies `patches` in order to the model at `model`, writing a new model folder at `out`.
 /// Everything is verified before anything is written; the output appears only when complete.
+/// The untouched tensors are copied by the kernel while another thread hashes them from the
+/// base, so the output's identity costs no second pass over it.
 pub fn apply(model: &Path, patches: &[PathBuf], out: &Path) -> Result<ApplySummary> {
     if out.exists() {
         return Err(Error::OutputExists(out.to_path_buf()));
@@ -292,22 +329,25 @@ pub fn apply(model: &Path, patches: &[PathBuf], out: &Path) -> Result<ApplySumma
     let stack = Stack::load(patches)?;
     stack.verify(&ckpt)?;
     let dir = AtomicDir::create(out).map_err(io_err(out))?;
-    let mut bytes_written = 0;
-    for file in ckpt.files() {
-        let name = file.file_name().expect("weight files have names");
-        bytes_written += write_weights(&ckpt, &stack, file, &dir.path().join(name))?;
-    }
-    let weights: BTreeSet<_> = ckpt.files().filter_map(Path::file_name).collect();
-    copy_others(model, dir.path(), &weights)?;
-    // Hash the output while the directory is synced and renamed into place.
-    let written = Checkpoint::open(dir.path())?;
-    let (identity, committed) = std::thread::scope(|s| {
-        let hashing = s.spawn(|| written.identity_streamed());
-        let committed = dir.commit();
-        (hashing.join().expect("hashing thread does not panic"), committed)
+    let untouched: Vec<&str> = ckpt.names().filter(|n| !stack.touched.contains_key(*n)).collect();
+    let (copied, written) = std::thread::scope(|s| {
+        let hashing = s.spawn(|| ckpt.tensor_hashes(&untouched));
+        let written = (|| {
+            let (mut bytes, mut hashes) = (0, BTreeMap::new());
+            for file in ckpt.files() {
+                let name = file.file_name().expect("weight files have names");
+                bytes += write_weights(&ckpt, &stack, file, &dir.path().join(name), &mut hashes)?;
+            }
+            let weights: BTreeSet<_> = ckpt.files().filter_map(Path::file_name).collect();
+            copy_others(model, dir.path(), &weights)?;
+            Ok::<_, Error>((bytes, hashes))
+        })();
+        (hashing.join().expect("hashing thread does not panic"), written)
     });
-    committed.map_err(io_err(out))?;
-    let identity = identity?.to_hex().to_string();
+    let (bytes_written, mut hashes) = written?;
+    hashes.extend(copied?);
+    let identity = ckpt.identity_of(&hashes).to_hex().to_string();
+    dir.commit().map_err(io_err(out))?;
     Ok(ApplySummary {
         output: out.to_path_buf(),
         identity,
@@ -318,8 +358,9 @@ pub fn apply(model: &Path, patches: &[PathBuf], out: &Path) -> Result<ApplySumma
 }
 
 /// Rewrites one weight file inside the output's temporary folder: header and untouched ranges
-/// copied by the kernel, patched tensors written from memory one at a time. Returns its length.
-fn write_weights(ckpt: &Checkpoint, stack: &Stack, src: &Path, dest: &Path) -> Result<u64> {
+/// copied by the kernel, patched tensors streamed from memory one at a time, their byte hashes
+/// recorded in `hashes`. Writeback starts as each range is done. Returns the file's length.
+fn write_weights(ckpt: &Checkpoint, stack: &Stack, src: &Path, dest: &Path, hashes: &mut BTreeMap<String, blake3::Hash>) -> Result<u64> {
     let mut input = File::open(src).map_err(io_err(src))?;
     let len = input.metadata().map_err(io_err(src))?.len();
     let mut out = File::create_new(dest).map_err(io_err(dest))?;
@@ -327,7 +368,12 @@ fn write_weights(ckpt: &Checkpoint, stack: &Stack, src: &Path, dest: &Path) -> R
     for name in ckpt.names_in(src).into_iter().filter(|n| stack.touched.contains_key(*n)) {
         let t = ckpt.tensor(name)?;
         copy_range(&mut input, src, &mut out, dest, pos, t.offset as u64)?;
-        out.write_all(&stack.patched(&t)?).map_err(io_err(dest))?;
+        let mut h = blake3::Hasher::new();
+        stack.write_patched(&t, &mut |chunk| {
+            h.update(chunk);
+            out.write_all(chunk).map_err(io_err(dest))
+        })?;
+        hashes.insert(name.to_string(), h.finalize());
         ckpt.evict(&t);
         pos = (t.offset + t.bytes.len()) as u64;
     }

@@ -128,7 +128,7 @@ fn measure(ckpt: &Checkpoint, stack: &Stack, name: &str) -> Result<Measured> {
     let out = stack.patched(&base)?;
     let s = base.dtype.size();
     let changed = base.bytes.chunks_exact(s).zip(out.chunks_exact(s)).filter(|(a, b)| a != b).count() as u64;
-    Ok(Measured { w: base.to_f32(), delta, changed, shape: base.shape.to_vec() })
+    Ok(Measured { w: base.to_f32().into_owned(), delta, changed, shape: base.shape.to_vec() })
 }
 
 fn relative(d: f32, w: f32) -> f32 {

@@ -4,6 +4,8 @@
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype as StDtype, Metadata};
 use safetensors::SafeTensors;
+use rayon::prelude::*;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -145,10 +147,13 @@ pub struct TensorRef<'a> {
     pub offset: usize,
 }
 
-impl TensorRef<'_> {
-    /// The values as f32.
-    pub fn to_f32(&self) -> Vec<f32> {
-        self.dtype.decode(self.bytes)
+impl<'a> TensorRef<'a> {
+    /// The values as f32: borrowed straight from the map for aligned F32 tensors, else decoded.
+    pub fn to_f32(&self) -> Cow<'a, [f32]> {
+        match (self.dtype, cfg!(target_endian = "little")) {
+            (Dtype::F32, true) => bytemuck::try_cast_slice(self.bytes).map_or_else(|_| Cow::Owned(self.dtype.decode(self.bytes)), Cow::Borrowed),
+            _ => Cow::Owned(self.dtype.decode(self.bytes)),
+        }
     }
 
     /// Number of elements.
@@ -297,45 +302,49 @@ impl Checkpoint {
         }
     }
 
-    /// blake3 over every tensor's name, dtype, shape and bytes in name order: the model's identity.
-    pub fn identity(&self) -> blake3::Hash {
+    /// The model's identity: blake3 over every tensor's name, dtype, shape and the blake3 of its
+    /// bytes ([`Checkpoint::tensor_hashes`]), in name order.
+    pub fn identity(&self) -> Result<blake3::Hash> {
+        let names: Vec<&str> = self.names().collect();
+        Ok(self.identity_of(&self.tensor_hashes(&names)?))
+    }
+
+    /// [`Checkpoint::identity`] from the tensors' byte hashes, one for every tensor (a model
+    /// with these tensors' names, dtypes and shapes and those bytes).
+    pub fn identity_of(&self, hashes: &BTreeMap<String, blake3::Hash>) -> blake3::Hash {
         let mut h = blake3::Hasher::new();
         for name in self.index.keys() {
             let t = self.tensor(name).expect("validated on open");
-            hash_meta(&mut h, &t);
-            h.update(t.bytes);
+            h.update(t.name.as_bytes());
+            h.update(format!("{:?}{:?}", t.dtype, t.shape).as_bytes());
+            h.update(hashes[name].as_bytes());
         }
         h.finalize()
     }
 
-    /// [`Checkpoint::identity`], reading the files in small chunks instead of through the
-    /// memory map, so that hashing a large model does not grow the process's resident memory.
-    pub fn identity_streamed(&self) -> Result<blake3::Hash> {
+    /// blake3 of each named tensor's bytes (what patches record as their base), computed in
+    /// parallel from small reads rather than through the map, so resident memory stays flat.
+    pub fn tensor_hashes(&self, names: &[&str]) -> Result<BTreeMap<String, blake3::Hash>> {
         use std::os::unix::fs::FileExt;
-        let mut h = blake3::Hasher::new();
-        let mut buf = vec![0u8; 4 << 20];
-        for (name, &i) in &self.index {
-            let t = self.tensor(name)?;
-            hash_meta(&mut h, &t);
-            let io = |source| Error::Io { path: t.path.to_path_buf(), source };
-            let file = &self.shards[i].file;
-            let mut pos = t.offset as u64;
-            let mut left = t.bytes.len();
-            while left > 0 {
-                let n = left.min(buf.len());
-                file.read_exact_at(&mut buf[..n], pos).map_err(io)?;
-                h.update_rayon(&buf[..n]);
-                pos += n as u64;
-                left -= n;
-            }
-        }
-        Ok(h.finalize())
+        names
+            .par_iter()
+            .map(|&name| {
+                let t = self.tensor(name)?;
+                let file = &self.shards[self.index[name]].file;
+                let mut h = blake3::Hasher::new();
+                let mut buf = vec![0u8; 1 << 18];
+                let (mut pos, mut left) = (t.offset as u64, t.bytes.len());
+                while left > 0 {
+                    let n = left.min(buf.len());
+                    file.read_exact_at(&mut buf[..n], pos).map_err(|source| Error::Io { path: t.path.to_path_buf(), source })?;
+                    h.update_rayon(&buf[..n]);
+                    pos += n as u64;
+                    left -= n;
+                }
+                Ok((name.to_string(), h.finalize()))
+            })
+            .collect()
     }
-}
-
-fn hash_meta(h: &mut blake3::Hasher, t: &TensorRef) {
-    h.update(t.name.as_bytes());
-    h.update(format!("{:?}{:?}", t.dtype, t.shape).as_bytes());
 }
 
 /// The weight files of a folder: the single file, or the shards named by the index (sorted, unique).

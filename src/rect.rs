@@ -19,7 +19,9 @@ pub fn score(delta: f32, w: f32, eps: f32) -> f32 {
 }
 
 /// Zeroes every element of `delta` outside the top-`k`% by [`score`] against `w`.
-/// `delta` and `w` have the same length; `k` is a percentage. Extra memory: one f32 per element.
+/// `delta` and `w` have the same length; `k` is a percentage. The threshold is found by two
+/// histogram passes over the scores' bits (for non-negative floats, bit order is value order),
+/// so the extra memory is one fixed 64K-bin histogram, not a copy of the scores.
 pub fn mask(delta: &mut [f32], w: &[f32], k: f64, eps: f32) {
     debug_assert_eq!(delta.len(), w.len());
     let n = delta.len();
@@ -31,19 +33,39 @@ pub fn mask(delta: &mut [f32], w: &[f32], k: f64, eps: f32) {
         delta.fill(0.0);
         return;
     }
-    let mut scores: Vec<f32> = delta.iter().zip(w).map(|(&d, &w)| score(d, w, eps)).collect();
-    let threshold = *scores.select_nth_unstable_by(keep - 1, |a, b| b.total_cmp(a)).1;
-    let above = scores.iter().filter(|s| s.total_cmp(&threshold) == Ordering::Greater).count();
-    drop(scores);
+    let key = |d: f32, w: f32| score(d, w, eps).to_bits();
+    let mut hist = vec![0usize; 1 << 16];
+    delta.iter().zip(w).for_each(|(&d, &w)| hist[(key(d, w) >> 16) as usize] += 1);
+    let (high, rank) = descend(&hist, keep);
+    hist.fill(0);
+    for (&d, &w) in delta.iter().zip(w) {
+        let b = key(d, w);
+        if b >> 16 == high {
+            hist[(b & 0xffff) as usize] += 1;
+        }
+    }
+    let (low, mut ties) = descend(&hist, rank);
+    let threshold = high << 16 | low;
     // Everything above the threshold stays; of the ties at it, the lowest indices fill the quota.
-    let mut ties = keep - above;
     for (d, &w) in delta.iter_mut().zip(w) {
-        match score(*d, w, eps).total_cmp(&threshold) {
+        match key(*d, w).cmp(&threshold) {
             Ordering::Greater => {}
             Ordering::Equal if ties > 0 => ties -= 1,
             _ => *d = 0.0,
         }
     }
+}
+
+/// The bin holding the `rank`-th largest element (1-based) of a histogram, and that element's
+/// rank within the bin.
+fn descend(hist: &[usize], mut rank: usize) -> (u32, usize) {
+    for (bin, &count) in hist.iter().enumerate().rev() {
+        if rank <= count {
+            return (bin as u32, rank);
+        }
+        rank -= count;
+    }
+    unreachable!("rank is at most the histogram's total")
 }
 
 #[cfg(test)]
@@ -64,6 +86,18 @@ mod tests {
         assert_eq!(keep_count(0.0, 7), 0);
     }
 
+    /// The mask by definition: a full sort by score, ties by index.
+    fn by_sorting(delta: &[f32], w: &[f32], k: f64, eps: f32) -> Vec<f32> {
+        let n = delta.len();
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| score(delta[b], w[b], eps).total_cmp(&score(delta[a], w[a], eps)).then(a.cmp(&b)));
+        let mut want = vec![0.0; n];
+        for &i in &order[..keep_count(k, n)] {
+            want[i] = delta[i];
+        }
+        want
+    }
+
     #[test]
     fn matches_a_full_sort_with_many_ties() {
         let n = 1000;
@@ -72,14 +106,27 @@ mod tests {
         for k in [0.1, 3.0, 33.3, 50.0, 99.9] {
             let mut got = delta.clone();
             mask(&mut got, &w, k, 1e-3);
-            let mut order: Vec<usize> = (0..n).collect();
-            order.sort_by(|&a, &b| score(delta[b], w[b], 1e-3).total_cmp(&score(delta[a], w[a], 1e-3)).then(a.cmp(&b)));
-            let mut want = vec![0.0; n];
-            for &i in &order[..keep_count(k, n)] {
-                want[i] = delta[i];
-            }
-            assert_eq!(got, want, "k = {k}");
+            assert_eq!(got, by_sorting(&delta, &w, k, 1e-3), "k = {k}");
         }
-        assert_eq!(keep_count(0.0, 7), 0);
+    }
+
+    #[test]
+    fn matches_a_full_sort_on_continuous_values() {
+        // Scores spread over many high-bit bins and sharing some, with exact zeros (eps ties).
+        let n = 50_000;
+        let mut x = 0x9e3779b97f4a7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let w: Vec<f32> = (0..n).map(|i| if i % 97 == 0 { 0.0 } else { next() }).collect();
+        let delta: Vec<f32> = (0..n).map(|i| if i % 89 == 0 { 0.0 } else { next() * 1e-3 }).collect();
+        for k in [0.01, 1.0, 40.0, 99.0] {
+            let mut got = delta.clone();
+            mask(&mut got, &w, k, 1e-6);
+            assert_eq!(got, by_sorting(&delta, &w, k, 1e-6), "k = {k}");
+        }
     }
 }

@@ -385,7 +385,7 @@ pub fn patch_bytes(base: &Checkpoint, family: &Family, requests: &[Request], upd
             (_, false) => Delta::LowRank(factors),
             (_, true) => {
                 // Each mask was computed against the weight as the earlier updates left it.
-                let mut w = t.to_f32();
+                let mut w = t.to_f32().into_owned();
                 let mut sum = vec![0f32; w.len()];
                 for f in &factors {
                     let mut d = crate::apply::product(f, t.shape);

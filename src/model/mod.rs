@@ -629,7 +629,7 @@ pub fn default_device() -> Result<Device> {
 /// Loads a stored tensor as f32, checking its shape.
 pub(crate) fn load(ckpt: &Checkpoint, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
     let t = ckpt.tensor_with_shape(name, shape)?;
-    Ok(Tensor::from_vec(t.to_f32(), shape, device)?)
+    Ok(Tensor::from_vec(t.to_f32().into_owned(), shape, device)?)
 }
 
 /// Loads a projection in the `[out, in]` view given its stored orientation.
