@@ -299,10 +299,10 @@ pub fn accumulate(model: &Model, layers: &[usize], batches: &[Vec<Vec<u32>>], pr
         let t = batch.seq_len();
         let real: usize = seqs.iter().map(Vec::len).sum();
         for (layer, keys) in &trace.keys {
-            let keys = keys.to_dtype(candle_core::DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+            let keys = keys.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             rows.clear();
             for (s, seq) in seqs.iter().enumerate() {
-                rows.extend_from_slice(&keys[s * t * d..(s * t + seq.len()) * d]);
+                rows.extend(keys[s * t * d..(s * t + seq.len()) * d].iter().map(|&k| k as f64));
             }
             syrk_upper(&mut upper.get_mut(layer).expect("hooked layer")[..], &rows, d);
         }

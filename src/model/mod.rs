@@ -7,6 +7,7 @@
 //! loaders turn every family into the same [`Block`] structure, so nothing downstream branches
 //! on the family.
 
+mod attention;
 mod generate;
 mod gpt2;
 mod llama;
@@ -473,7 +474,7 @@ impl Model {
             x = (x + attn)?;
             let h = block.mlp_norm.forward(&x)?;
             let key = match &block.mlp_in {
-                MlpIn::Gated { gate, up } => (block.act.apply(&gate.forward(&h)?)? * up.forward(&h)?)?,
+                MlpIn::Gated { gate, up } => block.act.gated(&gate.forward(&h)?, &up.forward(&h)?)?,
                 MlpIn::Plain(fc) => block.act.apply(&fc.forward(&h)?)?,
             };
             let mut mlp = block.down.forward(&key)?;
@@ -570,6 +571,9 @@ impl Model {
                 v = Tensor::cat(&[pv, &v], 2)?;
             }
             *slot = Some((k.clone(), v.clone()));
+        }
+        if ![&q, &k, &v].iter().any(|y| y.track_op()) && attention::supports(&q) {
+            return Ok(block.o.forward(&attention::attend(&q, &k, &v, bias)?)?);
         }
         let rep = nh / nkv;
         let repeat = |y: Tensor| -> candle_core::Result<Tensor> {

@@ -191,4 +191,45 @@ impl Activation {
             Activation::GeluTanh => x.gelu(),
         }
     }
+
+    /// `act(gate) · up`: one fused, parallel pass when no gradient can flow (f32 on the CPU),
+    /// composed from differentiable ops otherwise.
+    pub fn gated(self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        let fused = !gate.track_op() && !up.track_op() && gate.dtype() == DType::F32 && gate.device().is_cpu() && gate.dims() == up.dims();
+        if !fused {
+            return self.apply(gate)? * up;
+        }
+        gate.contiguous()?.apply_op2_no_bwd(&up.contiguous()?, &Gated(self))
+    }
+
+    /// The activation of one f32 value, as candle computes it.
+    fn scalar(self, x: f32) -> f32 {
+        match self {
+            Activation::Silu => x / (1.0 + (-x).exp()),
+            Activation::GeluTanh => 0.5 * x * (1.0 + (std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2 * x * (1.0 + 0.044715 * x * x)).tanh()),
+        }
+    }
+}
+
+/// `act(gate) · up` elementwise, forward only (see [`Activation::gated`]).
+struct Gated(Activation);
+
+impl candle_core::CustomOp2 for Gated {
+    fn name(&self) -> &'static str {
+        "gated-activation"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (CpuStorage::F32(g), CpuStorage::F32(u), Some((g0, g1)), Some((u0, u1))) = (s1, s2, l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            candle_core::bail!("gated activation: contiguous f32 inputs only")
+        };
+        const CHUNK: usize = 1 << 14;
+        let (g, u) = (&g[g0..g1], &u[u0..u1]);
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK))).for_each(|(o, (g, u))| {
+            o.iter_mut().zip(g.iter().zip(u)).for_each(|(o, (&g, &u))| *o = self.0.scalar(g) * u);
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
 }
