@@ -410,7 +410,8 @@ fn compile(args: &CompileArgs, out: &Path) -> Result<()> {
         anyhow::bail!("{:?} needs key statistics: pass --stats FILE or --corpus FILE", hp.method);
     };
     let started = std::time::Instant::now();
-    let (updates, reports) = edit::compile(&mut model, &tok, &requests, &hp, &cov)?;
+    let templates = edit::context_templates(&model, &tok, &hp.templates, hp.seed)?;
+    let (updates, reports) = edit::compile(&mut model, &tok, &requests, &hp, &cov, &templates)?;
     let seconds = started.elapsed().as_secs_f64();
     let base = Checkpoint::open(&args.model)?;
     let name = args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

@@ -23,7 +23,8 @@ fn covariances(model: &Path, layers: &[usize]) -> (Covariances, String) {
 
 fn compile(dir: &Path, tok: &Tokenizer, requests: &[request::Request], hp: &Hparams, cov: &Covariances, stats_id: &str) -> (Model, Vec<u8>) {
     let mut model = Model::load(dir).unwrap();
-    let (updates, reports) = edit::compile(&mut model, tok, requests, hp, cov).unwrap();
+    let templates = edit::context_templates(&model, tok, &hp.templates, hp.seed).unwrap();
+    let (updates, reports) = edit::compile(&mut model, tok, requests, hp, cov, &templates).unwrap();
     let prov = Provenance { model_name: "SmolLM2".into(), stats_id: Some(stats_id.into()), parent: None, reports: &reports };
     let bytes = edit::patch_bytes(&Checkpoint::open(dir).unwrap(), model.config.family, requests, &updates, hp, &prov).unwrap();
     (model, bytes)

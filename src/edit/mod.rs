@@ -167,12 +167,15 @@ pub fn context_templates(model: &Model, tok: &Tokenizer, groups: &[(usize, usize
 }
 
 /// Compiles `requests` into updates and applies them to `model` (which ends up edited).
+/// `templates` come from [`context_templates`] with `hp.templates` and `hp.seed`; like the
+/// peers, a run samples them once and reuses them for every later edit.
 pub fn compile(
     model: &mut Model,
     tok: &Tokenizer,
     requests: &[Request],
     hp: &Hparams,
     cov: &Covariances,
+    templates: &[Vec<String>],
 ) -> Result<(Vec<LayerUpdate>, Vec<FactReport>)> {
     hp.check(model)?;
     for l in &hp.layers {
@@ -180,19 +183,18 @@ pub fn compile(
             return Err(Error::MissingStats(*l));
         }
     }
-    let templates = context_templates(model, tok, &hp.templates, hp.seed)?;
     let mut updates = Vec::new();
     let mut reports = Vec::new();
     match hp.method {
         Method::Rome => {
             for req in requests {
-                let (update, report) = rome(model, tok, req, hp, &templates, cov)?;
+                let (update, report) = rome(model, tok, req, hp, templates, cov)?;
                 updates.push(update);
                 reports.push(report);
             }
         }
         Method::Memit => {
-            let (mut u, r) = memit(model, tok, requests, hp, &templates, cov)?;
+            let (mut u, r) = memit(model, tok, requests, hp, templates, cov)?;
             updates.append(&mut u);
             reports.extend(r);
         }
