@@ -8,6 +8,7 @@ pub mod edit;
 pub mod gguf;
 pub mod model;
 pub mod patch;
+pub mod plot;
 pub mod rect;
 pub mod stats;
 pub mod tokenize;

@@ -1,0 +1,156 @@
+//! PNG charts for experiments: a metric against the number of edits, one line per setting,
+//! and grouped bars. Drawn with plotters into memory with an embedded font (DejaVu Sans, see
+//! `DejaVuSans-LICENSE.txt`), so no system font is needed, and written atomically.
+
+use plotters::prelude::*;
+use std::path::{Path, PathBuf};
+
+const FONT: &[u8] = include_bytes!("DejaVuSans.ttf");
+const SIZE: (u32, u32) = (900, 560);
+/// Line and bar colours, in series order (colour-blind-safe Okabe-Ito).
+const COLOURS: [RGBColor; 7] = [
+    RGBColor(0, 114, 178),
+    RGBColor(230, 159, 0),
+    RGBColor(0, 158, 115),
+    RGBColor(204, 121, 167),
+    RGBColor(86, 180, 233),
+    RGBColor(213, 94, 0),
+    RGBColor(0, 0, 0),
+];
+
+/// Everything that can go wrong drawing a chart.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// plotters failed to lay out or draw the chart.
+    #[error("{path}: cannot draw the chart: {reason}")]
+    Draw { path: PathBuf, reason: String },
+    /// The PNG could not be encoded or written.
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// One named line (or one bar per group).
+#[derive(Clone, Debug)]
+pub struct Series {
+    pub label: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// A line chart of `series` (x: edits, y: the metric).
+pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<()> {
+    let all = || series.iter().flat_map(|s| s.points.iter());
+    let (x_max, y_max) = all().fold((1f64, 0f64), |(x, y), p| (x.max(p.0), y.max(p.1)));
+    let y_min = all().fold(y_max, |y, p| y.min(p.1)).min(0.0);
+    let y_top = if y_max > y_min { y_max + 0.05 * (y_max - y_min) } else { y_min + 1.0 };
+    render(path, |root| {
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(14)
+            .x_label_area_size(44)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0f64..x_max, y_min..y_top)?;
+        chart.configure_mesh().x_desc(x_label).y_desc(y_label).label_style(("sans-serif", 14)).draw()?;
+        for (i, s) in series.iter().enumerate() {
+            let c = COLOURS[i % COLOURS.len()];
+            chart
+                .draw_series(LineSeries::new(s.points.iter().copied(), c.stroke_width(2)).point_size(3))?
+                .label(s.label.as_str())
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c.stroke_width(2)));
+        }
+        chart.configure_series_labels().position(SeriesLabelPosition::LowerLeft).background_style(WHITE.mix(0.85)).border_style(BLACK).label_font(("sans-serif", 14)).draw()?;
+        Ok(())
+    })
+}
+
+/// Grouped bars: for each of `groups` (e.g. RECT settings), one bar per series (e.g. metric),
+/// series `s` having value `s.points[g].1` in group `g`.
+pub fn bars(path: &Path, title: &str, y_label: &str, groups: &[String], series: &[Series]) -> Result<()> {
+    let y_max = series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).fold(0f64, f64::max).max(1e-9) * 1.1;
+    let n = series.len().max(1) as f64;
+    render(path, |root| {
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(14)
+            .x_label_area_size(44)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0f64..groups.len() as f64, 0f64..y_max)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(groups.len() * 2 + 1)
+            .x_label_formatter(&|x| {
+                let g = x.floor() as usize;
+                if (x - g as f64 - 0.5).abs() < 1e-6 { groups.get(g).cloned().unwrap_or_default() } else { String::new() }
+            })
+            .y_desc(y_label)
+            .label_style(("sans-serif", 14))
+            .draw()?;
+        for (i, s) in series.iter().enumerate() {
+            let c = COLOURS[i % COLOURS.len()];
+            let left = |g: usize| g as f64 + 0.1 + 0.8 * i as f64 / n;
+            let bars = s.points.iter().take(groups.len()).enumerate().map(|(g, &(_, v))| Rectangle::new([(left(g), 0.0), (left(g) + 0.8 / n, v)], c.filled()));
+            chart
+                .draw_series(bars)?
+                .label(s.label.as_str())
+                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
+        }
+        chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).background_style(WHITE.mix(0.85)).border_style(BLACK).label_font(("sans-serif", 14)).draw()?;
+        Ok(())
+    })
+}
+
+type DrawResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+/// Draws into an RGB buffer with `draw`, then writes it as a PNG at `path` atomically.
+fn render(path: &Path, draw: impl FnOnce(DrawingArea<BitMapBackend, plotters::coord::Shift>) -> DrawResult) -> Result<()> {
+    static FONT_REGISTERED: std::sync::Once = std::sync::Once::new();
+    FONT_REGISTERED.call_once(|| {
+        // The font is part of this crate: it always parses.
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    });
+    let (w, h) = SIZE;
+    let mut rgb = vec![255u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area();
+        let failed = |e: &dyn std::fmt::Display| Error::Draw { path: path.to_path_buf(), reason: e.to_string() };
+        root.fill(&WHITE).map_err(|e| failed(&e))?;
+        draw(root.clone()).map_err(|e| failed(&e))?;
+        root.present().map_err(|e| failed(&e))?;
+    }
+    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    let mut bytes = Vec::new();
+    let mut enc = png::Encoder::new(&mut bytes, w, h);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.write_header().and_then(|mut wr| wr.write_image_data(&rgb)).map_err(|e| io(std::io::Error::other(e)))?;
+    crate::atomic::write(path, &bytes, true).map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draws_lines_and_bars_as_png() {
+        let dir = tempfile::tempdir().unwrap();
+        let series = vec![
+            Series { label: "none".into(), points: vec![(0.0, 1.0), (10.0, 0.8), (20.0, 0.5)] },
+            Series { label: "k=40".into(), points: vec![(0.0, 1.0), (10.0, 0.95), (20.0, 0.9)] },
+        ];
+        let (a, b) = (dir.path().join("a.png"), dir.path().join("b.png"));
+        lines(&a, "reliability", "edits", "score", &series).unwrap();
+        bars(&b, "after 20 edits", "score", &["none".into(), "k=40".into(), "k=20".into()], &series).unwrap();
+        for p in [a, b] {
+            let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&p).unwrap()));
+            let mut reader = decoder.read_info().unwrap();
+            let mut buf = vec![0; reader.output_buffer_size()];
+            let info = reader.next_frame(&mut buf).unwrap();
+            assert_eq!((info.width, info.height), SIZE);
+            // Something besides the white background was drawn, in more than one colour.
+            let colours: std::collections::BTreeSet<&[u8]> = buf.chunks(3).filter(|c| *c != [255, 255, 255]).collect();
+            assert!(colours.len() > 3, "{}: {} colours", p.display(), colours.len());
+        }
+    }
+}
