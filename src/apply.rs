@@ -426,8 +426,19 @@ impl<'a> Overlay<'a> {
         Ok(Overlay { ckpt, patched })
     }
 
-    /// Tensor `name` as the patched model has it.
-    pub fn tensor(&self, name: &str) -> Result<TensorRef<'_>> {
+}
+
+/// Tensors as the patched model has them.
+impl checkpoint::Tensors for Overlay<'_> {
+    fn dir(&self) -> &Path {
+        self.ckpt.dir()
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.ckpt.contains(name)
+    }
+
+    fn tensor(&self, name: &str) -> checkpoint::Result<TensorRef<'_>> {
         let mut t = self.ckpt.tensor(name)?;
         if let Some(bytes) = self.patched.get(name) {
             t.bytes = bytes;

@@ -278,20 +278,6 @@ impl Checkpoint {
         })
     }
 
-    /// A view of tensor `name`, checked to have `shape`.
-    pub fn tensor_with_shape(&self, name: &str, shape: &[usize]) -> Result<TensorRef<'_>> {
-        let t = self.tensor(name)?;
-        if t.shape != shape {
-            return Err(Error::Shape {
-                path: t.path.to_path_buf(),
-                name: name.to_string(),
-                found: t.shape.to_vec(),
-                expected: shape.to_vec(),
-            });
-        }
-        Ok(t)
-    }
-
     /// Lets the kernel drop `t`'s pages from this process's resident memory once it has been
     /// read; they are read back from the file if touched again. Keeps streaming passes small.
     pub fn evict(&self, t: &TensorRef) {
@@ -385,4 +371,37 @@ fn map_shard(path: &Path) -> Result<Shard> {
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
     serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })
+}
+
+/// A source of named tensors: a checkpoint folder, or one with patches overlaid
+/// (`apply::Overlay`). Models load from either.
+pub trait Tensors {
+    /// The model folder the tensors come from.
+    fn dir(&self) -> &Path;
+    /// Whether a tensor named `name` exists.
+    fn contains(&self, name: &str) -> bool;
+    /// Tensor `name`.
+    fn tensor(&self, name: &str) -> Result<TensorRef<'_>>;
+    /// Tensor `name`, checked to have `shape`.
+    fn tensor_with_shape(&self, name: &str, shape: &[usize]) -> Result<TensorRef<'_>> {
+        let t = self.tensor(name)?;
+        if t.shape != shape {
+            return Err(Error::Shape { path: t.path.to_path_buf(), name: name.to_string(), found: t.shape.to_vec(), expected: shape.to_vec() });
+        }
+        Ok(t)
+    }
+}
+
+impl Tensors for Checkpoint {
+    fn dir(&self) -> &Path {
+        Checkpoint::dir(self)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        Checkpoint::contains(self, name)
+    }
+
+    fn tensor(&self, name: &str) -> Result<TensorRef<'_>> {
+        Checkpoint::tensor(self, name)
+    }
 }

@@ -197,6 +197,10 @@ struct CompileArgs {
     /// MEMIT's λ on the key second moment (default: see `Hparams::mom2_weight`).
     #[arg(long)]
     mom2_weight: Option<f64>,
+    /// Patches already applied to --model, in order: the new patch is compiled on top of them
+    /// (sequential editing) and records the last one as its parent.
+    #[arg(long, num_args = 1..)]
+    on: Vec<PathBuf>,
     /// Key statistics file; else computed (or found in the cache) from --corpus.
     #[arg(long)]
     stats: Option<PathBuf>,
@@ -272,7 +276,7 @@ fn run(command: Command) -> Result<()> {
         Command::Edit { args, out } => {
             let patch_path = PathBuf::from(format!("{}.fpatch", out.display()));
             compile(&args, &patch_path)?;
-            let s = apply::apply(&args.model, &[patch_path], &out)?;
+            let s = apply::apply(&args.model, &[args.on.clone(), vec![patch_path]].concat(), &out)?;
             println!("edited model {} (identity {})", s.output.display(), s.identity);
             Ok(())
         }
@@ -383,7 +387,10 @@ fn compile(args: &CompileArgs, out: &Path) -> Result<()> {
     }
     let requests = request::check(requests)?;
     let tok = Tokenizer::open(&args.model)?;
-    let mut model = Model::load(&args.model)?;
+    let base = Checkpoint::open(&args.model)?;
+    let parents = apply::Stack::load(&args.on)?;
+    let base = apply::Overlay::new(&base, &parents)?;
+    let mut model = Model::from_checkpoint(model::Config::read(&args.model)?, &base, &model::default_device()?)?;
     let mut hp = Hparams::defaults(args.method, &model);
     hp.rect_k = args.rect;
     hp.seed = args.seed;
@@ -413,9 +420,9 @@ fn compile(args: &CompileArgs, out: &Path) -> Result<()> {
     let templates = edit::context_templates(&model, &tok, &hp.templates, hp.seed)?;
     let (updates, reports) = edit::compile(&mut model, &tok, &requests, &hp, &cov, &templates)?;
     let seconds = started.elapsed().as_secs_f64();
-    let base = Checkpoint::open(&args.model)?;
     let name = args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let prov = edit::Provenance { model_name: name, stats_id, parent: None, reports: &reports };
+    let parent = parents.patches().last().map(|p| p.id().to_string());
+    let prov = edit::Provenance { model_name: name, stats_id, parent, reports: &reports };
     let bytes = edit::patch_bytes(&base, model.config.family, &requests, &updates, &hp, &prov)?;
     factpatch::atomic::write(out, &bytes, false).with_context(|| format!("{}: cannot write the patch", out.display()))?;
     let id = patch::Patch::from_bytes(bytes.clone(), out)?.id().to_string();

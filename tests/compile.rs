@@ -134,3 +134,33 @@ fn every_shared_request_format_is_read() {
         Err(e) => assert!(e.to_string().contains("with different targets"), "{e}"),
     }
 }
+
+#[test]
+fn sequential_patches_chain_through_the_cli() {
+    let dir = smollm2();
+    let tmp = tempfile::tempdir().unwrap();
+    let sotu = root().join("../shared/data/text/sotu.txt");
+    let cache = root().join("target/test-stats");
+    let run = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_factpatch"));
+        cmd.args(args).arg("--model").arg(&dir);
+        cmd.arg("--corpus").arg(&sotu).args(["--stats-tokens", "20000", "--cache"]).arg(&cache);
+        cmd.output().unwrap()
+    };
+    let (a, b) = (tmp.path().join("a.fpatch"), tmp.path().join("b.fpatch"));
+    let out = run(&["compile", "--fact", "{} is located in the city of|The Eiffel Tower|Rome", "--out", a.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(&["compile", "--fact", "{} is located in the city of|The Colosseum|London", "--on", a.to_str().unwrap(), "--out", b.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let (pa, pb) = (factpatch::patch::Patch::read(&a).unwrap(), factpatch::patch::Patch::read(&b).unwrap());
+    assert_eq!(pb.manifest().parent.as_deref(), Some(pa.id()), "the second patch records the first as its parent");
+    // The second patch fits only on top of the first; together they carry both facts.
+    let alone = factpatch::apply::apply(&dir, std::slice::from_ref(&b), &tmp.path().join("alone")).unwrap_err().to_string();
+    assert!(alone.contains("differs from the patch's base"), "{alone}");
+    let both = tmp.path().join("both");
+    factpatch::apply::apply(&dir, &[a, b], &both).unwrap();
+    let (edited, tok) = (Model::load(&both).unwrap(), Tokenizer::open(&dir).unwrap());
+    assert!(greedy(&edited, &tok, "The Eiffel Tower is located in the city of").contains("Rome"));
+    assert!(greedy(&edited, &tok, "The Colosseum is located in the city of").contains("London"));
+}

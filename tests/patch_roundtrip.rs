@@ -3,7 +3,7 @@
 mod common;
 use common::*;
 use factpatch::apply::{self, product, Stack};
-use factpatch::checkpoint::{Checkpoint, Dtype};
+use factpatch::checkpoint::{Checkpoint, Dtype, Tensors};
 use factpatch::patch::{Delta, Edit, Patch};
 use factpatch::rect;
 use std::path::PathBuf;

@@ -6,7 +6,7 @@ pub mod request;
 pub mod solve;
 pub mod target;
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::Tensors;
 use crate::model::{self, Family, Model, Orientation, Sampling};
 use crate::patch::{BaseTensor, Delta, Edit as PatchEdit, Factors, Manifest, Method as PatchMethod, ModelInfo};
 use crate::tokenize::Tokenizer;
@@ -369,10 +369,10 @@ pub struct Provenance<'a> {
     pub reports: &'a [FactReport],
 }
 
-/// The patch bytes for `updates` compiled from `requests` against `base` (the checkpoint they
-/// apply to). One entry per touched tensor: a single update keeps its factors (with RECT's k
+/// The patch bytes for `updates` compiled from `requests` against `base` (the tensors they apply
+/// to: a checkpoint, or one with the parent patches overlaid). One entry per touched tensor: a single update keeps its factors (with RECT's k
 /// when it masks); several updates of one tensor are stored as their exact explicit sum.
-pub fn patch_bytes(base: &Checkpoint, family: &Family, requests: &[Request], updates: &[LayerUpdate], hp: &Hparams, prov: &Provenance) -> std::result::Result<Vec<u8>, crate::patch::Error> {
+pub fn patch_bytes(base: &dyn Tensors, family: &Family, requests: &[Request], updates: &[LayerUpdate], hp: &Hparams, prov: &Provenance) -> std::result::Result<Vec<u8>, crate::patch::Error> {
     let mut by_layer: BTreeMap<usize, Vec<&LayerUpdate>> = BTreeMap::new();
     for u in updates {
         by_layer.entry(u.layer).or_default().push(u);

@@ -3,7 +3,7 @@
 
 use super::ops::{Activation, Linear, Norm};
 use super::{load, load_proj, Block, Config, ConfigJson, Family, MlpIn, Orientation, Projection, Result, Weights};
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::Tensors;
 use candle_core::Device;
 use std::path::Path;
 
@@ -47,7 +47,7 @@ fn config(json: &serde_json::Value, path: &Path) -> Result<Config> {
     })
 }
 
-fn weights(cfg: &Config, ckpt: &Checkpoint, dev: &Device) -> Result<Weights> {
+fn weights(cfg: &Config, ckpt: &dyn Tensors, dev: &Device) -> Result<Weights> {
     let (d, ff) = (cfg.hidden_size, cfg.intermediate_size);
     let conv1d = |name: String, out: usize, inp: usize| -> Result<Linear> {
         let bias = name.strip_suffix(".weight").map(|p| format!("{p}.bias")).unwrap_or_default();

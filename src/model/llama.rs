@@ -3,7 +3,7 @@
 
 use super::ops::{Activation, Linear, Norm};
 use super::{load, load_proj, Block, Config, ConfigJson, Family, MlpIn, Orientation, Projection, Result, Weights};
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::Tensors;
 use candle_core::Device;
 use std::path::Path;
 
@@ -54,7 +54,7 @@ fn config(json: &serde_json::Value, path: &Path) -> Result<Config> {
     })
 }
 
-fn weights(cfg: &Config, ckpt: &Checkpoint, dev: &Device) -> Result<Weights> {
+fn weights(cfg: &Config, ckpt: &dyn Tensors, dev: &Device) -> Result<Weights> {
     let (d, ff, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
     let linear = |name: String, out: usize, inp: usize| -> Result<Linear> {
         Ok(Linear { weight: load_proj(ckpt, &name, out, inp, Orientation::OutIn, dev)?, bias: None })

@@ -15,7 +15,7 @@ pub mod ops;
 
 pub use generate::{generate, Sampling};
 
-use crate::checkpoint::{self, Checkpoint};
+use crate::checkpoint::{self, Checkpoint, Tensors};
 use candle_core::{DType, Device, Module, Tensor};
 use ops::{Activation, Linear, Norm, Rope};
 use std::collections::BTreeMap;
@@ -85,7 +85,7 @@ pub struct Family {
     #[serde(skip)]
     load: fn(&serde_json::Value, &Path) -> Result<Config>,
     #[serde(skip)]
-    weights: fn(&Config, &Checkpoint, &Device) -> Result<Weights>,
+    weights: fn(&Config, &dyn Tensors, &Device) -> Result<Weights>,
 }
 
 /// The supported families.
@@ -362,8 +362,8 @@ impl Model {
         Self::from_checkpoint(config, &ckpt, device)
     }
 
-    /// Builds the model from an opened checkpoint (which may carry patches overlaid).
-    pub fn from_checkpoint(config: Config, ckpt: &Checkpoint, device: &Device) -> Result<Self> {
+    /// Builds the model from an opened checkpoint, or one with patches overlaid.
+    pub fn from_checkpoint(config: Config, ckpt: &dyn Tensors, device: &Device) -> Result<Self> {
         let w = (config.family.weights)(&config, ckpt, device)?;
         let rope = match config.rope_theta {
             Some(theta) => Some(Rope::new(config.head_dim, theta, config.max_positions, device)?),
@@ -631,13 +631,13 @@ pub fn default_device() -> Result<Device> {
 }
 
 /// Loads a stored tensor as f32, checking its shape.
-pub(crate) fn load(ckpt: &Checkpoint, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+pub(crate) fn load(ckpt: &dyn Tensors, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
     let t = ckpt.tensor_with_shape(name, shape)?;
     Ok(Tensor::from_vec(t.to_f32().into_owned(), shape, device)?)
 }
 
 /// Loads a projection in the `[out, in]` view given its stored orientation.
-pub(crate) fn load_proj(ckpt: &Checkpoint, name: &str, out: usize, inp: usize, o: Orientation, device: &Device) -> Result<Tensor> {
+pub(crate) fn load_proj(ckpt: &dyn Tensors, name: &str, out: usize, inp: usize, o: Orientation, device: &Device) -> Result<Tensor> {
     Ok(match o {
         Orientation::OutIn => load(ckpt, name, &[out, inp], device)?,
         Orientation::InOut => load(ckpt, name, &[inp, out], device)?.t()?.contiguous()?,

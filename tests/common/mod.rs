@@ -2,7 +2,7 @@
 //! and reference tensors.
 #![allow(dead_code)]
 
-use factpatch::checkpoint::{Dtype, Checkpoint};
+use factpatch::checkpoint::{Checkpoint, Dtype, Tensors};
 use factpatch::patch::{self, BaseTensor, Delta, Manifest, Method, ModelInfo};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype as StDtype, SafeTensors};
