@@ -201,6 +201,13 @@ struct CompileArgs {
     /// (sequential editing) and records the last one as its parent.
     #[arg(long, num_args = 1..)]
     on: Vec<PathBuf>,
+    #[command(flatten)]
+    stats: StatsArgs,
+}
+
+/// Where MEMIT's and ROME's key statistics come from.
+#[derive(clap::Args)]
+struct StatsArgs {
     /// Key statistics file; else computed (or found in the cache) from --corpus.
     #[arg(long)]
     stats: Option<PathBuf>,
@@ -213,6 +220,28 @@ struct CompileArgs {
     /// Statistics cache (default: $FACTPATCH_CACHE/stats or ~/.cache/factpatch/stats).
     #[arg(long)]
     cache: Option<PathBuf>,
+}
+
+impl StatsArgs {
+    /// The key second moments `hp` needs (none for ROME without mom2 adjustment) and their id.
+    fn covariances(&self, model: &Path, hp: &Hparams) -> Result<(edit::Covariances, Option<String>)> {
+        let needs_stats = hp.method == Method::Memit || hp.mom2_adjustment;
+        Ok(if !needs_stats {
+            (edit::Covariances::new(), None)
+        } else if let Some(path) = &self.stats {
+            let s = stats::Stats::read(path)?;
+            (s.layers.iter().map(|(l, s)| (*l, s.second_moment())).collect(), Some(stats::file_id(path)?))
+        } else if !self.corpus.is_empty() {
+            let mut req = stats::Request::new(model, &self.corpus);
+            req.layers = Some(hp.layers.clone());
+            req.max_tokens = Some(self.stats_tokens);
+            let cache = self.cache.clone().unwrap_or_else(stats::default_cache_dir);
+            let o = stats::find_or_compute(&req, &cache, true)?;
+            (o.stats.layers.iter().map(|(l, s)| (*l, s.second_moment())).collect(), Some(o.id))
+        } else {
+            anyhow::bail!("{:?} needs key statistics: pass --stats FILE or --corpus FILE", hp.method);
+        })
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -400,22 +429,7 @@ fn compile(args: &CompileArgs, out: &Path) -> Result<()> {
     if let Some(layers) = &args.layers {
         hp.layers = stats::parse_layers(layers)?;
     }
-    let needs_stats = hp.method == Method::Memit || hp.mom2_adjustment;
-    let (cov, stats_id) = if !needs_stats {
-        (edit::Covariances::new(), None)
-    } else if let Some(path) = &args.stats {
-        let s = stats::Stats::read(path)?;
-        (s.layers.iter().map(|(l, s)| (*l, s.second_moment())).collect(), Some(stats::file_id(path)?))
-    } else if !args.corpus.is_empty() {
-        let mut req = stats::Request::new(&args.model, &args.corpus);
-        req.layers = Some(hp.layers.clone());
-        req.max_tokens = Some(args.stats_tokens);
-        let cache = args.cache.clone().unwrap_or_else(stats::default_cache_dir);
-        let o = stats::find_or_compute(&req, &cache, true)?;
-        (o.stats.layers.iter().map(|(l, s)| (*l, s.second_moment())).collect(), Some(o.id))
-    } else {
-        anyhow::bail!("{:?} needs key statistics: pass --stats FILE or --corpus FILE", hp.method);
-    };
+    let (cov, stats_id) = args.stats.covariances(&args.model, &hp)?;
     let started = std::time::Instant::now();
     let templates = edit::context_templates(&model, &tok, &hp.templates, hp.seed)?;
     let (updates, reports) = edit::compile(&mut model, &tok, &requests, &hp, &cov, &templates)?;
