@@ -3,7 +3,8 @@
 //! edited model (probability comparison: new target more probable than the true one).
 //!
 //! Run: `cargo bench --bench compile` (after `fixtures/setup.sh`); `FACTPATCH_BENCH_FACTS=N`
-//! sets how many records of `../shared/data/edit/counterfact-rome-300.json` (default 10).
+//! sets how many records of `../shared/data/edit/counterfact-rome-300.json` (default 10),
+//! `FACTPATCH_BENCH_RUNS` which runs (default `rome,memit,memit-batch`).
 
 use factpatch::edit::{self, request, target, Covariances, Hparams, Method};
 use factpatch::model::Model;
@@ -48,7 +49,18 @@ fn main() {
     let pre = scores(&base, &tok, reqs);
     println!("{n} CounterFact records; unedited: efficacy {:.2}, paraphrase {:.2}, neighbourhood {:.2}", pre[0] / n as f64, pre[1] / n as f64, pre[2] / n as f64);
     println!("\n| method | RECT k | batch | s/fact | efficacy | paraphrase | neighbourhood |\n|---|---|---|---|---|---|---|");
-    for (method, batch) in [(Method::Rome, 1), (Method::Memit, 1), (Method::Memit, n)] {
+    // FACTPATCH_BENCH_RUNS picks and orders the runs, e.g. `memit-batch,memit,rome`.
+    let runs = std::env::var("FACTPATCH_BENCH_RUNS").unwrap_or_else(|_| "rome,memit,memit-batch".into());
+    let runs: Vec<(Method, usize)> = runs
+        .split(',')
+        .map(|r| match r.trim() {
+            "rome" => (Method::Rome, 1),
+            "memit" => (Method::Memit, 1),
+            "memit-batch" => (Method::Memit, n),
+            other => panic!("FACTPATCH_BENCH_RUNS: unknown run `{other}` (rome, memit, memit-batch)"),
+        })
+        .collect();
+    for (method, batch) in runs {
         for rect in [100.0, 40.0] {
             let hp = Hparams { rect_k: rect, ..Hparams::defaults(method, &base) };
             // Sampled once per run and reused for every edit, as the peers do (and timed).
