@@ -159,7 +159,7 @@ enum Command {
         #[arg(long, num_args = 1..)]
         general: Vec<String>,
         /// Evaluate a random subset of N items per file (records, task items, perplexity windows).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         limit: Option<usize>,
         /// Seed of the subset and of the fluency sampler.
         #[arg(long, default_value_t = 0)]

@@ -3,7 +3,7 @@
 
 use super::score::{self, Choices, Likelihood};
 use super::tasks::{Choice, Items, Question, Task, TaskData};
-use super::{answer, progress, subset, Options, Result};
+use super::{answer, progress, subset, Error, Options, Result};
 use crate::model::{self, Model, Sampling};
 use crate::tokenize::Tokenizer;
 use std::path::PathBuf;
@@ -36,7 +36,7 @@ pub struct Metric {
 /// Evaluates `model` on one task file.
 pub fn run(model: &Model, tok: &Tokenizer, data: &TaskData, opts: &Options) -> Result<TaskResult> {
     let (items, metrics, protocol) = match &data.items {
-        Items::Text(text) => perplexity(model, tok, data.task, text, opts)?,
+        Items::Text(text) => perplexity(model, tok, data, text, opts)?,
         Items::Choices(all) => {
             let picked: Vec<&Choice> = subset(all.len(), opts.limit, opts.seed).into_iter().map(|i| &all[i]).collect();
             let (acc, acc_norm) = choice_accuracy(model, tok, data.task, &picked, opts)?;
@@ -61,12 +61,16 @@ pub fn run(model: &Model, tok: &Tokenizer, data: &TaskData, opts: &Options) -> R
 
 /// Token-level perplexity of `text` over non-overlapping windows of `opts.seq_len` tokens
 /// (default: the model's context); `opts.limit` picks windows.
-fn perplexity(model: &Model, tok: &Tokenizer, task: Task, text: &str, opts: &Options) -> Result<(usize, Vec<Metric>, String)> {
+fn perplexity(model: &Model, tok: &Tokenizer, data: &TaskData, text: &str, opts: &Options) -> Result<(usize, Vec<Metric>, String)> {
     let seq_len = opts.seq_len.unwrap_or(model.config.max_positions);
     let ids = tok.ids(text)?;
     let windows = score::windows(&ids, seq_len);
+    if windows.is_empty() {
+        let what = format!("no window of {seq_len} token(s) has a token to predict");
+        return Err(Error::Empty { path: data.path.clone(), what });
+    }
     let picked = subset(windows.len(), opts.limit, opts.seed);
-    let bar = progress(opts.progress, task.name(), picked.len());
+    let bar = progress(opts.progress, data.task.name(), picked.len());
     let mut total = Likelihood::default();
     for &w in &picked {
         let l = score::window_likelihood(model, windows[w], score::CHUNK)?;
@@ -76,7 +80,9 @@ fn perplexity(model: &Model, tok: &Tokenizer, task: Task, text: &str, opts: &Opt
     }
     bar.finish_and_clear();
     let protocol = format!(
-        "token-level, non-overlapping windows of {seq_len} tokens, each token predicted from the ones before it in its window ({} tokens predicted)",
+        "token-level, non-overlapping windows of {seq_len} tokens, each token predicted from the ones before it in its window ({} of {} windows, {} tokens predicted)",
+        picked.len(),
+        windows.len(),
         total.tokens
     );
     Ok((picked.len(), vec![Metric { name: "perplexity", value: total.perplexity() }], protocol))

@@ -114,7 +114,8 @@ impl Models {
 /// Choices shared by every evaluation.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// Evaluate a random subset of this many items (records, task items, text windows) per file.
+    /// Evaluate a random subset of this many items (records, task items, text windows) per
+    /// file; at least 1.
     pub limit: Option<usize>,
     /// Seeds the subset and every sampler.
     pub seed: u64,
