@@ -271,3 +271,43 @@ fn smollm2_small_run_is_sane_and_repeats() {
     // The same seed picks the same records and gives the same numbers, generations included.
     assert_eq!(json(&run(&plan).edits), json(&Some(edits)));
 }
+
+#[test]
+fn smollm2_metrics_follow_the_fields_present_and_the_patch() {
+    let dir = smollm2();
+    let t = tempfile::tempdir().unwrap();
+    let path = t.path().join("requests.jsonl");
+    let full = r#"{"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": "Rome", "target_true": "Paris", "paraphrases": ["Where is the Eiffel Tower? It is in the city of"], "neighbors": [{"prompt": "The Louvre is located in the city of", "answer": "Paris"}, {"prompt": "The Colosseum is in", "answer": "Rome, the capital of Italy, famous for its ancient history and its food"}]}"#;
+    let bare = r#"{"prompt": "{} plays the", "subject": "Miles Davis", "target_new": "piano"}"#;
+    std::fs::write(&path, format!("{full}\n{bare}\n")).unwrap();
+    let requests = request::read(&path).unwrap();
+    let tok = Tokenizer::open(&dir).unwrap();
+    // A large random change to layer 5's MLP output projection.
+    let down = "model.layers.5.mlp.down_proj.weight";
+    let patch = write_patch(&t.path().join("p.fpatch"), &Checkpoint::open(&dir).unwrap(), &[], manifest("x"), vec![(down, Delta::Dense(values(576 * 1536, 9, 0.05)))]);
+    let models = Models::load(&dir, &[patch]).unwrap();
+    let report = edits::report(&models, &tok, &path, &requests, &Options::default()).unwrap();
+    let [full, bare] = &report.records[..] else { panic!("two records") };
+    // The bare record has no true target, paraphrases, neighbours or generation prompts.
+    assert_eq!(bare.counterfact, edits::CounterFact::default());
+    assert!(bare.easyedit.reliability.is_some() && bare.easyedit.generalization.is_none() && bare.easyedit.locality.is_none());
+    // Only the neighbour answered by the true target counts for the neighbourhood score.
+    let cf = &full.counterfact;
+    assert!(cf.efficacy.is_some() && cf.paraphrase.is_some() && cf.fluency.is_none());
+    assert!(matches!(cf.neighborhood, Some(x) if x == 0.0 || x == 1.0), "{cf:?}");
+    // Locality compares the patched model's predictions with the unedited model's.
+    let neighbors: Vec<score::Choices> = requests[0]
+        .neighbors
+        .iter()
+        .map(|n| score::Choices { context: tok.ids(&n.prompt).unwrap(), continuations: vec![tok.ids(&request::continuation(&n.answer)).unwrap()] })
+        .collect();
+    let (post, pre) = (score::score(models.evaluated(), &neighbors).unwrap(), score::score(&models.base, &neighbors).unwrap());
+    let agree: Vec<f64> = post.iter().zip(&pre).map(|(a, b)| score::agreement(&a[0].argmax, &b[0].argmax)).collect();
+    let locality = full.easyedit.locality.unwrap();
+    assert_eq!(locality, agree.iter().sum::<f64>() / agree.len() as f64);
+    assert!(locality < 1.0, "the random patch changes some prediction: {agree:?}");
+    // Aggregates count only the records that have each metric.
+    let n = |name: &str| report.counterfact.iter().find(|a| a.name == name).map(|a| a.n);
+    assert_eq!((n("efficacy"), n("score"), n("fluency")), (Some(1), Some(1), None));
+    assert_eq!(report.easyedit.iter().map(|a| (a.name, a.n)).collect::<Vec<_>>(), [("reliability", 2), ("generalization", 1), ("locality", 1)]);
+}
