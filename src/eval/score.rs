@@ -104,10 +104,10 @@ fn score_group(model: &Model, items: &[&Choices]) -> Result<Vec<Vec<Scored>>> {
     let hidden = model.forward(&Batch::right_padded(&suffixes), &Hooks::default(), cache.as_mut())?.hidden;
     // Row r's position j (of `width`) predicts its continuation's token j.
     let width = suffixes.iter().map(Vec::len).max().unwrap_or(0);
-    let at: Vec<u32> = targets.iter().enumerate().flat_map(|(r, t)| (0..t.len()).map(move |j| (r * width + j) as u32)).collect();
-    let at = Tensor::from_vec(at.clone(), at.len(), hidden.device())?;
-    let states = hidden.reshape(((), model.config.hidden_size))?.index_select(&at, 0)?;
     let ids: Vec<u32> = targets.iter().flat_map(|t| t.iter().copied()).collect();
+    let at: Vec<u32> = targets.iter().enumerate().flat_map(|(r, t)| (0..t.len()).map(move |j| (r * width + j) as u32)).collect();
+    let at = Tensor::from_vec(at, ids.len(), hidden.device())?;
+    let states = hidden.reshape(((), model.config.hidden_size))?.index_select(&at, 0)?;
     let (logprobs, argmax) = predictions(model, &states, &ids)?;
     let mut out: Vec<Vec<Scored>> = vec![Vec::new(); items.len()];
     let mut k = 0;
