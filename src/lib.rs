@@ -5,6 +5,7 @@ pub mod atomic;
 pub mod audit;
 pub mod checkpoint;
 pub mod edit;
+pub mod eval;
 pub mod gguf;
 pub mod model;
 pub mod patch;

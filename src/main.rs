@@ -6,7 +6,7 @@ use factpatch::checkpoint::Checkpoint;
 use factpatch::edit::{self, request, Hparams, Method};
 use factpatch::model::{self, Model, Sampling};
 use factpatch::tokenize::Tokenizer;
-use factpatch::{apply, audit, patch, stats};
+use factpatch::{apply, audit, eval, patch, stats};
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
@@ -142,6 +142,37 @@ enum Command {
         to: PathBuf,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Measure edits (CounterFact and EasyEdit protocols) and general abilities, patches overlaid in memory.
+    ///
+    /// Example: factpatch eval --model fixtures/models/SmolLM2-135M-Instruct --patch eiffel.fpatch --requests requests.json --general hellaswag=hellaswag-val.txt --limit 200
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        /// Patches overlaid on the model, in order (the unedited model is the locality reference).
+        #[arg(long, num_args = 1..)]
+        patch: Vec<PathBuf>,
+        /// Edit requests to score: CounterFact, EasyEdit, zsRE or factpatch JSONL (formats/requests.md).
+        #[arg(long, required_unless_present = "general")]
+        requests: Option<PathBuf>,
+        /// TASK=FILE, TASK one of perplexity, hellaswag, boolq, sst2, rte, nq-open, gsm8k.
+        #[arg(long, num_args = 1..)]
+        general: Vec<String>,
+        /// Evaluate a random subset of N items per file (records, task items, perplexity windows).
+        #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+        limit: Option<usize>,
+        /// Seed of the subset and of the fluency sampler.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Perplexity window in tokens (default: the model's context).
+        #[arg(long)]
+        seq_len: Option<usize>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Also write every value as CSV here.
+        #[arg(long)]
+        csv: Option<PathBuf>,
     },
     /// What a patch changes: facts, tensors, sizes, relative changes.
     ///
@@ -338,6 +369,23 @@ fn run(command: Command) -> Result<()> {
                 let model = model.context("--heatmap needs --model (|ΔW/W| is relative to the base)")?;
                 audit::heatmap(&patch, &model, &png)?;
                 eprintln!("heatmap: {}", png.display());
+            }
+            Ok(())
+        }
+        Command::Eval { model, patch, requests, general, limit, seed, seq_len, json, csv } => {
+            let mut tasks = Vec::with_capacity(general.len());
+            for spec in &general {
+                tasks.push(eval::tasks::Task::parse_spec(spec)?);
+            }
+            let options = eval::Options { limit, seed, seq_len, progress: true, ..eval::Options::default() };
+            let report = eval::run(&eval::Plan { model, patches: patch, requests, tasks, options })?;
+            if let Some(path) = csv {
+                factpatch::atomic::write(&path, report.csv().as_bytes(), true).with_context(|| format!("{}: cannot write the CSV", path.display()))?;
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
             }
             Ok(())
         }

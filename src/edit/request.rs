@@ -53,6 +53,9 @@ pub struct Request {
     /// Unrelated prompts whose answers must not change, for locality metrics.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub neighbors: Vec<Neighbor>,
+    /// Prompts about the subject to generate from, for fluency metrics.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub generation_prompts: Vec<String>,
     /// Where the request came from (file and record), for error messages.
     #[serde(skip)]
     pub origin: String,
@@ -110,6 +113,7 @@ pub fn parse_fact(spec: &str) -> Result<Request> {
         relation: None,
         paraphrases: vec![],
         neighbors: vec![],
+        generation_prompts: vec![],
         origin,
     };
     req.validate()
@@ -210,6 +214,7 @@ fn from_json(v: &serde_json::Value, origin: String) -> Result<Request> {
                 Some(t) => list(v, "neighborhood_prompts").into_iter().map(|p| Neighbor { prompt: p, answer: t.clone() }).collect(),
                 None => vec![],
             },
+            generation_prompts: list(v, "generation_prompts"),
             target_true,
             origin,
         }
@@ -227,6 +232,7 @@ fn from_json(v: &serde_json::Value, origin: String) -> Result<Request> {
                 (Some(p), Some(a)) => vec![Neighbor { prompt: p.trim_start_matches("nq question: ").to_string(), answer: a }],
                 _ => vec![],
             },
+            generation_prompts: vec![],
             subject,
             origin,
         }
@@ -244,6 +250,7 @@ fn from_json(v: &serde_json::Value, origin: String) -> Result<Request> {
                 (Some(p), Some(a)) => vec![Neighbor { prompt: p, answer: a }],
                 _ => vec![],
             },
+            generation_prompts: vec![],
             subject,
             origin,
         }

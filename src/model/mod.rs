@@ -350,6 +350,22 @@ pub struct KvCache {
     mask: Vec<Vec<bool>>,
 }
 
+impl KvCache {
+    /// The cache of sequences `rows` (repeats allowed), in that order: one cached prefix
+    /// continued several ways in one batch.
+    pub fn select(&self, rows: &[usize]) -> Result<Self> {
+        if let Some(&bad) = rows.iter().find(|&&r| r >= self.mask.len()) {
+            return Err(Error::Input(format!("cache row {bad} out of range: the cache holds {} sequences", self.mask.len())));
+        }
+        let pick = |t: &Tensor| -> Result<Tensor> {
+            let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), t.device())?;
+            Ok(t.contiguous()?.index_select(&idx, 0)?)
+        };
+        let kv = self.kv.iter().map(|slot| slot.as_ref().map(|(k, v)| Ok((pick(k)?, pick(v)?))).transpose()).collect::<Result<_>>()?;
+        Ok(KvCache { kv, mask: rows.iter().map(|&r| self.mask[r].clone()).collect() })
+    }
+}
+
 impl Model {
     /// Loads a Hugging Face folder onto the default device (CPU, or the first GPU with `cuda`).
     pub fn load(dir: &Path) -> Result<Self> {

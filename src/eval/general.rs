@@ -1,0 +1,170 @@
+//! General abilities: held-out perplexity, multiple-choice accuracy by log-likelihood, and
+//! exact match of greedy answers. What RECT is meant to keep while edits land.
+
+use super::score::{self, Choices, Likelihood};
+use super::tasks::{Choice, Items, Question, Task, TaskData};
+use super::{answer, progress, subset, Error, Options, Result};
+use crate::model::{self, Model, Sampling};
+use crate::tokenize::Tokenizer;
+use std::path::PathBuf;
+
+/// Multiple-choice items scored per call (one progress step).
+const CHOICE_STEP: usize = 32;
+
+/// Questions generated for together.
+const GENERATION_BATCH: usize = 16;
+
+/// One task's result.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TaskResult {
+    pub task: Task,
+    pub path: PathBuf,
+    /// Items evaluated (windows, for perplexity).
+    pub items: usize,
+    pub metrics: Vec<Metric>,
+    /// How it was measured.
+    pub protocol: String,
+}
+
+/// A named value.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Metric {
+    pub name: &'static str,
+    pub value: f64,
+}
+
+/// Evaluates `model` on one task file.
+pub fn run(model: &Model, tok: &Tokenizer, data: &TaskData, opts: &Options) -> Result<TaskResult> {
+    let (items, metrics, protocol) = match &data.items {
+        Items::Text(text) => perplexity(model, tok, data, text, opts)?,
+        Items::Choices(all) => {
+            let picked: Vec<&Choice> = subset(all.len(), opts.limit, opts.seed).into_iter().map(|i| &all[i]).collect();
+            let (acc, acc_norm) = choice_accuracy(model, tok, data.task, &picked, opts)?;
+            let mut metrics = vec![Metric { name: "acc", value: acc }];
+            let mut protocol = "zero-shot, log-likelihood of each choice after the prompt (lm-evaluation-harness format)".to_string();
+            if data.task == Task::HellaSwag {
+                metrics.push(Metric { name: "acc_norm", value: acc_norm });
+                protocol += "; acc_norm divides by the choice's length in characters";
+            }
+            (picked.len(), metrics, protocol)
+        }
+        Items::Questions(all) => {
+            let picked: Vec<&Question> = subset(all.len(), opts.limit, opts.seed).into_iter().map(|i| &all[i]).collect();
+            let budget = Budget::of(data.task);
+            let em = exact_match(model, tok, data.task, &picked, &budget, opts)?;
+            let protocol = format!("zero-shot, greedy, at most {} new tokens, cut at {:?}", budget.max_new, budget.stop);
+            (picked.len(), vec![Metric { name: "exact_match", value: em }], protocol)
+        }
+    };
+    Ok(TaskResult { task: data.task, path: data.path.clone(), items, metrics, protocol })
+}
+
+/// Token-level perplexity of `text` over non-overlapping windows of `opts.seq_len` tokens
+/// (default: the model's context); `opts.limit` picks windows.
+fn perplexity(model: &Model, tok: &Tokenizer, data: &TaskData, text: &str, opts: &Options) -> Result<(usize, Vec<Metric>, String)> {
+    let seq_len = opts.seq_len.unwrap_or(model.config.max_positions);
+    let ids = tok.ids(text)?;
+    let windows = score::windows(&ids, seq_len);
+    if windows.is_empty() {
+        let what = format!("no window of {seq_len} token(s) has a token to predict");
+        return Err(Error::Empty { path: data.path.clone(), what });
+    }
+    let picked = subset(windows.len(), opts.limit, opts.seed);
+    let bar = progress(opts.progress, data.task.name(), picked.len());
+    let mut total = Likelihood::default();
+    for &w in &picked {
+        let l = score::window_likelihood(model, windows[w], score::CHUNK)?;
+        total.nll += l.nll;
+        total.tokens += l.tokens;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let protocol = format!(
+        "token-level, non-overlapping windows of {seq_len} tokens, each token predicted from the ones before it in its window ({} of {} windows, {} tokens predicted)",
+        picked.len(),
+        windows.len(),
+        total.tokens
+    );
+    Ok((picked.len(), vec![Metric { name: "perplexity", value: total.perplexity() }], protocol))
+}
+
+/// The index of the largest value (the first of equals).
+pub fn best(values: &[f64]) -> usize {
+    (0..values.len()).fold(0, |b, i| if values[i] > values[b] { i } else { b })
+}
+
+/// Accuracy of the most likely choice, raw and with each choice's log-likelihood divided by its
+/// length in characters (lm-evaluation-harness's `acc` and `acc_norm`).
+fn choice_accuracy(model: &Model, tok: &Tokenizer, task: Task, items: &[&Choice], opts: &Options) -> Result<(f64, f64)> {
+    let bar = progress(opts.progress, task.name(), items.len());
+    let (mut acc, mut acc_norm) = (0usize, 0usize);
+    for step in items.chunks(CHOICE_STEP) {
+        let batch = step
+            .iter()
+            .map(|c| {
+                let continuations = c.choices.iter().map(|x| tok.ids(&format!(" {x}"))).collect::<std::result::Result<_, _>>()?;
+                Ok(Choices { context: tok.ids(&c.prompt)?, continuations })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (c, scored) in step.iter().zip(score::score(model, &batch)?) {
+            let ll: Vec<f64> = scored.iter().map(score::Scored::sum).collect();
+            let per_char: Vec<f64> = ll.iter().zip(&c.choices).map(|(l, x)| l / x.chars().count() as f64).collect();
+            acc += (best(&ll) == c.gold) as usize;
+            acc_norm += (best(&per_char) == c.gold) as usize;
+        }
+        bar.inc(step.len() as u64);
+    }
+    bar.finish_and_clear();
+    let n = items.len() as f64;
+    Ok((acc as f64 / n, acc_norm as f64 / n))
+}
+
+/// How long a generated answer may be, and where it ends.
+#[derive(Clone, Copy, Debug)]
+struct Budget {
+    max_new: usize,
+    stop: &'static [&'static str],
+}
+
+impl Budget {
+    /// lm-evaluation-harness's stop sequences; budgets that fit each task's answers.
+    fn of(task: Task) -> Self {
+        match task {
+            Task::Gsm8k => Budget { max_new: 64, stop: &["Question:", "\n\n"] },
+            _ => Budget { max_new: 16, stop: &["\n", ".", ","] },
+        }
+    }
+
+    /// `text` up to the first stop sequence.
+    fn cut<'a>(&self, text: &'a str) -> &'a str {
+        let end = self.stop.iter().filter_map(|s| text.find(s)).min().unwrap_or(text.len());
+        &text[..end]
+    }
+}
+
+/// The share of questions whose greedy answer matches: normalised text (NQ-open) or the final
+/// number (GSM8K).
+fn exact_match(model: &Model, tok: &Tokenizer, task: Task, items: &[&Question], budget: &Budget, opts: &Options) -> Result<f64> {
+    let bar = progress(opts.progress, task.name(), items.len());
+    let prompts = items.iter().map(|q| tok.ids(&q.prompt)).collect::<std::result::Result<Vec<_>, _>>()?;
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by_key(|&i| prompts[i].len());
+    let eos = &model.config.eos_token_ids;
+    let mut correct = 0;
+    for group in order.chunks(GENERATION_BATCH) {
+        let batch: Vec<Vec<u32>> = group.iter().map(|&i| prompts[i].clone()).collect();
+        for (&i, mut out) in group.iter().zip(model::generate(model, &batch, budget.max_new, Sampling::Greedy, eos)?) {
+            out.retain(|t| !eos.contains(t));
+            let text = tok.decode(&out)?;
+            let answer = budget.cut(&text);
+            let hit = match task {
+                Task::Gsm8k => answer::last_number(answer).is_some_and(|x| items[i].answers.iter().any(|a| a.parse() == Ok(x))),
+                _ => answer::exact_match(answer, &items[i].answers),
+            };
+            correct += hit as usize;
+        }
+        bar.inc(group.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(correct as f64 / items.len() as f64)
+}
