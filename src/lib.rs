@@ -6,6 +6,7 @@ pub mod audit;
 pub mod checkpoint;
 pub mod edit;
 pub mod eval;
+pub mod experiment;
 pub mod gguf;
 pub mod model;
 pub mod patch;

@@ -174,6 +174,48 @@ enum Command {
         #[arg(long)]
         csv: Option<PathBuf>,
     },
+    /// Edit facts one after another (or in batches) under several RECT settings and measure what it costs: CSV and PNG plots in --out; an interrupted run resumes.
+    ///
+    /// Example: factpatch experiment sequential --model fixtures/models/SmolLM2-135M-Instruct --requests counterfact.json --edits 100 --every 10 --rect none,80,60,40,20 --general perplexity=wiki.test.txt hellaswag=hellaswag-val.txt --limit 500 --corpus fixtures/corpus/sotu.txt --out runs/sequential
+    Experiment {
+        #[arg(value_enum)]
+        schedule: ScheduleKind,
+        #[arg(long)]
+        model: PathBuf,
+        /// Edit requests, edited in file order: CounterFact, EasyEdit, zsRE or factpatch JSONL.
+        #[arg(long)]
+        requests: PathBuf,
+        #[arg(long, value_enum, default_value_t = Method::Memit)]
+        method: Method,
+        /// Sequential: facts edited in all.
+        #[arg(long, default_value_t = 100)]
+        edits: usize,
+        /// Sequential: evaluate after every N edits.
+        #[arg(long, default_value_t = 10)]
+        every: usize,
+        /// Batch: the batch sizes, comma-separated.
+        #[arg(long, default_value = "1,10,50,100")]
+        sizes: String,
+        /// RECT settings, comma-separated: `none` or k (% kept).
+        #[arg(long, default_value = "none,80,60,40,20")]
+        rect: String,
+        /// General abilities measured at every evaluation: TASK=FILE (see `eval`).
+        #[arg(long, num_args = 1..)]
+        general: Vec<String>,
+        /// Items per general task (a seeded random subset).
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Perplexity window in tokens (default: the model's context).
+        #[arg(long)]
+        seq_len: Option<usize>,
+        #[command(flatten)]
+        stats: StatsArgs,
+        /// Output folder: results.csv, one PNG per metric, rel-gen-loc.png, state/.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// What a patch changes: facts, tensors, sizes, relative changes.
     ///
     /// Example: factpatch audit eiffel.fpatch --model fixtures/models/SmolLM2-135M-Instruct --heatmap eiffel.png
@@ -273,6 +315,14 @@ impl StatsArgs {
             anyhow::bail!("{:?} needs key statistics: pass --stats FILE or --corpus FILE", hp.method);
         })
     }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ScheduleKind {
+    /// One fact after another on one model.
+    Sequential,
+    /// The first N facts in one batch, for each size.
+    Batch,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -387,6 +437,35 @@ fn run(command: Command) -> Result<()> {
             } else {
                 print!("{report}");
             }
+            Ok(())
+        }
+        Command::Experiment { schedule, model, requests, method, edits, every, sizes, rect, general, limit, seed, seq_len, stats, out } => {
+            let rects = rect
+                .split(',')
+                .map(|x| if x.trim() == "none" { Ok(100.0) } else { x.trim().parse().with_context(|| format!("--rect: `{x}` is neither `none` nor a number")) })
+                .collect::<Result<Vec<f64>>>()?;
+            let schedule = match schedule {
+                ScheduleKind::Sequential => factpatch::experiment::Schedule::Sequential { edits, every },
+                ScheduleKind::Batch => factpatch::experiment::Schedule::Batch {
+                    sizes: sizes.split(',').map(|x| x.trim().parse().with_context(|| format!("--sizes: `{x}` is not a count"))).collect::<Result<_>>()?,
+                },
+            };
+            let general = general.iter().map(|spec| Ok(eval::tasks::Task::parse_spec(spec).and_then(|(t, p)| eval::tasks::read(t, &p))?)).collect::<Result<Vec<_>>>()?;
+            let hp = Hparams::defaults(method, &Model::load(&model)?);
+            let (cov, _) = stats.covariances(&model, &hp)?;
+            let setup = factpatch::experiment::Setup {
+                requests: request::read(&requests)?,
+                requests_path: requests,
+                hp,
+                rects,
+                cov,
+                general,
+                options: eval::Options { limit, seed, seq_len, ..eval::Options::default() },
+                out: out.clone(),
+                model,
+            };
+            let rows = factpatch::experiment::run(&setup, &schedule)?;
+            println!("{} values in {}", rows.len(), out.join("results.csv").display());
             Ok(())
         }
         Command::Generate { model, prompt, max_new_tokens, top_k, temperature, seed } => {

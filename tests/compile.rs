@@ -3,23 +3,13 @@
 
 mod common;
 
-use common::{root, smollm2};
+use common::{covariances, root, smollm2};
 use factpatch::checkpoint::Checkpoint;
 use factpatch::edit::{self, request, Covariances, Hparams, Method, Provenance};
 use factpatch::model::{generate, Model, Sampling};
 use factpatch::stats;
 use factpatch::tokenize::Tokenizer;
 use std::path::{Path, PathBuf};
-
-/// Key statistics over a slice of the shared SOTU text, cached under `target/`.
-fn covariances(model: &Path, layers: &[usize]) -> (Covariances, String) {
-    let corpus = root().join("../shared/data/text/sotu.txt");
-    let mut req = stats::Request::new(model, &[corpus]);
-    req.layers = Some(layers.to_vec());
-    req.max_tokens = Some(20_000);
-    let o = stats::find_or_compute(&req, &root().join("target/test-stats"), false).unwrap();
-    (o.stats.layers.iter().map(|(l, s)| (*l, s.second_moment())).collect(), o.id)
-}
 
 fn compile(dir: &Path, tok: &Tokenizer, requests: &[request::Request], hp: &Hparams, cov: &Covariances, stats_id: &str) -> (Model, Vec<u8>) {
     let mut model = Model::load(dir).unwrap();

@@ -198,6 +198,7 @@ impl ConfigJson<'_> {
 }
 
 /// One decoder block, the same structure for every family.
+#[derive(Clone)]
 pub(crate) struct Block {
     pub attn_norm: Norm,
     pub q: Linear,
@@ -211,6 +212,7 @@ pub(crate) struct Block {
     pub act: Activation,
 }
 
+#[derive(Clone)]
 pub(crate) enum MlpIn {
     /// `act(gate·x) ⊙ (up·x)` (SwiGLU).
     Gated { gate: Linear, up: Linear },
@@ -219,6 +221,7 @@ pub(crate) enum MlpIn {
 }
 
 /// Loaded tensors of a family, in the common structure.
+#[derive(Clone)]
 pub(crate) struct Weights {
     pub embed: Tensor,
     pub positions: Option<Tensor>,
@@ -246,7 +249,9 @@ impl Block {
     }
 }
 
-/// A loaded model, weights in f32 on one device.
+/// A loaded model, weights in f32 on one device. Cloning is cheap: the clone shares the
+/// weight tensors, and replacing one in either (an edit) leaves the other as it was.
+#[derive(Clone)]
 pub struct Model {
     pub config: Config,
     dir: PathBuf,

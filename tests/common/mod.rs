@@ -161,3 +161,13 @@ pub fn read_ref(path: &Path) -> BTreeMap<String, Ref> {
 pub fn ids(r: &Ref) -> Vec<u32> {
     r.i.iter().map(|&x| x as u32).collect()
 }
+
+/// Key statistics of SmolLM2 over a slice of the shared SOTU text, cached under `target/`.
+pub fn covariances(model: &Path, layers: &[usize]) -> (factpatch::edit::Covariances, String) {
+    let corpus = root().join("../shared/data/text/sotu.txt");
+    let mut req = factpatch::stats::Request::new(model, &[corpus]);
+    req.layers = Some(layers.to_vec());
+    req.max_tokens = Some(20_000);
+    let o = factpatch::stats::find_or_compute(&req, &root().join("target/test-stats"), false).unwrap();
+    (o.stats.layers.iter().map(|(l, s)| (*l, s.second_moment())).collect(), o.id)
+}

@@ -1,0 +1,326 @@
+//! Experiments: what an editing method costs as edits pile up, with and without RECT.
+//! `sequential` edits one fact after another on one model and evaluates every `every` edits
+//! (the facts edited so far, and the general abilities); `batch` edits the first N facts in one
+//! solve, for several N. Each RECT setting runs on its own copy of the model.
+//!
+//! Results are rows (setting, x, metric, value) in `results.csv`, rewritten atomically after
+//! every evaluation, with the edited weights saved beside them (`state/`), so an interrupted run
+//! resumes from its last completed evaluation. The plots are redrawn from the rows each time.
+
+use crate::edit::{self, request::Request, Covariances, Hparams};
+use crate::eval::{self, edits, general, tasks::TaskData, Models};
+use crate::model::{self, Model};
+use crate::plot::{self, Series};
+use crate::tokenize::Tokenizer;
+use candle_core::Tensor;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Everything that can go wrong running an experiment.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Compiling an edit failed.
+    #[error(transparent)]
+    Edit(#[from] edit::Error),
+    /// Evaluating failed.
+    #[error(transparent)]
+    Eval(#[from] eval::Error),
+    /// Loading or running the model failed.
+    #[error(transparent)]
+    Model(#[from] model::Error),
+    /// Drawing a plot failed.
+    #[error(transparent)]
+    Plot(#[from] plot::Error),
+    /// A results or state file is unreadable or does not belong to this experiment.
+    #[error("{path}: {problem}")]
+    State { path: PathBuf, problem: String },
+    /// The experiment asks for more facts than the requests hold, or for nothing.
+    #[error("{0}")]
+    Plan(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How edits are made between evaluations.
+#[derive(Clone, Debug)]
+pub enum Schedule {
+    /// Facts `0..edits` one at a time, evaluated after every `every` edits.
+    Sequential { edits: usize, every: usize },
+    /// For each size N, the first N facts in one batch, on a fresh model.
+    Batch { sizes: Vec<usize> },
+}
+
+/// What to run.
+pub struct Setup {
+    pub model: PathBuf,
+    pub requests: Vec<Request>,
+    pub requests_path: PathBuf,
+    /// Method and hyperparameters; `rect_k` is set per setting.
+    pub hp: Hparams,
+    /// RECT settings as k (100 = off).
+    pub rects: Vec<f64>,
+    pub cov: Covariances,
+    pub general: Vec<TaskData>,
+    pub options: eval::Options,
+    pub out: PathBuf,
+}
+
+/// One measured value: `metric` of `setting` after `x` edits (sequential) or at batch size `x`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    pub setting: String,
+    pub x: usize,
+    pub metric: String,
+    pub value: f64,
+}
+
+/// The label of a RECT setting: `none` for k = 100, else `k=40`.
+pub fn setting_name(k: f64) -> String {
+    if k >= 100.0 {
+        "none".into()
+    } else {
+        format!("k={k}")
+    }
+}
+
+/// Runs (or resumes) the experiment; returns every row.
+pub fn run(setup: &Setup, schedule: &Schedule) -> Result<Vec<Row>> {
+    let needed = match schedule {
+        Schedule::Sequential { edits, every } if *edits > 0 && *every > 0 => *edits,
+        Schedule::Batch { sizes } if !sizes.is_empty() && !sizes.contains(&0) => *sizes.iter().max().expect("non-empty"),
+        _ => return Err(Error::Plan("nothing to run: give a positive number of edits, interval and batch sizes".into())),
+    };
+    if needed > setup.requests.len() {
+        return Err(Error::Plan(format!("{}: {needed} facts asked for, {} there", setup.requests_path.display(), setup.requests.len())));
+    }
+    std::fs::create_dir_all(setup.out.join("state")).map_err(|e| state_err(&setup.out, e))?;
+    let results = setup.out.join("results.csv");
+    let mut rows = read_rows(&results)?;
+    let tok = Tokenizer::open(&setup.model).map_err(eval::Error::from)?;
+    let base = Model::load(&setup.model)?;
+    let templates = edit::context_templates(&base, &tok, &setup.hp.templates, setup.hp.seed)?;
+    // Fluency needs long generations at every evaluation; experiments leave it out.
+    let requests: Vec<Request> = setup.requests.iter().map(|r| Request { generation_prompts: Vec::new(), ..r.clone() }).collect();
+    let ctx = Context { setup, tok: &tok, templates: &templates, requests: &requests };
+    for &k in &setup.rects {
+        let hp = Hparams { rect_k: k, ..setup.hp.clone() };
+        let setting = setting_name(k);
+        match schedule {
+            Schedule::Sequential { edits, every } => ctx.sequential(&base, &hp, &setting, *edits, *every, &mut rows)?,
+            Schedule::Batch { sizes } => ctx.batch(&base, &hp, &setting, sizes, &mut rows)?,
+        }
+    }
+    Ok(rows)
+}
+
+struct Context<'a> {
+    setup: &'a Setup,
+    tok: &'a Tokenizer,
+    templates: &'a [Vec<String>],
+    requests: &'a [Request],
+}
+
+impl Context<'_> {
+    fn sequential(&self, base: &Model, hp: &Hparams, setting: &str, edits: usize, every: usize, rows: &mut Vec<Row>) -> Result<()> {
+        let done = rows.iter().filter(|r| r.setting == setting).map(|r| r.x).max();
+        if done.is_none() {
+            // Every setting starts from the same unedited model: measure it once.
+            let unedited: Vec<(String, f64)> = rows.iter().filter(|r| r.x == 0).take_while(|r| r.setting == rows[0].setting).map(|r| (r.metric.clone(), r.value)).collect();
+            let m = if unedited.is_empty() { self.measure(base, None, 0)? } else { unedited };
+            self.record(rows, setting, 0, m, "edits")?;
+        }
+        let done = done.unwrap_or(0);
+        if done >= edits {
+            return Ok(());
+        }
+        let mut model = Model::load(&self.setup.model)?;
+        if done > 0 {
+            self.restore(&mut model, setting, done, hp)?;
+        }
+        let bar = progress(setting, edits as u64, done as u64);
+        for i in done..edits {
+            edit::compile(&mut model, self.tok, std::slice::from_ref(&self.requests[i]), hp, &self.setup.cov, self.templates)?;
+            bar.inc(1);
+            if (i + 1) % every == 0 || i + 1 == edits {
+                bar.suspend(|| -> Result<()> {
+                    let m = self.measure(base, Some(&model), i + 1)?;
+                    self.save(&model, setting, i + 1, hp)?;
+                    self.record(rows, setting, i + 1, m, "edits")
+                })?;
+            }
+        }
+        bar.finish_and_clear();
+        Ok(())
+    }
+
+    fn batch(&self, base: &Model, hp: &Hparams, setting: &str, sizes: &[usize], rows: &mut Vec<Row>) -> Result<()> {
+        for &n in sizes {
+            if rows.iter().any(|r| r.setting == setting && r.x == n) {
+                continue;
+            }
+            let mut model = Model::load(&self.setup.model)?;
+            edit::compile(&mut model, self.tok, &self.requests[..n], hp, &self.setup.cov, self.templates)?;
+            let m = self.measure(base, Some(&model), n)?;
+            self.record(rows, setting, n, m, "batch size")?;
+        }
+        Ok(())
+    }
+
+    /// Edit metrics of the first `n` facts on `edited` (EasyEdit and CounterFact protocols),
+    /// and the general abilities of `edited` (or of the base model when `None`).
+    fn measure(&self, base: &Model, edited: Option<&Model>, n: usize) -> Result<Vec<(String, f64)>> {
+        let models = Models { base: base.clone(), patched: edited.cloned(), patch_ids: Vec::new() };
+        let mut out = Vec::new();
+        if n > 0 {
+            let opts = eval::Options { limit: None, progress: false, ..self.setup.options.clone() };
+            let report = edits::report(&models, self.tok, &self.setup.requests_path, &self.requests[..n], &opts)?;
+            out.extend(report.easyedit.iter().chain(&report.counterfact).map(|a| (a.name.to_string(), a.mean)));
+        }
+        for data in &self.setup.general {
+            let r = general::run(models.evaluated(), self.tok, data, &self.setup.options)?;
+            out.extend(r.metrics.iter().map(|m| (format!("{}/{}", data.task.name(), m.name), m.value)));
+        }
+        Ok(out)
+    }
+
+    /// Adds `measured` as rows, rewrites the CSV and redraws the plots.
+    fn record(&self, rows: &mut Vec<Row>, setting: &str, x: usize, measured: Vec<(String, f64)>, x_label: &str) -> Result<()> {
+        rows.extend(measured.into_iter().map(|(metric, value)| Row { setting: setting.to_string(), x, metric, value }));
+        // One order however the run was interrupted: settings as given, then x (stable).
+        let rank = |s: &str| self.setup.rects.iter().position(|&k| setting_name(k) == s).unwrap_or(usize::MAX);
+        rows.sort_by_key(|r| (rank(&r.setting), r.x));
+        let path = self.setup.out.join("results.csv");
+        crate::atomic::write(&path, csv(rows).as_bytes(), true).map_err(|e| state_err(&path, e))?;
+        draw(&self.setup.out, rows, x_label)
+    }
+
+    fn state_path(&self, setting: &str) -> PathBuf {
+        self.setup.out.join("state").join(format!("{setting}.safetensors"))
+    }
+
+    /// Saves the edited layers' weights after `edits` edits.
+    fn save(&self, model: &Model, setting: &str, edits: usize, hp: &Hparams) -> Result<()> {
+        let path = self.state_path(setting);
+        let tensors: Vec<(String, Vec<f32>, Vec<usize>)> = hp
+            .layers
+            .iter()
+            .map(|&l| {
+                let w = model.mlp_out_weight(l);
+                Ok((format!("layer.{l}"), w.flatten_all()?.to_vec1::<f32>()?, w.dims().to_vec()))
+            })
+            .collect::<std::result::Result<_, candle_core::Error>>()
+            .map_err(|e| Error::Model(e.into()))?;
+        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+            .iter()
+            .map(|(n, v, s)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), bytemuck::cast_slice(v)).expect("sizes match")))
+            .collect();
+        let meta = BTreeMap::from([("edits".to_string(), edits.to_string())]);
+        let bytes = safetensors::tensor::serialize(views, Some(meta.into_iter().collect())).map_err(|e| Error::State { path: path.clone(), problem: e.to_string() })?;
+        crate::atomic::write(&path, &bytes, true).map_err(|e| state_err(&path, e))
+    }
+
+    /// Loads the weights saved after `edits` edits into `model`.
+    fn restore(&self, model: &mut Model, setting: &str, edits: usize, hp: &Hparams) -> Result<()> {
+        let path = self.state_path(setting);
+        let bad = |problem: String| Error::State { path: path.clone(), problem };
+        let bytes = std::fs::read(&path).map_err(|e| bad(format!("cannot resume from {edits} edits: {e}")))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let saved = meta.metadata().as_ref().and_then(|m| m.get("edits")).cloned().unwrap_or_default();
+        if saved != edits.to_string() {
+            return Err(bad(format!("holds the state after {saved} edits, the results end at {edits}; delete the folder to start over")));
+        }
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+        for &l in &hp.layers {
+            let t = st.tensor(&format!("layer.{l}")).map_err(|e| bad(e.to_string()))?;
+            let values: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            let w = Tensor::from_vec(values, t.shape(), model.device()).map_err(|e| Error::Model(e.into()))?;
+            model.set_mlp_out_weight(l, w)?;
+        }
+        Ok(())
+    }
+}
+
+fn state_err(path: &Path, e: std::io::Error) -> Error {
+    Error::State { path: path.to_path_buf(), problem: e.to_string() }
+}
+
+fn progress(setting: &str, len: u64, pos: u64) -> ProgressBar {
+    let bar = ProgressBar::new(len).with_position(pos);
+    bar.set_style(ProgressStyle::with_template("{msg:8} {bar:30} {pos}/{len} edits  ETA {eta}").expect("valid template"));
+    bar.set_message(setting.to_string());
+    bar
+}
+
+/// The rows as CSV with a header.
+pub fn csv(rows: &[Row]) -> String {
+    let mut s = String::from("setting,x,metric,value\n");
+    for r in rows {
+        s.push_str(&format!("{},{},{},{}\n", r.setting, r.x, r.metric, r.value));
+    }
+    s
+}
+
+/// Rows from a results file written by [`csv`]; none if it does not exist.
+fn read_rows(path: &Path) -> Result<Vec<Row>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(state_err(path, e)),
+    };
+    text.lines()
+        .enumerate()
+        .skip(1)
+        .map(|(i, line)| {
+            let f: Vec<&str> = line.split(',').collect();
+            let bad = || Error::State { path: path.to_path_buf(), problem: format!("line {}: not `setting,x,metric,value`", i + 1) };
+            match f[..] {
+                [setting, x, metric, value] => Ok(Row {
+                    setting: setting.into(),
+                    x: x.parse().map_err(|_| bad())?,
+                    metric: metric.into(),
+                    value: value.parse().map_err(|_| bad())?,
+                }),
+                _ => Err(bad()),
+            }
+        })
+        .collect()
+}
+
+/// One line plot per metric (a line per setting), and bars of the edit metrics per setting at
+/// the largest x every setting has reached.
+fn draw(out: &Path, rows: &[Row], x_label: &str) -> Result<()> {
+    let mut metrics: Vec<&str> = rows.iter().map(|r| r.metric.as_str()).collect();
+    metrics.dedup();
+    let metrics: std::collections::BTreeSet<&str> = metrics.into_iter().collect();
+    let mut settings: Vec<&str> = Vec::new();
+    for r in rows {
+        if !settings.contains(&r.setting.as_str()) {
+            settings.push(&r.setting);
+        }
+    }
+    for metric in &metrics {
+        let series: Vec<Series> = settings
+            .iter()
+            .map(|s| Series {
+                label: s.to_string(),
+                points: rows.iter().filter(|r| r.setting == *s && r.metric == *metric).map(|r| (r.x as f64, r.value)).collect(),
+            })
+            .filter(|s| !s.points.is_empty())
+            .collect();
+        plot::lines(&out.join(format!("{}.png", metric.replace('/', "-"))), metric, x_label, metric, &series)?;
+    }
+    let last = settings.iter().map(|s| rows.iter().filter(|r| r.setting == *s).map(|r| r.x).max().unwrap_or(0)).min().unwrap_or(0);
+    let bars: Vec<Series> = ["reliability", "generalization", "locality"]
+        .iter()
+        .map(|m| Series {
+            label: m.to_string(),
+            points: settings.iter().map(|s| rows.iter().find(|r| r.setting == *s && r.x == last && r.metric == *m).map_or((0.0, 0.0), |r| (0.0, r.value))).collect(),
+        })
+        .collect();
+    if last > 0 {
+        let groups: Vec<String> = settings.iter().map(|s| s.to_string()).collect();
+        plot::bars(&out.join("rel-gen-loc.png"), &format!("after {last} ({x_label})"), "score", &groups, &bars)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,66 @@
+//! Experiments on the real model: rows for every setting and evaluation, plots, and a resumed
+//! run that ends exactly where an uninterrupted one does.
+
+mod common;
+
+use common::{covariances, root, smollm2};
+use factpatch::edit::{request, Hparams, Method};
+use factpatch::eval::{self, tasks};
+use factpatch::experiment::{self, Schedule, Setup};
+use factpatch::model::Model;
+use std::path::Path;
+
+fn setup(out: &Path) -> Setup {
+    let dir = smollm2();
+    let requests_path = root().join("../shared/data/edit/counterfact-rome-300.json");
+    // Few optimisation steps: this checks the bookkeeping, not edit quality.
+    let hp = Hparams { v_steps: 4, ..Hparams::defaults(Method::Memit, &Model::load(&dir).unwrap()) };
+    let (cov, _) = covariances(&dir, &hp.layers);
+    let wiki = tasks::read(tasks::Task::Perplexity, &root().join("../shared/data/text/wikitext-2-raw-test.txt")).unwrap();
+    Setup {
+        model: dir,
+        requests: request::read(&requests_path).unwrap()[..2].to_vec(),
+        requests_path,
+        hp,
+        rects: vec![100.0, 40.0],
+        cov,
+        general: vec![wiki],
+        options: eval::Options { limit: Some(1), seq_len: Some(64), ..eval::Options::default() },
+        out: out.to_path_buf(),
+    }
+}
+
+#[test]
+fn sequential_runs_resume_to_the_same_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (whole, resumed) = (tmp.path().join("whole"), tmp.path().join("resumed"));
+    let rows = experiment::run(&setup(&whole), &Schedule::Sequential { edits: 2, every: 1 }).unwrap();
+    for setting in ["none", "k=40"] {
+        for x in [0, 1, 2] {
+            let metrics: Vec<&str> = rows.iter().filter(|r| r.setting == setting && r.x == x).map(|r| r.metric.as_str()).collect();
+            assert!(metrics.contains(&"perplexity/perplexity"), "{setting} after {x}: {metrics:?}");
+            if x > 0 {
+                assert!(["reliability", "generalization", "locality", "efficacy"].iter().all(|m| metrics.contains(m)), "{setting} after {x}: {metrics:?}");
+            }
+        }
+    }
+    // Both settings start from the same unedited model.
+    let at0 = |s: &str| rows.iter().filter(|r| r.setting == s && r.x == 0).map(|r| r.value).collect::<Vec<_>>();
+    assert_eq!(at0("none"), at0("k=40"));
+    for png in ["reliability.png", "locality.png", "perplexity-perplexity.png", "rel-gen-loc.png"] {
+        assert!(whole.join(png).is_file(), "{png}");
+    }
+
+    // Stopped after one edit, then continued: the same rows, to the byte.
+    experiment::run(&setup(&resumed), &Schedule::Sequential { edits: 1, every: 1 }).unwrap();
+    experiment::run(&setup(&resumed), &Schedule::Sequential { edits: 2, every: 1 }).unwrap();
+    let csv = |d: &Path| std::fs::read_to_string(d.join("results.csv")).unwrap();
+    assert_eq!(csv(&resumed), csv(&whole));
+
+    // A state that does not match the results is refused, not silently used.
+    let state = resumed.join("state/k=40.safetensors");
+    std::fs::copy(resumed.join("state/none.safetensors"), &state).unwrap();
+    std::fs::write(resumed.join("results.csv"), csv(&whole).lines().filter(|l| !(l.starts_with("k=40,2,"))).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let e = experiment::run(&setup(&resumed), &Schedule::Sequential { edits: 2, every: 1 }).unwrap_err().to_string();
+    assert!(e.contains("k=40.safetensors") && e.contains("after 2 edits"), "{e}");
+}
