@@ -25,7 +25,7 @@ pub enum Error {
     Edit(#[from] edit::Error),
     /// Evaluating failed.
     #[error(transparent)]
-    Eval(#[from] eval::Error),
+    Eval(Box<eval::Error>),
     /// Loading or running the model failed.
     #[error(transparent)]
     Model(#[from] model::Error),
@@ -41,6 +41,12 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<eval::Error> for Error {
+    fn from(e: eval::Error) -> Self {
+        Error::Eval(Box::new(e))
+    }
+}
 
 /// How edits are made between evaluations.
 #[derive(Clone, Debug)]

@@ -450,7 +450,11 @@ fn run(command: Command) -> Result<()> {
                     sizes: sizes.split(',').map(|x| x.trim().parse().with_context(|| format!("--sizes: `{x}` is not a count"))).collect::<Result<_>>()?,
                 },
             };
-            let general = general.iter().map(|spec| Ok(eval::tasks::Task::parse_spec(spec).and_then(|(t, p)| eval::tasks::read(t, &p))?)).collect::<Result<Vec<_>>>()?;
+            let mut tasks = Vec::with_capacity(general.len());
+            for spec in &general {
+                let (task, path) = eval::tasks::Task::parse_spec(spec)?;
+                tasks.push(eval::tasks::read(task, &path)?);
+            }
             let hp = Hparams::defaults(method, &Model::load(&model)?);
             let (cov, _) = stats.covariances(&model, &hp)?;
             let setup = factpatch::experiment::Setup {
@@ -459,7 +463,7 @@ fn run(command: Command) -> Result<()> {
                 hp,
                 rects,
                 cov,
-                general,
+                general: tasks,
                 options: eval::Options { limit, seed, seq_len, ..eval::Options::default() },
                 out: out.clone(),
                 model,

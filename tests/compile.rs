@@ -7,7 +7,6 @@ use common::{covariances, root, smollm2};
 use factpatch::checkpoint::Checkpoint;
 use factpatch::edit::{self, request, Covariances, Hparams, Method, Provenance};
 use factpatch::model::{generate, Model, Sampling};
-use factpatch::stats;
 use factpatch::tokenize::Tokenizer;
 use std::path::{Path, PathBuf};
 
