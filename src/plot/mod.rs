@@ -51,7 +51,7 @@ pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[S
             .x_label_area_size(44)
             .y_label_area_size(64)
             .build_cartesian_2d(0f64..x_max, y_min..y_top)?;
-        chart.configure_mesh().x_desc(x_label).y_desc(y_label).label_style(("sans-serif", 14)).draw()?;
+        chart.configure_mesh().light_line_style(WHITE).x_desc(x_label).y_desc(y_label).label_style(("sans-serif", 14)).draw()?;
         for (i, s) in series.iter().enumerate() {
             let c = COLOURS[i % COLOURS.len()];
             chart
@@ -79,6 +79,7 @@ pub fn bars(path: &Path, title: &str, y_label: &str, groups: &[String], series: 
         chart
             .configure_mesh()
             .disable_x_mesh()
+            .light_line_style(WHITE)
             .x_labels(groups.len() * 2 + 1)
             .x_label_formatter(&|x| {
                 let g = x.floor() as usize;
