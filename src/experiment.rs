@@ -239,8 +239,7 @@ impl Context<'_> {
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
         for &l in &hp.layers {
             let t = st.tensor(&format!("layer.{l}")).map_err(|e| bad(e.to_string()))?;
-            let values: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-            let w = Tensor::from_vec(values, t.shape(), model.device()).map_err(|e| Error::Model(e.into()))?;
+            let w = Tensor::from_vec(crate::checkpoint::Dtype::F32.decode(t.data()), t.shape(), model.device()).map_err(|e| Error::Model(e.into()))?;
             model.set_mlp_out_weight(l, w)?;
         }
         Ok(())
@@ -296,9 +295,7 @@ fn read_rows(path: &Path) -> Result<Vec<Row>> {
 /// One line plot per metric (a line per setting), and bars of the edit metrics per setting at
 /// the largest x every setting has reached.
 fn draw(out: &Path, rows: &[Row], x_label: &str) -> Result<()> {
-    let mut metrics: Vec<&str> = rows.iter().map(|r| r.metric.as_str()).collect();
-    metrics.dedup();
-    let metrics: std::collections::BTreeSet<&str> = metrics.into_iter().collect();
+    let metrics: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.metric.as_str()).collect();
     let mut settings: Vec<&str> = Vec::new();
     for r in rows {
         if !settings.contains(&r.setting.as_str()) {

@@ -45,12 +45,7 @@ pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[S
     let y_min = all().fold(y_max, |y, p| y.min(p.1)).min(0.0);
     let y_top = if y_max > y_min { y_max + 0.05 * (y_max - y_min) } else { y_min + 1.0 };
     render(path, |root| {
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 22))
-            .margin(14)
-            .x_label_area_size(44)
-            .y_label_area_size(64)
-            .build_cartesian_2d(0f64..x_max, y_min..y_top)?;
+        let mut chart = frame(&root, title).build_cartesian_2d(0f64..x_max, y_min..y_top)?;
         chart.configure_mesh().light_line_style(WHITE).x_desc(x_label).y_desc(y_label).label_style(("sans-serif", 14)).draw()?;
         for (i, s) in series.iter().enumerate() {
             let c = COLOURS[i % COLOURS.len()];
@@ -70,12 +65,7 @@ pub fn bars(path: &Path, title: &str, y_label: &str, groups: &[String], series: 
     let y_max = series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).fold(0f64, f64::max).max(1e-9) * 1.1;
     let n = series.len().max(1) as f64;
     render(path, |root| {
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 22))
-            .margin(14)
-            .x_label_area_size(44)
-            .y_label_area_size(64)
-            .build_cartesian_2d(0f64..groups.len() as f64, 0f64..y_max)?;
+        let mut chart = frame(&root, title).build_cartesian_2d(0f64..groups.len() as f64, 0f64..y_max)?;
         chart
             .configure_mesh()
             .disable_x_mesh()
@@ -100,6 +90,13 @@ pub fn bars(path: &Path, title: &str, y_label: &str, groups: &[String], series: 
         chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).background_style(WHITE.mix(0.85)).border_style(BLACK).label_font(("sans-serif", 14)).draw()?;
         Ok(())
     })
+}
+
+/// The chart's caption, margins and label areas, shared by every kind of chart.
+fn frame<'a, 'b>(root: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>, title: &str) -> ChartBuilder<'a, 'b, BitMapBackend<'b>> {
+    let mut b = ChartBuilder::on(root);
+    b.caption(title, ("sans-serif", 22)).margin(14).x_label_area_size(44).y_label_area_size(64);
+    b
 }
 
 type DrawResult = std::result::Result<(), Box<dyn std::error::Error>>;
