@@ -6,7 +6,7 @@
 //! sets how many records of `../shared/data/edit/counterfact-rome-300.json` (default 10),
 //! `FACTPATCH_BENCH_RUNS` which runs (default `rome,memit,memit-batch`).
 
-use factpatch::edit::{self, request, target, Covariances, Hparams, Method};
+use factpatch::edit::{self, request, target, Hparams, Method, Preserved};
 use factpatch::model::Model;
 use factpatch::stats;
 use factpatch::tokenize::Tokenizer;
@@ -45,7 +45,7 @@ fn main() {
     let mut sreq = stats::Request::new(&dir, &[root.join("fixtures/corpus/sotu.txt")]);
     sreq.max_tokens = Some(100_000);
     let st = stats::find_or_compute(&sreq, &stats::default_cache_dir(), true).unwrap();
-    let cov: Covariances = st.stats.layers.iter().map(|(l, s)| (*l, s.second_moment())).collect();
+    let cov: Preserved = st.stats.layers.iter().map(|(l, s)| (*l, s.second_moment())).collect();
     let pre = scores(&base, &tok, reqs);
     println!("{n} CounterFact records; unedited: efficacy {:.2}, paraphrase {:.2}, neighbourhood {:.2}", pre[0] / n as f64, pre[1] / n as f64, pre[2] / n as f64);
     println!("\n| method | RECT k | batch | s/fact | efficacy | paraphrase | neighbourhood |\n|---|---|---|---|---|---|---|");
@@ -70,7 +70,7 @@ fn main() {
             for group in reqs.chunks(batch) {
                 let mut m = Model::load(&dir).unwrap();
                 let t = Instant::now();
-                edit::compile(&mut m, &tok, group, &hp, &cov, &templates).unwrap();
+                edit::compile(&mut m, &tok, group, &hp, &mut cov.clone(), &templates).unwrap();
                 seconds += t.elapsed().as_secs_f64();
                 let g = scores(&m, &tok, group);
                 (0..3).for_each(|i| s[i] += g[i]);

@@ -7,7 +7,7 @@
 //! every evaluation, with the edited weights saved beside them (`state/`), so an interrupted run
 //! resumes from its last completed evaluation. The plots are redrawn from the rows each time.
 
-use crate::edit::{self, request::Request, Covariances, Hparams};
+use crate::edit::{self, request::Request, Hparams, Preserved};
 use crate::eval::{self, edits, general, tasks::TaskData, Models};
 use crate::model::{self, Model};
 use crate::plot::{self, Series};
@@ -66,7 +66,8 @@ pub struct Setup {
     pub hp: Hparams,
     /// RECT settings as k (100 = off).
     pub rects: Vec<f64>,
-    pub cov: Covariances,
+    /// Key statistics; each setting starts from these, with no earlier edits.
+    pub preserved: Preserved,
     pub general: Vec<TaskData>,
     pub options: eval::Options,
     pub out: PathBuf,
@@ -141,17 +142,18 @@ impl Context<'_> {
             return Ok(());
         }
         let mut model = Model::load(&self.setup.model)?;
+        let mut preserved = self.setup.preserved.clone();
         if done > 0 {
-            self.restore(&mut model, setting, done, hp)?;
+            self.restore(&mut model, &mut preserved, setting, done, hp)?;
         }
         let bar = progress(setting, edits as u64, done as u64);
         for i in done..edits {
-            edit::compile(&mut model, self.tok, std::slice::from_ref(&self.requests[i]), hp, &self.setup.cov, self.templates)?;
+            edit::compile(&mut model, self.tok, std::slice::from_ref(&self.requests[i]), hp, &mut preserved, self.templates)?;
             bar.inc(1);
             if (i + 1) % every == 0 || i + 1 == edits {
                 bar.suspend(|| -> Result<()> {
                     let m = self.measure(base, Some(&model), i + 1)?;
-                    self.save(&model, setting, i + 1, hp)?;
+                    self.save(&model, &preserved, setting, i + 1, hp)?;
                     self.record(rows, setting, i + 1, m, "edits")
                 })?;
             }
@@ -166,7 +168,7 @@ impl Context<'_> {
                 continue;
             }
             let mut model = Model::load(&self.setup.model)?;
-            edit::compile(&mut model, self.tok, &self.requests[..n], hp, &self.setup.cov, self.templates)?;
+            edit::compile(&mut model, self.tok, &self.requests[..n], hp, &mut self.setup.preserved.clone(), self.templates)?;
             let m = self.measure(base, Some(&model), n)?;
             self.record(rows, setting, n, m, "batch size")?;
         }
@@ -205,8 +207,8 @@ impl Context<'_> {
         self.setup.out.join("state").join(format!("{setting}.safetensors"))
     }
 
-    /// Saves the edited layers' weights after `edits` edits.
-    fn save(&self, model: &Model, setting: &str, edits: usize, hp: &Hparams) -> Result<()> {
+    /// Saves the edited layers' weights after `edits` edits, and the earlier edits' keys.
+    fn save(&self, model: &Model, preserved: &Preserved, setting: &str, edits: usize, hp: &Hparams) -> Result<()> {
         let path = self.state_path(setting);
         let tensors: Vec<(String, Vec<f32>, Vec<usize>)> = hp
             .layers
@@ -217,17 +219,21 @@ impl Context<'_> {
             })
             .collect::<std::result::Result<_, candle_core::Error>>()
             .map_err(|e| Error::Model(e.into()))?;
+        let keys: Vec<(String, Vec<f64>, Vec<usize>)> =
+            preserved.earlier().iter().map(|(l, k)| (format!("earlier_keys.{l}"), k.iter().copied().collect(), k.shape().to_vec())).collect();
+        let view = |dtype, s: &[usize], bytes| safetensors::tensor::TensorView::new(dtype, s.to_vec(), bytes).expect("sizes match");
         let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
             .iter()
-            .map(|(n, v, s)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), bytemuck::cast_slice(v)).expect("sizes match")))
+            .map(|(n, v, s)| (n.clone(), view(safetensors::Dtype::F32, s, bytemuck::cast_slice(v))))
+            .chain(keys.iter().map(|(n, v, s)| (n.clone(), view(safetensors::Dtype::F64, s, bytemuck::cast_slice(v)))))
             .collect();
         let meta = BTreeMap::from([("edits".to_string(), edits.to_string())]);
         let bytes = safetensors::tensor::serialize(views, Some(meta.into_iter().collect())).map_err(|e| Error::State { path: path.clone(), problem: e.to_string() })?;
         crate::atomic::write(&path, &bytes, true).map_err(|e| state_err(&path, e))
     }
 
-    /// Loads the weights saved after `edits` edits into `model`.
-    fn restore(&self, model: &mut Model, setting: &str, edits: usize, hp: &Hparams) -> Result<()> {
+    /// Loads the weights saved after `edits` edits into `model`, the earlier keys into `preserved`.
+    fn restore(&self, model: &mut Model, preserved: &mut Preserved, setting: &str, edits: usize, hp: &Hparams) -> Result<()> {
         let path = self.state_path(setting);
         let bad = |problem: String| Error::State { path: path.clone(), problem };
         let bytes = std::fs::read(&path).map_err(|e| bad(format!("cannot resume from {edits} edits: {e}")))?;
@@ -241,6 +247,13 @@ impl Context<'_> {
             let t = st.tensor(&format!("layer.{l}")).map_err(|e| bad(e.to_string()))?;
             let w = Tensor::from_vec(crate::checkpoint::Dtype::F32.decode(t.data()), t.shape(), model.device()).map_err(|e| Error::Model(e.into()))?;
             model.set_mlp_out_weight(l, w)?;
+        }
+        for (name, t) in st.tensors() {
+            if let Some(l) = name.strip_prefix("earlier_keys.").and_then(|l| l.parse().ok()) {
+                let shape = (t.shape()[0], t.shape()[1]);
+                let k = ndarray::Array2::from_shape_vec(shape, t.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))).collect()).map_err(|e| bad(e.to_string()))?;
+                preserved.remember(l, &k);
+            }
         }
         Ok(())
     }

@@ -155,7 +155,7 @@ enum Command {
         /// Edit requests to score: CounterFact, EasyEdit, zsRE or factpatch JSONL (formats/requests.md).
         #[arg(long, required_unless_present = "general")]
         requests: Option<PathBuf>,
-        /// TASK=FILE, TASK one of perplexity, hellaswag, boolq, sst2, rte, nq-open, gsm8k.
+        /// TASK=FILE or TASK:N=FILE (N items, in place of --limit); TASK one of perplexity, hellaswag, boolq, sst2, rte, nq-open, gsm8k.
         #[arg(long, num_args = 1..)]
         general: Vec<String>,
         /// Evaluate a random subset of N items per file (records, task items, perplexity windows).
@@ -199,7 +199,7 @@ enum Command {
         /// RECT settings, comma-separated: `none` or k (% kept).
         #[arg(long, default_value = "none,80,60,40,20")]
         rect: String,
-        /// General abilities measured at every evaluation: TASK=FILE (see `eval`).
+        /// General abilities measured at every evaluation: TASK=FILE or TASK:N=FILE (see `eval`).
         #[arg(long, num_args = 1..)]
         general: Vec<String>,
         /// Items per general task (a seeded random subset).
@@ -210,6 +210,9 @@ enum Command {
         /// Perplexity window in tokens (default: the model's context).
         #[arg(long)]
         seq_len: Option<usize>,
+        /// Override a hyperparameter, KEY=JSON (see `compile --set`); repeatable.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
         #[command(flatten)]
         stats: StatsArgs,
         /// Output folder: results.csv, one PNG per metric, rel-gen-loc.png, state/.
@@ -270,6 +273,9 @@ struct CompileArgs {
     /// MEMIT's λ on the key second moment (default: see `Hparams::mom2_weight`).
     #[arg(long)]
     mom2_weight: Option<f64>,
+    /// Override a hyperparameter, KEY=JSON (e.g. alpha=1, layers=[3,4], kn.steps=5); repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
     /// Patches already applied to --model, in order: the new patch is compiled on top of them
     /// (sequential editing) and records the last one as its parent.
     #[arg(long, num_args = 1..)]
@@ -297,10 +303,9 @@ struct StatsArgs {
 
 impl StatsArgs {
     /// The key second moments `hp` needs (none for ROME without mom2 adjustment) and their id.
-    fn covariances(&self, model: &Path, hp: &Hparams) -> Result<(edit::Covariances, Option<String>)> {
-        let needs_stats = hp.method == Method::Memit || hp.mom2_adjustment;
-        Ok(if !needs_stats {
-            (edit::Covariances::new(), None)
+    fn covariances(&self, model: &Path, hp: &Hparams) -> Result<(edit::Preserved, Option<String>)> {
+        Ok(if !hp.needs_stats() {
+            (edit::Preserved::default(), None)
         } else if let Some(path) = &self.stats {
             let s = stats::Stats::read(path)?;
             (s.layers.iter().map(|(l, s)| (*l, s.second_moment())).collect(), Some(stats::file_id(path)?))
@@ -423,10 +428,7 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Eval { model, patch, requests, general, limit, seed, seq_len, json, csv } => {
-            let mut tasks = Vec::with_capacity(general.len());
-            for spec in &general {
-                tasks.push(eval::tasks::Task::parse_spec(spec)?);
-            }
+            let tasks = general.iter().map(|s| Ok(eval::tasks::Spec::parse(s)?)).collect::<Result<Vec<_>>>()?;
             let options = eval::Options { limit, seed, seq_len, progress: true, ..eval::Options::default() };
             let report = eval::run(&eval::Plan { model, patches: patch, requests, tasks, options })?;
             if let Some(path) = csv {
@@ -439,7 +441,7 @@ fn run(command: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::Experiment { schedule, model, requests, method, edits, every, sizes, rect, general, limit, seed, seq_len, stats, out } => {
+        Command::Experiment { schedule, model, requests, method, edits, every, sizes, rect, general, limit, seed, seq_len, set, stats, out } => {
             let rects = rect
                 .split(',')
                 .map(|x| if x.trim() == "none" { Ok(100.0) } else { x.trim().parse().with_context(|| format!("--rect: `{x}` is neither `none` nor a number")) })
@@ -450,19 +452,18 @@ fn run(command: Command) -> Result<()> {
                     sizes: sizes.split(',').map(|x| x.trim().parse().with_context(|| format!("--sizes: `{x}` is not a count"))).collect::<Result<_>>()?,
                 },
             };
-            let mut tasks = Vec::with_capacity(general.len());
-            for spec in &general {
-                let (task, path) = eval::tasks::Task::parse_spec(spec)?;
-                tasks.push(eval::tasks::read(task, &path)?);
+            let tasks = general.iter().map(|s| Ok(eval::tasks::Spec::parse(s)?.read()?)).collect::<Result<Vec<_>>>()?;
+            let mut hp = Hparams::defaults(method, &Model::load(&model)?);
+            for assignment in &set {
+                hp.set(assignment)?;
             }
-            let hp = Hparams::defaults(method, &Model::load(&model)?);
-            let (cov, _) = stats.covariances(&model, &hp)?;
+            let (preserved, _) = stats.covariances(&model, &hp)?;
             let setup = factpatch::experiment::Setup {
                 requests: request::read(&requests)?,
                 requests_path: requests,
                 hp,
                 rects,
-                cov,
+                preserved,
                 general: tasks,
                 options: eval::Options { limit, seed, seq_len, ..eval::Options::default() },
                 out: out.clone(),
@@ -560,10 +561,17 @@ fn compile(args: &CompileArgs, out: &Path) -> Result<()> {
     if let Some(layers) = &args.layers {
         hp.layers = stats::parse_layers(layers)?;
     }
-    let (cov, stats_id) = args.stats.covariances(&args.model, &hp)?;
+    for assignment in &args.set {
+        hp.set(assignment)?;
+    }
+    let (mut preserved, stats_id) = args.stats.covariances(&args.model, &hp)?;
     let started = std::time::Instant::now();
     let templates = edit::context_templates(&model, &tok, &hp.templates, hp.seed)?;
-    let (updates, reports) = edit::compile(&mut model, &tok, &requests, &hp, &cov, &templates)?;
+    if hp.method == Method::AlphaEdit {
+        let earlier: Vec<_> = parents.patches().iter().flat_map(edit::request::recorded).collect();
+        preserved.remember_requests(&model, &tok, &earlier, &templates, &hp.layers)?;
+    }
+    let (updates, reports) = edit::compile(&mut model, &tok, &requests, &hp, &mut preserved, &templates)?;
     let seconds = started.elapsed().as_secs_f64();
     let name = args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let parent = parents.patches().last().map(|p| p.id().to_string());

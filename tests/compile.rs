@@ -5,15 +5,15 @@ mod common;
 
 use common::{covariances, root, smollm2};
 use factpatch::checkpoint::Checkpoint;
-use factpatch::edit::{self, request, Covariances, Hparams, Method, Provenance};
+use factpatch::edit::{self, request, Hparams, Method, Preserved, Provenance};
 use factpatch::model::{generate, Model, Sampling};
 use factpatch::tokenize::Tokenizer;
 use std::path::{Path, PathBuf};
 
-fn compile(dir: &Path, tok: &Tokenizer, requests: &[request::Request], hp: &Hparams, cov: &Covariances, stats_id: &str) -> (Model, Vec<u8>) {
+fn compile(dir: &Path, tok: &Tokenizer, requests: &[request::Request], hp: &Hparams, cov: &Preserved, stats_id: &str) -> (Model, Vec<u8>) {
     let mut model = Model::load(dir).unwrap();
     let templates = edit::context_templates(&model, tok, &hp.templates, hp.seed).unwrap();
-    let (updates, reports) = edit::compile(&mut model, tok, requests, hp, cov, &templates).unwrap();
+    let (updates, reports) = edit::compile(&mut model, tok, requests, hp, &mut cov.clone(), &templates).unwrap();
     let prov = Provenance { model_name: "SmolLM2".into(), stats_id: Some(stats_id.into()), parent: None, reports: &reports };
     let bytes = edit::patch_bytes(&Checkpoint::open(dir).unwrap(), model.config.family, requests, &updates, hp, &prov).unwrap();
     (model, bytes)
@@ -64,13 +64,71 @@ fn rome_edits_counterfact_records() {
     let (cov, stats_id) = covariances(&dir, &hp.layers);
     for r in &records[..2] {
         let (edited, _) = compile(&dir, &tok, std::slice::from_ref(r), &hp, &cov, &stats_id);
-        let score = |m: &Model, target: &str| {
-            let t = tok.ids(&request::continuation(target)).unwrap();
-            edit::target::target_logprob(m, &[tok.ids(&r.filled()).unwrap()], &t).unwrap()[0]
-        };
-        let old = r.target_true.as_deref().unwrap();
-        assert!(score(&edited, &r.target_new) > score(&edited, old), "{}: new target not preferred after the edit", r.origin);
+        assert!(prefers_new(&edited, &tok, r), "{}: new target not preferred after the edit", r.origin);
     }
+}
+
+/// Whether `model` prefers `r`'s new target to its true one after the raw prompt.
+fn prefers_new(model: &Model, tok: &Tokenizer, r: &request::Request) -> bool {
+    let score = |target: &str| {
+        let t = tok.ids(&request::continuation(target)).unwrap();
+        edit::target::target_logprob(model, &[tok.ids(&r.filled()).unwrap()], &t).unwrap()[0]
+    };
+    score(&r.target_new) > score(r.target_true.as_deref().unwrap())
+}
+
+#[test]
+fn emmet_and_alphaedit_edit_counterfact_records_one_after_another() {
+    let dir = smollm2();
+    let tok = Tokenizer::open(&dir).unwrap();
+    let records = request::read(&root().join("../shared/data/edit/counterfact-rome-300.json")).unwrap();
+    let (cov, _) = covariances(&dir, &[4, 5, 6, 7, 8]);
+    for method in [Method::Emmet, Method::AlphaEdit] {
+        let mut model = Model::load(&dir).unwrap();
+        let hp = Hparams { rect_k: 100.0, ..Hparams::defaults(method, &model) };
+        let templates = edit::context_templates(&model, &tok, &hp.templates, hp.seed).unwrap();
+        let mut preserved = cov.clone();
+        for (i, r) in records[..2].iter().enumerate() {
+            edit::compile(&mut model, &tok, std::slice::from_ref(r), &hp, &mut preserved, &templates).unwrap();
+            assert!(prefers_new(&model, &tok, r), "{method:?}, {}: new target not preferred after the edit", r.origin);
+            // AlphaEdit keeps every edited fact's keys for the edits after it.
+            let kept: Vec<usize> = preserved.earlier().values().map(|k| k.ncols()).collect();
+            match method {
+                Method::AlphaEdit => assert_eq!(kept, vec![i + 1; hp.layers.len()]),
+                _ => assert!(kept.is_empty()),
+            }
+        }
+    }
+}
+
+#[test]
+fn kn_swaps_embeddings_in_the_selected_neurons_only() {
+    let dir = smollm2();
+    let tok = Tokenizer::open(&dir).unwrap();
+    let records = request::read(&root().join("../shared/data/edit/counterfact-rome-300.json")).unwrap();
+    let base = Model::load(&dir).unwrap();
+    let mut model = base.clone();
+    let hp = Hparams { rect_k: 100.0, ..Hparams::defaults(Method::Kn, &base) };
+    let templates = edit::context_templates(&model, &tok, &hp.templates, hp.seed).unwrap();
+    let r = &records[0];
+    let (updates, reports) = edit::compile(&mut model, &tok, std::slice::from_ref(r), &hp, &mut Preserved::default(), &templates).unwrap();
+    let embedding = |text: &str| -> Vec<f32> { base.token_embedding(tok.ids(&request::continuation(text)).unwrap()[0]).unwrap().to_vec1().unwrap() };
+    let swap: Vec<f32> = embedding(&r.target_new).iter().zip(embedding(r.target_true.as_deref().unwrap())).map(|(n, o)| 2.0 * (n - o)).collect();
+    let mut changed = 0;
+    for l in 0..base.config.num_layers {
+        let (w0, w1) = (base.mlp_out_weight(l).to_vec2::<f32>().unwrap(), model.mlp_out_weight(l).to_vec2::<f32>().unwrap());
+        for n in 0..w0[0].len() {
+            let column: Vec<f32> = (0..w0.len()).map(|i| w1[i][n] - w0[i][n]).collect();
+            if column.iter().all(|&x| x == 0.0) {
+                continue;
+            }
+            changed += 1;
+            let miss = column.iter().zip(&swap).map(|(c, s)| (c - s).abs()).fold(0.0f32, f32::max);
+            assert!(miss < 1e-5, "layer {l} neuron {n}: column moved by something other than 2·(E[new] − E[old]) ({miss:e})");
+        }
+    }
+    assert!(changed > 0 && Some(changed) == reports[0].neurons, "{changed} columns changed, {:?} neurons reported", reports[0].neurons);
+    assert_eq!(updates.iter().map(|u| u.u.ncols()).collect::<Vec<_>>(), vec![1; updates.len()], "one rank-one update per layer");
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {

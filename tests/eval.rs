@@ -7,7 +7,7 @@ mod common;
 use common::{manifest, root, smollm2, values, write_patch};
 use factpatch::checkpoint::Checkpoint;
 use factpatch::edit::{request, target};
-use factpatch::eval::tasks::{self, Items, Task};
+use factpatch::eval::tasks::{self, Items, Spec, Task};
 use factpatch::eval::{answer, edits, fluency, general, score, Error, Models, Options, Plan};
 use factpatch::model::{Batch, Hooks, Model};
 use factpatch::patch::Delta;
@@ -181,11 +181,14 @@ fn task_files_become_prompts() {
 
 #[test]
 fn unknown_tasks_and_bad_specs() {
-    let e = Task::parse_spec("squad=x.json").unwrap_err();
+    let e = Spec::parse("squad=x.json").unwrap_err();
     assert!(matches!(e, Error::UnknownTask { .. }));
     assert_eq!(e.to_string(), "unknown task `squad` (known: perplexity, hellaswag, boolq, sst2, rte, nq-open, gsm8k)");
-    assert!(matches!(Task::parse_spec("hellaswag"), Err(Error::TaskSpec(_))));
-    assert_eq!(Task::parse_spec("nq-open=a/b.jsonl").unwrap(), (Task::NqOpen, PathBuf::from("a/b.jsonl")));
+    for bad in ["hellaswag", "hellaswag=", "hellaswag:=x.txt", "hellaswag:0=x.txt", "hellaswag:-3=x.txt"] {
+        assert!(matches!(Spec::parse(bad), Err(Error::TaskSpec(_))), "{bad}");
+    }
+    assert_eq!(Spec::parse("nq-open=a/b.jsonl").unwrap(), Spec { task: Task::NqOpen, path: PathBuf::from("a/b.jsonl"), limit: None });
+    assert_eq!(Spec::parse("perplexity:20=c:/w.txt").unwrap(), Spec { task: Task::Perplexity, path: PathBuf::from("c:/w.txt"), limit: Some(20) });
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_factpatch"))
         .args(["eval", "--model", "nowhere", "--general", "squad=x.json"])
         .output()
@@ -239,7 +242,8 @@ fn real_plan(edits: bool) -> Plan {
     let data = root().join("../shared/data");
     let (requests, tasks, limit) = match edits {
         true => (Some(data.join("edit/counterfact-rome-300.json")), vec![], 2),
-        false => (None, vec![(Task::HellaSwag, data.join("general/hellaswag-val.txt"))], 20),
+        // The task's own count overrides --limit.
+        false => (None, vec![Spec { task: Task::HellaSwag, path: data.join("general/hellaswag-val.txt"), limit: Some(20) }], 3),
     };
     Plan { model: smollm2(), patches: vec![], requests, tasks, options: Options { limit: Some(limit), seed: 3, fluency_length: 30, ..Options::default() } }
 }

@@ -23,7 +23,7 @@ fn setup(out: &Path) -> Setup {
         requests_path,
         hp,
         rects: vec![100.0, 40.0],
-        cov,
+        preserved: cov,
         general: vec![wiki],
         options: eval::Options { limit: Some(1), seq_len: Some(64), ..eval::Options::default() },
         out: out.to_path_buf(),

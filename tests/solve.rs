@@ -91,3 +91,85 @@ fn memit_refuses_a_degenerate_system() {
     let err = solve::memit(&Array2::zeros((3, 2)), &k, &Array2::zeros((4, 4)), 1.0).unwrap_err();
     assert!(err.to_string().contains("not positive definite"), "{err}");
 }
+
+#[test]
+fn emmet_matches_dense_reference_and_is_exact_without_ridge() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+    for (d_out, d_in, n, lambda, mu) in [(6, 9, 1, 10.0, 0.1), (5, 12, 4, 1.5, 0.0), (8, 16, 7, 100.0, 0.5)] {
+        let r = random(&mut rng, d_out, n);
+        let k = random(&mut rng, d_in, n);
+        let c = second_moment(&mut rng, d_in);
+        let (u, v) = solve::emmet(&r, &k, &c, lambda, mu).unwrap();
+        let cinv = inverse(&(&c * lambda));
+        let d = k.t().dot(&cinv).dot(&k) + Array2::<f64>::eye(n) * mu;
+        let dense = r.dot(&inverse(&d)).dot(&k.t()).dot(&cinv);
+        let update = u.dot(&v.t());
+        let err = max_abs(&(&update - &dense)) / max_abs(&dense);
+        assert!(err < 1e-9, "emmet ({d_out}x{d_in}, n={n}): relative error {err:e}");
+        if mu == 0.0 {
+            // Equality constraints: every key lands exactly on its residual.
+            let miss = max_abs(&(update.dot(&k) - &r));
+            assert!(miss < 1e-9, "emmet: ΔW K misses R by {miss:e}");
+        }
+    }
+}
+
+/// A symmetric matrix with the given eigenvalues along random orthonormal directions, and
+/// those directions (columns).
+fn with_spectrum(rng: &mut impl Rng, values: &[f64]) -> (Array2<f64>, Array2<f64>) {
+    let n = values.len();
+    // Gram–Schmidt on random columns.
+    let mut q = random(rng, n, n);
+    for j in 0..n {
+        for i in 0..j {
+            let proj = q.column(i).dot(&q.column(j));
+            let qi = q.column(i).to_owned();
+            q.column_mut(j).scaled_add(-proj, &qi);
+        }
+        let norm = q.column(j).dot(&q.column(j)).sqrt();
+        q.column_mut(j).mapv_inplace(|x| x / norm);
+    }
+    let c = q.dot(&Array2::from_diag(&Array1::from(values.to_vec()))).dot(&q.t());
+    (c, q)
+}
+
+#[test]
+fn nullspace_projects_onto_the_small_eigendirections() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    let values = [3.0, 1e-3, 0.5, 2e-2 * 0.99, 7.0, 1e-6, 0.03, 2.0];
+    let (c, q) = with_spectrum(&mut rng, &values);
+    let p = solve::nullspace(&c, 2e-2).unwrap();
+    let small: Vec<usize> = (0..values.len()).filter(|&i| values[i] < 2e-2).collect();
+    let u = q.select(ndarray::Axis(1), &small);
+    let dense = u.dot(&u.t());
+    assert!(max_abs(&(&p - &dense)) < 1e-9, "projector differs from Û Ûᵀ");
+    assert!(max_abs(&(p.dot(&p) - &p)) < 1e-9, "not idempotent");
+    assert_eq!(small.len(), 3);
+    assert!((p.diag().sum() - 3.0).abs() < 1e-9, "rank {}", p.diag().sum());
+}
+
+#[test]
+fn alphaedit_matches_dense_reference_and_spares_the_preserved_keys() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(19);
+    let d_in = 10;
+    // Keys the corpus uses span 6 directions; 4 are free.
+    let values = [4.0, 2.0, 1.0, 0.5, 0.3, 0.1, 1e-4, 1e-5, 1e-6, 1e-7];
+    let (c, q) = with_spectrum(&mut rng, &values);
+    let p = solve::nullspace(&c, 1e-2).unwrap();
+    for (d_out, n, alpha) in [(6, 1, 10.0), (5, 3, 1.0), (7, 2, 0.1)] {
+        let r = random(&mut rng, d_out, n);
+        let k = random(&mut rng, d_in, n);
+        let kp = random(&mut rng, d_in, 2);
+        let s_p = kp.dot(&kp.t());
+        let (u, v) = solve::alphaedit(&r, &k, &s_p, &p, alpha).unwrap();
+        let s = k.dot(&k.t()) + &s_p;
+        let dense = r.dot(&k.t()).dot(&p).dot(&inverse(&(s.dot(&p) + Array2::<f64>::eye(d_in) * alpha)));
+        let update = u.dot(&v.t());
+        let err = max_abs(&(&update - &dense)) / max_abs(&dense);
+        assert!(err < 1e-9, "alphaedit (n={n}, α={alpha}): relative error {err:e}");
+        // A key along the corpus's directions passes through unchanged.
+        let used = q.column(0).to_owned() + q.column(3).to_owned() * 2.0;
+        let leak = update.dot(&used).iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        assert!(leak < 1e-9 * max_abs(&update).max(1.0), "ΔW moves a preserved key by {leak:e}");
+    }
+}

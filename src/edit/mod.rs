@@ -1,7 +1,9 @@
-//! The edit compiler: requests → keys and target vectors on the model → ROME or MEMIT closed
-//! form → RECT. Updates are applied to the in-memory model as they are made (MEMIT reads each
-//! layer's keys after the layers before it changed), and returned as low-rank factors.
+//! The edit compiler: requests → keys and target vectors on the model → a closed form (ROME,
+//! MEMIT, EMMET, AlphaEdit) or knowledge-neuron attribution (KN) → RECT. Updates are applied to
+//! the in-memory model as they are made (MEMIT reads each layer's keys after the layers before
+//! it changed), and returned as low-rank factors.
 
+pub mod kn;
 pub mod request;
 pub mod solve;
 pub mod target;
@@ -14,6 +16,7 @@ use candle_core::{DType, Tensor};
 use ndarray::{Array1, Array2};
 use request::Request;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use target::{Edit, FactPrompts, Prompt};
 
 /// How many facts' target vectors are optimised in one batch.
@@ -55,6 +58,13 @@ pub enum Method {
     Rome,
     /// Batched update spread over several layers (Meng et al. 2023).
     Memit,
+    /// Batched update that maps each key to its target exactly (Gupta et al. 2024).
+    Emmet,
+    /// MEMIT confined to the null space of the preserved keys (Fang et al. 2025).
+    #[value(name = "alphaedit")]
+    AlphaEdit,
+    /// Knowledge neurons: attribution by integrated gradients, then embedding swaps (Dai et al. 2022).
+    Kn,
 }
 
 /// Hyperparameters (defaults: `../shared/reference/algorithms.md` §3, Llama column).
@@ -80,6 +90,27 @@ pub struct Hparams {
     pub seed: u64,
     /// RECT: keep the top-k% of each update by relative change; 100 keeps everything.
     pub rect_k: f64,
+    /// EMMET: μ, the ridge on the equality constraints (0: exact).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emmet_lambda: Option<f64>,
+    /// AlphaEdit: the eigenvalue of C below which a direction counts as unused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nullspace_threshold: Option<f64>,
+    /// AlphaEdit: α, the ridge on the update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f64>,
+    /// KN: integrated-gradient steps, the share of a prompt's largest attribution a neuron
+    /// needs, and the share of prompts that must pick it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kn: Option<KnParams>,
+}
+
+/// Knowledge-neuron thresholds (EasyEdit's: 20 steps, 0.2, 0.4).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KnParams {
+    pub steps: usize,
+    pub threshold: f64,
+    pub share: f64,
 }
 
 impl Hparams {
@@ -89,8 +120,9 @@ impl Hparams {
         Hparams {
             method,
             layers: match method {
-                Method::Rome => vec![layers[1]],
-                Method::Memit => layers,
+                Method::Rome | Method::Emmet => vec![layers[1]],
+                Method::Memit | Method::AlphaEdit => layers,
+                Method::Kn => (0..model.config.num_layers).collect(),
             },
             v_steps: 25,
             v_lr: 0.5,
@@ -101,11 +133,45 @@ impl Hparams {
             mom2_adjustment: true,
             templates: match method {
                 Method::Rome => vec![(10, 5), (10, 10)],
-                Method::Memit => vec![(5, 10)],
+                _ => vec![(5, 10)],
             },
             seed: 0,
             rect_k: 40.0,
+            emmet_lambda: (method == Method::Emmet).then_some(0.1),
+            nullspace_threshold: (method == Method::AlphaEdit).then_some(2e-2),
+            alpha: (method == Method::AlphaEdit).then_some(10.0),
+            kn: (method == Method::Kn).then_some(KnParams { steps: 20, threshold: 0.2, share: 0.4 }),
         }
+    }
+
+    /// Overrides one hyperparameter: `KEY=VALUE` with a JSON value, a dot for nested keys
+    /// (`alpha=1`, `layers=[3,4]`, `kn.steps=5`). Only the method's own keys exist.
+    pub fn set(&mut self, assignment: &str) -> Result<()> {
+        let bad = |why: String| Error::Hparams(format!("--set {assignment}: {why}"));
+        let (key, value) = assignment.split_once('=').ok_or_else(|| bad("expected KEY=VALUE".into()))?;
+        let value: serde_json::Value = serde_json::from_str(value).map_err(|e| bad(format!("the value is not JSON ({e})")))?;
+        let mut json = serde_json::to_value(&*self).map_err(|e| bad(e.to_string()))?;
+        let mut slot = &mut json;
+        for part in key.split('.') {
+            slot = slot.as_object_mut().and_then(|m| m.get_mut(part)).ok_or_else(|| bad(format!("{:?} has no hyperparameter `{key}`", self.method)))?;
+        }
+        *slot = value;
+        *self = serde_json::from_value(json).map_err(|e| bad(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Whether the method reads key statistics.
+    pub fn needs_stats(&self) -> bool {
+        match self.method {
+            Method::Rome => self.mom2_adjustment,
+            Method::Memit | Method::Emmet | Method::AlphaEdit => true,
+            Method::Kn => false,
+        }
+    }
+
+    /// A method-specific value, which `defaults` sets for that method.
+    fn required<T: Copy>(&self, value: Option<T>, name: &str) -> Result<T> {
+        value.ok_or_else(|| Error::Hparams(format!("{:?} needs `{name}` in its hyperparameters", self.method)))
     }
 
     fn check(&self, model: &Model) -> Result<()> {
@@ -115,6 +181,11 @@ impl Hparams {
         }
         if self.method == Method::Rome && self.layers.len() != 1 {
             return Err(Error::Hparams("ROME edits exactly one layer".into()));
+        }
+        if let Some(kn) = self.kn {
+            if kn.steps == 0 || !(0.0..=1.0).contains(&kn.threshold) || !(0.0..=1.0).contains(&kn.share) {
+                return Err(Error::Hparams(format!("KN: steps {} must be > 0, threshold {} and share {} in [0, 1]", kn.steps, kn.threshold, kn.share)));
+            }
         }
         if !(self.rect_k > 0.0 && self.rect_k <= 100.0) {
             return Err(Error::Hparams(format!("RECT k = {} must be in (0, 100]", self.rect_k)));
@@ -139,12 +210,81 @@ pub struct LayerUpdate {
 pub struct FactReport {
     pub subject: String,
     pub target_new: String,
+    /// Optimisation steps taken (KN: integrated-gradient steps).
     pub steps: usize,
+    /// The target loss reached (KN: the new target's NLL after the edit).
     pub loss: f64,
+    /// KN: the neurons edited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub neurons: Option<usize>,
 }
 
-/// Key second moments `E[k kᵀ]` per layer.
-pub type Covariances = BTreeMap<usize, Array2<f64>>;
+/// What an update must preserve: the corpus's key second moments `E[k kᵀ]` per layer (with
+/// their null-space projectors, computed once on first use) and, for AlphaEdit, the keys of the
+/// facts edited earlier.
+#[derive(Clone, Debug, Default)]
+pub struct Preserved {
+    moments: BTreeMap<usize, Arc<Array2<f64>>>,
+    /// `(layer, τ bits)` → projector.
+    nullspaces: BTreeMap<(usize, u64), Arc<Array2<f64>>>,
+    /// Layer → earlier facts' keys as columns `[d_in, n]`.
+    earlier: BTreeMap<usize, Array2<f64>>,
+}
+
+impl FromIterator<(usize, Array2<f64>)> for Preserved {
+    fn from_iter<I: IntoIterator<Item = (usize, Array2<f64>)>>(moments: I) -> Self {
+        Preserved { moments: moments.into_iter().map(|(l, c)| (l, Arc::new(c))).collect(), ..Preserved::default() }
+    }
+}
+
+impl Preserved {
+    /// Layer `layer`'s key second moment.
+    pub fn moment(&self, layer: usize) -> Result<&Array2<f64>> {
+        self.moments.get(&layer).map(|c| c.as_ref()).ok_or(Error::MissingStats(layer))
+    }
+
+    /// The projector onto the directions of `moment(layer)` with eigenvalues below `tau`.
+    pub fn nullspace(&mut self, layer: usize, tau: f64) -> Result<Arc<Array2<f64>>> {
+        if let Some(p) = self.nullspaces.get(&(layer, tau.to_bits())) {
+            return Ok(p.clone());
+        }
+        let p = Arc::new(solve::nullspace(self.moment(layer)?, tau)?);
+        self.nullspaces.insert((layer, tau.to_bits()), p.clone());
+        Ok(p)
+    }
+
+    /// Layer → the keys of earlier edits (columns), as AlphaEdit accumulated them.
+    pub fn earlier(&self) -> &BTreeMap<usize, Array2<f64>> {
+        &self.earlier
+    }
+
+    /// Adds `keys` (columns) to `layer`'s earlier keys.
+    pub fn remember(&mut self, layer: usize, keys: &Array2<f64>) {
+        let all = match self.earlier.remove(&layer) {
+            Some(old) => ndarray::concatenate![ndarray::Axis(1), old, keys.view()],
+            None => keys.clone(),
+        };
+        self.earlier.insert(layer, all);
+    }
+
+    /// `Σ k kᵀ` over `layer`'s earlier keys.
+    fn earlier_moment(&self, layer: usize, d: usize) -> Array2<f64> {
+        self.earlier.get(&layer).map_or_else(|| Array2::zeros((d, d)), |k| k.dot(&k.t()))
+    }
+
+    /// Remembers, for AlphaEdit, the keys of facts that earlier patches edited, computed on
+    /// `model` (which carries those patches) as the compile computes keys.
+    pub fn remember_requests(&mut self, model: &Model, tok: &Tokenizer, requests: &[Request], templates: &[Vec<String>], layers: &[usize]) -> Result<()> {
+        if requests.is_empty() {
+            return Ok(());
+        }
+        for &layer in layers {
+            let keys: Vec<Array1<f64>> = request_keys(model, tok, requests, templates, layer)?.into_iter().map(|(mean, _)| mean).collect();
+            self.remember(layer, &stack(&keys));
+        }
+        Ok(())
+    }
+}
 
 /// Samples the context templates: `{}` alone, then for each group `(n, len)`, `n` seeded top-5
 /// continuations of short openers, each turned into `"<text>. {}"`.
@@ -169,32 +309,36 @@ pub fn context_templates(model: &Model, tok: &Tokenizer, groups: &[(usize, usize
 /// Compiles `requests` into updates and applies them to `model` (which ends up edited).
 /// `templates` come from [`context_templates`] with `hp.templates` and `hp.seed`; like the
 /// peers, a run samples them once and reuses them for every later edit.
+/// AlphaEdit adds the keys of the facts it edits to `preserved`.
 pub fn compile(
     model: &mut Model,
     tok: &Tokenizer,
     requests: &[Request],
     hp: &Hparams,
-    cov: &Covariances,
+    preserved: &mut Preserved,
     templates: &[Vec<String>],
 ) -> Result<(Vec<LayerUpdate>, Vec<FactReport>)> {
     hp.check(model)?;
-    for l in &hp.layers {
-        if (hp.method == Method::Memit || hp.mom2_adjustment) && !cov.contains_key(l) {
-            return Err(Error::MissingStats(*l));
+    if hp.needs_stats() {
+        for &l in &hp.layers {
+            preserved.moment(l)?;
         }
     }
     let mut updates = Vec::new();
     let mut reports = Vec::new();
     match hp.method {
-        Method::Rome => {
+        Method::Rome | Method::Kn => {
             for req in requests {
-                let (update, report) = rome(model, tok, req, hp, templates, cov)?;
-                updates.push(update);
+                let (mut u, report) = match hp.method {
+                    Method::Rome => rome(model, tok, req, hp, templates, preserved)?,
+                    _ => kn::edit(model, tok, req, hp, templates)?,
+                };
+                updates.append(&mut u);
                 reports.push(report);
             }
         }
-        Method::Memit => {
-            let (mut u, r) = memit(model, tok, requests, hp, templates, cov)?;
+        Method::Memit | Method::Emmet | Method::AlphaEdit => {
+            let (mut u, r) = memit(model, tok, requests, hp, templates, preserved)?;
             updates.append(&mut u);
             reports.extend(r);
         }
@@ -203,7 +347,7 @@ pub fn compile(
 }
 
 /// Tokenized target ids (with the leading space), refusing empty ones.
-fn target_ids(tok: &Tokenizer, req: &Request) -> Result<Vec<u32>> {
+pub(crate) fn target_ids(tok: &Tokenizer, req: &Request) -> Result<Vec<u32>> {
     let ids = tok.ids(&req.target_text())?;
     if ids.is_empty() {
         return Err(Error::Request { origin: req.origin.clone(), problem: "target tokenizes to nothing".into() });
@@ -254,27 +398,29 @@ fn rome(
     req: &Request,
     hp: &Hparams,
     templates: &[Vec<String>],
-    cov: &Covariances,
-) -> Result<(LayerUpdate, FactReport)> {
+    preserved: &Preserved,
+) -> Result<(Vec<LayerUpdate>, FactReport)> {
     let layer = hp.layers[0];
     // ROME weighs every template equally.
     let flat = vec![templates.iter().flatten().cloned().collect::<Vec<_>>()];
     let (k_mean, k_prompt) = request_keys(model, tok, std::slice::from_ref(req), &flat, layer)?.remove(0);
     let prompts = optimisation_prompts(tok, req, templates)?;
     let t = target::optimize(model, &[prompts], Edit::MlpOut(layer), hp)?.remove(0);
-    let c = if hp.mom2_adjustment { Some(&cov[&layer]) } else { None };
+    let c = if hp.mom2_adjustment { Some(preserved.moment(layer)?) } else { None };
     let (u, v) = solve::rome(&Array1::from(t.delta.clone()), &k_mean, &k_prompt, c)?;
     let update = commit(model, layer, &u, &v, hp.rect_k)?;
-    Ok((update, FactReport { subject: req.subject.clone(), target_new: req.target_new.clone(), steps: t.steps, loss: t.loss }))
+    Ok((vec![update], FactReport { subject: req.subject.clone(), target_new: req.target_new.clone(), steps: t.steps, loss: t.loss, neurons: None }))
 }
 
+/// MEMIT's schedule (targets at the last edited layer, the residual spread over the layers in
+/// order), solved by MEMIT's, EMMET's or AlphaEdit's closed form.
 fn memit(
     model: &mut Model,
     tok: &Tokenizer,
     requests: &[Request],
     hp: &Hparams,
     templates: &[Vec<String>],
-    cov: &Covariances,
+    preserved: &mut Preserved,
 ) -> Result<(Vec<LayerUpdate>, Vec<FactReport>)> {
     let last = *hp.layers.iter().max().expect("checked non-empty");
     let mut targets = Vec::new();
@@ -283,7 +429,7 @@ fn memit(
     for chunk in requests.chunks(TARGET_BATCH) {
         let prompts = chunk.iter().map(|r| optimisation_prompts(tok, r, templates)).collect::<Result<Vec<_>>>()?;
         for (req, t) in chunk.iter().zip(target::optimize(model, &prompts, Edit::Residual(last), hp)?) {
-            reports.push(FactReport { subject: req.subject.clone(), target_new: req.target_new.clone(), steps: t.steps, loss: t.loss });
+            reports.push(FactReport { subject: req.subject.clone(), target_new: req.target_new.clone(), steps: t.steps, loss: t.loss, neurons: None });
             // z = h + δ at the last edited layer.
             targets.push(Array1::from(t.init) + Array1::from(t.delta));
         }
@@ -301,7 +447,17 @@ fn memit(
         // What the last edited layer holds now, for each raw prompt.
         let now = current_residuals(model, &raw, last)?;
         let r = (stack(&targets) - stack(&now)) / (layers.len() - i) as f64;
-        let (u, v) = solve::memit(&r, &k, &cov[&layer], hp.mom2_weight)?;
+        let (u, v) = match hp.method {
+            Method::Emmet => solve::emmet(&r, &k, preserved.moment(layer)?, hp.mom2_weight, hp.required(hp.emmet_lambda, "emmet_lambda")?)?,
+            Method::AlphaEdit => {
+                let p = preserved.nullspace(layer, hp.required(hp.nullspace_threshold, "nullspace_threshold")?)?;
+                let s_p = preserved.earlier_moment(layer, k.nrows());
+                let uv = solve::alphaedit(&r, &k, &s_p, &p, hp.required(hp.alpha, "alpha")?)?;
+                preserved.remember(layer, &k);
+                uv
+            }
+            _ => solve::memit(&r, &k, preserved.moment(layer)?, hp.mom2_weight)?,
+        };
         updates.push(commit(model, layer, &u, &v, hp.rect_k)?);
     }
     Ok((updates, reports))
@@ -317,13 +473,13 @@ fn current_residuals(model: &Model, prompts: &[Prompt], layer: usize) -> Result<
 }
 
 /// Columns → matrix.
-fn stack(cols: &[Array1<f64>]) -> Array2<f64> {
+pub(crate) fn stack(cols: &[Array1<f64>]) -> Array2<f64> {
     Array2::from_shape_fn((cols[0].len(), cols.len()), |(i, j)| cols[j][i])
 }
 
 /// Rounds the factors to f32 (as a patch stores them), forms ΔW in the stored layout exactly as
 /// apply will (same product, same RECT mask and tie order), and writes `W + ΔW` into the model.
-fn commit(model: &mut Model, layer: usize, u: &Array2<f64>, v: &Array2<f64>, rect_k: f64) -> Result<LayerUpdate> {
+pub(crate) fn commit(model: &mut Model, layer: usize, u: &Array2<f64>, v: &Array2<f64>, rect_k: f64) -> Result<LayerUpdate> {
     let update = LayerUpdate { layer, u: u.mapv(|x| x as f32), v: v.mapv(|x| x as f32), rect_k };
     let orientation = model.config.family.mlp_out.orientation;
     let w = model.mlp_out_weight(layer);

@@ -97,6 +97,28 @@ pub fn continuation(text: &str) -> String {
     format!(" {}", text.trim_start())
 }
 
+/// The edits a patch records, as requests (for methods that must preserve earlier facts).
+pub fn recorded(patch: &crate::patch::Patch) -> Vec<Request> {
+    let id = patch.id().to_string();
+    patch
+        .manifest()
+        .edits
+        .iter()
+        .enumerate()
+        .map(|(i, e)| Request {
+            prompt: e.prompt.clone(),
+            subject: e.subject.clone(),
+            target_new: e.target_new.clone(),
+            target_true: (!e.target_old.is_empty()).then(|| e.target_old.clone()),
+            relation: Some(e.relation.clone()),
+            paraphrases: Vec::new(),
+            neighbors: Vec::new(),
+            generation_prompts: Vec::new(),
+            origin: format!("{id}, edit {}", i + 1),
+        })
+        .collect()
+}
+
 /// Parses `PROMPT|SUBJECT|TARGET` (the prompt holds `{}` or contains the subject verbatim).
 pub fn parse_fact(spec: &str) -> Result<Request> {
     let origin = format!("--fact `{spec}`");

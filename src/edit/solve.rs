@@ -2,7 +2,7 @@
 //! `ΔW = U·Vᵀ` (`U [d_out, r]`, `V [d_in, r]`) in the edit view `out = W·k`.
 
 use ndarray::{Array1, Array2, Axis};
-use ndarray_linalg::{FactorizeC, SolveC, UPLO};
+use ndarray_linalg::{Eigh, FactorizeC, FactorizeInto, Solve, SolveC, UPLO};
 
 /// A linear solve failed.
 #[derive(Debug, thiserror::Error)]
@@ -10,6 +10,9 @@ pub enum Error {
     /// The system matrix is not positive definite (statistics too few or degenerate).
     #[error("{0}: the matrix is not positive definite; collect statistics over more tokens or raise the regularisation")]
     NotPositiveDefinite(&'static str),
+    /// The system matrix is singular, or an eigendecomposition did not converge.
+    #[error("{0}: the LAPACK routine failed (singular or not convergent)")]
+    Failed(&'static str),
     /// Inputs have inconsistent shapes.
     #[error("{0}")]
     Shape(String),
@@ -36,6 +39,48 @@ pub fn memit(r: &Array2<f64>, k: &Array2<f64>, c: &Array2<f64>, lambda: f64) -> 
     }
     let a = c * lambda + k.dot(&k.t());
     Ok((r.clone(), solve_spd(&a, k, "λC + KKᵀ")?))
+}
+
+/// EMMET: the batch update that maps every key exactly to its target (as `μ → 0`):
+/// `ΔW = R D⁻¹ Kᵀ (λC)⁻¹` with `D = Kᵀ (λC)⁻¹ K + μI`. Factors: `U = R D⁻¹`, `V = (λC)⁻¹ K`.
+pub fn emmet(r: &Array2<f64>, k: &Array2<f64>, c: &Array2<f64>, lambda: f64, mu: f64) -> Result<(Array2<f64>, Array2<f64>)> {
+    if r.ncols() != k.ncols() || c.nrows() != k.nrows() || c.ncols() != k.nrows() {
+        return Err(Error::Shape(format!("emmet: R {:?}, K {:?}, C {:?} do not fit", r.dim(), k.dim(), c.dim())));
+    }
+    let v = solve_spd(&(c * lambda), k, "λC")?;
+    let d = k.t().dot(&v) + Array2::<f64>::eye(k.ncols()) * mu;
+    let ut = solve_spd(&d, &r.t().to_owned(), "Kᵀ(λC)⁻¹K + μI")?;
+    Ok((ut.t().to_owned(), v))
+}
+
+/// AlphaEdit's projector onto the null space of the key second moment: `P = Û Ûᵀ` over the
+/// eigenvectors of `C` whose eigenvalues are below `tau`.
+pub fn nullspace(c: &Array2<f64>, tau: f64) -> Result<Array2<f64>> {
+    if c.nrows() != c.ncols() {
+        return Err(Error::Shape(format!("nullspace: C {:?} is not square", c.dim())));
+    }
+    let (values, vectors) = c.eigh(UPLO::Lower).map_err(|_| Error::Failed("eigendecomposition of C"))?;
+    let kept: Vec<usize> = (0..values.len()).filter(|&i| values[i] < tau).collect();
+    let u = vectors.select(Axis(1), &kept);
+    Ok(u.dot(&u.t()))
+}
+
+/// AlphaEdit: `ΔW = R Kᵀ P (S P + αI)⁻¹` with `S = K Kᵀ + S_p` (`S_p`: the summed `k kᵀ` of
+/// facts edited earlier) and `P` from [`nullspace`]; `ΔW` lies in `P`'s range, so keys the
+/// corpus spans are left (nearly) alone. Factors: `U = R`, `V = (P S + αI)⁻¹ P K`.
+pub fn alphaedit(r: &Array2<f64>, k: &Array2<f64>, s_p: &Array2<f64>, p: &Array2<f64>, alpha: f64) -> Result<(Array2<f64>, Array2<f64>)> {
+    let d = k.nrows();
+    if r.ncols() != k.ncols() || s_p.dim() != (d, d) || p.dim() != (d, d) {
+        return Err(Error::Shape(format!("alphaedit: R {:?}, K {:?}, S_p {:?}, P {:?} do not fit", r.dim(), k.dim(), s_p.dim(), p.dim())));
+    }
+    let a = p.dot(&(k.dot(&k.t()) + s_p)) + Array2::<f64>::eye(d) * alpha;
+    let factor = a.factorize_into().map_err(|_| Error::Failed("P S + αI"))?;
+    let pk = p.dot(k);
+    let mut v = Array2::zeros(pk.raw_dim());
+    for (j, col) in pk.axis_iter(Axis(1)).enumerate() {
+        v.column_mut(j).assign(&factor.solve(&col.to_owned()).map_err(|_| Error::Failed("P S + αI"))?);
+    }
+    Ok((r.clone(), v))
 }
 
 /// ROME: the rank-one update that maps the prompt's key `k_p` to `W k_p + delta` exactly,

@@ -38,7 +38,7 @@ pub fn run(model: &Model, tok: &Tokenizer, data: &TaskData, opts: &Options) -> R
     let (items, metrics, protocol) = match &data.items {
         Items::Text(text) => perplexity(model, tok, data, text, opts)?,
         Items::Choices(all) => {
-            let picked: Vec<&Choice> = subset(all.len(), opts.limit, opts.seed).into_iter().map(|i| &all[i]).collect();
+            let picked: Vec<&Choice> = subset(all.len(), data.limit.or(opts.limit), opts.seed).into_iter().map(|i| &all[i]).collect();
             let (acc, acc_norm) = choice_accuracy(model, tok, data.task, &picked, opts)?;
             let mut metrics = vec![Metric { name: "acc", value: acc }];
             let mut protocol = "zero-shot, log-likelihood of each choice after the prompt (lm-evaluation-harness format)".to_string();
@@ -49,7 +49,7 @@ pub fn run(model: &Model, tok: &Tokenizer, data: &TaskData, opts: &Options) -> R
             (picked.len(), metrics, protocol)
         }
         Items::Questions(all) => {
-            let picked: Vec<&Question> = subset(all.len(), opts.limit, opts.seed).into_iter().map(|i| &all[i]).collect();
+            let picked: Vec<&Question> = subset(all.len(), data.limit.or(opts.limit), opts.seed).into_iter().map(|i| &all[i]).collect();
             let budget = Budget::of(data.task);
             let em = exact_match(model, tok, data.task, &picked, &budget, opts)?;
             let protocol = format!("zero-shot, greedy, at most {} new tokens, cut at {:?}", budget.max_new, budget.stop);
@@ -60,7 +60,7 @@ pub fn run(model: &Model, tok: &Tokenizer, data: &TaskData, opts: &Options) -> R
 }
 
 /// Token-level perplexity of `text` over non-overlapping windows of `opts.seq_len` tokens
-/// (default: the model's context); `opts.limit` picks windows.
+/// (default: the model's context); the limit picks windows.
 fn perplexity(model: &Model, tok: &Tokenizer, data: &TaskData, text: &str, opts: &Options) -> Result<(usize, Vec<Metric>, String)> {
     let seq_len = opts.seq_len.unwrap_or(model.config.max_positions);
     let ids = tok.ids(text)?;
@@ -69,7 +69,7 @@ fn perplexity(model: &Model, tok: &Tokenizer, data: &TaskData, text: &str, opts:
         let what = format!("no window of {seq_len} token(s) has a token to predict");
         return Err(Error::Empty { path: data.path.clone(), what });
     }
-    let picked = subset(windows.len(), opts.limit, opts.seed);
+    let picked = subset(windows.len(), data.limit.or(opts.limit), opts.seed);
     let bar = progress(opts.progress, data.task.name(), picked.len());
     let mut total = Likelihood::default();
     for &w in &picked {

@@ -35,8 +35,8 @@ pub enum Error {
     /// `--general` names a task that does not exist.
     #[error("unknown task `{name}` (known: {known})")]
     UnknownTask { name: String, known: String },
-    /// `--general` is not `TASK=FILE`.
-    #[error("`{0}`: expected TASK=FILE")]
+    /// `--general` is not `TASK=FILE` or `TASK:N=FILE`.
+    #[error("`{0}`: expected TASK=FILE or TASK:N=FILE (N items, N > 0)")]
     TaskSpec(String),
     /// The request file is unusable.
     #[error(transparent)]
@@ -148,7 +148,7 @@ pub struct Plan {
     /// An edit request file (any format `request::read` accepts).
     pub requests: Option<PathBuf>,
     /// General-ability tasks and their files.
-    pub tasks: Vec<(tasks::Task, PathBuf)>,
+    pub tasks: Vec<tasks::Spec>,
     pub options: Options,
 }
 
@@ -156,7 +156,7 @@ pub struct Plan {
 /// patches, and evaluates.
 pub fn run(plan: &Plan) -> Result<report::Report> {
     let requests = plan.requests.as_deref().map(request::read).transpose()?;
-    let data = plan.tasks.iter().map(|(task, path)| tasks::read(*task, path)).collect::<Result<Vec<_>>>()?;
+    let data = plan.tasks.iter().map(tasks::Spec::read).collect::<Result<Vec<_>>>()?;
     let tok = Tokenizer::open(&plan.model)?;
     let models = Models::load(&plan.model, &plan.patches)?;
     let edits = match (&plan.requests, requests) {

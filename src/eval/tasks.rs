@@ -60,12 +60,32 @@ impl Task {
         })
     }
 
-    /// Parses `TASK=FILE`.
-    pub fn parse_spec(spec: &str) -> Result<(Self, PathBuf)> {
-        match spec.split_once('=') {
-            Some((name, path)) if !path.is_empty() => Ok((Task::from_name(name)?, PathBuf::from(path))),
-            _ => Err(Error::TaskSpec(spec.to_string())),
-        }
+}
+
+/// A task as the command line names it: `TASK=FILE`, or `TASK:N=FILE` to evaluate `N` items
+/// (windows, for perplexity) whatever `--limit` says.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Spec {
+    pub task: Task,
+    pub path: PathBuf,
+    pub limit: Option<usize>,
+}
+
+impl Spec {
+    /// Parses `TASK[:N]=FILE`.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let bad = || Error::TaskSpec(spec.to_string());
+        let (head, path) = spec.split_once('=').filter(|(_, path)| !path.is_empty()).ok_or_else(bad)?;
+        let (name, limit) = match head.split_once(':') {
+            Some((name, n)) => (name, Some(n.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(bad)?)),
+            None => (head, None),
+        };
+        Ok(Spec { task: Task::from_name(name)?, path: PathBuf::from(path), limit })
+    }
+
+    /// Reads the file (see [`read`]) and attaches the limit.
+    pub fn read(&self) -> Result<TaskData> {
+        Ok(TaskData { limit: self.limit, ..read(self.task, &self.path)? })
     }
 }
 
@@ -105,6 +125,8 @@ pub struct TaskData {
     pub task: Task,
     pub path: PathBuf,
     pub items: Items,
+    /// Items to evaluate, in place of `Options::limit`.
+    pub limit: Option<usize>,
 }
 
 /// Reads `path` as `task`'s format; every problem names the file and line.
@@ -129,7 +151,7 @@ pub fn read(task: Task, path: &Path) -> Result<TaskData> {
     if count == 0 {
         return Err(file.empty("no items"));
     }
-    Ok(TaskData { task, path: path.to_path_buf(), items })
+    Ok(TaskData { task, path: path.to_path_buf(), items, limit: None })
 }
 
 /// A task file's text, for parsers that name it in errors.

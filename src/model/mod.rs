@@ -263,6 +263,8 @@ pub struct Model {
 /// Where an added vector enters a layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Site {
+    /// Added to the MLP key, the input of the output projection (where KN attributes).
+    Key,
     /// Added to the MLP's output, before the residual sum (ROME's edit point).
     MlpOut,
     /// Added to the block's output, the residual stream (MEMIT's edit point).
@@ -424,6 +426,14 @@ impl Model {
         &self.device
     }
 
+    /// The input embedding of token `id` `[hidden]`.
+    pub fn token_embedding(&self, id: u32) -> Result<Tensor> {
+        if id as usize >= self.config.vocab_size {
+            return Err(Error::Input(format!("token id {id} out of range (vocabulary {})", self.config.vocab_size)));
+        }
+        Ok(self.w.embed.get(id as usize)?)
+    }
+
     /// The edit view `[out, in]` of layer `layer`'s MLP output projection.
     pub fn mlp_out_weight(&self, layer: usize) -> &Tensor {
         &self.w.blocks[layer].down.weight
@@ -498,6 +508,7 @@ impl Model {
                 MlpIn::Gated { gate, up } => block.act.gated(&gate.forward(&h)?, &up.forward(&h)?)?,
                 MlpIn::Plain(fc) => block.act.apply(&fc.forward(&h)?)?,
             };
+            let key = add_vectors(key, hooks, l, Site::Key)?;
             let mut mlp = block.down.forward(&key)?;
             if hooks.keys.contains(&l) {
                 trace.keys.insert(l, key);
@@ -612,7 +623,7 @@ impl Model {
     }
 }
 
-/// Adds the hooks' vectors for `(layer, site)` to `x [b, t, hidden]`.
+/// Adds the hooks' vectors for `(layer, site)` to `x [b, t, d]`.
 fn add_vectors(x: Tensor, hooks: &Hooks, layer: usize, site: Site) -> Result<Tensor> {
     let mut x = x;
     for a in hooks.additions.iter().filter(|a| a.layer == layer && a.site == site) {
@@ -621,7 +632,7 @@ fn add_vectors(x: Tensor, hooks: &Hooks, layer: usize, site: Site) -> Result<Ten
     Ok(x)
 }
 
-/// `x [b, t, hidden]` plus `delta` (`[hidden]`, or `[at.len(), hidden]`) at the `(sequence,
+/// `x [b, t, d]` plus `delta` (`[hidden]`, or `[at.len(), hidden]`) at the `(sequence,
 /// position)` pairs `at`; differentiable in both.
 pub fn add_at(x: &Tensor, at: &[(usize, usize)], delta: &Tensor) -> Result<Tensor> {
     let (b, t, d) = x.dims3()?;

@@ -163,7 +163,7 @@ pub fn ids(r: &Ref) -> Vec<u32> {
 }
 
 /// Key statistics of SmolLM2 over a slice of the shared SOTU text, cached under `target/`.
-pub fn covariances(model: &Path, layers: &[usize]) -> (factpatch::edit::Covariances, String) {
+pub fn covariances(model: &Path, layers: &[usize]) -> (factpatch::edit::Preserved, String) {
     let corpus = root().join("../shared/data/text/sotu.txt");
     let mut req = factpatch::stats::Request::new(model, &[corpus]);
     req.layers = Some(layers.to_vec());
