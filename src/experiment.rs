@@ -1,6 +1,6 @@
 //! Experiments: what an editing method costs as edits pile up, with and without RECT.
-//! `sequential` edits one fact after another on one model and evaluates every `every` edits
-//! (the facts edited so far, and the general abilities); `batch` edits the first N facts in one
+//! `sequential` edits one fact after another on one model and evaluates after chosen numbers
+//! of edits (the facts edited so far, and the general abilities); `batch` edits the first N facts in one
 //! solve, for several N. Each RECT setting runs on its own copy of the model.
 //!
 //! Results are rows (setting, x, metric, value) in `results.csv`, rewritten atomically after
@@ -51,8 +51,9 @@ impl From<eval::Error> for Error {
 /// How edits are made between evaluations.
 #[derive(Clone, Debug)]
 pub enum Schedule {
-    /// Facts `0..edits` one at a time, evaluated after every `every` edits.
-    Sequential { edits: usize, every: usize },
+    /// Facts one at a time, evaluated after each count of edits in `at` (ascending; the last
+    /// is the total).
+    Sequential { at: Vec<usize> },
     /// For each size N, the first N facts in one batch, on a fresh model.
     Batch { sizes: Vec<usize> },
 }
@@ -91,12 +92,23 @@ pub fn setting_name(k: f64) -> String {
     }
 }
 
+impl Schedule {
+    /// Sequential, `edits` in all, evaluated after every `every` (and after the last).
+    pub fn every(edits: usize, every: usize) -> Self {
+        let mut at: Vec<usize> = (1..=edits).filter(|i| every > 0 && i % every == 0).collect();
+        if edits > 0 && at.last() != Some(&edits) {
+            at.push(edits);
+        }
+        Schedule::Sequential { at }
+    }
+}
+
 /// Runs (or resumes) the experiment; returns every row.
 pub fn run(setup: &Setup, schedule: &Schedule) -> Result<Vec<Row>> {
     let needed = match schedule {
-        Schedule::Sequential { edits, every } if *edits > 0 && *every > 0 => *edits,
+        Schedule::Sequential { at } if !at.is_empty() && at[0] > 0 && at.windows(2).all(|w| w[0] < w[1]) => at[at.len() - 1],
         Schedule::Batch { sizes } if !sizes.is_empty() && !sizes.contains(&0) => *sizes.iter().max().expect("non-empty"),
-        _ => return Err(Error::Plan("nothing to run: give a positive number of edits, interval and batch sizes".into())),
+        _ => return Err(Error::Plan("nothing to run: give positive numbers of edits (ascending) and batch sizes".into())),
     };
     if needed > setup.requests.len() {
         return Err(Error::Plan(format!("{}: {needed} facts asked for, {} there", setup.requests_path.display(), setup.requests.len())));
@@ -114,7 +126,7 @@ pub fn run(setup: &Setup, schedule: &Schedule) -> Result<Vec<Row>> {
         let hp = Hparams { rect_k: k, ..setup.hp.clone() };
         let setting = setting_name(k);
         match schedule {
-            Schedule::Sequential { edits, every } => ctx.sequential(&base, &hp, &setting, *edits, *every, &mut rows)?,
+            Schedule::Sequential { at } => ctx.sequential(&base, &hp, &setting, at, &mut rows)?,
             Schedule::Batch { sizes } => ctx.batch(&base, &hp, &setting, sizes, &mut rows)?,
         }
     }
@@ -129,7 +141,8 @@ struct Context<'a> {
 }
 
 impl Context<'_> {
-    fn sequential(&self, base: &Model, hp: &Hparams, setting: &str, edits: usize, every: usize, rows: &mut Vec<Row>) -> Result<()> {
+    fn sequential(&self, base: &Model, hp: &Hparams, setting: &str, at: &[usize], rows: &mut Vec<Row>) -> Result<()> {
+        let edits = at[at.len() - 1];
         let done = rows.iter().filter(|r| r.setting == setting).map(|r| r.x).max();
         if done.is_none() {
             // Every setting starts from the same unedited model: measure it once.
@@ -150,7 +163,7 @@ impl Context<'_> {
         for i in done..edits {
             edit::compile(&mut model, self.tok, std::slice::from_ref(&self.requests[i]), hp, &mut preserved, self.templates)?;
             bar.inc(1);
-            if (i + 1) % every == 0 || i + 1 == edits {
+            if at.contains(&(i + 1)) {
                 bar.suspend(|| -> Result<()> {
                     let m = self.measure(base, Some(&model), i + 1)?;
                     self.save(&model, &preserved, setting, i + 1, hp)?;

@@ -193,6 +193,9 @@ enum Command {
         /// Sequential: evaluate after every N edits.
         #[arg(long, default_value_t = 10)]
         every: usize,
+        /// Sequential: evaluate after these numbers of edits instead, e.g. 1,10,100 (the last is the total).
+        #[arg(long, value_delimiter = ',', conflicts_with_all = ["edits", "every"])]
+        at: Vec<usize>,
         /// Batch: the batch sizes, comma-separated.
         #[arg(long, default_value = "1,10,50,100")]
         sizes: String,
@@ -441,13 +444,14 @@ fn run(command: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::Experiment { schedule, model, requests, method, edits, every, sizes, rect, general, limit, seed, seq_len, set, stats, out } => {
+        Command::Experiment { schedule, model, requests, method, edits, every, at, sizes, rect, general, limit, seed, seq_len, set, stats, out } => {
             let rects = rect
                 .split(',')
                 .map(|x| if x.trim() == "none" { Ok(100.0) } else { x.trim().parse().with_context(|| format!("--rect: `{x}` is neither `none` nor a number")) })
                 .collect::<Result<Vec<f64>>>()?;
             let schedule = match schedule {
-                ScheduleKind::Sequential => factpatch::experiment::Schedule::Sequential { edits, every },
+                ScheduleKind::Sequential if !at.is_empty() => factpatch::experiment::Schedule::Sequential { at },
+                ScheduleKind::Sequential => factpatch::experiment::Schedule::every(edits, every),
                 ScheduleKind::Batch => factpatch::experiment::Schedule::Batch {
                     sizes: sizes.split(',').map(|x| x.trim().parse().with_context(|| format!("--sizes: `{x}` is not a count"))).collect::<Result<_>>()?,
                 },

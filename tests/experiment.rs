@@ -10,11 +10,11 @@ use factpatch::experiment::{self, Schedule, Setup};
 use factpatch::model::Model;
 use std::path::Path;
 
-fn setup(out: &Path) -> Setup {
+fn setup(out: &Path, method: Method, rects: &[f64]) -> Setup {
     let dir = smollm2();
     let requests_path = root().join("../shared/data/edit/counterfact-rome-300.json");
     // Few optimisation steps: this checks the bookkeeping, not edit quality.
-    let hp = Hparams { v_steps: 4, ..Hparams::defaults(Method::Memit, &Model::load(&dir).unwrap()) };
+    let hp = Hparams { v_steps: 4, ..Hparams::defaults(method, &Model::load(&dir).unwrap()) };
     let (cov, _) = covariances(&dir, &hp.layers);
     let wiki = tasks::read(tasks::Task::Perplexity, &root().join("../shared/data/text/wikitext-2-raw-test.txt")).unwrap();
     Setup {
@@ -22,7 +22,7 @@ fn setup(out: &Path) -> Setup {
         requests: request::read(&requests_path).unwrap()[..2].to_vec(),
         requests_path,
         hp,
-        rects: vec![100.0, 40.0],
+        rects: rects.to_vec(),
         preserved: cov,
         general: vec![wiki],
         options: eval::Options { limit: Some(1), seq_len: Some(64), ..eval::Options::default() },
@@ -34,7 +34,7 @@ fn setup(out: &Path) -> Setup {
 fn sequential_runs_resume_to_the_same_results() {
     let tmp = tempfile::tempdir().unwrap();
     let (whole, resumed) = (tmp.path().join("whole"), tmp.path().join("resumed"));
-    let rows = experiment::run(&setup(&whole), &Schedule::Sequential { edits: 2, every: 1 }).unwrap();
+    let rows = experiment::run(&setup(&whole, Method::Memit, &[100.0, 40.0]), &Schedule::every(2, 1)).unwrap();
     for setting in ["none", "k=40"] {
         for x in [0, 1, 2] {
             let metrics: Vec<&str> = rows.iter().filter(|r| r.setting == setting && r.x == x).map(|r| r.metric.as_str()).collect();
@@ -52,8 +52,8 @@ fn sequential_runs_resume_to_the_same_results() {
     }
 
     // Stopped after one edit, then continued: the same rows, to the byte.
-    experiment::run(&setup(&resumed), &Schedule::Sequential { edits: 1, every: 1 }).unwrap();
-    experiment::run(&setup(&resumed), &Schedule::Sequential { edits: 2, every: 1 }).unwrap();
+    experiment::run(&setup(&resumed, Method::Memit, &[100.0, 40.0]), &Schedule::every(1, 1)).unwrap();
+    experiment::run(&setup(&resumed, Method::Memit, &[100.0, 40.0]), &Schedule::every(2, 1)).unwrap();
     let csv = |d: &Path| std::fs::read_to_string(d.join("results.csv")).unwrap();
     assert_eq!(csv(&resumed), csv(&whole));
 
@@ -61,6 +61,30 @@ fn sequential_runs_resume_to_the_same_results() {
     let state = resumed.join("state/k=40.safetensors");
     std::fs::copy(resumed.join("state/none.safetensors"), &state).unwrap();
     std::fs::write(resumed.join("results.csv"), csv(&whole).lines().filter(|l| !(l.starts_with("k=40,2,"))).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
-    let e = experiment::run(&setup(&resumed), &Schedule::Sequential { edits: 2, every: 1 }).unwrap_err().to_string();
+    let e = experiment::run(&setup(&resumed, Method::Memit, &[100.0, 40.0]), &Schedule::every(2, 1)).unwrap_err().to_string();
     assert!(e.contains("k=40.safetensors") && e.contains("after 2 edits"), "{e}");
+}
+
+#[test]
+fn alphaedit_runs_resume_with_the_keys_they_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (whole, resumed) = (tmp.path().join("whole"), tmp.path().join("resumed"));
+    experiment::run(&setup(&whole, Method::AlphaEdit, &[100.0]), &Schedule::every(2, 1)).unwrap();
+    experiment::run(&setup(&resumed, Method::AlphaEdit, &[100.0]), &Schedule::every(1, 1)).unwrap();
+    experiment::run(&setup(&resumed, Method::AlphaEdit, &[100.0]), &Schedule::every(2, 1)).unwrap();
+    for file in ["results.csv", "state/none.safetensors"] {
+        assert!(std::fs::read(whole.join(file)).unwrap() == std::fs::read(resumed.join(file)).unwrap(), "{file} differs after resuming");
+    }
+}
+
+#[test]
+fn evaluation_points_of_a_sequential_run() {
+    let at = |s: Schedule| match s {
+        Schedule::Sequential { at } => at,
+        Schedule::Batch { .. } => unreachable!(),
+    };
+    assert_eq!(at(Schedule::every(5, 2)), vec![2, 4, 5]);
+    assert_eq!(at(Schedule::every(100, 50)), vec![50, 100]);
+    assert_eq!(at(Schedule::every(3, 10)), vec![3]);
+    assert!(at(Schedule::every(0, 1)).is_empty());
 }
