@@ -92,6 +92,17 @@ pub fn setting_name(k: f64) -> String {
     }
 }
 
+/// The x axes' labels.
+const X_EDITS: &str = "edits";
+const X_BATCH: &str = "batch size";
+
+fn x_label(schedule: &Schedule) -> &'static str {
+    match schedule {
+        Schedule::Sequential { .. } => X_EDITS,
+        Schedule::Batch { .. } => X_BATCH,
+    }
+}
+
 impl Schedule {
     /// Sequential, `edits` in all, evaluated after every `every` (and after the last).
     pub fn every(edits: usize, every: usize) -> Self {
@@ -130,6 +141,10 @@ pub fn run(setup: &Setup, schedule: &Schedule) -> Result<Vec<Row>> {
             Schedule::Batch { sizes } => ctx.batch(&base, &hp, &setting, sizes, &mut rows)?,
         }
     }
+    // Plots as this version draws them, even when a finished run is only resumed.
+    if !rows.is_empty() {
+        draw(&setup.out, &rows, x_label(schedule))?;
+    }
     Ok(rows)
 }
 
@@ -148,7 +163,7 @@ impl Context<'_> {
             // Every setting starts from the same unedited model: measure it once.
             let unedited: Vec<(String, f64)> = rows.iter().filter(|r| r.x == 0).take_while(|r| r.setting == rows[0].setting).map(|r| (r.metric.clone(), r.value)).collect();
             let m = if unedited.is_empty() { self.measure(base, None, 0)? } else { unedited };
-            self.record(rows, setting, 0, m, "edits")?;
+            self.record(rows, setting, 0, m, X_EDITS)?;
         }
         let done = done.unwrap_or(0);
         if done >= edits {
@@ -167,7 +182,7 @@ impl Context<'_> {
                 bar.suspend(|| -> Result<()> {
                     let m = self.measure(base, Some(&model), i + 1)?;
                     self.save(&model, &preserved, setting, i + 1, hp)?;
-                    self.record(rows, setting, i + 1, m, "edits")
+                    self.record(rows, setting, i + 1, m, X_EDITS)
                 })?;
             }
         }
@@ -183,7 +198,7 @@ impl Context<'_> {
             let mut model = Model::load(&self.setup.model)?;
             edit::compile(&mut model, self.tok, &self.requests[..n], hp, &mut self.setup.preserved.clone(), self.templates)?;
             let m = self.measure(base, Some(&model), n)?;
-            self.record(rows, setting, n, m, "batch size")?;
+            self.record(rows, setting, n, m, X_BATCH)?;
         }
         Ok(())
     }

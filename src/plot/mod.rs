@@ -41,9 +41,11 @@ pub struct Series {
 /// A line chart of `series` (x: edits, y: the metric).
 pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<()> {
     let all = || series.iter().flat_map(|s| s.points.iter());
-    let (x_max, y_max) = all().fold((1f64, 0f64), |(x, y), p| (x.max(p.0), y.max(p.1)));
-    let y_min = all().fold(y_max, |y, p| y.min(p.1)).min(0.0);
-    let y_top = if y_max > y_min { y_max + 0.05 * (y_max - y_min) } else { y_min + 1.0 };
+    let x_max = all().fold(1f64, |x, p| x.max(p.0));
+    let (y_min, y_max) = all().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
+    // The axis spans the data (a 21 → 24 perplexity rise stays visible), padded a little.
+    let pad = if y_max > y_min { 0.08 * (y_max - y_min) } else { 0.05 * y_max.abs().max(1e-3) };
+    let (y_min, y_top) = if y_min.is_finite() { (y_min - pad, y_max + pad) } else { (0.0, 1.0) };
     render(path, |root| {
         let mut chart = frame(&root, title).build_cartesian_2d(0f64..x_max, y_min..y_top)?;
         chart.configure_mesh().light_line_style(WHITE).x_desc(x_label).y_desc(y_label).label_style(("sans-serif", 14)).draw()?;
