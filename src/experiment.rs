@@ -354,6 +354,9 @@ fn draw(out: &Path, rows: &[Row], x_label: &str) -> Result<()> {
             .collect();
         plot::lines(&out.join(format!("{}.png", metric.replace('/', "-"))), metric, x_label, metric, &series)?;
     }
+    // Bars compare settings at the largest x all of them reached; one that has only just
+    // started (its x = 0 row alone) is left out rather than holding every bar at 0.
+    settings.retain(|s| rows.iter().any(|r| r.setting == *s && r.x > 0));
     let last = settings.iter().map(|s| rows.iter().filter(|r| r.setting == *s).map(|r| r.x).max().unwrap_or(0)).min().unwrap_or(0);
     let bars: Vec<Series> = ["reliability", "generalization", "locality"]
         .iter()

@@ -93,7 +93,7 @@ pub fn edit(model: &mut Model, tok: &Tokenizer, req: &Request, hp: &Hparams, tem
         .collect::<Result<_>>()?;
     let new = target_ids(tok, req)?;
     let old = match &req.target_true {
-        Some(t) => *tok.ids(&format!(" {}", t.trim()))?.first().ok_or_else(|| Error::Request { origin: req.origin.clone(), problem: "the true target tokenizes to nothing".into() })?,
+        Some(t) => *tok.ids(&crate::edit::request::continuation(t))?.first().ok_or_else(|| Error::Request { origin: req.origin.clone(), problem: "the true target tokenizes to nothing".into() })?,
         None => predicted(model, &prompts[0])?,
     };
     let scores = attributions(model, &prompts, old, &hp.layers, kn.steps)?;
