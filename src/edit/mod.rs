@@ -105,7 +105,7 @@ pub struct Hparams {
     pub kn: Option<KnParams>,
 }
 
-/// Knowledge-neuron thresholds (EasyEdit's: 20 steps, 0.2, 0.4).
+/// Knowledge-neuron settings (EasyEdit's: the family's steps — 20 for GPT-2, 1 for Llama —, 0.2, 0.4).
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct KnParams {
     pub steps: usize,
@@ -140,7 +140,7 @@ impl Hparams {
             emmet_lambda: (method == Method::Emmet).then_some(0.1),
             nullspace_threshold: (method == Method::AlphaEdit).then_some(2e-2),
             alpha: (method == Method::AlphaEdit).then_some(10.0),
-            kn: (method == Method::Kn).then_some(KnParams { steps: 20, threshold: 0.2, share: 0.4 }),
+            kn: (method == Method::Kn).then_some(KnParams { steps: model.config.family.kn_steps, threshold: 0.2, share: 0.4 }),
         }
     }
 

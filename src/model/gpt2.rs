@@ -16,6 +16,7 @@ pub static FAMILY: Family = Family {
     mlp_in: &[Projection { name: "transformer.h.{layer}.mlp.c_fc.weight", orientation: Orientation::InOut }],
     mlp_out: Projection { name: "transformer.h.{layer}.mlp.c_proj.weight", orientation: Orientation::InOut },
     default_edit_layers: [3, 4, 5, 6, 7],
+    kn_steps: 20,
     load: config,
     weights,
 };

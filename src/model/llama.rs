@@ -19,6 +19,7 @@ pub static FAMILY: Family = Family {
     ],
     mlp_out: Projection { name: "model.layers.{layer}.mlp.down_proj.weight", orientation: Orientation::OutIn },
     default_edit_layers: [4, 5, 6, 7, 8],
+    kn_steps: 1,
     load: config,
     weights,
 };

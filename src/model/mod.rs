@@ -82,6 +82,8 @@ pub struct Family {
     pub mlp_out: Projection,
     /// Layers MEMIT edits by default.
     pub default_edit_layers: [usize; 5],
+    /// KN's integrated-gradient steps by default (the peers' setting for the family).
+    pub kn_steps: usize,
     #[serde(skip)]
     load: fn(&serde_json::Value, &Path) -> Result<Config>,
     #[serde(skip)]

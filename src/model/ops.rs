@@ -25,7 +25,7 @@ impl Module for Linear {
         let lead = &x.dims()[..x.rank() - 1];
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, in_dim))?.contiguous()?;
-        let y = x2.apply_op2(&self.weight, FrozenMatmul)?;
+        let y = x2.apply_op2(&self.weight, FrozenMatmul { transposed: true })?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -36,16 +36,33 @@ impl Module for Linear {
     }
 }
 
-/// `x [m, k] · w [n, k]ᵀ`, differentiable in `x` only.
-struct FrozenMatmul;
+/// `x [m, k] · wᵀ` for `w [n, k]` (`transposed`), or `x [m, k] · w` for `w [k, n]`,
+/// differentiable in `x` only. Each is the other's backward pass. On the CPU, f32 goes to the
+/// system BLAS, whose kernels outrun candle's on these skinny products.
+struct FrozenMatmul {
+    transposed: bool,
+}
 
-fn bmnk(l1: &Layout, l2: &Layout) -> Result<(usize, usize, usize, usize)> {
-    let (m, k) = l1.shape().dims2()?;
-    let (n, k2) = l2.shape().dims2()?;
-    if k != k2 {
-        candle_core::bail!("frozen matmul: inner dimensions differ ({k} vs {k2})");
+impl FrozenMatmul {
+    /// `(m, n, k)` from the layouts, checking the inner dimensions agree.
+    fn dims(&self, l1: &Layout, l2: &Layout) -> Result<(usize, usize, usize)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (r, c) = l2.shape().dims2()?;
+        let (n, k2) = if self.transposed { (r, c) } else { (c, r) };
+        if k != k2 {
+            candle_core::bail!("frozen matmul: inner dimensions differ ({k} vs {k2})");
+        }
+        Ok((m, n, k))
     }
-    Ok((1, m, n, k))
+
+    /// `w`'s layout as the right operand `[k, n]` of a plain matmul.
+    fn rhs(&self, l2: &Layout) -> Result<Layout> {
+        if self.transposed {
+            l2.transpose(0, 1)
+        } else {
+            Ok(l2.clone())
+        }
+    }
 }
 
 impl CustomOp2 for FrozenMatmul {
@@ -54,8 +71,35 @@ impl CustomOp2 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, m, n, k) = bmnk(l1, l2)?;
-        let out = s1.matmul(s2, (b, m, n, k), l1, &l2.transpose(0, 1)?)?;
+        let (m, n, k) = self.dims(l1, l2)?;
+        if let (CpuStorage::F32(x), CpuStorage::F32(w), Some((x0, x1)), Some((w0, w1))) =
+            (s1, s2, l1.contiguous_offsets(), l2.contiguous_offsets())
+        {
+            let (x, w) = (&x[x0..x1], &w[w0..w1]);
+            let mut y = vec![0f32; m * n];
+            let (trans, ldw) = if self.transposed { (cblas_sys::CblasTrans, k) } else { (cblas_sys::CblasNoTrans, n) };
+            // SAFETY: row-major x [m, k], w [n, k] or [k, n] (checked above), y [m, n].
+            unsafe {
+                cblas_sys::cblas_sgemm(
+                    cblas_sys::CblasRowMajor,
+                    cblas_sys::CblasNoTrans,
+                    trans,
+                    m as i32,
+                    n as i32,
+                    k as i32,
+                    1.0,
+                    x.as_ptr(),
+                    k as i32,
+                    w.as_ptr(),
+                    ldw as i32,
+                    0.0,
+                    y.as_mut_ptr(),
+                    n as i32,
+                );
+            }
+            return Ok((CpuStorage::F32(y), Shape::from((m, n))));
+        }
+        let out = s1.matmul(s2, (1, m, n, k), l1, &self.rhs(l2)?)?;
         Ok((out, Shape::from((m, n))))
     }
 
@@ -67,13 +111,14 @@ impl CustomOp2 for FrozenMatmul {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (b, m, n, k) = bmnk(l1, l2)?;
-        let out = s1.matmul(s2, (b, m, n, k), l1, &l2.transpose(0, 1)?)?;
+        let (m, n, k) = self.dims(l1, l2)?;
+        let out = s1.matmul(s2, (1, m, n, k), l1, &self.rhs(l2)?)?;
         Ok((out, Shape::from((m, n))))
     }
 
     fn bwd(&self, _x: &Tensor, w: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(w)?), None))
+        let back = FrozenMatmul { transposed: !self.transposed };
+        Ok((Some(grad.contiguous()?.apply_op2(w, back)?), None))
     }
 }
 
