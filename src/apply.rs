@@ -9,6 +9,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 /// Everything that can go wrong applying, merging or diffing patches.
@@ -155,8 +156,10 @@ impl Stack {
         if !self.touched.contains_key(base.name) {
             return Ok(Cow::Borrowed(base.bytes));
         }
+        let last = &self.patches[self.touched[base.name].last().expect("non-empty").0];
+        let (w0, d) = self.accumulate(base)?;
         let mut out = Vec::with_capacity(base.bytes.len());
-        self.write_patched(base, &mut |chunk| {
+        materialize(base, &w0, &d, last, &mut |chunk| {
             out.extend_from_slice(chunk);
             Ok(())
         })?;
@@ -164,11 +167,18 @@ impl Stack {
     }
 
     /// Streams the bytes of touched tensor `base` with the whole stack applied to `sink`, in
-    /// chunks, so that writing it needs no second copy of the tensor.
-    fn write_patched(&self, base: &TensorRef, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
-        let last = &self.patches[self.touched[base.name].last().expect("non-empty").0];
-        let (w0, d) = self.accumulate(base)?;
-        materialize(base, &w0, &d, last, sink)
+    /// chunks, once [`Stack::verify`] has passed. A tensor one patch touches is computed chunk
+    /// by chunk and never held whole; `done` hears which byte ranges of `base` have been read
+    /// for the last time in a pass. A tensor several patches touch is accumulated in memory.
+    fn stream_verified(&self, base: &TensorRef, done: &dyn Fn(Range<usize>), sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        match self.touched[base.name][..] {
+            [(p, e)] => stream_one(base, &self.patches[p].delta(e)?, &self.patches[p], done, sink),
+            ref list => {
+                let last = &self.patches[list.last().expect("non-empty").0];
+                let (w0, d) = self.accumulate(base)?;
+                materialize(base, &w0, &d, last, sink)
+            }
+        }
     }
 
     /// Verifies every patch against `ckpt` without writing anything: dtypes, shapes, base
@@ -180,7 +190,7 @@ impl Stack {
             if let [(p, e)] = list[..] {
                 let (patch, entry) = (&self.patches[p], &self.patches[p].manifest().entries[e]);
                 check_layout(patch, entry, base.dtype, base.shape)?;
-                check_hash(patch, entry, base.bytes)?;
+                check_hash_streamed(patch, entry, base.bytes, &|r| ckpt.evict_range(&base, r))?;
                 patch.delta(e)?;
             } else {
                 self.accumulate(&base)?;
@@ -201,7 +211,19 @@ impl Stack {
 
 /// The tensor `entry` patches must have the bytes it was compiled against.
 fn check_hash(patch: &Patch, entry: &Entry, bytes: &[u8]) -> Result<()> {
-    let found = blake3::hash(bytes).to_hex().to_string();
+    check_hash_streamed(patch, entry, bytes, &|_| {})
+}
+
+/// [`check_hash`], telling `done` each byte range as soon as it is hashed.
+fn check_hash_streamed(patch: &Patch, entry: &Entry, bytes: &[u8], done: &dyn Fn(Range<usize>)) -> Result<()> {
+    const STEP: usize = 1 << 20;
+    let mut h = blake3::Hasher::new();
+    for start in (0..bytes.len()).step_by(STEP) {
+        let end = (start + STEP).min(bytes.len());
+        h.update(&bytes[start..end]);
+        done(start..end);
+    }
+    let found = h.finalize().to_hex().to_string();
     if found == entry.base_blake3 {
         return Ok(());
     }
@@ -285,25 +307,108 @@ pub fn product(f: &Factors, shape: &[usize]) -> Vec<f32> {
     out
 }
 
+/// Elements per chunk of a streamed tensor.
+const CHUNK: usize = 1 << 14;
+
 /// The tensor's bytes with delta `d` added, streamed to `sink` in chunks: untouched where `d`
 /// is ±0, else `round(W₀ + D)`.
 fn materialize(base: &TensorRef, w0: &[f32], d: &[f32], patch: &Patch, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
-    const CHUNK: usize = 1 << 14;
-    let s = base.dtype.size();
     for (c, (w0, d)) in w0.chunks(CHUNK).zip(d.chunks(CHUNK)).enumerate() {
-        let mut out = base.bytes[c * CHUNK * s..(c * CHUNK + w0.len()) * s].to_vec();
-        for (i, (&w, &d)) in w0.iter().zip(d).enumerate() {
-            if d != 0.0 {
-                let v = base.dtype.round(w + d);
-                if !v.is_finite() {
-                    return Err(Error::NonFinite { patch: patch.path().to_path_buf(), name: base.name.to_string(), index: c * CHUNK + i });
-                }
-                base.dtype.put(v, &mut out[i * s..(i + 1) * s]);
-            }
-        }
-        sink(&out)?;
+        sink(&materialize_chunk(base, c * CHUNK, w0, d, patch)?)?;
     }
     Ok(())
+}
+
+/// [`materialize`] for the elements `start..start + w0.len()`.
+fn materialize_chunk(base: &TensorRef, start: usize, w0: &[f32], d: &[f32], patch: &Patch) -> Result<Vec<u8>> {
+    let s = base.dtype.size();
+    let mut out = base.bytes[start * s..(start + w0.len()) * s].to_vec();
+    for (i, (&w, &d)) in w0.iter().zip(d).enumerate() {
+        if d != 0.0 {
+            let v = base.dtype.round(w + d);
+            if !v.is_finite() {
+                return Err(Error::NonFinite { patch: patch.path().to_path_buf(), name: base.name.to_string(), index: start + i });
+            }
+            base.dtype.put(v, &mut out[i * s..(i + 1) * s]);
+        }
+    }
+    Ok(out)
+}
+
+/// Streams `base` with one patch's `delta` added to `sink`, chunk by chunk, with the same
+/// arithmetic per element as [`Stack::patched`]. The delta is never held whole: a RECT entry's
+/// product is recomputed for each of the cut's two passes and for the write. `done` hears each
+/// byte range of `base` as a pass finishes with it.
+fn stream_one(base: &TensorRef, delta: &Delta, patch: &Patch, done: &dyn Fn(Range<usize>), sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+    let s = base.dtype.size();
+    let n = base.bytes.len() / s;
+    let chunks = || (0..n).step_by(CHUNK).map(move |a| a..(a + CHUNK).min(n));
+    // The delta's unmasked chunk into `d`; the base's values there returned.
+    let fill = |r: &Range<usize>, d: &mut Vec<f32>| {
+        d.clear();
+        d.resize(r.len(), 0.0);
+        add_chunk(d, delta, base.shape, r.start);
+        base.dtype.decode(&base.bytes[r.start * s..r.end * s])
+    };
+    let mut d = Vec::with_capacity(CHUNK);
+    let mut cut = match delta {
+        Delta::LowRankRect { k, eps, .. } => rect::Cut::find(n, *k, |visit| {
+            for r in chunks() {
+                let w = fill(&r, &mut d);
+                d.iter().zip(&w).for_each(|(&d, &w)| visit(rect::key(d, w, *eps)));
+                done(r.start * s..r.end * s);
+            }
+        }),
+        _ => None,
+    };
+    for r in chunks() {
+        let w = fill(&r, &mut d);
+        if let (Some(cut), Delta::LowRankRect { eps, .. }) = (&mut cut, delta) {
+            d.iter_mut().zip(&w).filter(|(d, &w)| !cut.keeps(rect::key(**d, w, *eps))).for_each(|(d, _)| *d = 0.0);
+        }
+        sink(&materialize_chunk(base, r.start, &w, &d, patch)?)?;
+        done(r.start * s..r.end * s);
+    }
+    Ok(())
+}
+
+/// Adds one entry's contributions at the flat elements `start..start + d.len()` to `d`, a
+/// RECT entry's unmasked; per element the same arithmetic as [`add_delta`].
+fn add_chunk(d: &mut [f32], delta: &Delta, shape: &[usize], start: usize) {
+    match delta {
+        Delta::Dense(v) => d.iter_mut().zip(&v[start..]).for_each(|(d, v)| *d += v),
+        Delta::Sparse { indices, values } => {
+            let from = indices.partition_point(|&i| (i as usize) < start);
+            let end = start + d.len();
+            for (&i, v) in indices[from..].iter().zip(&values[from..]).take_while(|(&i, _)| (i as usize) < end) {
+                d[i as usize - start] += v;
+            }
+        }
+        Delta::LowRank(groups) => groups.iter().for_each(|g| add_product(d, g, shape, start)),
+        Delta::LowRankRect { factors, .. } => add_product(d, factors, shape, start),
+    }
+}
+
+/// Adds `U·Vᵀ` at the flat elements `start..` to `d`, each element summed over the rank in
+/// order from +0, as [`product`] does.
+fn add_product(d: &mut [f32], f: &Factors, shape: &[usize], start: usize) {
+    let (cols, r) = (shape[1], f.rank);
+    let (mut q, mut rest) = (start, d);
+    while !rest.is_empty() {
+        let (i, j0) = (q / cols, q % cols);
+        let (row, tail) = rest.split_at_mut((cols - j0).min(rest.len()));
+        let u = &f.u[i * r..(i + 1) * r];
+        for (j, d) in (j0..).zip(row.iter_mut()) {
+            let v = &f.v[j * r..(j + 1) * r];
+            let mut o = 0f32;
+            for t in 0..r {
+                o += u[t] * v[t];
+            }
+            *d += o;
+        }
+        q += row.len();
+        rest = tail;
+    }
 }
 
 /// What [`apply`] did.
@@ -369,7 +474,7 @@ fn write_weights(ckpt: &Checkpoint, stack: &Stack, src: &Path, dest: &Path, hash
         let t = ckpt.tensor(name)?;
         copy_range(&mut input, src, &mut out, dest, pos, t.offset as u64)?;
         let mut h = blake3::Hasher::new();
-        stack.write_patched(&t, &mut |chunk| {
+        stack.stream_verified(&t, &|r| ckpt.evict_range(&t, r), &mut |chunk| {
             h.update(chunk);
             out.write_all(chunk).map_err(io_err(dest))
         })?;

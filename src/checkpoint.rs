@@ -281,10 +281,16 @@ impl Checkpoint {
     /// Lets the kernel drop `t`'s pages from this process's resident memory once it has been
     /// read; they are read back from the file if touched again. Keeps streaming passes small.
     pub fn evict(&self, t: &TensorRef) {
+        self.evict_range(t, 0..t.bytes.len());
+    }
+
+    /// [`Checkpoint::evict`] for the bytes `range` of `t` only (pages it shares with its
+    /// neighbours go too, and are read back if touched).
+    pub fn evict_range(&self, t: &TensorRef, range: std::ops::Range<usize>) {
         if let Some(shard) = self.shards.iter().find(|s| s.path == t.path) {
             // SAFETY: the map is read-only and backed by the file, so MADV_DONTNEED only drops
             // clean pages; later reads see the same bytes. A failure only means no eviction.
-            let _ = unsafe { shard.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, t.offset, t.bytes.len()) };
+            let _ = unsafe { shard.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, t.offset + range.start, range.len()) };
         }
     }
 

@@ -18,40 +18,68 @@ pub fn score(delta: f32, w: f32, eps: f32) -> f32 {
     delta.abs() / w.abs().max(eps)
 }
 
-/// Zeroes every element of `delta` outside the top-`k`% by [`score`] against `w`.
-/// `delta` and `w` have the same length; `k` is a percentage. The threshold is found by two
-/// histogram passes over the scores' bits (for non-negative floats, bit order is value order),
-/// so the extra memory is one fixed 64K-bin histogram, not a copy of the scores.
-pub fn mask(delta: &mut [f32], w: &[f32], k: f64, eps: f32) {
-    debug_assert_eq!(delta.len(), w.len());
-    let n = delta.len();
-    let keep = keep_count(k, n);
-    if keep == n {
-        return;
+/// The order key of an element: its score's bits (for non-negative floats, bit order is value order).
+pub fn key(delta: f32, w: f32, eps: f32) -> u32 {
+    score(delta, w, eps).to_bits()
+}
+
+/// Where the top-`k`% of a sequence of keys begins: every key above `threshold` is kept and,
+/// of the keys equal to it, the first `ties` in flat order. Found by two histogram passes, so
+/// the extra memory is one fixed 64K-bin histogram, not a copy of the scores, whether the keys
+/// sit in memory or are recomputed chunk by chunk.
+#[derive(Clone, Copy, Debug)]
+pub struct Cut {
+    threshold: u32,
+    ties: usize,
+}
+
+impl Cut {
+    /// The cut that keeps [`keep_count`]`(k, n)` of the `n` keys `keys` visits in flat order
+    /// (it is called twice, and must visit the same keys each time); `None` when all stay.
+    pub fn find(n: usize, k: f64, mut keys: impl FnMut(&mut dyn FnMut(u32))) -> Option<Cut> {
+        let keep = keep_count(k, n);
+        if keep == n {
+            return None;
+        }
+        if keep == 0 {
+            return Some(Cut { threshold: u32::MAX, ties: 0 });
+        }
+        let mut hist = vec![0usize; 1 << 16];
+        keys(&mut |b| hist[(b >> 16) as usize] += 1);
+        let (high, rank) = descend(&hist, keep);
+        hist.fill(0);
+        keys(&mut |b| {
+            if b >> 16 == high {
+                hist[(b & 0xffff) as usize] += 1;
+            }
+        });
+        let (low, ties) = descend(&hist, rank);
+        Some(Cut { threshold: high << 16 | low, ties })
     }
-    if keep == 0 {
-        delta.fill(0.0);
-        return;
-    }
-    let key = |d: f32, w: f32| score(d, w, eps).to_bits();
-    let mut hist = vec![0usize; 1 << 16];
-    delta.iter().zip(w).for_each(|(&d, &w)| hist[(key(d, w) >> 16) as usize] += 1);
-    let (high, rank) = descend(&hist, keep);
-    hist.fill(0);
-    for (&d, &w) in delta.iter().zip(w) {
-        let b = key(d, w);
-        if b >> 16 == high {
-            hist[(b & 0xffff) as usize] += 1;
+
+    /// Whether the next key, in flat order, is kept: call it once per element, in order.
+    pub fn keeps(&mut self, key: u32) -> bool {
+        match key.cmp(&self.threshold) {
+            Ordering::Greater => true,
+            Ordering::Equal if self.ties > 0 => {
+                self.ties -= 1;
+                true
+            }
+            _ => false,
         }
     }
-    let (low, mut ties) = descend(&hist, rank);
-    let threshold = high << 16 | low;
-    // Everything above the threshold stays; of the ties at it, the lowest indices fill the quota.
+}
+
+/// Zeroes every element of `delta` outside the top-`k`% by [`score`] against `w`
+/// (same lengths; `k` a percentage), ties going to the lower flat index.
+pub fn mask(delta: &mut [f32], w: &[f32], k: f64, eps: f32) {
+    debug_assert_eq!(delta.len(), w.len());
+    let Some(mut cut) = Cut::find(delta.len(), k, |visit| delta.iter().zip(w).for_each(|(&d, &w)| visit(key(d, w, eps)))) else {
+        return;
+    };
     for (d, &w) in delta.iter_mut().zip(w) {
-        match key(*d, w).cmp(&threshold) {
-            Ordering::Greater => {}
-            Ordering::Equal if ties > 0 => ties -= 1,
-            _ => *d = 0.0,
+        if !cut.keeps(key(*d, w, eps)) {
+            *d = 0.0;
         }
     }
 }

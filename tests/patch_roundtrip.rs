@@ -226,3 +226,39 @@ fn encoding_is_deterministic_and_smallest_exact() {
     assert!(p.id().starts_with("fp1-") && p.id().len() == 68);
     assert_eq!(p.manifest().entries[0].raw_len, 384 * 2);
 }
+
+#[test]
+fn tensors_larger_than_a_chunk_stream_exactly() {
+    // Rows that straddle apply's chunks, RECT ties from repeated factor values, every encoding.
+    let t = tempfile::tempdir().unwrap();
+    let base = t.path().join("base");
+    let (r, c) = (97, 611);
+    let w: Vec<f32> = values(r * c, 3, 0.05).iter().enumerate().map(|(i, v)| if i % 101 == 0 { 0.0 } else { *v }).collect();
+    let specs: Vec<Spec> = vec![
+        (DOWN0, Dtype::F32, vec![r, c], w.clone()),
+        (UP0, Dtype::BF16, vec![r, c], w.iter().map(|&v| Dtype::BF16.round(v)).collect()),
+        (DOWN1, Dtype::F16, vec![c, r], w.iter().map(|&v| Dtype::F16.round(v)).collect()),
+        ("model.layers.1.mlp.up_proj.weight", Dtype::F32, vec![c, r], w.clone()),
+    ];
+    write_model(&base, &specs, 1);
+    let ckpt = Checkpoint::open(&base).unwrap();
+    let mut f = factors(r, c, 2, 21, 0.01);
+    f.v.iter_mut().step_by(7).for_each(|v| *v = 0.5);
+    let sparse: Vec<(u64, f32)> = (0..r * c).step_by(13).map(|i| (i as u64, 1e-3 * ((i % 7) as f32 - 3.0))).collect();
+    let deltas = vec![
+        (DOWN0, Delta::LowRankRect { factors: f.clone(), k: 37.0, eps: 1e-6 }),
+        (UP0, Delta::LowRank(vec![f.clone(), factors(r, c, 1, 22, 0.01)])),
+        (DOWN1, Delta::Sparse { indices: sparse.iter().map(|s| s.0).collect(), values: sparse.iter().map(|s| s.1).collect() }),
+        ("model.layers.1.mlp.up_proj.weight", Delta::Dense(values(r * c, 23, 1e-3))),
+    ];
+    let p = write_patch(&t.path().join("p"), &ckpt, &[], manifest("memit"), deltas);
+    let out = t.path().join("out");
+    apply::apply(&base, std::slice::from_ref(&p), &out).unwrap();
+    let got = Checkpoint::open(&out).unwrap();
+    let stack = Stack::load(&[p]).unwrap();
+    for name in ckpt.names() {
+        let want = stack.patched(&ckpt.tensor(name).unwrap()).unwrap();
+        assert_eq!(got.tensor(name).unwrap().bytes, &want[..], "{name}");
+        assert_ne!(got.tensor(name).unwrap().bytes, ckpt.tensor(name).unwrap().bytes, "{name}");
+    }
+}
