@@ -340,6 +340,7 @@ enum WeightDtype {
 }
 
 fn main() -> std::process::ExitCode {
+    factpatch::model::init_threads();
     match run(Cli::parse().command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
