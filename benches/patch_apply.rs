@@ -78,9 +78,10 @@ fn peak_rss_kib() -> u64 {
 fn main() {
     // Child mode: apply one patch and report this process's peak RSS.
     if let (Ok(model), Ok(p), Ok(out)) = (std::env::var("FP_MODEL"), std::env::var("FP_PATCH"), std::env::var("FP_OUT")) {
+        let options = apply::ApplyOptions { sync: std::env::var("FP_SYNC").as_deref() != Ok("0"), hash_cache: std::env::var_os("FP_CACHE").map(PathBuf::from) };
         let start = peak_rss_kib();
         let t = Instant::now();
-        apply::apply(Path::new(&model), &[PathBuf::from(p)], Path::new(&out)).unwrap();
+        apply::apply_with(Path::new(&model), &[PathBuf::from(p)], Path::new(&out), &options).unwrap();
         println!("{} {} {start}", t.elapsed().as_secs_f64(), peak_rss_kib());
         return;
     }
@@ -131,29 +132,36 @@ fn main() {
     let rect_patch = rect_patch.unwrap();
     let size: u64 = ckpt.files().map(|f| std::fs::metadata(f).unwrap().len()).sum();
     println!("\ncheckpoint: {size} bytes; largest touched tensor: {} bytes stored, {} bytes as f32", rows * cols * ckpt.tensor(&name(3)).unwrap().dtype.size(), rows * cols * 4);
-    println!("\n| run | cp -r (s) | cp -r + sync (s) | apply RECT patch (s) | vs cp | vs cp+sync | apply peak RSS (MiB) | RSS before apply (MiB) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("\nRun 0 hashes the base (cold hash cache); runs 1-4 read its tensor hashes from the cache.");
+    println!("\n| run | cp -r (s) | cp -r + sync (s) | apply (s) | apply --no-sync (s) | apply vs cp+sync | --no-sync vs cp | apply peak RSS (MiB) | RSS before apply (MiB) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     assert!(std::process::Command::new("sync").status().unwrap().success());
-    for run in 0..3 {
+    let cache = scratch.path().join("hashes");
+    // Applies the RECT patch in a child process: (seconds, peak RSS MiB, RSS before MiB).
+    let apply = |out: &Path, sync: bool| -> (f64, f64, f64) {
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .env("FP_MODEL", &model)
+            .env("FP_PATCH", &rect_patch)
+            .env("FP_OUT", out)
+            .env("FP_SYNC", if sync { "1" } else { "0" })
+            .env("FP_CACHE", &cache)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&child.stdout);
+        let v: Vec<f64> = text.split_whitespace().map(|x| x.parse().unwrap()).collect();
+        assert_eq!(v.len(), 3, "child failed: {}", String::from_utf8_lossy(&child.stderr));
+        std::fs::remove_dir_all(out).unwrap();
+        (v[0], v[1] / 1024.0, v[2] / 1024.0)
+    };
+    for run in 0..5 {
         let cp_out = scratch.path().join(format!("cp{run}"));
         let t = Instant::now();
         assert!(std::process::Command::new("cp").arg("-r").arg(&model).arg(&cp_out).status().unwrap().success());
         let cp = t.elapsed().as_secs_f64();
         assert!(std::process::Command::new("sync").status().unwrap().success());
         let cp_sync = t.elapsed().as_secs_f64();
-        let out = scratch.path().join(format!("ap{run}"));
-        let child = std::process::Command::new(std::env::current_exe().unwrap())
-            .env("FP_MODEL", &model)
-            .env("FP_PATCH", &rect_patch)
-            .env("FP_OUT", &out)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&child.stdout);
-        let mut it = text.split_whitespace();
-        let secs: f64 = it.next().unwrap_or_else(|| panic!("child failed: {}", String::from_utf8_lossy(&child.stderr))).parse().unwrap();
-        let rss: f64 = it.next().unwrap().parse::<f64>().unwrap() / 1024.0;
-        let start: f64 = it.next().unwrap().parse::<f64>().unwrap() / 1024.0;
-        println!("| {run} | {cp:.3} | {cp_sync:.3} | {secs:.3} | {:.2} | {:.2} | {rss:.1} | {start:.1} |", secs / cp, secs / cp_sync);
         std::fs::remove_dir_all(&cp_out).unwrap();
-        std::fs::remove_dir_all(&out).unwrap();
+        let (secs, rss, start) = apply(&scratch.path().join(format!("ap{run}")), true);
+        let (fast, _, _) = apply(&scratch.path().join(format!("apn{run}")), false);
+        println!("| {run} | {cp:.3} | {cp_sync:.3} | {secs:.3} | {fast:.3} | {:.2} | {:.2} | {rss:.1} | {start:.1} |", secs / cp_sync, fast / cp);
     }
 }

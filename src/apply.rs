@@ -8,7 +8,7 @@ use crate::rect;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -422,11 +422,33 @@ pub struct ApplySummary {
     pub bytes_written: u64,
 }
 
+/// How [`apply_with`] writes its output.
+#[derive(Clone, Debug)]
+pub struct ApplyOptions {
+    /// fsync every output file before the rename, so that not even a power loss leaves a
+    /// partly written model under the final name (`cp` does not). On by default.
+    pub sync: bool,
+    /// Where the base's tensor hashes are remembered (`Checkpoint::tensor_hashes_cached`);
+    /// `None` hashes the untouched tensors at every apply.
+    pub hash_cache: Option<PathBuf>,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        ApplyOptions { sync: true, hash_cache: None }
+    }
+}
+
+/// [`apply_with`] with the default options.
+pub fn apply(model: &Path, patches: &[PathBuf], out: &Path) -> Result<ApplySummary> {
+    apply_with(model, patches, out, &ApplyOptions::default())
+}
+
 /// Applies `patches` in order to the model at `model`, writing a new model folder at `out`.
 /// Everything is verified before anything is written; the output appears only when complete.
 /// The untouched tensors are copied by the kernel while another thread hashes them from the
-/// base, so the output's identity costs no second pass over it.
-pub fn apply(model: &Path, patches: &[PathBuf], out: &Path) -> Result<ApplySummary> {
+/// base (or reads their hashes from the cache), so the output's identity costs no second pass.
+pub fn apply_with(model: &Path, patches: &[PathBuf], out: &Path, options: &ApplyOptions) -> Result<ApplySummary> {
     if out.exists() {
         return Err(Error::OutputExists(out.to_path_buf()));
     }
@@ -436,7 +458,10 @@ pub fn apply(model: &Path, patches: &[PathBuf], out: &Path) -> Result<ApplySumma
     let dir = AtomicDir::create(out).map_err(io_err(out))?;
     let untouched: Vec<&str> = ckpt.names().filter(|n| !stack.touched.contains_key(*n)).collect();
     let (copied, written) = std::thread::scope(|s| {
-        let hashing = s.spawn(|| ckpt.tensor_hashes(&untouched));
+        let hashing = s.spawn(|| match &options.hash_cache {
+            Some(cache) => ckpt.tensor_hashes_cached(&untouched, cache),
+            None => ckpt.tensor_hashes(&untouched),
+        });
         let written = (|| {
             let (mut bytes, mut hashes) = (0, BTreeMap::new());
             for file in ckpt.files() {
@@ -452,7 +477,7 @@ pub fn apply(model: &Path, patches: &[PathBuf], out: &Path) -> Result<ApplySumma
     let (bytes_written, mut hashes) = written?;
     hashes.extend(copied?);
     let identity = ckpt.identity_of(&hashes).to_hex().to_string();
-    dir.commit().map_err(io_err(out))?;
+    dir.commit(options.sync).map_err(io_err(out))?;
     Ok(ApplySummary {
         output: out.to_path_buf(),
         identity,
@@ -462,31 +487,44 @@ pub fn apply(model: &Path, patches: &[PathBuf], out: &Path) -> Result<ApplySumma
     })
 }
 
-/// Rewrites one weight file inside the output's temporary folder: header and untouched ranges
-/// copied by the kernel, patched tensors streamed from memory one at a time, their byte hashes
-/// recorded in `hashes`. Writeback starts as each range is done. Returns the file's length.
+/// Rewrites one weight file inside the output's temporary folder: the header and untouched
+/// ranges copied by the kernel on one thread while this one streams the patched tensors into
+/// their places, recording their byte hashes in `hashes`. Returns the file's length.
 fn write_weights(ckpt: &Checkpoint, stack: &Stack, src: &Path, dest: &Path, hashes: &mut BTreeMap<String, blake3::Hash>) -> Result<u64> {
+    use std::os::unix::fs::FileExt;
     let mut input = File::open(src).map_err(io_err(src))?;
     let len = input.metadata().map_err(io_err(src))?.len();
-    let mut out = File::create_new(dest).map_err(io_err(dest))?;
+    let out = File::create_new(dest).map_err(io_err(dest))?;
+    let touched = ckpt.names_in(src).into_iter().filter(|n| stack.touched.contains_key(*n)).map(|n| ckpt.tensor(n)).collect::<checkpoint::Result<Vec<_>>>()?;
+    let mut gaps = Vec::new();
     let mut pos = 0u64;
-    for name in ckpt.names_in(src).into_iter().filter(|n| stack.touched.contains_key(*n)) {
-        let t = ckpt.tensor(name)?;
-        copy_range(&mut input, src, &mut out, dest, pos, t.offset as u64)?;
-        let mut h = blake3::Hasher::new();
-        stack.stream_verified(&t, &|r| ckpt.evict_range(&t, r), &mut |chunk| {
-            h.update(chunk);
-            out.write_all(chunk).map_err(io_err(dest))
-        })?;
-        hashes.insert(name.to_string(), h.finalize());
-        ckpt.evict(&t);
+    for t in &touched {
+        gaps.push((pos, t.offset as u64));
         pos = (t.offset + t.bytes.len()) as u64;
     }
-    copy_range(&mut input, src, &mut out, dest, pos, len)?;
+    gaps.push((pos, len));
+    std::thread::scope(|s| {
+        let copier = s.spawn(|| gaps.iter().try_for_each(|&(from, to)| copy_range(&mut input, src, &mut &out, dest, from, to)));
+        let streamed = touched.iter().try_for_each(|t| {
+            let (mut h, mut at) = (blake3::Hasher::new(), t.offset as u64);
+            stack.stream_verified(t, &|r| ckpt.evict_range(t, r), &mut |chunk| {
+                h.update(chunk);
+                out.write_all_at(chunk, at).map_err(io_err(dest))?;
+                at += chunk.len() as u64;
+                Ok(())
+            })?;
+            hashes.insert(t.name.to_string(), h.finalize());
+            ckpt.evict(t);
+            Ok::<_, Error>(())
+        });
+        copier.join().expect("the copying thread does not panic")?;
+        streamed
+    })?;
     Ok(len)
 }
 
-fn copy_range(input: &mut File, src: &Path, out: &mut File, dest: &Path, from: u64, to: u64) -> Result<()> {
+fn copy_range(input: &mut File, src: &Path, out: &mut &File, dest: &Path, from: u64, to: u64) -> Result<()> {
+    out.seek(SeekFrom::Start(from)).map_err(io_err(dest))?;
     input.seek(SeekFrom::Start(from)).map_err(io_err(src))?;
     let copied = std::io::copy(&mut std::io::Read::take(&*input, to - from), out).map_err(io_err(dest))?;
     if copied != to - from {

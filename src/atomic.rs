@@ -80,10 +80,14 @@ impl AtomicDir {
         &self.tmp
     }
 
-    /// Syncs every file and renames the directory into place.
-    pub fn commit(mut self) -> io::Result<()> {
+    /// Syncs every file (when `sync`: durable across a power loss, not only a crash of the
+    /// process) and renames the directory into place.
+    pub fn commit(mut self, sync: bool) -> io::Result<()> {
         for entry in fs::read_dir(&self.tmp)? {
-            File::open(entry?.path())?.sync_all()?;
+            let path = entry?.path();
+            if sync {
+                File::open(path)?.sync_all()?;
+            }
         }
         if self.dest.is_dir() {
             fs::remove_dir(&self.dest)?; // empty, checked on create

@@ -301,6 +301,13 @@ impl Checkpoint {
         Ok(self.identity_of(&self.tensor_hashes(&names)?))
     }
 
+    /// [`Checkpoint::identity`], with the tensor hashes remembered in `cache`
+    /// (see [`Checkpoint::tensor_hashes_cached`]).
+    pub fn identity_cached(&self, cache: &Path) -> Result<blake3::Hash> {
+        let names: Vec<&str> = self.names().collect();
+        Ok(self.identity_of(&self.tensor_hashes_cached(&names, cache)?))
+    }
+
     /// [`Checkpoint::identity`] from the tensors' byte hashes, one for every tensor (a model
     /// with these tensors' names, dtypes and shapes and those bytes).
     pub fn identity_of(&self, hashes: &BTreeMap<String, blake3::Hash>) -> blake3::Hash {
@@ -312,6 +319,41 @@ impl Checkpoint {
             h.update(hashes[name].as_bytes());
         }
         h.finalize()
+    }
+
+    /// [`Checkpoint::tensor_hashes`], remembered per weight file in `cache` under the file's
+    /// identity on disk: device, inode, size, and modification and change times (any write
+    /// moves the change time, which no user can set back). A model is hashed once, not at every
+    /// apply or statistics lookup. A cache that cannot be read or written only costs a rehash.
+    pub fn tensor_hashes_cached(&self, names: &[&str], cache: &Path) -> Result<BTreeMap<String, blake3::Hash>> {
+        use std::os::unix::fs::MetadataExt;
+        let mut out = BTreeMap::new();
+        for (i, shard) in self.shards.iter().enumerate() {
+            let wanted: Vec<&str> = names.iter().copied().filter(|n| self.index.get(*n) == Some(&i)).collect();
+            if wanted.is_empty() {
+                continue;
+            }
+            let m = shard.file.metadata().map_err(|source| Error::Io { path: shard.path.clone(), source })?;
+            let place = std::fs::canonicalize(&shard.path).unwrap_or_else(|_| shard.path.clone());
+            let key = format!("{}|{}|{}|{}|{}.{}|{}.{}", place.display(), m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec());
+            let entry = cache.join(format!("{}.json", &blake3::hash(key.as_bytes()).to_hex()[..32]));
+            let every: Vec<&str> = self.index.iter().filter(|(_, &s)| s == i).map(|(n, _)| n.as_str()).collect();
+            let remembered: Option<BTreeMap<String, blake3::Hash>> = std::fs::read(&entry)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<BTreeMap<String, String>>(&b).ok())
+                .and_then(|r| r.into_iter().map(|(n, h)| Some((n, blake3::Hash::from_hex(h).ok()?))).collect());
+            let all = match remembered {
+                Some(all) if every.iter().all(|n| all.contains_key(*n)) => all,
+                _ => {
+                    let all = self.tensor_hashes(&every)?;
+                    let text: BTreeMap<&str, String> = all.iter().map(|(n, h)| (n.as_str(), h.to_hex().to_string())).collect();
+                    let _ = std::fs::create_dir_all(cache).and_then(|_| crate::atomic::write(&entry, &serde_json::to_vec(&text).expect("strings serialize"), true));
+                    all
+                }
+            };
+            out.extend(wanted.into_iter().map(|n| (n.to_string(), all[n])));
+        }
+        Ok(out)
     }
 
     /// blake3 of each named tensor's bytes (what patches record as their base), computed in

@@ -161,7 +161,7 @@ pub fn import(gguf: &Path, out_dir: &Path, dtype: OutDtype) -> Result<ImportSumm
     write_json(&staging.path().join("generation_config.json"), &generation)?;
     write_json(&staging.path().join("tokenizer.json"), &tok.tokenizer)?;
     write_json(&staging.path().join("tokenizer_config.json"), &tok.config)?;
-    staging.commit().map_err(|e| Error::Write { path: out_dir.to_path_buf(), reason: e.to_string() })?;
+    staging.commit(true).map_err(|e| Error::Write { path: out_dir.to_path_buf(), reason: e.to_string() })?;
 
     Ok(ImportSummary {
         out_dir: out_dir.to_path_buf(),

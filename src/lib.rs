@@ -14,3 +14,12 @@ pub mod plot;
 pub mod rect;
 pub mod stats;
 pub mod tokenize;
+
+/// factpatch's cache folder (statistics, tensor hashes, downloaded fixtures):
+/// `$FACTPATCH_CACHE`, else `~/.cache/factpatch`.
+pub fn cache_root() -> std::path::PathBuf {
+    match std::env::var_os("FACTPATCH_CACHE") {
+        Some(root) => root.into(),
+        None => std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/factpatch"),
+    }
+}

@@ -116,6 +116,10 @@ enum Command {
         patch: Vec<PathBuf>,
         #[arg(long)]
         out: PathBuf,
+        /// Skip the fsync before the rename, as `cp` does: a crash of the process still leaves
+        /// nothing behind, a power loss may leave the output partly written.
+        #[arg(long)]
+        no_sync: bool,
     },
     /// Merge a stack of patches into one equivalent patch.
     ///
@@ -395,12 +399,14 @@ fn run(command: Command) -> Result<()> {
         Command::Edit { args, out } => {
             let patch_path = PathBuf::from(format!("{}.fpatch", out.display()));
             compile(&args, &patch_path)?;
-            let s = apply::apply(&args.model, &[args.on.clone(), vec![patch_path]].concat(), &out)?;
+            let options = apply::ApplyOptions { hash_cache: Some(factpatch::cache_root().join("hashes")), ..Default::default() };
+            let s = apply::apply_with(&args.model, &[args.on.clone(), vec![patch_path]].concat(), &out, &options)?;
             println!("edited model {} (identity {})", s.output.display(), s.identity);
             Ok(())
         }
-        Command::Apply { model, patch, out } => {
-            let s = apply::apply(&model, &patch, &out)?;
+        Command::Apply { model, patch, out, no_sync } => {
+            let options = apply::ApplyOptions { sync: !no_sync, hash_cache: Some(factpatch::cache_root().join("hashes")) };
+            let s = apply::apply_with(&model, &patch, &out, &options)?;
             println!("applied {} patch(es), {} tensor(s) changed: {} (identity {})", s.patches.len(), s.tensors_patched, s.output.display(), s.identity);
             Ok(())
         }

@@ -665,7 +665,7 @@ pub fn prepare(req: &Request) -> Result<Prepared> {
     let corpus = Corpus::read(&req.corpus)?;
     let model = Model::load(&req.model)?;
     let meta = Meta {
-        model: Checkpoint::open(&req.model)?.identity()?.to_hex().to_string(),
+        model: Checkpoint::open(&req.model)?.identity_cached(&crate::cache_root().join("hashes"))?.to_hex().to_string(),
         tokenizer: tokenizer_hash.to_hex().to_string(),
         corpus: corpus.hash.to_hex().to_string(),
         layers,
@@ -703,10 +703,7 @@ pub fn compute(p: &Prepared, progress: bool) -> Result<Stats> {
 
 /// The statistics cache: `$FACTPATCH_CACHE/stats`, else `~/.cache/factpatch/stats`.
 pub fn default_cache_dir() -> PathBuf {
-    match std::env::var_os("FACTPATCH_CACHE") {
-        Some(root) => PathBuf::from(root).join("stats"),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/factpatch/stats"),
-    }
+    crate::cache_root().join("stats")
 }
 
 /// Where the cache keeps the complete statistics of a request.

@@ -6,6 +6,7 @@ use factpatch::apply::{self, product, Stack};
 use factpatch::checkpoint::{Checkpoint, Dtype, Tensors};
 use factpatch::patch::{Delta, Edit, Patch};
 use factpatch::rect;
+use std::io::Write;
 use std::path::PathBuf;
 
 const DOWN0: &str = "model.layers.0.mlp.down_proj.weight";
@@ -261,4 +262,40 @@ fn tensors_larger_than_a_chunk_stream_exactly() {
         assert_eq!(got.tensor(name).unwrap().bytes, &want[..], "{name}");
         assert_ne!(got.tensor(name).unwrap().bytes, ckpt.tensor(name).unwrap().bytes, "{name}");
     }
+}
+
+#[test]
+fn tensor_hashes_are_cached_under_the_files_identity_on_disk() {
+    let (t, base, ckpt) = tiny_model();
+    let cache = t.path().join("hashes");
+    let names: Vec<&str> = ckpt.names().collect();
+    let fresh = ckpt.tensor_hashes(&names).unwrap();
+    assert_eq!(ckpt.tensor_hashes_cached(&names[..2], &cache).unwrap(), names[..2].iter().map(|n| (n.to_string(), fresh[*n])).collect());
+    let entries: Vec<_> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(entries.len(), 1, "one entry per weight file, holding all its tensors");
+    // Read back, not recomputed: a planted hash comes back while the file is unchanged.
+    let mut planted: std::collections::BTreeMap<String, String> = serde_json::from_slice(&std::fs::read(&entries[0]).unwrap()).unwrap();
+    planted.insert(DOWN0.into(), blake3::hash(b"planted").to_hex().to_string());
+    std::fs::write(&entries[0], serde_json::to_vec(&planted).unwrap()).unwrap();
+    assert_eq!(ckpt.tensor_hashes_cached(&[DOWN0], &cache).unwrap()[DOWN0], blake3::hash(b"planted"));
+    // A corrupt entry is recomputed.
+    std::fs::write(&entries[0], b"{not json").unwrap();
+    assert_eq!(ckpt.identity_cached(&cache).unwrap(), ckpt.identity().unwrap());
+    // A file written again (here: the same bytes, a new modification time) has another
+    // identity on disk: the stale entry is not used.
+    std::fs::write(&entries[0], serde_json::to_vec(&planted).unwrap()).unwrap();
+    let file = base.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let mut f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    f.write_all(&bytes).unwrap();
+    f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1)).unwrap();
+    let reopened = Checkpoint::open(&base).unwrap();
+    assert_eq!(reopened.tensor_hashes_cached(&[DOWN0], &cache).unwrap()[DOWN0], fresh[DOWN0]);
+    // Applying with the cache and without the fsync writes the same model, with the same identity.
+    let p = write_patch(&t.path().join("p"), &reopened, &[], manifest("rome"), vec![(UP0, Delta::LowRank(vec![factors(24, 16, 1, 5, 0.01)]))]);
+    let plain = apply::apply(&base, std::slice::from_ref(&p), &t.path().join("plain")).unwrap();
+    let options = apply::ApplyOptions { sync: false, hash_cache: Some(cache) };
+    let fast = apply::apply_with(&base, &[p], &t.path().join("fast"), &options).unwrap();
+    assert_eq!(plain.identity, fast.identity);
+    assert_eq!(folder(&t.path().join("plain")), folder(&t.path().join("fast")));
 }
