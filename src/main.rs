@@ -591,7 +591,10 @@ fn compile(args: &CompileArgs, out: &Path) -> Result<()> {
     factpatch::atomic::write(out, &bytes, false).with_context(|| format!("{}: cannot write the patch", out.display()))?;
     let id = patch::Patch::from_bytes(bytes.clone(), out)?.id().to_string();
     for r in &reports {
-        println!("  {} → {}: {} steps, loss {:.3}", r.subject, r.target_new, r.steps, r.loss);
+        match r.neurons {
+            Some(n) => println!("  {} → {}: {n} neurons ({} integrated-gradient steps), new target NLL {:.3}", r.subject, r.target_new, r.steps, r.loss),
+            None => println!("  {} → {}: {} steps, loss {:.3}", r.subject, r.target_new, r.steps, r.loss),
+        }
     }
     println!("patch {id}: {} fact(s), {} bytes, {:.1} s ({:.2} s per fact) → {}", requests.len(), bytes.len(), seconds, seconds / requests.len() as f64, out.display());
     Ok(())

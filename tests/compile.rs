@@ -129,6 +129,13 @@ fn kn_swaps_embeddings_in_the_selected_neurons_only() {
     }
     assert!(changed > 0 && Some(changed) == reports[0].neurons, "{changed} columns changed, {:?} neurons reported", reports[0].neurons);
     assert_eq!(updates.iter().map(|u| u.u.ncols()).collect::<Vec<_>>(), vec![1; updates.len()], "one rank-one update per layer");
+    // Where no neuron passes the thresholds, the fact is recorded and nothing changes.
+    let mut strict = hp.clone();
+    strict.set("kn.threshold=1").unwrap();
+    let mut untouched = base.clone();
+    let (updates, reports) = edit::compile(&mut untouched, &tok, std::slice::from_ref(r), &strict, &mut Preserved::default(), &templates).unwrap();
+    assert!(updates.is_empty() && reports[0].neurons == Some(0));
+    assert_eq!(untouched.mlp_out_weight(3).to_vec2::<f32>().unwrap(), base.mlp_out_weight(3).to_vec2::<f32>().unwrap());
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
