@@ -333,6 +333,58 @@ fn read_rows(path: &Path) -> Result<Vec<Row>> {
         .collect()
 }
 
+/// Draws runs side by side into `out`: per metric one chart, a line per run and setting
+/// (colour by run, solid for the first setting and dashed for the others), the number of edits
+/// on a log axis, the metric on a log axis where it spans over two decades, and the unedited
+/// value as a black dashed line. `out/results.csv` holds every row with its run's name.
+pub fn compare(runs: &[PathBuf], out: &Path) -> Result<()> {
+    let mut all: Vec<(String, Row)> = Vec::new();
+    for run in runs {
+        let path = run.join("results.csv");
+        let rows = read_rows(&path)?;
+        if rows.is_empty() {
+            return Err(Error::State { path, problem: "no results (is this an experiment's output folder?)".into() });
+        }
+        let name = run.file_name().map_or_else(|| run.display().to_string(), |n| n.to_string_lossy().into_owned());
+        all.extend(rows.into_iter().map(|r| (name.clone(), r)));
+    }
+    std::fs::create_dir_all(out).map_err(|e| state_err(out, e))?;
+    let mut text = String::from("run,setting,x,metric,value\n");
+    all.iter().for_each(|(run, r)| text.push_str(&format!("{run},{},{},{},{}\n", r.setting, r.x, r.metric, r.value)));
+    let path = out.join("results.csv");
+    crate::atomic::write(&path, text.as_bytes(), true).map_err(|e| state_err(&path, e))?;
+    let mut lines: Vec<(&str, &str)> = Vec::new();
+    for (run, r) in &all {
+        if r.x > 0 && !lines.contains(&(run.as_str(), r.setting.as_str())) {
+            lines.push((run, &r.setting));
+        }
+    }
+    let metrics: std::collections::BTreeSet<&str> = all.iter().map(|(_, r)| r.metric.as_str()).collect();
+    let x_max = all.iter().map(|(_, r)| r.x).max().unwrap_or(1).max(1) as f64;
+    for metric in metrics {
+        let mut order: Vec<&str> = Vec::new();
+        let mut series: Vec<Series> = Vec::new();
+        for &(run, setting) in &lines {
+            if !order.contains(&run) {
+                order.push(run);
+            }
+            let first = lines.iter().find(|l| l.0 == run).map(|l| l.1) == Some(setting);
+            let points: Vec<(f64, f64)> = all.iter().filter(|(n, r)| n == run && r.setting == setting && r.metric == metric && r.x > 0).map(|(_, r)| (r.x as f64, r.value)).collect();
+            if !points.is_empty() {
+                series.push(Series { label: format!("{run} {setting}"), points, colour: order.len() - 1, dashed: !first });
+            }
+        }
+        if let Some((_, r)) = all.iter().find(|(_, r)| r.x == 0 && r.metric == metric) {
+            series.push(Series { label: "unedited".into(), points: vec![(1.0, r.value), (x_max, r.value)], colour: 6, dashed: true });
+        }
+        let values = || series.iter().flat_map(|s| s.points.iter().map(|p| p.1));
+        let (lo, hi) = values().fold((f64::INFINITY, 0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
+        let axes = plot::Axes { log_x: true, log_y: lo > 0.0 && hi / lo > 100.0 };
+        plot::lines(&out.join(format!("{}.png", metric.replace('/', "-"))), metric, "edits", metric, &series, axes)?;
+    }
+    Ok(())
+}
+
 /// One line plot per metric (a line per setting), and bars of the edit metrics per setting at
 /// the largest x every setting has reached.
 fn draw(out: &Path, rows: &[Row], x_label: &str) -> Result<()> {
@@ -346,13 +398,16 @@ fn draw(out: &Path, rows: &[Row], x_label: &str) -> Result<()> {
     for metric in &metrics {
         let series: Vec<Series> = settings
             .iter()
-            .map(|s| Series {
+            .enumerate()
+            .map(|(i, s)| Series {
                 label: s.to_string(),
                 points: rows.iter().filter(|r| r.setting == *s && r.metric == *metric).map(|r| (r.x as f64, r.value)).collect(),
+                colour: i,
+                dashed: false,
             })
             .filter(|s| !s.points.is_empty())
             .collect();
-        plot::lines(&out.join(format!("{}.png", metric.replace('/', "-"))), metric, x_label, metric, &series)?;
+        plot::lines(&out.join(format!("{}.png", metric.replace('/', "-"))), metric, x_label, metric, &series, plot::Axes::default())?;
     }
     // Bars compare settings at the largest x all of them reached; one that has only just
     // started (its x = 0 row alone) is left out rather than holding every bar at 0.
@@ -360,8 +415,11 @@ fn draw(out: &Path, rows: &[Row], x_label: &str) -> Result<()> {
     let last = settings.iter().map(|s| rows.iter().filter(|r| r.setting == *s).map(|r| r.x).max().unwrap_or(0)).min().unwrap_or(0);
     let bars: Vec<Series> = ["reliability", "generalization", "locality"]
         .iter()
-        .map(|m| Series {
+        .enumerate()
+        .map(|(i, m)| Series {
             label: m.to_string(),
+            colour: i,
+            dashed: false,
             points: settings.iter().map(|s| rows.iter().find(|r| r.setting == *s && r.x == last && r.metric == *m).map_or((0.0, 0.0), |r| (0.0, r.value))).collect(),
         })
         .collect();

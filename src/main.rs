@@ -226,6 +226,16 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Draw experiment runs side by side: one PNG per metric (a line per run and setting, edits on a log axis) and their rows in one CSV.
+    ///
+    /// Example: factpatch compare runs/memit runs/rome --out runs/compare
+    Compare {
+        /// Output folders of `experiment` runs; each run is named after its folder.
+        #[arg(required = true, num_args = 1..)]
+        runs: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// What a patch changes: facts, tensors, sizes, relative changes.
     ///
     /// Example: factpatch audit eiffel.fpatch --model fixtures/models/SmolLM2-135M-Instruct --heatmap eiffel.png
@@ -482,6 +492,11 @@ fn run(command: Command) -> Result<()> {
             };
             let rows = factpatch::experiment::run(&setup, &schedule)?;
             println!("{} values in {}", rows.len(), out.join("results.csv").display());
+            Ok(())
+        }
+        Command::Compare { runs, out } => {
+            factpatch::experiment::compare(&runs, &out)?;
+            println!("{} runs drawn in {}", runs.len(), out.display());
             Ok(())
         }
         Command::Generate { model, prompt, max_new_tokens, top_k, temperature, seed } => {

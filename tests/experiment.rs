@@ -88,3 +88,28 @@ fn evaluation_points_of_a_sequential_run() {
     assert_eq!(at(Schedule::every(3, 10)), vec![3]);
     assert!(at(Schedule::every(0, 1)).is_empty());
 }
+
+#[test]
+fn runs_are_compared_in_one_csv_and_one_chart_per_metric() {
+    let t = tempfile::tempdir().unwrap();
+    let run = |name: &str, ppl: f64| {
+        let dir = t.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let rows = format!("setting,x,metric,value\nnone,0,perplexity,20\nnone,1,efficacy,1\nnone,1,perplexity,21\nnone,10,perplexity,{ppl}\n40,1,perplexity,20.5\n40,10,perplexity,22\n");
+        std::fs::write(dir.join("results.csv"), rows).unwrap();
+        dir
+    };
+    let runs = [run("memit", 23.0), run("kn", 4e12)];
+    let out = t.path().join("cmp");
+    factpatch::experiment::compare(&runs, &out).unwrap();
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    assert_eq!(csv.lines().next(), Some("run,setting,x,metric,value"));
+    assert!(csv.contains("memit,none,10,perplexity,23\n") && csv.contains("kn,none,10,perplexity,4000000000000\n"), "{csv}");
+    assert_eq!(csv.lines().count(), 1 + 2 * 6);
+    for chart in ["perplexity.png", "efficacy.png"] {
+        let bytes = std::fs::read(out.join(chart)).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG", "{chart}");
+    }
+    let err = factpatch::experiment::compare(&[t.path().join("missing")], &out).unwrap_err().to_string();
+    assert!(err.contains("missing") && err.contains("no results"), "{err}");
+}

@@ -31,30 +31,67 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// One named line (or one bar per group).
-#[derive(Clone, Debug)]
+/// One named line (or one bar per group), drawn in colour `colour` (an index into the
+/// palette), dashed or solid.
+#[derive(Clone, Debug, Default)]
 pub struct Series {
     pub label: String,
     pub points: Vec<(f64, f64)>,
+    pub colour: usize,
+    pub dashed: bool,
 }
 
-/// A line chart of `series` (x: edits, y: the metric).
-pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<()> {
+/// Which axes of a line chart are logarithmic (every value on them must be positive).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Axes {
+    pub log_x: bool,
+    pub log_y: bool,
+}
+
+/// A line chart of `series` (x: edits, y: the metric). A logarithmic axis is drawn as a linear
+/// one over log₁₀ of the values, its labels showing the values themselves.
+pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series], axes: Axes) -> Result<()> {
+    let map = |log: bool, v: f64| if log { v.log10() } else { v };
+    let series: Vec<Series> = series.iter().map(|s| Series { points: s.points.iter().map(|&(x, y)| (map(axes.log_x, x), map(axes.log_y, y))).collect(), ..s.clone() }).collect();
     let all = || series.iter().flat_map(|s| s.points.iter());
-    let x_max = all().fold(1f64, |x, p| x.max(p.0));
+    let x_max = all().fold(if axes.log_x { 0.1f64 } else { 1.0 }, |x, p| x.max(p.0));
     let (y_min, y_max) = all().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
     // The axis spans the data (a 21 → 24 perplexity rise stays visible), padded a little.
     let pad = if y_max > y_min { 0.08 * (y_max - y_min) } else { 0.05 * y_max.abs().max(1e-3) };
     let (y_min, y_top) = if y_min.is_finite() { (y_min - pad, y_max + pad) } else { (0.0, 1.0) };
+    // A log axis is labelled at the powers of ten only (1, 10, 100; 1e6), with no grid lines.
+    let power = |v: &f64| {
+        if (v - v.round()).abs() > 1e-3 {
+            String::new()
+        } else if v.abs() < 4.5 {
+            format!("{}", 10f64.powi(v.round() as i32))
+        } else {
+            format!("1e{}", v.round())
+        }
+    };
+    let (x_min, x_top) = if axes.log_x { (-0.08 * x_max.max(1.0), x_max + 0.08 * x_max.max(1.0)) } else { (0.0, x_max) };
     render(path, |root| {
-        let mut chart = frame(&root, title).build_cartesian_2d(0f64..x_max, y_min..y_top)?;
-        chart.configure_mesh().light_line_style(WHITE).x_desc(x_label).y_desc(y_label).label_style(("sans-serif", 14)).draw()?;
-        for (i, s) in series.iter().enumerate() {
-            let c = COLOURS[i % COLOURS.len()];
-            chart
-                .draw_series(LineSeries::new(s.points.iter().copied(), c.stroke_width(2)).point_size(3))?
-                .label(s.label.as_str())
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c.stroke_width(2)));
+        let mut chart = frame(&root, title).build_cartesian_2d(x_min..x_top, y_min..y_top)?;
+        let mut mesh = chart.configure_mesh();
+        mesh.light_line_style(WHITE).x_desc(x_label).y_desc(y_label).label_style(("sans-serif", 14));
+        if axes.log_x {
+            mesh.x_labels(40).x_label_formatter(&power).disable_x_mesh();
+        }
+        if axes.log_y {
+            mesh.y_labels(60).y_label_formatter(&power).disable_y_mesh();
+        }
+        mesh.draw()?;
+        for s in &series {
+            let c = COLOURS[s.colour % COLOURS.len()];
+            let points = s.points.iter().copied();
+            let drawn = if s.dashed {
+                chart.draw_series(DashedLineSeries::new(points.clone(), 8, 5, c.stroke_width(2)))?;
+                chart.draw_series(points.map(|p| Circle::new(p, 3, c.filled())))?
+            } else {
+                chart.draw_series(LineSeries::new(points, c.stroke_width(2)).point_size(3))?
+            };
+            let dashed = s.dashed;
+            drawn.label(s.label.as_str()).legend(move |(x, y)| PathElement::new(if dashed { vec![(x, y), (x + 7, y)] } else { vec![(x, y), (x + 18, y)] }, c.stroke_width(2)));
         }
         chart.configure_series_labels().position(SeriesLabelPosition::LowerLeft).background_style(WHITE.mix(0.85)).border_style(BLACK).label_font(("sans-serif", 14)).draw()?;
         Ok(())
@@ -81,7 +118,7 @@ pub fn bars(path: &Path, title: &str, y_label: &str, groups: &[String], series: 
             .label_style(("sans-serif", 14))
             .draw()?;
         for (i, s) in series.iter().enumerate() {
-            let c = COLOURS[i % COLOURS.len()];
+            let c = COLOURS[s.colour % COLOURS.len()];
             let left = |g: usize| g as f64 + 0.1 + 0.8 * i as f64 / n;
             let bars = s.points.iter().take(groups.len()).enumerate().map(|(g, &(_, v))| Rectangle::new([(left(g), 0.0), (left(g) + 0.8 / n, v)], c.filled()));
             chart
@@ -136,13 +173,14 @@ mod tests {
     fn draws_lines_and_bars_as_png() {
         let dir = tempfile::tempdir().unwrap();
         let series = vec![
-            Series { label: "none".into(), points: vec![(0.0, 1.0), (10.0, 0.8), (20.0, 0.5)] },
-            Series { label: "k=40".into(), points: vec![(0.0, 1.0), (10.0, 0.95), (20.0, 0.9)] },
+            Series { label: "none".into(), points: vec![(1.0, 1.0), (10.0, 0.8), (20.0, 0.5)], colour: 0, dashed: false },
+            Series { label: "k=40".into(), points: vec![(1.0, 1.0), (10.0, 0.95), (20.0, 9e6)], colour: 1, dashed: true },
         ];
-        let (a, b) = (dir.path().join("a.png"), dir.path().join("b.png"));
-        lines(&a, "reliability", "edits", "score", &series).unwrap();
+        let (a, b, c) = (dir.path().join("a.png"), dir.path().join("b.png"), dir.path().join("c.png"));
+        lines(&a, "reliability", "edits", "score", &series, Axes::default()).unwrap();
         bars(&b, "after 20 edits", "score", &["none".into(), "k=40".into(), "k=20".into()], &series).unwrap();
-        for p in [a, b] {
+        lines(&c, "perplexity", "edits", "perplexity", &series, Axes { log_x: true, log_y: true }).unwrap();
+        for p in [a, b, c] {
             let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&p).unwrap()));
             let mut reader = decoder.read_info().unwrap();
             let mut buf = vec![0; reader.output_buffer_size()];
