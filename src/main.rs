@@ -82,7 +82,7 @@ enum Command {
         /// Also write the statistics here (required for a shard).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Statistics cache (default: $FACTPATCH_CACHE/stats or ~/.cache/factpatch/stats).
+        /// Statistics cache, AlphaEdit projectors included (default: $FACTPATCH_CACHE/stats or ~/.cache/factpatch/stats).
         #[arg(long)]
         cache: Option<PathBuf>,
     },
@@ -313,7 +313,7 @@ struct StatsArgs {
     /// Tokens of --corpus to use for statistics.
     #[arg(long, default_value_t = 100_000)]
     stats_tokens: u64,
-    /// Statistics cache (default: $FACTPATCH_CACHE/stats or ~/.cache/factpatch/stats).
+    /// Statistics cache, AlphaEdit projectors included (default: $FACTPATCH_CACHE/stats or ~/.cache/factpatch/stats).
     #[arg(long)]
     cache: Option<PathBuf>,
 }
@@ -321,21 +321,23 @@ struct StatsArgs {
 impl StatsArgs {
     /// The key second moments `hp` needs (none for ROME without mom2 adjustment) and their id.
     fn covariances(&self, model: &Path, hp: &Hparams) -> Result<(edit::Preserved, Option<String>)> {
-        Ok(if !hp.needs_stats() {
-            (edit::Preserved::default(), None)
+        let cache = self.cache.clone().unwrap_or_else(stats::default_cache_dir);
+        let (moments, id) = if !hp.needs_stats() {
+            return Ok((edit::Preserved::default(), None));
         } else if let Some(path) = &self.stats {
             let s = stats::Stats::read(path)?;
-            (s.layers.iter().map(|(l, s)| (*l, s.second_moment())).collect(), Some(stats::file_id(path)?))
+            (s.layers.iter().map(|(l, s)| (*l, s.second_moment())).collect::<edit::Preserved>(), stats::file_id(path)?)
         } else if !self.corpus.is_empty() {
             let mut req = stats::Request::new(model, &self.corpus);
             req.layers = Some(hp.layers.clone());
             req.max_tokens = Some(self.stats_tokens);
-            let cache = self.cache.clone().unwrap_or_else(stats::default_cache_dir);
             let o = stats::find_or_compute(&req, &cache, true)?;
-            (o.stats.layers.iter().map(|(l, s)| (*l, s.second_moment())).collect(), Some(o.id))
+            (o.stats.layers.iter().map(|(l, s)| (*l, s.second_moment())).collect(), o.id)
         } else {
             anyhow::bail!("{:?} needs key statistics: pass --stats FILE or --corpus FILE", hp.method);
-        })
+        };
+        // AlphaEdit's projectors are kept beside the statistics they come from.
+        Ok((moments.keep_projectors(&cache, &id), Some(id)))
     }
 }
 

@@ -173,3 +173,26 @@ fn alphaedit_matches_dense_reference_and_spares_the_preserved_keys() {
         assert!(leak < 1e-9 * max_abs(&update).max(1.0), "ΔW moves a preserved key by {leak:e}");
     }
 }
+
+#[test]
+fn projectors_are_kept_beside_their_statistics() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(18);
+    let (c, _) = with_spectrum(&mut rng, &[3.0, 1e-3, 0.5, 1e-6, 7.0, 0.03]);
+    let dir = tempfile::tempdir().unwrap();
+    let fresh = || [(4, c.clone())].into_iter().collect::<factpatch::edit::Preserved>().keep_projectors(dir.path(), "stats-id");
+    let computed = fresh().nullspace(4, 2e-2).unwrap();
+    assert_eq!(*computed, solve::nullspace(&c, 2e-2).unwrap());
+    let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1);
+    assert!(files[0].file_name().unwrap().to_string_lossy().starts_with("stats-id.nullspace-4-"));
+    // Read back bit for bit by a later run, not recomputed: a planted projector is what it gets.
+    let planted = ndarray::Array2::<f64>::eye(6) * 0.5;
+    let bytes: Vec<u8> = planted.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F64, vec![6, 6], &bytes).unwrap();
+    std::fs::write(&files[0], safetensors::serialize([("projector", view)], None).unwrap()).unwrap();
+    assert_eq!(*fresh().nullspace(4, 2e-2).unwrap(), planted);
+    // Another τ is another file; an unreadable one is computed again.
+    assert_eq!(*fresh().nullspace(4, 1e-2).unwrap(), solve::nullspace(&c, 1e-2).unwrap());
+    std::fs::write(&files[0], b"not safetensors").unwrap();
+    assert_eq!(*fresh().nullspace(4, 2e-2).unwrap(), *computed);
+}
