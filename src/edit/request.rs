@@ -160,7 +160,10 @@ pub fn read(path: &Path) -> Result<Vec<Request>> {
     let records = json_records(&text, path)?;
     let requests = records
         .into_iter()
-        .map(|(line, i, v)| from_json(&v, format!("{}: record {} (line {line})", path.display(), i + 1)))
+        .map(|(line, i, v)| {
+            let at = line.map_or_else(String::new, |l| format!(" (line {l})"));
+            from_json(&v, format!("{}: record {}{at}", path.display(), i + 1))
+        })
         .collect::<Result<Vec<_>>>()?;
     check(requests)
 }
@@ -192,18 +195,18 @@ pub fn check(requests: Vec<Request>) -> Result<Vec<Request>> {
     Ok(requests.into_iter().zip(keep).filter_map(|(r, k)| k.then_some(r)).collect())
 }
 
-/// `(line, index, value)` for each record of a JSON array or JSON-lines text.
-fn json_records(text: &str, path: &Path) -> Result<Vec<(usize, usize, serde_json::Value)>> {
+/// `(line, index, value)` for each record of a JSON array (no line) or JSON-lines text.
+fn json_records(text: &str, path: &Path) -> Result<Vec<(Option<usize>, usize, serde_json::Value)>> {
     let trimmed = text.trim_start();
     if trimmed.starts_with('[') {
         let values: Vec<serde_json::Value> = serde_json::from_str(text)
             .map_err(|e| Error::Json { path: path.into(), line: e.line(), reason: e.to_string() })?;
-        return Ok(values.into_iter().enumerate().map(|(i, v)| (0, i, v)).collect());
+        return Ok(values.into_iter().enumerate().map(|(i, v)| (None, i, v)).collect());
     }
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let v = serde_json::from_str(line).map_err(|e| Error::Json { path: path.into(), line: n + 1, reason: e.to_string() })?;
-        out.push((n + 1, out.len(), v));
+        out.push((Some(n + 1), out.len(), v));
     }
     Ok(out)
 }
