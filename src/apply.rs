@@ -251,21 +251,11 @@ fn check_layout(patch: &Patch, entry: &Entry, dtype: Dtype, shape: &[usize]) -> 
 /// Adds one entry's contributions to `d`. `w` gives the tensor as the patch saw it (for RECT).
 fn add_delta(d: &mut [f32], delta: &Delta, shape: &[usize], w: Option<&[f32]>) {
     match delta {
-        Delta::Dense(v) => d.iter_mut().zip(v).for_each(|(d, v)| *d += v),
-        Delta::Sparse { indices, values } => {
-            for (&i, v) in indices.iter().zip(values) {
-                d[i as usize] += v;
-            }
-        }
-        Delta::LowRank(groups) => {
-            for g in groups {
-                d.iter_mut().zip(product(g, shape)).for_each(|(d, g)| *d += g);
-            }
-        }
         Delta::LowRankRect { .. } => {
             let masked = rect_contribution(delta, shape, w.expect("callers without a base reject RECT first"));
             d.iter_mut().zip(&masked).for_each(|(d, v)| *d += v);
         }
+        _ => add_chunk(d, delta, shape, 0),
     }
 }
 
@@ -290,20 +280,8 @@ pub fn standalone(delta: &Delta, shape: &[usize]) -> Option<Vec<f32>> {
 
 /// `U·Vᵀ` of one group, each element summed over the rank in order from +0, in f32.
 pub fn product(f: &Factors, shape: &[usize]) -> Vec<f32> {
-    let (rows, cols, r) = (shape[0], shape[1], f.rank);
-    let mut vt = vec![0f32; r * cols]; // Vᵀ, so rows of the product are contiguous sums
-    for j in 0..cols {
-        for t in 0..r {
-            vt[t * cols + j] = f.v[j * r + t];
-        }
-    }
-    let mut out = vec![0f32; rows * cols];
-    for (i, row) in out.chunks_exact_mut(cols).enumerate() {
-        for t in 0..r {
-            let u = f.u[i * r + t];
-            row.iter_mut().zip(&vt[t * cols..(t + 1) * cols]).for_each(|(o, v)| *o += u * v);
-        }
-    }
+    let mut out = vec![0f32; shape[0] * shape[1]];
+    add_product(&mut out, f, shape, 0);
     out
 }
 
@@ -373,7 +351,7 @@ fn stream_one(base: &TensorRef, delta: &Delta, patch: &Patch, done: &dyn Fn(Rang
 }
 
 /// Adds one entry's contributions at the flat elements `start..start + d.len()` to `d`, a
-/// RECT entry's unmasked; per element the same arithmetic as [`add_delta`].
+/// RECT entry's unmasked.
 fn add_chunk(d: &mut [f32], delta: &Delta, shape: &[usize], start: usize) {
     match delta {
         Delta::Dense(v) => d.iter_mut().zip(&v[start..]).for_each(|(d, v)| *d += v),
@@ -390,7 +368,7 @@ fn add_chunk(d: &mut [f32], delta: &Delta, shape: &[usize], start: usize) {
 }
 
 /// Adds `U·Vᵀ` at the flat elements `start..` to `d`, each element summed over the rank in
-/// order from +0, as [`product`] does.
+/// order from +0.
 fn add_product(d: &mut [f32], f: &Factors, shape: &[usize], start: usize) {
     let (cols, r) = (shape[1], f.rank);
     let (mut q, mut rest) = (start, d);

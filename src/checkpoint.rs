@@ -381,6 +381,11 @@ impl Checkpoint {
     }
 }
 
+/// Where tensor hashes are remembered by default: `hashes/` in factpatch's cache folder.
+pub fn default_hash_cache() -> PathBuf {
+    crate::cache_root().join("hashes")
+}
+
 /// The weight files of a folder: the single file, or the shards named by the index (sorted, unique).
 fn weight_files(dir: &Path) -> Result<Vec<String>> {
     let index = dir.join(INDEX);

@@ -411,13 +411,13 @@ fn run(command: Command) -> Result<()> {
         Command::Edit { args, out } => {
             let patch_path = PathBuf::from(format!("{}.fpatch", out.display()));
             compile(&args, &patch_path)?;
-            let options = apply::ApplyOptions { hash_cache: Some(factpatch::cache_root().join("hashes")), ..Default::default() };
+            let options = apply::ApplyOptions { hash_cache: Some(factpatch::checkpoint::default_hash_cache()), ..Default::default() };
             let s = apply::apply_with(&args.model, &[args.on.clone(), vec![patch_path]].concat(), &out, &options)?;
             println!("edited model {} (identity {})", s.output.display(), s.identity);
             Ok(())
         }
         Command::Apply { model, patch, out, no_sync } => {
-            let options = apply::ApplyOptions { sync: !no_sync, hash_cache: Some(factpatch::cache_root().join("hashes")) };
+            let options = apply::ApplyOptions { sync: !no_sync, hash_cache: Some(factpatch::checkpoint::default_hash_cache()) };
             let s = apply::apply_with(&model, &patch, &out, &options)?;
             println!("applied {} patch(es), {} tensor(s) changed: {} (identity {})", s.patches.len(), s.tensors_patched, s.output.display(), s.identity);
             Ok(())

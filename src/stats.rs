@@ -665,7 +665,7 @@ pub fn prepare(req: &Request) -> Result<Prepared> {
     let corpus = Corpus::read(&req.corpus)?;
     let model = Model::load(&req.model)?;
     let meta = Meta {
-        model: Checkpoint::open(&req.model)?.identity_cached(&crate::cache_root().join("hashes"))?.to_hex().to_string(),
+        model: Checkpoint::open(&req.model)?.identity_cached(&crate::checkpoint::default_hash_cache())?.to_hex().to_string(),
         tokenizer: tokenizer_hash.to_hex().to_string(),
         corpus: corpus.hash.to_hex().to_string(),
         layers,
