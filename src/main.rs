@@ -321,10 +321,11 @@ struct StatsArgs {
 impl StatsArgs {
     /// The key second moments `hp` needs (none for ROME without mom2 adjustment) and their id.
     fn covariances(&self, model: &Path, hp: &Hparams) -> Result<(edit::Preserved, Option<String>)> {
-        let cache = self.cache.clone().unwrap_or_else(stats::default_cache_dir);
-        let (moments, id) = if !hp.needs_stats() {
+        if !hp.needs_stats() {
             return Ok((edit::Preserved::default(), None));
-        } else if let Some(path) = &self.stats {
+        }
+        let cache = self.cache.clone().unwrap_or_else(stats::default_cache_dir);
+        let (moments, id) = if let Some(path) = &self.stats {
             let s = stats::Stats::read(path)?;
             (s.layers.iter().map(|(l, s)| (*l, s.second_moment())).collect::<edit::Preserved>(), stats::file_id(path)?)
         } else if !self.corpus.is_empty() {
