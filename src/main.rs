@@ -86,7 +86,7 @@ enum Command {
         #[arg(long)]
         cache: Option<PathBuf>,
     },
-    /// Compile fact edits into a patch (ROME or MEMIT, with RECT).
+    /// Compile fact edits into a patch (ROME, MEMIT, EMMET, AlphaEdit or KN, with RECT).
     ///
     /// Example: factpatch compile --model fixtures/models/SmolLM2-135M-Instruct --fact '{} is located in the city of|The Eiffel Tower|Rome' --corpus fixtures/corpus/sotu.txt --out eiffel.fpatch
     Compile {
@@ -614,6 +614,7 @@ fn compile(args: &CompileArgs, out: &Path) -> Result<()> {
             None => println!("  {} → {}: {} steps, loss {:.3}", r.subject, r.target_new, r.steps, r.loss),
         }
     }
-    println!("patch {id}: {} fact(s), {} bytes, {:.1} s ({:.2} s per fact) → {}", requests.len(), bytes.len(), seconds, seconds / requests.len() as f64, out.display());
+    let on = model::device_name(model.device());
+    println!("patch {id}: {} fact(s), {} bytes, {seconds:.1} s on {on} ({:.2} s per fact) → {}", requests.len(), bytes.len(), seconds / requests.len() as f64, out.display());
     Ok(())
 }
