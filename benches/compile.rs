@@ -36,7 +36,7 @@ fn scores(m: &Model, tok: &Tokenizer, reqs: &[request::Request]) -> [f64; 3] {
 }
 
 fn main() {
-    factpatch::model::init_threads();
+    factpatch::init_process();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = root.join("fixtures/models/SmolLM2-135M-Instruct");
     let n: usize = std::env::var("FACTPATCH_BENCH_FACTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);

@@ -22,7 +22,7 @@ fn best_of<F: FnMut()>(reps: usize, mut f: F) -> f64 {
 }
 
 fn main() {
-    factpatch::model::init_threads();
+    factpatch::init_process();
     let dir = std::env::var_os("FACTPATCH_MODEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/models/SmolLM2-135M-Instruct"));

@@ -41,7 +41,7 @@ fn best_of<F: FnMut()>(reps: usize, mut f: F) -> f64 {
 }
 
 fn main() {
-    factpatch::model::init_threads();
+    factpatch::init_process();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let env_path = |k: &str, default: PathBuf| std::env::var_os(k).map(PathBuf::from).unwrap_or(default);
     let dir = env_path("FACTPATCH_MODEL", root.join("fixtures/models/SmolLM2-135M-Instruct"));

@@ -15,6 +15,26 @@ pub mod rect;
 pub mod stats;
 pub mod tokenize;
 
+/// Process-wide settings for tensor work. Call it first thing in `main`, before other threads
+/// exist.
+/// - candle's CPU pool gets one thread unless `CANDLE_NUM_THREADS` says otherwise. The matmuls
+///   run on the system BLAS's threads, and candle's pool spins while it waits, taking cores from
+///   them. A MEMIT compile on 2 cores took 4.9 s with one pool thread, 6.6 s with two.
+/// - glibc keeps freed tensor buffers for reuse rather than handing them back to the kernel at
+///   every free. Its defaults unmapped and re-faulted megabytes per op in the optimisation loop:
+///   one CounterFact MEMIT fact took 7.2-8.0 s, and 5.9-6.2 s with the buffers kept.
+pub fn init_process() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    // SAFETY: mallopt only sets allocator parameters; both values are within glibc's limits.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 /// factpatch's cache folder (statistics, tensor hashes, downloaded fixtures):
 /// `$FACTPATCH_CACHE`, else `~/.cache/factpatch`.
 pub fn cache_root() -> std::path::PathBuf {

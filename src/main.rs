@@ -357,7 +357,7 @@ enum WeightDtype {
 }
 
 fn main() -> std::process::ExitCode {
-    factpatch::model::init_threads();
+    factpatch::init_process();
     match run(Cli::parse().command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -90,16 +90,6 @@ pub struct Family {
     weights: fn(&Config, &dyn Tensors, &Device) -> Result<Weights>,
 }
 
-/// Sizes candle's CPU thread pool before its first use: one thread unless `CANDLE_NUM_THREADS`
-/// says otherwise. Call it first thing in `main`, before other threads exist. The matmuls run
-/// on the system BLAS's threads; candle's pool, which spins while it waits for its workers,
-/// only takes cores from them (a MEMIT compile on 2 cores: 4.9 s with one thread, 6.6 s with two).
-pub fn init_threads() {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
-}
-
 /// The supported families.
 pub static FAMILIES: &[&Family] = &[&llama::FAMILY, &gpt2::FAMILY];
 
