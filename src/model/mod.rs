@@ -668,11 +668,10 @@ fn device_from(spec: Option<&str>) -> Result<Device> {
         None | Some("") if cfg!(feature = "cuda") => Ok(Device::new_cuda(0).unwrap_or(Device::Cpu)),
         None | Some("") | Some("cpu") => Ok(Device::Cpu),
         Some(s) => {
-            let ordinal = match s.strip_prefix("cuda") {
-                Some("") => 0,
-                Some(n) => n.strip_prefix(':').and_then(|n| n.parse().ok()).ok_or_else(|| bad(s, "expected cpu, cuda or cuda:N".into()))?,
-                None => return Err(bad(s, "expected cpu, cuda or cuda:N".into())),
-            };
+            let ordinal = s
+                .strip_prefix("cuda")
+                .and_then(|n| if n.is_empty() { Some(0) } else { n.strip_prefix(':')?.parse().ok() })
+                .ok_or_else(|| bad(s, "expected cpu, cuda or cuda:N".into()))?;
             Device::new_cuda(ordinal).map_err(|e| bad(s, e.to_string()))
         }
     }
