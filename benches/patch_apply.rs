@@ -119,7 +119,7 @@ fn main() {
     println!("\n| encoding | patch bytes (1 fact) | raw payload bytes |\n| --- | ---: | ---: |");
     let mut rect_patch = None;
     for (label, deltas) in cases {
-        let bytes = patch::encode(manifest(), bases.iter().cloned().zip(deltas).collect()).unwrap();
+        let bytes = patch::encode(manifest(), bases.iter().cloned().zip(deltas).collect()).unwrap().bytes;
         let p = patch::Patch::from_bytes(bytes.clone(), Path::new(label)).unwrap();
         let raw: u64 = p.manifest().entries.iter().map(|e| e.raw_len).sum();
         println!("| {label} | {} | {raw} |", bytes.len());

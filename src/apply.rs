@@ -639,10 +639,9 @@ pub fn merge(patches: &[PathBuf], out: &Path, model: Option<&Path>, allow_overri
     let m0 = first.manifest();
     manifest.stats_id = m0.stats_id.clone().filter(|_| all_same(&|m| m.stats_id == m0.stats_id));
     manifest.rect_k = m0.rect_k.filter(|_| all_same(&|m| m.rect_k == m0.rect_k));
-    let bytes = patch::encode(manifest, deltas)?;
-    crate::atomic::write(out, &bytes, false).map_err(io_err(out))?;
-    let id = Patch::from_bytes(bytes, out)?.id().to_string();
-    Ok(MergeSummary { output: out.to_path_buf(), id, bytes: std::fs::metadata(out).map_err(io_err(out))?.len(), overridden })
+    let encoded = patch::encode(manifest, deltas)?;
+    crate::atomic::write(out, &encoded.bytes, false).map_err(io_err(out))?;
+    Ok(MergeSummary { output: out.to_path_buf(), id: encoded.id, bytes: encoded.bytes.len() as u64, overridden })
 }
 
 /// Concatenates the stack's edits; same subject and relation with another target is a conflict.
@@ -718,10 +717,9 @@ pub fn diff(from: &Path, to: &Path, out: &Path) -> Result<DiffSummary> {
         Method { name: "diff".into(), hyperparameters: BTreeMap::new() },
     );
     let tensors_changed = deltas.len();
-    let bytes = patch::encode(manifest, deltas)?;
-    crate::atomic::write(out, &bytes, false).map_err(io_err(out))?;
-    let id = Patch::from_bytes(bytes, out)?.id().to_string();
-    Ok(DiffSummary { output: out.to_path_buf(), id, bytes: std::fs::metadata(out).map_err(io_err(out))?.len(), tensors_changed })
+    let encoded = patch::encode(manifest, deltas)?;
+    crate::atomic::write(out, &encoded.bytes, false).map_err(io_err(out))?;
+    Ok(DiffSummary { output: out.to_path_buf(), id: encoded.id, bytes: encoded.bytes.len() as u64, tensors_changed })
 }
 
 /// Per element, an f32 `D` with `materialize(a, D) = b`: `b − a`, or a neighbour of it.

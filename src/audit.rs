@@ -167,8 +167,10 @@ impl fmt::Display for Report {
         for i in &m.includes {
             writeln!(f, "includes {i}")?;
         }
-        if let Some(k) = m.rect_k {
-            writeln!(f, "RECT k = {k}%")?;
+        match m.rect_k {
+            Some(k) if k < 100.0 => writeln!(f, "RECT k = {k}%")?,
+            Some(_) => writeln!(f, "RECT none (the whole update)")?,
+            None => {}
         }
         if let Some(s) = &m.stats_id {
             writeln!(f, "statistics {s}")?;

@@ -7,11 +7,11 @@
 //! every evaluation, with the edited weights saved beside them (`state/`), so an interrupted run
 //! resumes from its last completed evaluation. The plots are redrawn from the rows each time.
 
-use crate::edit::{self, request::Request, Hparams, Preserved};
+use crate::compile::{self, Compiler};
+use crate::edit::{request::Request, Hparams, Preserved};
 use crate::eval::{self, edits, general, tasks::TaskData, Models};
 use crate::model::{self, Model};
 use crate::plot::{self, Series};
-use crate::tokenize::Tokenizer;
 use candle_core::Tensor;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::BTreeMap;
@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 pub enum Error {
     /// Compiling an edit failed.
     #[error(transparent)]
-    Edit(#[from] edit::Error),
+    Compile(#[from] compile::Error),
     /// Evaluating failed.
     #[error(transparent)]
     Eval(Box<eval::Error>),
@@ -60,15 +60,13 @@ pub enum Schedule {
 
 /// What to run.
 pub struct Setup {
-    pub model: PathBuf,
+    /// The unedited model, method, hyperparameters (`rect_k` is set per setting), statistics
+    /// and templates: each setting starts from a clone of it.
+    pub compiler: Compiler,
     pub requests: Vec<Request>,
     pub requests_path: PathBuf,
-    /// Method and hyperparameters; `rect_k` is set per setting.
-    pub hp: Hparams,
-    /// RECT settings as k (100 = off).
+    /// RECT settings as k (100 = none).
     pub rects: Vec<f64>,
-    /// Key statistics; each setting starts from these, with no earlier edits.
-    pub preserved: Preserved,
     pub general: Vec<TaskData>,
     pub options: eval::Options,
     pub out: PathBuf,
@@ -127,18 +125,16 @@ pub fn run(setup: &Setup, schedule: &Schedule) -> Result<Vec<Row>> {
     std::fs::create_dir_all(setup.out.join("state")).map_err(|e| state_err(&setup.out, e))?;
     let results = setup.out.join("results.csv");
     let mut rows = read_rows(&results)?;
-    let tok = Tokenizer::open(&setup.model).map_err(eval::Error::from)?;
-    let base = Model::load(&setup.model)?;
-    let templates = edit::context_templates(&base, &tok, &setup.hp.templates, setup.hp.seed)?;
     // Fluency needs long generations at every evaluation; experiments leave it out.
     let requests: Vec<Request> = setup.requests.iter().map(|r| Request { generation_prompts: Vec::new(), ..r.clone() }).collect();
-    let ctx = Context { setup, tok: &tok, templates: &templates, requests: &requests };
+    let ctx = Context { setup, requests: &requests };
     for &k in &setup.rects {
-        let hp = Hparams { rect_k: k, ..setup.hp.clone() };
+        let mut compiler = setup.compiler.clone();
+        compiler.hp.rect_k = k;
         let setting = setting_name(k);
         match schedule {
-            Schedule::Sequential { at } => ctx.sequential(&base, &hp, &setting, at, &mut rows)?,
-            Schedule::Batch { sizes } => ctx.batch(&base, &hp, &setting, sizes, &mut rows)?,
+            Schedule::Sequential { at } => ctx.sequential(compiler, &setting, at, &mut rows)?,
+            Schedule::Batch { sizes } => ctx.batch(&compiler, &setting, sizes, &mut rows)?,
         }
     }
     // Plots as this version draws them, even when a finished run is only resumed.
@@ -150,38 +146,40 @@ pub fn run(setup: &Setup, schedule: &Schedule) -> Result<Vec<Row>> {
 
 struct Context<'a> {
     setup: &'a Setup,
-    tok: &'a Tokenizer,
-    templates: &'a [Vec<String>],
     requests: &'a [Request],
 }
 
 impl Context<'_> {
-    fn sequential(&self, base: &Model, hp: &Hparams, setting: &str, at: &[usize], rows: &mut Vec<Row>) -> Result<()> {
+    /// The unedited model.
+    fn base(&self) -> &Model {
+        &self.setup.compiler.model
+    }
+
+    fn sequential(&self, mut compiler: Compiler, setting: &str, at: &[usize], rows: &mut Vec<Row>) -> Result<()> {
         let edits = at[at.len() - 1];
         let done = rows.iter().filter(|r| r.setting == setting).map(|r| r.x).max();
         if done.is_none() {
             // Every setting starts from the same unedited model: measure it once.
             let unedited: Vec<(String, f64)> = rows.iter().filter(|r| r.x == 0).take_while(|r| r.setting == rows[0].setting).map(|r| (r.metric.clone(), r.value)).collect();
-            let m = if unedited.is_empty() { self.measure(base, None, 0)? } else { unedited };
+            let m = if unedited.is_empty() { self.measure(None, 0)? } else { unedited };
             self.record(rows, setting, 0, m, X_EDITS)?;
         }
         let done = done.unwrap_or(0);
         if done >= edits {
             return Ok(());
         }
-        let mut model = Model::load(&self.setup.model)?;
-        let mut preserved = self.setup.preserved.clone();
         if done > 0 {
-            self.restore(&mut model, &mut preserved, setting, done, hp)?;
+            let c = &mut compiler;
+            self.restore(&mut c.model, &mut c.preserved, setting, done, &c.hp)?;
         }
         let bar = progress(setting, edits as u64, done as u64);
         for i in done..edits {
-            edit::compile(&mut model, self.tok, std::slice::from_ref(&self.requests[i]), hp, &mut preserved, self.templates)?;
+            compiler.edit(std::slice::from_ref(&self.requests[i]))?;
             bar.inc(1);
             if at.contains(&(i + 1)) {
                 bar.suspend(|| -> Result<()> {
-                    let m = self.measure(base, Some(&model), i + 1)?;
-                    self.save(&model, &preserved, setting, i + 1, hp)?;
+                    let m = self.measure(Some(&compiler.model), i + 1)?;
+                    self.save(&compiler.model, &compiler.preserved, setting, i + 1, &compiler.hp)?;
                     self.record(rows, setting, i + 1, m, X_EDITS)
                 })?;
             }
@@ -190,14 +188,14 @@ impl Context<'_> {
         Ok(())
     }
 
-    fn batch(&self, base: &Model, hp: &Hparams, setting: &str, sizes: &[usize], rows: &mut Vec<Row>) -> Result<()> {
+    fn batch(&self, compiler: &Compiler, setting: &str, sizes: &[usize], rows: &mut Vec<Row>) -> Result<()> {
         for &n in sizes {
             if rows.iter().any(|r| r.setting == setting && r.x == n) {
                 continue;
             }
-            let mut model = Model::load(&self.setup.model)?;
-            edit::compile(&mut model, self.tok, &self.requests[..n], hp, &mut self.setup.preserved.clone(), self.templates)?;
-            let m = self.measure(base, Some(&model), n)?;
+            let mut fresh = compiler.clone();
+            fresh.edit(&self.requests[..n])?;
+            let m = self.measure(Some(&fresh.model), n)?;
             self.record(rows, setting, n, m, X_BATCH)?;
         }
         Ok(())
@@ -205,16 +203,17 @@ impl Context<'_> {
 
     /// Edit metrics of the first `n` facts on `edited` (EasyEdit and CounterFact protocols),
     /// and the general abilities of `edited` (or of the base model when `None`).
-    fn measure(&self, base: &Model, edited: Option<&Model>, n: usize) -> Result<Vec<(String, f64)>> {
-        let models = Models { base: base.clone(), patched: edited.cloned(), patch_ids: Vec::new() };
+    fn measure(&self, edited: Option<&Model>, n: usize) -> Result<Vec<(String, f64)>> {
+        let models = Models { base: self.base().clone(), patched: edited.cloned(), patch_ids: Vec::new() };
+        let tok = &self.setup.compiler.tokenizer;
         let mut out = Vec::new();
         if n > 0 {
             let opts = eval::Options { limit: None, progress: false, ..self.setup.options.clone() };
-            let report = edits::report(&models, self.tok, &self.setup.requests_path, &self.requests[..n], &opts)?;
+            let report = edits::report(&models, tok, &self.setup.requests_path, &self.requests[..n], &opts)?;
             out.extend(report.easyedit.iter().chain(&report.counterfact).map(|a| (a.name.to_string(), a.mean)));
         }
         for data in &self.setup.general {
-            let r = general::run(models.evaluated(), self.tok, data, &self.setup.options)?;
+            let r = general::run(models.evaluated(), tok, data, &self.setup.options)?;
             out.extend(r.metrics.iter().map(|m| (format!("{}/{}", data.task.name(), m.name), m.value)));
         }
         Ok(out)

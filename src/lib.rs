@@ -4,6 +4,7 @@ pub mod apply;
 pub mod atomic;
 pub mod audit;
 pub mod checkpoint;
+pub mod compile;
 pub mod edit;
 pub mod eval;
 pub mod experiment;

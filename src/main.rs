@@ -2,11 +2,11 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use factpatch::checkpoint::Checkpoint;
-use factpatch::edit::{self, request, Hparams, Method};
+use factpatch::compile::{Compiler, Spec, StatsSource};
+use factpatch::edit::{request, Method};
 use factpatch::model::{self, Model, Sampling};
 use factpatch::tokenize::Tokenizer;
-use factpatch::{apply, audit, eval, patch, stats};
+use factpatch::{apply, audit, eval, stats};
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
@@ -203,9 +203,9 @@ enum Command {
         /// Batch: the batch sizes, comma-separated.
         #[arg(long, default_value = "1,10,50,100")]
         sizes: String,
-        /// RECT settings, comma-separated: `none` or k (% kept).
-        #[arg(long, default_value = "none,80,60,40,20")]
-        rect: String,
+        /// RECT settings, comma-separated: `none` or k (% kept), as `compile --rect`.
+        #[arg(long, value_delimiter = ',', default_value = "none,80,60,40,20", value_parser = factpatch::rect::parse_k)]
+        rect: Vec<f64>,
         /// General abilities measured at every evaluation: TASK=FILE or TASK:N=FILE (see `eval`).
         #[arg(long, num_args = 1..)]
         general: Vec<String>,
@@ -281,8 +281,8 @@ struct CompileArgs {
     /// Edited layers, e.g. 4-8 (default: the family's).
     #[arg(long)]
     layers: Option<String>,
-    /// RECT: keep the top-k% of each update by relative change; 100 turns it off.
-    #[arg(long, default_value_t = 40.0)]
+    /// RECT: keep the top-k% of each update by relative change; `none` keeps all of it.
+    #[arg(long, default_value = "40", value_parser = factpatch::rect::parse_k)]
     rect: f64,
     /// Seed of the context-template sampler.
     #[arg(long, default_value_t = 0)]
@@ -304,10 +304,11 @@ struct CompileArgs {
 /// Where MEMIT's and ROME's key statistics come from.
 #[derive(clap::Args)]
 struct StatsArgs {
-    /// Key statistics file; else computed (or found in the cache) from --corpus.
+    /// Key statistics file. Without it or --corpus, the cache's statistics for this model and
+    /// these layers are used (`factpatch stats` or an earlier --corpus put them there).
     #[arg(long)]
     stats: Option<PathBuf>,
-    /// Corpus for key statistics (plain text or JSONL).
+    /// Corpus for key statistics (plain text or JSONL): computed once, then found in the cache.
     #[arg(long, num_args = 1..)]
     corpus: Vec<PathBuf>,
     /// Tokens of --corpus to use for statistics.
@@ -319,26 +320,41 @@ struct StatsArgs {
 }
 
 impl StatsArgs {
-    /// The key second moments `hp` needs (none for ROME without mom2 adjustment) and their id.
-    fn covariances(&self, model: &Path, hp: &Hparams) -> Result<(edit::Preserved, Option<String>)> {
-        if !hp.needs_stats() {
-            return Ok((edit::Preserved::default(), None));
+    /// Where the statistics come from: a file, a corpus, else the cache.
+    fn source(&self) -> StatsSource {
+        match (&self.stats, self.corpus.is_empty()) {
+            (Some(path), _) => StatsSource::File(path.clone()),
+            (None, false) => StatsSource::Corpus { files: self.corpus.clone(), tokens: self.stats_tokens },
+            (None, true) => StatsSource::Cached,
         }
-        let cache = self.cache.clone().unwrap_or_else(stats::default_cache_dir);
-        let (moments, id) = if let Some(path) = &self.stats {
-            let s = stats::Stats::read(path)?;
-            (s.layers.iter().map(|(l, s)| (*l, s.second_moment())).collect::<edit::Preserved>(), stats::file_id(path)?)
-        } else if !self.corpus.is_empty() {
-            let mut req = stats::Request::new(model, &self.corpus);
-            req.layers = Some(hp.layers.clone());
-            req.max_tokens = Some(self.stats_tokens);
-            let o = stats::find_or_compute(&req, &cache, true)?;
-            (o.stats.layers.iter().map(|(l, s)| (*l, s.second_moment())).collect(), o.id)
-        } else {
-            anyhow::bail!("{:?} needs key statistics: pass --stats FILE or --corpus FILE", hp.method);
-        };
-        // AlphaEdit's projectors are kept beside the statistics they come from.
-        Ok((moments.keep_projectors(&cache, &id), Some(id)))
+    }
+
+    /// A compile spec for `model` and `method`: these statistics, the overrides in order.
+    fn spec(&self, model: &Path, method: Method, on: &[PathBuf], overrides: Vec<String>) -> Spec {
+        Spec {
+            model: model.to_path_buf(),
+            on: on.to_vec(),
+            method,
+            overrides,
+            stats: self.source(),
+            cache: self.cache.clone().unwrap_or_else(stats::default_cache_dir),
+            progress: true,
+        }
+    }
+}
+
+impl CompileArgs {
+    /// The spec: the flags as hyperparameter overrides, then `--set` in order.
+    fn spec(&self) -> Result<Spec> {
+        let mut overrides = vec![format!("rect_k={}", self.rect), format!("seed={}", self.seed)];
+        if let Some(w) = self.mom2_weight {
+            overrides.push(format!("mom2_weight={w}"));
+        }
+        if let Some(layers) = &self.layers {
+            overrides.push(format!("layers={:?}", stats::parse_layers(layers)?));
+        }
+        overrides.extend(self.set.iter().cloned());
+        Ok(self.stats.spec(&self.model, self.method, &self.on, overrides))
     }
 }
 
@@ -465,10 +481,6 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Experiment { schedule, model, requests, method, edits, every, at, sizes, rect, general, limit, seed, seq_len, set, stats, out } => {
-            let rects = rect
-                .split(',')
-                .map(|x| if x.trim() == "none" { Ok(100.0) } else { x.trim().parse().with_context(|| format!("--rect: `{x}` is neither `none` nor a number")) })
-                .collect::<Result<Vec<f64>>>()?;
             let schedule = match schedule {
                 ScheduleKind::Sequential if !at.is_empty() => factpatch::experiment::Schedule::Sequential { at },
                 ScheduleKind::Sequential => factpatch::experiment::Schedule::every(edits, every),
@@ -477,21 +489,14 @@ fn run(command: Command) -> Result<()> {
                 },
             };
             let tasks = general.iter().map(|s| Ok(eval::tasks::Spec::parse(s)?.read()?)).collect::<Result<Vec<_>>>()?;
-            let mut hp = Hparams::defaults(method, &Model::load(&model)?);
-            for assignment in &set {
-                hp.set(assignment)?;
-            }
-            let (preserved, _) = stats.covariances(&model, &hp)?;
             let setup = factpatch::experiment::Setup {
+                compiler: Compiler::open(&stats.spec(&model, method, &[], set))?,
                 requests: request::read(&requests)?,
                 requests_path: requests,
-                hp,
-                rects,
-                preserved,
+                rects: rect,
                 general: tasks,
                 options: eval::Options { limit, seed, seq_len, ..eval::Options::default() },
                 out: out.clone(),
-                model,
             };
             let rows = factpatch::experiment::run(&setup, &schedule)?;
             println!("{} values in {}", rows.len(), out.join("results.csv").display());
@@ -563,7 +568,7 @@ fn report_stats(o: &stats::Outcome) {
     }
 }
 
-/// Reads the requests, finds or computes the statistics, compiles, writes the patch.
+/// Reads the requests, opens the compiler, compiles, writes the patch.
 fn compile(args: &CompileArgs, out: &Path) -> Result<()> {
     if out.exists() {
         anyhow::bail!("{}: already exists", out.display());
@@ -576,45 +581,21 @@ fn compile(args: &CompileArgs, out: &Path) -> Result<()> {
         requests.push(request::parse_fact(fact)?);
     }
     let requests = request::check(requests)?;
-    let tok = Tokenizer::open(&args.model)?;
-    let base = Checkpoint::open(&args.model)?;
-    let parents = apply::Stack::load(&args.on)?;
-    let base = apply::Overlay::new(&base, &parents)?;
-    let mut model = Model::from_checkpoint(model::Config::read(&args.model)?, &base, &model::default_device()?)?;
-    let mut hp = Hparams::defaults(args.method, &model);
-    hp.rect_k = args.rect;
-    hp.seed = args.seed;
-    if let Some(w) = args.mom2_weight {
-        hp.mom2_weight = w;
+    let mut compiler = Compiler::open(&args.spec()?)?;
+    if let Some(s) = &compiler.stats {
+        let how = if s.cached { "found" } else { "computed" };
+        eprintln!("statistics {} ({how}: {} tokens) {}", s.id, s.tokens, s.path.display());
     }
-    if let Some(layers) = &args.layers {
-        hp.layers = stats::parse_layers(layers)?;
-    }
-    for assignment in &args.set {
-        hp.set(assignment)?;
-    }
-    let (mut preserved, stats_id) = args.stats.covariances(&args.model, &hp)?;
-    let started = std::time::Instant::now();
-    let templates = edit::context_templates(&model, &tok, &hp.templates, hp.seed)?;
-    if hp.method == Method::AlphaEdit {
-        let earlier: Vec<_> = parents.patches().iter().flat_map(edit::request::recorded).collect();
-        preserved.remember_requests(&model, &tok, &earlier, &templates, &hp.layers)?;
-    }
-    let (updates, reports) = edit::compile(&mut model, &tok, &requests, &hp, &mut preserved, &templates)?;
-    let seconds = started.elapsed().as_secs_f64();
-    let name = args.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let parent = parents.patches().last().map(|p| p.id().to_string());
-    let prov = edit::Provenance { model_name: name, stats_id, parent, reports: &reports };
-    let bytes = edit::patch_bytes(&base, model.config.family, &requests, &updates, &hp, &prov)?;
-    factpatch::atomic::write(out, &bytes, false).with_context(|| format!("{}: cannot write the patch", out.display()))?;
-    let id = patch::Patch::from_bytes(bytes.clone(), out)?.id().to_string();
-    for r in &reports {
+    let c = compiler.patch(&requests)?;
+    factpatch::atomic::write(out, &c.patch.bytes, false).with_context(|| format!("{}: cannot write the patch", out.display()))?;
+    for r in &c.reports {
         match r.neurons {
             Some(n) => println!("  {} → {}: {n} neurons ({} integrated-gradient steps), new target NLL {:.3}", r.subject, r.target_new, r.steps, r.loss),
             None => println!("  {} → {}: {} steps, loss {:.3}", r.subject, r.target_new, r.steps, r.loss),
         }
     }
-    let on = model::device_name(model.device());
-    println!("patch {id}: {} fact(s), {} bytes, {seconds:.1} s on {on} ({:.2} s per fact) → {}", requests.len(), bytes.len(), seconds / requests.len() as f64, out.display());
+    let on = model::device_name(compiler.model.device());
+    let (n, seconds) = (requests.len(), c.seconds);
+    println!("patch {}: {n} fact(s), {} bytes, {seconds:.1} s on {on} ({:.2} s per fact) → {}", c.patch.id, c.patch.bytes.len(), seconds / n as f64, out.display());
     Ok(())
 }

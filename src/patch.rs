@@ -228,9 +228,17 @@ pub fn tool_version() -> String {
     format!("factpatch {}", env!("CARGO_PKG_VERSION"))
 }
 
-/// Encodes a patch: `manifest` without entries plus one delta per tensor. Returns the file bytes.
+/// A patch's file bytes and its id.
+#[derive(Clone, Debug)]
+pub struct Encoded {
+    pub bytes: Vec<u8>,
+    /// `fp1-…`, as [`Patch::id`] reads it back.
+    pub id: String,
+}
+
+/// Encodes a patch: `manifest` without entries plus one delta per tensor.
 /// Entries are sorted by name; `format` and `tool` are set here.
-pub fn encode(mut manifest: Manifest, mut deltas: Vec<(BaseTensor, Delta)>) -> Result<Vec<u8>> {
+pub fn encode(mut manifest: Manifest, mut deltas: Vec<(BaseTensor, Delta)>) -> Result<Encoded> {
     deltas.sort_by(|a, b| a.0.name.cmp(&b.0.name));
     if let Some(w) = deltas.windows(2).find(|w| w[0].0.name == w[1].0.name) {
         return Err(Error::InvalidDelta { name: w[0].0.name.clone(), reason: "given twice".into() });
@@ -267,7 +275,7 @@ pub fn encode(mut manifest: Manifest, mut deltas: Vec<(BaseTensor, Delta)>) -> R
     }
     let hash = blake3::hash(&out);
     out.extend_from_slice(hash.as_bytes());
-    Ok(out)
+    Ok(Encoded { bytes: out, id: format_id(hash.as_bytes()) })
 }
 
 /// The printed id of a patch whose trailer hash is `hash`.

@@ -3,6 +3,22 @@
 
 use std::cmp::Ordering;
 
+/// ε in |ΔW|/max(|W|, ε): keeps the score finite where a weight is zero.
+pub const EPS: f32 = 1e-8;
+
+/// A RECT setting as written on the command line: `none` (keep the whole update, k = 100) or
+/// k, the percentage kept, in (0, 100].
+pub fn parse_k(s: &str) -> Result<f64, String> {
+    let s = s.trim();
+    if s == "none" {
+        return Ok(100.0);
+    }
+    match s.parse::<f64>() {
+        Ok(k) if k > 0.0 && k <= 100.0 => Ok(k),
+        _ => Err(format!("`{s}` is neither `none` nor a percentage in (0, 100]")),
+    }
+}
+
 /// How many of `n` elements the top-`k`% keeps: `ceil(k·n/100)` in f64, clamped to [0, n].
 pub fn keep_count(k: f64, n: usize) -> usize {
     let c = (k * n as f64 / 100.0).ceil();

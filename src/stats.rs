@@ -632,9 +632,11 @@ impl Request {
     }
 }
 
-/// A request with its inputs loaded and identified, ready to compute.
+/// A request with its inputs read and identified, ready to compute. The weights are loaded
+/// only by [`compute`]: a cache hit never reads them.
 pub struct Prepared {
-    pub model: Model,
+    /// The model folder.
+    pub model: PathBuf,
     pub tokenizer: Tokenizer,
     pub corpus: Corpus,
     /// The result's metadata, but for `tokens`.
@@ -642,9 +644,9 @@ pub struct Prepared {
     pub shard: Shard,
 }
 
-/// Loads and checks the request's model, tokenizer and corpus.
+/// Checks the request and identifies its model (by tensor hashes, cached), tokenizer and corpus.
 pub fn prepare(req: &Request) -> Result<Prepared> {
-    // Cheap checks first: the configuration, the options, the corpus; then the weights.
+    // Cheap checks first: the configuration and the options; then the corpus.
     let cfg = &model::Config::read(&req.model)?;
     let layers = req.layers.clone().unwrap_or_else(|| cfg.family.default_edit_layers.to_vec());
     if layers.is_empty() {
@@ -663,7 +665,6 @@ pub fn prepare(req: &Request) -> Result<Prepared> {
     let tokenizer_hash = blake3::hash(&std::fs::read(&tok_path).map_err(io_err(&tok_path))?);
     let tokenizer = Tokenizer::open(&req.model)?;
     let corpus = Corpus::read(&req.corpus)?;
-    let model = Model::load(&req.model)?;
     let meta = Meta {
         model: Checkpoint::open(&req.model)?.identity_cached(&crate::checkpoint::default_hash_cache())?.to_hex().to_string(),
         tokenizer: tokenizer_hash.to_hex().to_string(),
@@ -677,7 +678,7 @@ pub fn prepare(req: &Request) -> Result<Prepared> {
         tokens: 0,
         tool: tool_version(),
     };
-    Ok(Prepared { model, tokenizer, corpus, meta, shard: req.shard })
+    Ok(Prepared { model: req.model.clone(), tokenizer, corpus, meta, shard: req.shard })
 }
 
 /// Tokenizes, plans and accumulates; with `progress`, shows a bar with tokens/s and ETA.
@@ -696,7 +697,8 @@ pub fn compute(p: &Prepared, progress: bool) -> Result<Stats> {
     bar.set_style(
         ProgressStyle::with_template("stats {bar:30} {human_pos}/{human_len} tokens  {per_sec}  ETA {eta}").expect("valid template"),
     );
-    let layers = accumulate(&p.model, &p.meta.layers, &plan.batches, &bar)?;
+    let model = Model::load(&p.model)?;
+    let layers = accumulate(&model, &p.meta.layers, &plan.batches, &bar)?;
     bar.finish_and_clear();
     Ok(Stats { meta: Meta { tokens: plan.tokens, ..p.meta.clone() }, layers })
 }

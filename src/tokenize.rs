@@ -23,6 +23,7 @@ pub struct Encoded {
 }
 
 /// A model's tokenizer.
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
 }

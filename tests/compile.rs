@@ -3,21 +3,12 @@
 
 mod common;
 
-use common::{covariances, root, smollm2};
-use factpatch::checkpoint::Checkpoint;
-use factpatch::edit::{self, request, Hparams, Method, Preserved, Provenance};
+use common::{root, smollm2, smollm2_spec};
+use factpatch::compile::Compiler;
+use factpatch::edit::{request, Method};
 use factpatch::model::{generate, Model, Sampling};
 use factpatch::tokenize::Tokenizer;
 use std::path::{Path, PathBuf};
-
-fn compile(dir: &Path, tok: &Tokenizer, requests: &[request::Request], hp: &Hparams, cov: &Preserved, stats_id: &str) -> (Model, Vec<u8>) {
-    let mut model = Model::load(dir).unwrap();
-    let templates = edit::context_templates(&model, tok, &hp.templates, hp.seed).unwrap();
-    let (updates, reports) = edit::compile(&mut model, tok, requests, hp, &mut cov.clone(), &templates).unwrap();
-    let prov = Provenance { model_name: "SmolLM2".into(), stats_id: Some(stats_id.into()), parent: None, reports: &reports };
-    let bytes = edit::patch_bytes(&Checkpoint::open(dir).unwrap(), model.config.family, requests, &updates, hp, &prov).unwrap();
-    (model, bytes)
-}
 
 fn greedy(model: &Model, tok: &Tokenizer, prompt: &str) -> String {
     let out = generate(model, &[tok.ids(prompt).unwrap()], 6, Sampling::Greedy, &[]).unwrap();
@@ -27,44 +18,41 @@ fn greedy(model: &Model, tok: &Tokenizer, prompt: &str) -> String {
 #[test]
 fn memit_moves_the_eiffel_tower_reproducibly() {
     let dir = smollm2();
-    let tok = Tokenizer::open(&dir).unwrap();
-    let base = Model::load(&dir).unwrap();
-    let hp = Hparams::defaults(Method::Memit, &base);
-    let (cov, stats_id) = covariances(&dir, &hp.layers);
+    let compiler = Compiler::open(&smollm2_spec(Method::Memit, &[])).unwrap();
     let facts = [request::parse_fact("{} is located in the city of|The Eiffel Tower|Rome").unwrap()];
-    let (edited, bytes) = compile(&dir, &tok, &facts, &hp, &cov, &stats_id);
-    assert!(greedy(&edited, &tok, "The Eiffel Tower is located in the city of").contains("Rome"));
-    assert!(greedy(&edited, &tok, "The capital of France is").contains("Paris"), "locality: France lost its capital");
-    assert!(greedy(&edited, &tok, "The capital of Japan is").contains("Tokyo"), "locality: Japan lost its capital");
-    assert!(bytes.len() <= 64 * 1024, "a 5-layer RECT patch of one fact is {} bytes", bytes.len());
+    let mut edited = compiler.clone();
+    let patch = edited.patch(&facts).unwrap().patch;
+    let (model, tok) = (&edited.model, &edited.tokenizer);
+    assert!(greedy(model, tok, "The Eiffel Tower is located in the city of").contains("Rome"));
+    assert!(greedy(model, tok, "The capital of France is").contains("Paris"), "locality: France lost its capital");
+    assert!(greedy(model, tok, "The capital of Japan is").contains("Tokyo"), "locality: Japan lost its capital");
+    assert!(patch.bytes.len() <= 64 * 1024, "a 5-layer RECT patch of one fact is {} bytes", patch.bytes.len());
 
     // The same inputs give the same bytes, and the shipped patch reproduces the edited weights.
-    let (_, again) = compile(&dir, &tok, &facts, &hp, &cov, &stats_id);
-    assert!(bytes == again, "compiling twice gave different patches");
+    let again = compiler.clone().patch(&facts).unwrap().patch;
+    assert!(patch.bytes == again.bytes && patch.id == again.id, "compiling twice gave different patches");
     let tmp = tempfile::tempdir().unwrap();
     let patch_path = tmp.path().join("eiffel.fpatch");
-    std::fs::write(&patch_path, &bytes).unwrap();
+    std::fs::write(&patch_path, &patch.bytes).unwrap();
+    assert_eq!(factpatch::patch::Patch::read(&patch_path).unwrap().id(), patch.id, "the id encode returns is the file's");
     let out = tmp.path().join("edited");
     factpatch::apply::apply(&dir, &[patch_path], &out).unwrap();
     let applied = Model::load(&out).unwrap();
-    for &l in &hp.layers {
+    for &l in &compiler.hp.layers {
         let a: Vec<f32> = applied.mlp_out_weight(l).flatten_all().unwrap().to_vec1().unwrap();
-        let b: Vec<f32> = edited.mlp_out_weight(l).flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = model.mlp_out_weight(l).flatten_all().unwrap().to_vec1().unwrap();
         assert!(a == b, "layer {l}: applied patch differs from the compiled model");
     }
 }
 
 #[test]
 fn rome_edits_counterfact_records() {
-    let dir = smollm2();
-    let tok = Tokenizer::open(&dir).unwrap();
-    let base = Model::load(&dir).unwrap();
-    let records = request::read(&root().join("../shared/data/edit/counterfact-rome-300.json")).unwrap();
-    let hp = Hparams { rect_k: 100.0, ..Hparams::defaults(Method::Rome, &base) };
-    let (cov, stats_id) = covariances(&dir, &hp.layers);
+    let records = request::read(&root().join("fixtures/data/edit/counterfact-rome-300.json")).unwrap();
+    let compiler = Compiler::open(&smollm2_spec(Method::Rome, &["rect_k=100"])).unwrap();
     for r in &records[..2] {
-        let (edited, _) = compile(&dir, &tok, std::slice::from_ref(r), &hp, &cov, &stats_id);
-        assert!(prefers_new(&edited, &tok, r), "{}: new target not preferred after the edit", r.origin);
+        let mut edited = compiler.clone();
+        edited.edit(std::slice::from_ref(r)).unwrap();
+        assert!(prefers_new(&edited.model, &edited.tokenizer, r), "{}: new target not preferred after the edit", r.origin);
     }
 }
 
@@ -72,29 +60,23 @@ fn rome_edits_counterfact_records() {
 fn prefers_new(model: &Model, tok: &Tokenizer, r: &request::Request) -> bool {
     let score = |target: &str| {
         let t = tok.ids(&request::continuation(target)).unwrap();
-        edit::target::target_logprob(model, &[tok.ids(&r.filled()).unwrap()], &t).unwrap()[0]
+        factpatch::edit::target::target_logprob(model, &[tok.ids(&r.filled()).unwrap()], &t).unwrap()[0]
     };
     score(&r.target_new) > score(r.target_true.as_deref().unwrap())
 }
 
 #[test]
 fn emmet_and_alphaedit_edit_counterfact_records_one_after_another() {
-    let dir = smollm2();
-    let tok = Tokenizer::open(&dir).unwrap();
-    let records = request::read(&root().join("../shared/data/edit/counterfact-rome-300.json")).unwrap();
-    let (cov, _) = covariances(&dir, &[4, 5, 6, 7, 8]);
+    let records = request::read(&root().join("fixtures/data/edit/counterfact-rome-300.json")).unwrap();
     for method in [Method::Emmet, Method::AlphaEdit] {
-        let mut model = Model::load(&dir).unwrap();
-        let hp = Hparams { rect_k: 100.0, ..Hparams::defaults(method, &model) };
-        let templates = edit::context_templates(&model, &tok, &hp.templates, hp.seed).unwrap();
-        let mut preserved = cov.clone();
+        let mut c = Compiler::open(&smollm2_spec(method, &["rect_k=100"])).unwrap();
         for (i, r) in records[..2].iter().enumerate() {
-            edit::compile(&mut model, &tok, std::slice::from_ref(r), &hp, &mut preserved, &templates).unwrap();
-            assert!(prefers_new(&model, &tok, r), "{method:?}, {}: new target not preferred after the edit", r.origin);
+            c.edit(std::slice::from_ref(r)).unwrap();
+            assert!(prefers_new(&c.model, &c.tokenizer, r), "{method:?}, {}: new target not preferred after the edit", r.origin);
             // AlphaEdit keeps every edited fact's keys for the edits after it.
-            let kept: Vec<usize> = preserved.earlier().values().map(|k| k.ncols()).collect();
+            let kept: Vec<usize> = c.preserved.earlier().values().map(|k| k.ncols()).collect();
             match method {
-                Method::AlphaEdit => assert_eq!(kept, vec![i + 1; hp.layers.len()]),
+                Method::AlphaEdit => assert_eq!(kept, vec![i + 1; c.hp.layers.len()]),
                 _ => assert!(kept.is_empty()),
             }
         }
@@ -103,20 +85,18 @@ fn emmet_and_alphaedit_edit_counterfact_records_one_after_another() {
 
 #[test]
 fn kn_swaps_embeddings_in_the_selected_neurons_only() {
-    let dir = smollm2();
-    let tok = Tokenizer::open(&dir).unwrap();
-    let records = request::read(&root().join("../shared/data/edit/counterfact-rome-300.json")).unwrap();
-    let base = Model::load(&dir).unwrap();
-    let mut model = base.clone();
-    let hp = Hparams { rect_k: 100.0, ..Hparams::defaults(Method::Kn, &base) };
-    let templates = edit::context_templates(&model, &tok, &hp.templates, hp.seed).unwrap();
+    let records = request::read(&root().join("fixtures/data/edit/counterfact-rome-300.json")).unwrap();
+    let compiler = Compiler::open(&smollm2_spec(Method::Kn, &["rect_k=100"])).unwrap();
+    assert!(compiler.stats.is_none(), "KN reads no statistics");
+    let (base, tok) = (&compiler.model, &compiler.tokenizer);
+    let mut edited = compiler.clone();
     let r = &records[0];
-    let (updates, reports) = edit::compile(&mut model, &tok, std::slice::from_ref(r), &hp, &mut Preserved::default(), &templates).unwrap();
+    let (updates, reports) = edited.edit(std::slice::from_ref(r)).unwrap();
     let embedding = |text: &str| -> Vec<f32> { base.token_embedding(tok.ids(&request::continuation(text)).unwrap()[0]).unwrap().to_vec1().unwrap() };
     let swap: Vec<f32> = embedding(&r.target_new).iter().zip(embedding(r.target_true.as_deref().unwrap())).map(|(n, o)| 2.0 * (n - o)).collect();
     let mut changed = 0;
     for l in 0..base.config.num_layers {
-        let (w0, w1) = (base.mlp_out_weight(l).to_vec2::<f32>().unwrap(), model.mlp_out_weight(l).to_vec2::<f32>().unwrap());
+        let (w0, w1) = (base.mlp_out_weight(l).to_vec2::<f32>().unwrap(), edited.model.mlp_out_weight(l).to_vec2::<f32>().unwrap());
         for n in 0..w0[0].len() {
             let column: Vec<f32> = (0..w0.len()).map(|i| w1[i][n] - w0[i][n]).collect();
             if column.iter().all(|&x| x == 0.0) {
@@ -130,12 +110,11 @@ fn kn_swaps_embeddings_in_the_selected_neurons_only() {
     assert!(changed > 0 && Some(changed) == reports[0].neurons, "{changed} columns changed, {:?} neurons reported", reports[0].neurons);
     assert_eq!(updates.iter().map(|u| u.u.ncols()).collect::<Vec<_>>(), vec![1; updates.len()], "one rank-one update per layer");
     // Where no neuron passes the thresholds, the fact is recorded and nothing changes.
-    let mut strict = hp.clone();
-    strict.set("kn.threshold=1").unwrap();
-    let mut untouched = base.clone();
-    let (updates, reports) = edit::compile(&mut untouched, &tok, std::slice::from_ref(r), &strict, &mut Preserved::default(), &templates).unwrap();
+    let mut strict = compiler.clone();
+    strict.hp.set("kn.threshold=1").unwrap();
+    let (updates, reports) = strict.edit(std::slice::from_ref(r)).unwrap();
     assert!(updates.is_empty() && reports[0].neurons == Some(0));
-    assert_eq!(untouched.mlp_out_weight(3).to_vec2::<f32>().unwrap(), base.mlp_out_weight(3).to_vec2::<f32>().unwrap());
+    assert_eq!(strict.model.mlp_out_weight(3).to_vec2::<f32>().unwrap(), base.mlp_out_weight(3).to_vec2::<f32>().unwrap());
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -173,8 +152,8 @@ fn bad_requests_are_refused_with_the_record_named() {
 }
 
 #[test]
-fn every_shared_request_format_is_read() {
-    let data = root().join("../shared/data/edit");
+fn every_request_form_in_the_repository_is_read() {
+    let data = root().join("fixtures/data/edit");
     for (file, n) in [("counterfact-rome-300.json", 300), ("zsre-600.json", 600)] {
         let reqs = request::read(&data.join(file)).unwrap();
         assert_eq!(reqs.len(), n, "{file}");
@@ -193,7 +172,7 @@ fn every_shared_request_format_is_read() {
 fn sequential_patches_chain_through_the_cli() {
     let dir = smollm2();
     let tmp = tempfile::tempdir().unwrap();
-    let sotu = root().join("../shared/data/text/sotu.txt");
+    let sotu = root().join("fixtures/corpus/sotu.txt");
     let cache = root().join("target/test-stats");
     let run = |args: &[&str]| {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_factpatch"));

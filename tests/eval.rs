@@ -239,7 +239,7 @@ fn patches_are_overlaid_in_memory() {
 
 /// The unedited SmolLM2 on 20 HellaSwag items or on two CounterFact records, seed 3.
 fn real_plan(edits: bool) -> Plan {
-    let data = root().join("../shared/data");
+    let data = root().join("fixtures/data");
     let (requests, tasks, limit) = match edits {
         true => (Some(data.join("edit/counterfact-rome-300.json")), vec![], 2),
         // The task's own count overrides --limit.

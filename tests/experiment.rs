@@ -3,27 +3,22 @@
 
 mod common;
 
-use common::{covariances, root, smollm2};
-use factpatch::edit::{request, Hparams, Method};
+use common::{root, smollm2_spec};
+use factpatch::compile::Compiler;
+use factpatch::edit::{request, Method};
 use factpatch::eval::{self, tasks};
 use factpatch::experiment::{self, Schedule, Setup};
-use factpatch::model::Model;
 use std::path::Path;
 
 fn setup(out: &Path, method: Method, rects: &[f64]) -> Setup {
-    let dir = smollm2();
-    let requests_path = root().join("../shared/data/edit/counterfact-rome-300.json");
-    // Few optimisation steps: this checks the bookkeeping, not edit quality.
-    let hp = Hparams { v_steps: 4, ..Hparams::defaults(method, &Model::load(&dir).unwrap()) };
-    let (cov, _) = covariances(&dir, &hp.layers);
-    let wiki = tasks::read(tasks::Task::Perplexity, &root().join("../shared/data/text/wikitext-2-raw-test.txt")).unwrap();
+    let requests_path = root().join("fixtures/data/edit/counterfact-rome-300.json");
+    let wiki = tasks::read(tasks::Task::Perplexity, &root().join("fixtures/data/text/wikitext-2-raw-test.txt")).unwrap();
     Setup {
-        model: dir,
+        // Few optimisation steps: this checks the bookkeeping, not edit quality.
+        compiler: Compiler::open(&smollm2_spec(method, &["v_steps=4"])).unwrap(),
         requests: request::read(&requests_path).unwrap()[..2].to_vec(),
         requests_path,
-        hp,
         rects: rects.to_vec(),
-        preserved: cov,
         general: vec![wiki],
         options: eval::Options { limit: Some(1), seq_len: Some(64), ..eval::Options::default() },
         out: out.to_path_buf(),

@@ -24,7 +24,7 @@ fn apply_for_transformers() {
         deltas.push((BaseTensor::of(&t), d));
     }
     let p = PathBuf::from(&out).with_extension("fp");
-    std::fs::write(&p, patch::encode(m(), deltas).unwrap()).unwrap();
+    std::fs::write(&p, patch::encode(m(), deltas).unwrap().bytes).unwrap();
     let s = apply::apply(&base, &[p], &PathBuf::from(out)).unwrap();
     println!("applied; output identity {}", s.identity);
 }

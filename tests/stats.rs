@@ -304,11 +304,8 @@ fn smollm2_layer5_keys_match_transformers() {
 #[test]
 fn smollm2_sharded_equals_unsharded() {
     let dir = fixtures().join("models/SmolLM2-135M-Instruct");
-    let corpus = [fixtures().join("corpus/sotu.txt"), fixtures().join("../../shared/data/text/sotu.txt")].into_iter().find(|p| p.is_file());
-    let (true, Some(corpus)) = (dir.is_dir(), corpus) else {
-        eprintln!("skipped: needs fixtures/get-model.sh and fixtures/get-corpus.sh");
-        return;
-    };
+    let corpus = fixtures().join("corpus/sotu.txt");
+    assert!(dir.is_dir() && corpus.is_file(), "run `bash fixtures/setup.sh` first");
     let tmp = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(corpus).unwrap();
     let part = tmp.path().join("sotu-part.txt");

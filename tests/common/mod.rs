@@ -85,7 +85,7 @@ pub fn write_patch(path: &Path, ckpt: &Checkpoint, prior: &[PathBuf], m: Manifes
     let stack = factpatch::apply::Stack::load(prior).unwrap();
     let overlay = factpatch::apply::Overlay::new(ckpt, &stack).unwrap();
     let deltas = deltas.into_iter().map(|(n, d)| (BaseTensor::of(&overlay.tensor(n).unwrap()), d)).collect();
-    std::fs::write(path, patch::encode(m, deltas).unwrap()).unwrap();
+    std::fs::write(path, patch::encode(m, deltas).unwrap().bytes).unwrap();
     path.to_path_buf()
 }
 
@@ -162,12 +162,14 @@ pub fn ids(r: &Ref) -> Vec<u32> {
     r.i.iter().map(|&x| x as u32).collect()
 }
 
-/// Key statistics of SmolLM2 over a slice of the shared SOTU text, cached under `target/`.
-pub fn covariances(model: &Path, layers: &[usize]) -> (factpatch::edit::Preserved, String) {
-    let corpus = root().join("../shared/data/text/sotu.txt");
-    let mut req = factpatch::stats::Request::new(model, &[corpus]);
-    req.layers = Some(layers.to_vec());
-    req.max_tokens = Some(20_000);
-    let o = factpatch::stats::find_or_compute(&req, &root().join("target/test-stats"), false).unwrap();
-    (o.stats.layers.iter().map(|(l, s)| (*l, s.second_moment())).collect(), o.id)
+/// A compile spec for SmolLM2 with `method` and these overrides: statistics from 20,000 tokens
+/// of the SOTU corpus, cached under `target/`.
+pub fn smollm2_spec(method: factpatch::edit::Method, overrides: &[&str]) -> factpatch::compile::Spec {
+    let corpus = root().join("fixtures/corpus/sotu.txt");
+    factpatch::compile::Spec {
+        overrides: overrides.iter().map(|s| s.to_string()).collect(),
+        stats: factpatch::compile::StatsSource::Corpus { files: vec![corpus], tokens: 20_000 },
+        cache: root().join("target/test-stats"),
+        ..factpatch::compile::Spec::new(&smollm2(), method)
+    }
 }

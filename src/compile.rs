@@ -1,0 +1,224 @@
+//! The compile pipeline, in one place: a model folder (with parent patches overlaid), a method
+//! with its hyperparameters (defaults, then overrides in order), the key statistics it needs and
+//! the context templates → a [`Compiler`] that edits facts in memory and emits patches.
+//! `factpatch compile`/`edit`, experiments, tests and benches all go through it.
+
+use crate::apply::{self, Overlay, Stack};
+use crate::checkpoint::Checkpoint;
+use crate::edit::{self, request::Request, FactReport, Hparams, LayerUpdate, Method, Preserved, Provenance};
+use crate::model::{self, Model};
+use crate::patch::Encoded;
+use crate::stats;
+use crate::tokenize::Tokenizer;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Everything that can go wrong setting up or running a compile.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading or running the model, or the edit itself.
+    #[error(transparent)]
+    Edit(#[from] edit::Error),
+    /// The parent patches do not fit the model.
+    #[error(transparent)]
+    Apply(#[from] apply::Error),
+    /// Computing, finding or reading key statistics.
+    #[error(transparent)]
+    Stats(#[from] stats::Error),
+    /// Encoding the patch.
+    #[error(transparent)]
+    Patch(#[from] crate::patch::Error),
+    /// The method needs key statistics and none were given or cached.
+    #[error("{method:?} needs key statistics of layers {layers:?} and the cache {cache} has none for this model: add --corpus FILE (plain text or JSONL, e.g. fixtures/corpus/sotu.txt) to compute them once, or --stats FILE")]
+    NoStats { method: Method, layers: Vec<usize>, cache: PathBuf },
+}
+
+impl From<model::Error> for Error {
+    fn from(e: model::Error) -> Self {
+        Error::Edit(e.into())
+    }
+}
+
+impl From<crate::checkpoint::Error> for Error {
+    fn from(e: crate::checkpoint::Error) -> Self {
+        Error::Edit(model::Error::from(e).into())
+    }
+}
+
+impl From<crate::tokenize::Error> for Error {
+    fn from(e: crate::tokenize::Error) -> Self {
+        Error::Edit(e.into())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Where the key statistics come from.
+#[derive(Clone, Debug)]
+pub enum StatsSource {
+    /// A statistics file (`formats/stats.md`).
+    File(PathBuf),
+    /// Computed from a corpus (or found in the cache for exactly that request), `tokens` at most.
+    Corpus { files: Vec<PathBuf>, tokens: u64 },
+    /// The cache's best statistics for this model covering the edited layers, whatever corpus
+    /// they came from.
+    Cached,
+}
+
+/// What to compile with.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    /// The model folder.
+    pub model: PathBuf,
+    /// Patches already applied to the model, in order: edits are made on top of them and the
+    /// patch records the last as its parent.
+    pub on: Vec<PathBuf>,
+    pub method: Method,
+    /// Hyperparameter overrides after the method's defaults, in order: `KEY=JSON` (see
+    /// [`Hparams::set`]).
+    pub overrides: Vec<String>,
+    pub stats: StatsSource,
+    /// The statistics cache (AlphaEdit's projectors are kept there too).
+    pub cache: PathBuf,
+    /// Show progress bars (statistics).
+    pub progress: bool,
+}
+
+impl Spec {
+    /// A spec with the method's defaults, no parent patches, statistics from the default cache.
+    pub fn new(model: &Path, method: Method) -> Self {
+        Spec { model: model.into(), on: Vec::new(), method, overrides: Vec::new(), stats: StatsSource::Cached, cache: stats::default_cache_dir(), progress: false }
+    }
+}
+
+/// The statistics a compile used.
+#[derive(Clone, Debug)]
+pub struct StatsUsed {
+    /// The file id (blake3 of its bytes), recorded in every patch.
+    pub id: String,
+    pub path: PathBuf,
+    pub tokens: u64,
+    /// Whether they were found rather than computed now.
+    pub cached: bool,
+}
+
+/// A compiled patch.
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    pub patch: Encoded,
+    pub reports: Vec<FactReport>,
+    /// Wall time of the edit itself (the model is already loaded).
+    pub seconds: f64,
+}
+
+/// A model ready to edit: the weights (parents overlaid) loaded once, the hyperparameters
+/// resolved, the statistics and templates in hand. Cloning it is cheap (tensors are shared
+/// until an edit replaces them), so one compiler can start several independent runs.
+#[derive(Clone)]
+pub struct Compiler {
+    /// The model as edited so far (its parent patches included).
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub hp: Hparams,
+    /// The key statistics and, for AlphaEdit, the keys of facts edited earlier.
+    pub preserved: Preserved,
+    /// Context templates, sampled once (as the peers do) and reused for every edit.
+    pub templates: Vec<Vec<String>>,
+    pub stats: Option<StatsUsed>,
+    base: Arc<Checkpoint>,
+    parents: Arc<Stack>,
+    model_name: String,
+}
+
+impl Compiler {
+    /// Opens `spec.model`, overlays the parent patches, resolves the hyperparameters, finds (or
+    /// computes) the statistics and samples the templates. The weights are read once.
+    pub fn open(spec: &Spec) -> Result<Self> {
+        let config = model::Config::read(&spec.model)?;
+        let mut hp = Hparams::defaults(spec.method, &config);
+        for assignment in &spec.overrides {
+            hp.set(assignment)?;
+        }
+        hp.check(&config)?;
+        let tokenizer = Tokenizer::open(&spec.model)?;
+        let base = Arc::new(Checkpoint::open(&spec.model)?);
+        let (preserved, stats) = statistics(spec, &hp, &base)?;
+        let parents = Arc::new(Stack::load(&spec.on)?);
+        let model = Model::from_checkpoint(config, &Overlay::new(&base, &parents)?, &model::default_device()?)?;
+        let templates = edit::context_templates(&model, &tokenizer, &hp.templates, hp.seed)?;
+        let mut compiler = Compiler {
+            model,
+            tokenizer,
+            hp,
+            preserved,
+            templates,
+            stats,
+            base,
+            parents,
+            model_name: spec.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        };
+        if compiler.hp.method == Method::AlphaEdit {
+            // AlphaEdit protects the facts the parent patches edited too.
+            let earlier: Vec<Request> = compiler.parents.patches().iter().flat_map(edit::request::recorded).collect();
+            let c = &mut compiler;
+            c.preserved.remember_requests(&c.model, &c.tokenizer, &earlier, &c.templates, &c.hp.layers)?;
+        }
+        Ok(compiler)
+    }
+
+    /// Edits `requests` into the in-memory model; returns the updates and per-fact reports.
+    pub fn edit(&mut self, requests: &[Request]) -> Result<(Vec<LayerUpdate>, Vec<FactReport>)> {
+        Ok(edit::compile(&mut self.model, &self.tokenizer, requests, &self.hp, &mut self.preserved, &self.templates)?)
+    }
+
+    /// Edits `requests` and encodes the updates as a patch against the model as it was opened
+    /// (parents overlaid), recording the last parent. Same inputs, same bytes.
+    pub fn patch(&mut self, requests: &[Request]) -> Result<Compiled> {
+        let started = Instant::now();
+        let (updates, reports) = self.edit(requests)?;
+        let seconds = started.elapsed().as_secs_f64();
+        let prov = Provenance {
+            model_name: self.model_name.clone(),
+            stats_id: self.stats.as_ref().map(|s| s.id.clone()),
+            parent: self.parents.patches().last().map(|p| p.id().to_string()),
+            reports: &reports,
+        };
+        let base = Overlay::new(&self.base, &self.parents)?;
+        let patch = edit::encode_patch(&base, self.model.config.family, requests, &updates, &self.hp, &prov)?;
+        Ok(Compiled { patch, reports, seconds })
+    }
+}
+
+/// The key statistics `hp` needs (none for KN, or ROME without the C⁻¹ direction).
+fn statistics(spec: &Spec, hp: &Hparams, base: &Checkpoint) -> Result<(Preserved, Option<StatsUsed>)> {
+    if !hp.needs_stats() {
+        return Ok((Preserved::default(), None));
+    }
+    let (stats, used) = match &spec.stats {
+        StatsSource::File(path) => {
+            let s = stats::Stats::read(path)?;
+            let tokens = s.meta.tokens;
+            (s, StatsUsed { id: stats::file_id(path)?, path: path.clone(), tokens, cached: false })
+        }
+        StatsSource::Corpus { files, tokens } => {
+            let mut req = stats::Request::new(&spec.model, files);
+            req.layers = Some(hp.layers.clone());
+            req.max_tokens = Some(*tokens);
+            let o = stats::find_or_compute(&req, &spec.cache, spec.progress)?;
+            let used = StatsUsed { id: o.id, path: o.paths[0].clone(), tokens: o.stats.meta.tokens, cached: o.cached };
+            (o.stats, used)
+        }
+        StatsSource::Cached => {
+            let identity = base.identity_cached(&crate::checkpoint::default_hash_cache())?;
+            let found = stats::find_in_cache(&spec.cache, &identity.to_hex(), &hp.layers)?;
+            let (path, _) = found.ok_or_else(|| Error::NoStats { method: hp.method, layers: hp.layers.clone(), cache: spec.cache.clone() })?;
+            let s = stats::Stats::read(&path)?;
+            let tokens = s.meta.tokens;
+            (s, StatsUsed { id: stats::file_id(&path)?, path, tokens, cached: true })
+        }
+    };
+    let preserved: Preserved = stats.layers.iter().map(|(l, s)| (*l, s.second_moment())).collect();
+    // AlphaEdit's projectors are kept beside the statistics they come from.
+    Ok((preserved.keep_projectors(&spec.cache, &used.id), Some(used)))
+}

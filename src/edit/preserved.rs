@@ -1,0 +1,121 @@
+//! What an update must preserve: the key second moments per layer, their null-space
+//! projectors (kept on disk beside the statistics they come from) and AlphaEdit's earlier keys.
+
+use super::{request::Request, request_keys, solve, stack, Error, Result};
+use crate::model::Model;
+use crate::tokenize::Tokenizer;
+use ndarray::{Array1, Array2};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// What an update must preserve: the corpus's key second moments `E[k kᵀ]` per layer (with
+/// their null-space projectors, computed once on first use, and kept on disk when a store is
+/// given) and, for AlphaEdit, the keys of the facts edited earlier.
+#[derive(Clone, Debug, Default)]
+pub struct Preserved {
+    moments: BTreeMap<usize, Arc<Array2<f64>>>,
+    /// `(layer, τ bits)` → projector.
+    nullspaces: BTreeMap<(usize, u64), Arc<Array2<f64>>>,
+    /// Layer → earlier facts' keys as columns `[d_in, n]`.
+    earlier: BTreeMap<usize, Array2<f64>>,
+    /// Where projectors persist between runs: a folder, and the id of the statistics they derive from.
+    store: Option<(PathBuf, String)>,
+}
+
+impl FromIterator<(usize, Array2<f64>)> for Preserved {
+    fn from_iter<I: IntoIterator<Item = (usize, Array2<f64>)>>(moments: I) -> Self {
+        Preserved { moments: moments.into_iter().map(|(l, c)| (l, Arc::new(c))).collect(), ..Preserved::default() }
+    }
+}
+
+impl Preserved {
+    /// Layer `layer`'s key second moment.
+    pub fn second_moment(&self, layer: usize) -> Result<&Array2<f64>> {
+        self.moments.get(&layer).map(|c| c.as_ref()).ok_or(Error::MissingStats(layer))
+    }
+
+    /// Keeps the null-space projectors in `dir`, named after the statistics' id `stats_id`, so
+    /// that each is computed once per statistics set and τ rather than once per run.
+    pub fn keep_projectors(mut self, dir: &Path, stats_id: &str) -> Self {
+        self.store = Some((dir.to_path_buf(), stats_id.to_string()));
+        self
+    }
+
+    /// The projector onto the directions of `moment(layer)` with eigenvalues below `tau`: from
+    /// memory, else from the store (the exact f64 bytes it was computed as), else computed
+    /// (and stored; a store that cannot be written only means computing it again next time).
+    pub fn nullspace(&mut self, layer: usize, tau: f64) -> Result<Arc<Array2<f64>>> {
+        if let Some(p) = self.nullspaces.get(&(layer, tau.to_bits())) {
+            return Ok(p.clone());
+        }
+        let c = self.second_moment(layer)?;
+        let file = self.store.as_ref().map(|(dir, id)| dir.join(format!("{id}.nullspace-{layer}-{:016x}.safetensors", tau.to_bits())));
+        let p = match file.as_deref().and_then(|f| read_projector(f, c.nrows())) {
+            Some(p) => p,
+            None => {
+                let p = solve::nullspace(c, tau)?;
+                if let Some(f) = &file {
+                    let _ = write_projector(f, &p);
+                }
+                p
+            }
+        };
+        let p = Arc::new(p);
+        self.nullspaces.insert((layer, tau.to_bits()), p.clone());
+        Ok(p)
+    }
+
+    /// Layer → the keys of earlier edits (columns), as AlphaEdit accumulated them.
+    pub fn earlier(&self) -> &BTreeMap<usize, Array2<f64>> {
+        &self.earlier
+    }
+
+    /// Adds `keys` (columns) to `layer`'s earlier keys.
+    pub fn remember(&mut self, layer: usize, keys: &Array2<f64>) {
+        let all = match self.earlier.remove(&layer) {
+            Some(old) => ndarray::concatenate![ndarray::Axis(1), old, keys.view()],
+            None => keys.clone(),
+        };
+        self.earlier.insert(layer, all);
+    }
+
+    /// `Σ k kᵀ` over `layer`'s earlier keys.
+    pub(crate) fn earlier_second_moment(&self, layer: usize, d: usize) -> Array2<f64> {
+        self.earlier.get(&layer).map_or_else(|| Array2::zeros((d, d)), |k| k.dot(&k.t()))
+    }
+
+    /// Remembers, for AlphaEdit, the keys of facts that earlier patches edited, computed on
+    /// `model` (which carries those patches) as the compile computes keys.
+    pub fn remember_requests(&mut self, model: &Model, tok: &Tokenizer, requests: &[Request], templates: &[Vec<String>], layers: &[usize]) -> Result<()> {
+        if requests.is_empty() {
+            return Ok(());
+        }
+        for &layer in layers {
+            let keys: Vec<Array1<f64>> = request_keys(model, tok, requests, templates, layer)?.into_iter().map(|(mean, _)| mean).collect();
+            self.remember(layer, &stack(&keys));
+        }
+        Ok(())
+    }
+}
+
+/// A stored projector, if `path` holds one of shape `[d, d]` in f64.
+fn read_projector(path: &Path, d: usize) -> Option<Array2<f64>> {
+    let bytes = std::fs::read(path).ok()?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).ok()?;
+    let t = st.tensor("projector").ok()?;
+    if t.dtype() != safetensors::Dtype::F64 || t.shape() != [d, d] {
+        return None;
+    }
+    let values = t.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
+    Array2::from_shape_vec((d, d), values).ok()
+}
+
+/// Stores projector `p` at `path` (safetensors, one F64 tensor `projector`), atomically.
+fn write_projector(path: &Path, p: &Array2<f64>) -> std::io::Result<()> {
+    let bytes: Vec<u8> = p.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F64, p.shape().to_vec(), &bytes).map_err(std::io::Error::other)?;
+    let file = safetensors::serialize([("projector", view)], None).map_err(std::io::Error::other)?;
+    std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
+    crate::atomic::write(path, &file, true)
+}
