@@ -51,7 +51,12 @@ fn main() {
     let unedited = Compiler::open(&spec(Method::Kn, 100.0)).unwrap_or_else(|e| panic!("{e} (run fixtures/setup.sh first)"));
     let (base, tok) = (&unedited.model, &unedited.tokenizer);
     let pre = scores(base, tok, reqs);
-    println!("{n} CounterFact records; unedited: efficacy {:.2}, paraphrase {:.2}, neighbourhood {:.2}", pre[0] / n as f64, pre[1] / n as f64, pre[2] / n as f64);
+    println!(
+        "{n} CounterFact records; unedited: efficacy {:.2}, paraphrase {:.2}, neighbourhood {:.2}",
+        pre[0] / n as f64,
+        pre[1] / n as f64,
+        pre[2] / n as f64
+    );
     println!("\n| method | RECT k | batch | s/fact | efficacy | paraphrase | neighbourhood |\n|---|---|---|---|---|---|---|");
     // FACTPATCH_BENCH_RUNS picks and orders the runs, e.g. `memit-batch,memit,rome`.
     let runs = std::env::var("FACTPATCH_BENCH_RUNS").unwrap_or_else(|_| "rome,memit,memit-batch".into());

@@ -55,11 +55,7 @@ fn main() {
             + 3 * cfg.hidden_size * cfg.intermediate_size) as f64;
     let head = 2.0 * (cfg.hidden_size * cfg.vocab_size) as f64;
     println!("\n| forward, batch {b} × {t} | tokens/s | GEMM GFLOP/s (weights only) |\n|---|---|---|");
-    for (label, stop, logits) in [
-        ("layers 0-8", Some(8), false),
-        ("all layers", None, false),
-        ("all layers + logits", None, true),
-    ] {
+    for (label, stop, logits) in [("layers 0-8", Some(8), false), ("all layers", None, false), ("all layers + logits", None, true)] {
         let hooks = Hooks { stop_after: stop, ..Hooks::default() };
         let s = best_of(3, || {
             let tr = model.forward(&batch, &hooks, None).unwrap();

@@ -40,11 +40,7 @@ fn synthetic(dir: &Path) {
             specs.push((format!("{p}{n}"), s));
         }
     }
-    let bytes: Vec<Vec<u8>> = specs
-        .iter()
-        .enumerate()
-        .map(|(k, (_, s))| Dtype::BF16.encode(&values(s.iter().product(), k as u64, 0.05)))
-        .collect();
+    let bytes: Vec<Vec<u8>> = specs.iter().enumerate().map(|(k, (_, s))| Dtype::BF16.encode(&values(s.iter().product(), k as u64, 0.05))).collect();
     let views: Vec<_> = specs.iter().zip(&bytes).map(|((n, s), b)| (n.clone(), TensorView::new(safetensors::Dtype::BF16, s.clone(), b).unwrap())).collect();
     safetensors::tensor::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
     std::fs::write(
@@ -91,12 +87,15 @@ fn main() {
     let name = |l: usize| format!("model.layers.{l}.mlp.down_proj.weight");
     let shape = ckpt.tensor(&name(3)).unwrap().shape.to_vec();
     let (rows, cols) = (shape[0], shape[1]);
-    let factors: Vec<Factors> = LAYERS
-        .iter()
-        .map(|&l| Factors { rank: 1, u: values(rows, 10 + l as u64, 0.01), v: values(cols, 20 + l as u64, 1.0) })
-        .collect();
+    let factors: Vec<Factors> =
+        LAYERS.iter().map(|&l| Factors { rank: 1, u: values(rows, 10 + l as u64, 0.01), v: values(cols, 20 + l as u64, 1.0) }).collect();
     let bases: Vec<BaseTensor> = LAYERS.iter().map(|&l| BaseTensor::of(&ckpt.tensor(&name(l)).unwrap())).collect();
-    let manifest = || Manifest::new(ModelInfo { name: "SmolLM2-135M-Instruct".into(), family: "llama".into() }, Method { name: "rome".into(), hyperparameters: Default::default() });
+    let manifest = || {
+        Manifest::new(
+            ModelInfo { name: "SmolLM2-135M-Instruct".into(), family: "llama".into() },
+            Method { name: "rome".into(), hyperparameters: Default::default() },
+        )
+    };
     let full: Vec<Vec<f32>> = factors.iter().map(|f| product(f, &shape)).collect();
     let masked: Vec<Vec<f32>> = LAYERS
         .iter()
@@ -131,7 +130,11 @@ fn main() {
     }
     let rect_patch = rect_patch.unwrap();
     let size: u64 = ckpt.files().map(|f| std::fs::metadata(f).unwrap().len()).sum();
-    println!("\ncheckpoint: {size} bytes; largest touched tensor: {} bytes stored, {} bytes as f32", rows * cols * ckpt.tensor(&name(3)).unwrap().dtype.size(), rows * cols * 4);
+    println!(
+        "\ncheckpoint: {size} bytes; largest touched tensor: {} bytes stored, {} bytes as f32",
+        rows * cols * ckpt.tensor(&name(3)).unwrap().dtype.size(),
+        rows * cols * 4
+    );
     println!("\nRun 0 hashes the base (cold hash cache); runs 1-4 read its tensor hashes from the cache.");
     println!("\n| run | cp -r (s) | cp -r + sync (s) | apply (s) | apply --no-sync (s) | apply vs cp+sync | --no-sync vs cp | apply peak RSS (MiB) | RSS before apply (MiB) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     assert!(std::process::Command::new("sync").status().unwrap().success());

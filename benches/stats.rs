@@ -94,8 +94,7 @@ fn main() {
     let acc = timed(|| drop(stats::accumulate(&model, &layers, &plan.batches, &ProgressBar::hidden()).unwrap()));
 
     // GEMM-bound limit: weight GEMMs and attention to layer 8 at sgemm rate, updates at dsyrk rate.
-    let per_layer = 2.0
-        * (h * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + cfg.num_heads * cfg.head_dim * h + 3 * h * d) as f64;
+    let per_layer = 2.0 * (h * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + cfg.num_heads * cfg.head_dim * h + 3 * h * d) as f64;
     let attention = 2.0 * 2.0 * (seq_len as f64 / 2.0) * (cfg.num_heads * cfg.head_dim) as f64;
     let fwd_flops = 9.0 * (per_layer + attention);
     let upd_flops = layers.len() as f64 * (d * d) as f64;

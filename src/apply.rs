@@ -83,11 +83,7 @@ impl Stack {
         for w in patches.windows(2) {
             if let Some(parent) = &w[1].manifest().parent {
                 if parent != w[0].id() && parent != w[0].tip() {
-                    return Err(Error::ParentChain {
-                        patch: w[1].path().to_path_buf(),
-                        parent: parent.clone(),
-                        previous: w[0].id().to_string(),
-                    });
+                    return Err(Error::ParentChain { patch: w[1].path().to_path_buf(), parent: parent.clone(), previous: w[0].id().to_string() });
                 }
             }
         }
@@ -131,7 +127,8 @@ impl Stack {
                 materialize(base, &w0, &d, patch, &mut |chunk| {
                     c.extend_from_slice(chunk);
                     Ok(())
-                }).map(|_| c)
+                })
+                .map(|_| c)
             });
             let current = current.transpose()?;
             check_hash(patch, entry, current.as_deref().unwrap_or(base.bytes))?;
@@ -227,12 +224,7 @@ fn check_hash_streamed(patch: &Patch, entry: &Entry, bytes: &[u8], done: &dyn Fn
     if found == entry.base_blake3 {
         return Ok(());
     }
-    Err(Error::BaseMismatch {
-        patch: patch.path().to_path_buf(),
-        name: entry.tensor.clone(),
-        expected: entry.base_blake3.clone(),
-        found,
-    })
+    Err(Error::BaseMismatch { patch: patch.path().to_path_buf(), name: entry.tensor.clone(), expected: entry.base_blake3.clone(), found })
 }
 
 /// The tensor `entry` patches must have `dtype` and `shape`.
@@ -546,7 +538,6 @@ impl<'a> Overlay<'a> {
         }
         Ok(Overlay { ckpt, patched })
     }
-
 }
 
 /// Tensors as the patched model has them.
@@ -596,12 +587,7 @@ pub fn merge(patches: &[PathBuf], out: &Path, model: Option<&Path>, allow_overri
     for (name, list) in &stack.touched {
         let (p0, e0) = list[0];
         let entry = &stack.patches[p0].manifest().entries[e0];
-        let base = BaseTensor {
-            name: name.clone(),
-            dtype: entry.dtype,
-            shape: entry.shape.clone(),
-            blake3: entry.base_blake3.clone(),
-        };
+        let base = BaseTensor { name: name.clone(), dtype: entry.dtype, shape: entry.shape.clone(), blake3: entry.base_blake3.clone() };
         for &(p, e) in &list[1..] {
             check_layout(&stack.patches[p], &stack.patches[p].manifest().entries[e], entry.dtype, &entry.shape)?;
         }
@@ -624,16 +610,10 @@ pub fn merge(patches: &[PathBuf], out: &Path, model: Option<&Path>, allow_overri
         };
         deltas.push((base, delta));
     }
-    let mut manifest = Manifest::new(
-        first.manifest().model.clone(),
-        Method { name: "merge".into(), hyperparameters: BTreeMap::new() },
-    );
+    let mut manifest = Manifest::new(first.manifest().model.clone(), Method { name: "merge".into(), hyperparameters: BTreeMap::new() });
     manifest.parent = first.manifest().parent.clone();
-    manifest.includes = stack
-        .patches
-        .iter()
-        .flat_map(|p| if p.manifest().includes.is_empty() { vec![p.id().to_string()] } else { p.manifest().includes.clone() })
-        .collect();
+    manifest.includes =
+        stack.patches.iter().flat_map(|p| if p.manifest().includes.is_empty() { vec![p.id().to_string()] } else { p.manifest().includes.clone() }).collect();
     manifest.edits = edits;
     let all_same = |f: &dyn Fn(&Manifest) -> bool| stack.patches.iter().all(|p| f(p.manifest()));
     let m0 = first.manifest();
@@ -700,10 +680,7 @@ pub fn diff(from: &Path, to: &Path, out: &Path) -> Result<DiffSummary> {
     for name in na {
         let (ta, tb) = (a.tensor(name)?, b.tensor(name)?);
         if ta.dtype != tb.dtype || ta.shape != tb.shape {
-            return Err(incompatible(format!(
-                "tensor `{name}` is {:?}{:?} vs {:?}{:?}",
-                ta.dtype, ta.shape, tb.dtype, tb.shape
-            )));
+            return Err(incompatible(format!("tensor `{name}` is {:?}{:?} vs {:?}{:?}", ta.dtype, ta.shape, tb.dtype, tb.shape)));
         }
         if ta.bytes != tb.bytes {
             deltas.push((BaseTensor::of(&ta), Delta::explicit(exact_delta(&ta, &tb)?)));
@@ -712,10 +689,7 @@ pub fn diff(from: &Path, to: &Path, out: &Path) -> Result<DiffSummary> {
     let family = a.config().get("model_type").and_then(|v| v.as_str()).unwrap_or("unknown");
     let name = a.config().get("_name_or_path").and_then(|v| v.as_str()).map(str::to_string);
     let name = name.unwrap_or_else(|| from.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-    let manifest = Manifest::new(
-        ModelInfo { name, family: family.to_string() },
-        Method { name: "diff".into(), hyperparameters: BTreeMap::new() },
-    );
+    let manifest = Manifest::new(ModelInfo { name, family: family.to_string() }, Method { name: "diff".into(), hyperparameters: BTreeMap::new() });
     let tensors_changed = deltas.len();
     let encoded = patch::encode(manifest, deltas)?;
     crate::atomic::write(out, &encoded.bytes, false).map_err(io_err(out))?;
@@ -735,13 +709,7 @@ fn exact_delta(a: &TensorRef, b: &TensorRef) -> Result<Vec<f32>> {
         let hits = |d: f32| d != 0.0 && d.is_finite() && reaches(dt, wa[i] + d, bb);
         let guess = wb[i] - wa[i];
         let found = [0i32, 1, -1, 2, -2].into_iter().map(|k| nudge(guess, k)).find(|&d| hits(d));
-        d[i] = found.ok_or_else(|| Error::Unrepresentable {
-            path: b.path.to_path_buf(),
-            name: b.name.to_string(),
-            index: i,
-            from: wa[i],
-            to: wb[i],
-        })?;
+        d[i] = found.ok_or_else(|| Error::Unrepresentable { path: b.path.to_path_buf(), name: b.name.to_string(), index: i, from: wa[i], to: wb[i] })?;
     }
     Ok(d)
 }

@@ -2,9 +2,9 @@
 //! single-file or sharded (`model.safetensors.index.json`). Validated on open, read lazily.
 
 use memmap2::Mmap;
+use rayon::prelude::*;
 use safetensors::tensor::{Dtype as StDtype, Metadata};
 use safetensors::SafeTensors;
-use rayon::prelude::*;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -66,14 +66,8 @@ impl Dtype {
     pub fn decode(self, bytes: &[u8]) -> Vec<f32> {
         match self {
             Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
+            Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
         }
     }
 
@@ -210,10 +204,8 @@ impl Checkpoint {
         let map = read_json(&path)?;
         let weight_map = map.get("weight_map").and_then(|m| m.as_object()).into_iter().flatten();
         for (name, file) in weight_map {
-            let in_shard = self
-                .index
-                .get(name)
-                .is_some_and(|&i| Some(self.shards[i].path.file_name().unwrap_or_default()) == file.as_str().map(std::ffi::OsStr::new));
+            let in_shard =
+                self.index.get(name).is_some_and(|&i| Some(self.shards[i].path.file_name().unwrap_or_default()) == file.as_str().map(std::ffi::OsStr::new));
             if !in_shard {
                 return Err(Error::IndexMismatch { path: path.clone(), name: name.clone() });
             }
@@ -256,10 +248,7 @@ impl Checkpoint {
 
     /// A view of tensor `name`.
     pub fn tensor(&self, name: &str) -> Result<TensorRef<'_>> {
-        let (key, &i) = self
-            .index
-            .get_key_value(name)
-            .ok_or_else(|| Error::MissingTensor { dir: self.dir.clone(), name: name.to_string() })?;
+        let (key, &i) = self.index.get_key_value(name).ok_or_else(|| Error::MissingTensor { dir: self.dir.clone(), name: name.to_string() })?;
         let shard = &self.shards[i];
         let info = shard.metadata.info(name).expect("index built from this shard's metadata");
         let dtype = Dtype::from_safetensors(info.dtype).ok_or_else(|| Error::UnsupportedDtype {
@@ -347,7 +336,8 @@ impl Checkpoint {
                 _ => {
                     let all = self.tensor_hashes(&every)?;
                     let text: BTreeMap<&str, String> = all.iter().map(|(n, h)| (n.as_str(), h.to_hex().to_string())).collect();
-                    let _ = std::fs::create_dir_all(cache).and_then(|_| crate::atomic::write(&entry, &serde_json::to_vec(&text).expect("strings serialize"), true));
+                    let _ =
+                        std::fs::create_dir_all(cache).and_then(|_| crate::atomic::write(&entry, &serde_json::to_vec(&text).expect("strings serialize"), true));
                     all
                 }
             };

@@ -88,7 +88,15 @@ pub struct Spec {
 impl Spec {
     /// A spec with the method's defaults, no parent patches, statistics from the default cache.
     pub fn new(model: &Path, method: Method) -> Self {
-        Spec { model: model.into(), on: Vec::new(), method, overrides: Vec::new(), stats: StatsSource::Cached, cache: stats::default_cache_dir(), progress: false }
+        Spec {
+            model: model.into(),
+            on: Vec::new(),
+            method,
+            overrides: Vec::new(),
+            stats: StatsSource::Cached,
+            cache: stats::default_cache_dir(),
+            progress: false,
+        }
     }
 }
 

@@ -160,7 +160,8 @@ impl Context<'_> {
         let done = rows.iter().filter(|r| r.setting == setting).map(|r| r.x).max();
         if done.is_none() {
             // Every setting starts from the same unedited model: measure it once.
-            let unedited: Vec<(String, f64)> = rows.iter().filter(|r| r.x == 0).take_while(|r| r.setting == rows[0].setting).map(|r| (r.metric.clone(), r.value)).collect();
+            let unedited: Vec<(String, f64)> =
+                rows.iter().filter(|r| r.x == 0).take_while(|r| r.setting == rows[0].setting).map(|r| (r.metric.clone(), r.value)).collect();
             let m = if unedited.is_empty() { self.measure(None, 0)? } else { unedited };
             self.record(rows, setting, 0, m, X_EDITS)?;
         }
@@ -255,7 +256,8 @@ impl Context<'_> {
             .chain(keys.iter().map(|(n, v, s)| (n.clone(), view(safetensors::Dtype::F64, s, bytemuck::cast_slice(v)))))
             .collect();
         let meta = BTreeMap::from([("edits".to_string(), edits.to_string())]);
-        let bytes = safetensors::tensor::serialize(views, Some(meta.into_iter().collect())).map_err(|e| Error::State { path: path.clone(), problem: e.to_string() })?;
+        let bytes =
+            safetensors::tensor::serialize(views, Some(meta.into_iter().collect())).map_err(|e| Error::State { path: path.clone(), problem: e.to_string() })?;
         crate::atomic::write(&path, &bytes, true).map_err(|e| state_err(&path, e))
     }
 
@@ -278,7 +280,8 @@ impl Context<'_> {
         for (name, t) in st.tensors() {
             if let Some(l) = name.strip_prefix("earlier_keys.").and_then(|l| l.parse().ok()) {
                 let shape = (t.shape()[0], t.shape()[1]);
-                let k = ndarray::Array2::from_shape_vec(shape, t.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))).collect()).map_err(|e| bad(e.to_string()))?;
+                let k = ndarray::Array2::from_shape_vec(shape, t.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))).collect())
+                    .map_err(|e| bad(e.to_string()))?;
                 preserved.remember(l, &k);
             }
         }
@@ -320,12 +323,9 @@ fn read_rows(path: &Path) -> Result<Vec<Row>> {
             let f: Vec<&str> = line.split(',').collect();
             let bad = || Error::State { path: path.to_path_buf(), problem: format!("line {}: not `setting,x,metric,value`", i + 1) };
             match f[..] {
-                [setting, x, metric, value] => Ok(Row {
-                    setting: setting.into(),
-                    x: x.parse().map_err(|_| bad())?,
-                    metric: metric.into(),
-                    value: value.parse().map_err(|_| bad())?,
-                }),
+                [setting, x, metric, value] => {
+                    Ok(Row { setting: setting.into(), x: x.parse().map_err(|_| bad())?, metric: metric.into(), value: value.parse().map_err(|_| bad())? })
+                }
                 _ => Err(bad()),
             }
         })
@@ -368,7 +368,8 @@ pub fn compare(runs: &[PathBuf], out: &Path) -> Result<()> {
                 order.push(run);
             }
             let first = lines.iter().find(|l| l.0 == run).map(|l| l.1) == Some(setting);
-            let points: Vec<(f64, f64)> = all.iter().filter(|(n, r)| n == run && r.setting == setting && r.metric == metric && r.x > 0).map(|(_, r)| (r.x as f64, r.value)).collect();
+            let points: Vec<(f64, f64)> =
+                all.iter().filter(|(n, r)| n == run && r.setting == setting && r.metric == metric && r.x > 0).map(|(_, r)| (r.x as f64, r.value)).collect();
             if !points.is_empty() {
                 series.push(Series { label: format!("{run} {setting}"), points, colour: order.len() - 1, dashed: !first });
             }
@@ -419,7 +420,10 @@ fn draw(out: &Path, rows: &[Row], x_label: &str) -> Result<()> {
             label: m.to_string(),
             colour: i,
             dashed: false,
-            points: settings.iter().map(|s| rows.iter().find(|r| r.setting == *s && r.x == last && r.metric == *m).map_or((0.0, 0.0), |r| (0.0, r.value))).collect(),
+            points: settings
+                .iter()
+                .map(|s| rows.iter().find(|r| r.setting == *s && r.x == last && r.metric == *m).map_or((0.0, 0.0), |r| (0.0, r.value)))
+                .collect(),
         })
         .collect();
     if last > 0 {

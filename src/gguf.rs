@@ -58,10 +58,7 @@ pub struct ImportSummary {
 pub enum Error {
     /// The GGUF file could not be opened.
     #[error("{path}: cannot open GGUF file: {source}")]
-    Open {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Open { path: PathBuf, source: std::io::Error },
     /// The GGUF file is truncated or its header/tensor data is malformed.
     #[error("{path}: corrupt or truncated GGUF file: {reason}")]
     Corrupt { path: PathBuf, reason: String },
@@ -70,18 +67,10 @@ pub enum Error {
     UnsupportedArchitecture { path: PathBuf, arch: String },
     /// A metadata key is missing, has the wrong type or an unsupported value.
     #[error("{path}: metadata `{key}`: {problem}")]
-    Metadata {
-        path: PathBuf,
-        key: String,
-        problem: String,
-    },
+    Metadata { path: PathBuf, key: String, problem: String },
     /// A tensor is missing, unexpected, or has the wrong shape.
     #[error("{path}: tensor `{name}`: {problem}")]
-    Tensor {
-        path: PathBuf,
-        name: String,
-        problem: String,
-    },
+    Tensor { path: PathBuf, name: String, problem: String },
     /// The tokenizer model named in the metadata is not supported.
     #[error("{path}: unsupported tokenizer model `{model}` (supported: gpt2)")]
     UnsupportedTokenizer { path: PathBuf, model: String },
@@ -106,34 +95,19 @@ pub fn import(gguf: &Path, out_dir: &Path, dtype: OutDtype) -> Result<ImportSumm
         _ => Error::Write { path: out_dir.to_path_buf(), reason: e.to_string() },
     })?;
 
-    let file = fs::File::open(gguf).map_err(|source| Error::Open {
-        path: gguf.to_path_buf(),
-        source,
-    })?;
+    let file = fs::File::open(gguf).map_err(|source| Error::Open { path: gguf.to_path_buf(), source })?;
     let mut reader = BufReader::new(file);
-    let content = gguf_file::Content::read(&mut reader).map_err(|e| Error::Corrupt {
-        path: gguf.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let content = gguf_file::Content::read(&mut reader).map_err(|e| Error::Corrupt { path: gguf.to_path_buf(), reason: e.to_string() })?;
     let meta = Meta::new(gguf, &content.metadata);
     let arch = meta.string("general.architecture")?;
     if arch != "llama" {
-        return Err(Error::UnsupportedArchitecture {
-            path: gguf.to_path_buf(),
-            arch: arch.to_string(),
-        });
+        return Err(Error::UnsupportedArchitecture { path: gguf.to_path_buf(), arch: arch.to_string() });
     }
     let hparams = Hparams::read(&meta)?;
     // Build the tokenizer before the (slow) weights so metadata errors surface first.
     let tok = tokenizer::build(&meta)?;
     if tok.vocab_size != hparams.vocab_size {
-        return Err(meta.error(
-            "tokenizer.ggml.tokens",
-            format!(
-                "{} tokens but the model's vocabulary has {}",
-                tok.vocab_size, hparams.vocab_size
-            ),
-        ));
+        return Err(meta.error("tokenizer.ggml.tokens", format!("{} tokens but the model's vocabulary has {}", tok.vocab_size, hparams.vocab_size)));
     }
 
     let weights = tensors::convert(gguf, &content, &mut reader, &hparams, dtype)?;
@@ -144,20 +118,14 @@ pub fn import(gguf: &Path, out_dir: &Path, dtype: OutDtype) -> Result<ImportSumm
         "eos_token_id": meta.opt_usize("tokenizer.ggml.eos_token_id")?,
     });
 
-    let (weights_path, config_path) = (
-        staging.path().join("model.safetensors"),
-        staging.path().join("config.json"),
-    );
+    let (weights_path, config_path) = (staging.path().join("model.safetensors"), staging.path().join("config.json"));
     write_json(&config_path, &config)?;
     weights.write(&weights_path)?;
     // safetensors writes through a private temp file (mode 0600): give it the
     // permissions of an ordinarily created file.
     fs::metadata(&config_path)
         .and_then(|m| fs::set_permissions(&weights_path, m.permissions()))
-        .map_err(|e| Error::Write {
-            path: weights_path.clone(),
-            reason: e.to_string(),
-        })?;
+        .map_err(|e| Error::Write { path: weights_path.clone(), reason: e.to_string() })?;
     write_json(&staging.path().join("generation_config.json"), &generation)?;
     write_json(&staging.path().join("tokenizer.json"), &tok.tokenizer)?;
     write_json(&staging.path().join("tokenizer_config.json"), &tok.config)?;
@@ -202,43 +170,22 @@ impl Hparams {
             Some(n) => n,
             None => meta.string_array("tokenizer.ggml.tokens")?.len(),
         };
-        let hp = Hparams {
-            hidden,
-            intermediate: meta.usize("llama.feed_forward_length")?,
-            layers: meta.usize("llama.block_count")?,
-            heads,
-            kv_heads,
-            vocab_size,
-        };
+        let hp =
+            Hparams { hidden, intermediate: meta.usize("llama.feed_forward_length")?, layers: meta.usize("llama.block_count")?, heads, kv_heads, vocab_size };
         if heads == 0 || kv_heads == 0 || hidden % heads != 0 || heads % kv_heads != 0 {
-            return Err(meta.error(
-                "llama.attention.head_count",
-                format!("{heads} heads, {kv_heads} kv heads and width {hidden} are inconsistent"),
-            ));
+            return Err(meta.error("llama.attention.head_count", format!("{heads} heads, {kv_heads} kv heads and width {hidden} are inconsistent")));
         }
         if !hp.head_dim().is_multiple_of(2) {
-            return Err(meta.error(
-                "llama.attention.head_count",
-                format!("head dimension {} is odd", hp.head_dim()),
-            ));
+            return Err(meta.error("llama.attention.head_count", format!("head dimension {} is odd", hp.head_dim())));
         }
         if let Some(rot) = meta.opt_usize("llama.rope.dimension_count")? {
             if rot != hp.head_dim() {
-                return Err(meta.error(
-                    "llama.rope.dimension_count",
-                    format!(
-                        "partial rotary ({rot} of {}) is not supported",
-                        hp.head_dim()
-                    ),
-                ));
+                return Err(meta.error("llama.rope.dimension_count", format!("partial rotary ({rot} of {}) is not supported", hp.head_dim())));
             }
         }
         if let Some(kind) = meta.opt_string("llama.rope.scaling.type")? {
             if kind != "none" {
-                return Err(meta.error(
-                    "llama.rope.scaling.type",
-                    format!("`{kind}` is not supported"),
-                ));
+                return Err(meta.error("llama.rope.scaling.type", format!("`{kind}` is not supported")));
             }
         }
         Ok(hp)
@@ -278,14 +225,7 @@ impl Hparams {
 
 /// Write `value` as pretty JSON (keys sorted) with a trailing newline.
 fn write_json(path: &Path, value: &Value) -> Result<(), Error> {
-    let mut text = serde_json::to_string_pretty(value).map_err(|e| Error::Write {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let mut text = serde_json::to_string_pretty(value).map_err(|e| Error::Write { path: path.to_path_buf(), reason: e.to_string() })?;
     text.push('\n');
-    fs::write(path, text).map_err(|e| Error::Write {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })
+    fs::write(path, text).map_err(|e| Error::Write { path: path.to_path_buf(), reason: e.to_string() })
 }
-

@@ -596,6 +596,12 @@ fn compile(args: &CompileArgs, out: &Path) -> Result<()> {
     }
     let on = model::device_name(compiler.model.device());
     let (n, seconds) = (requests.len(), c.seconds);
-    println!("patch {}: {n} fact(s), {} bytes, {seconds:.1} s on {on} ({:.2} s per fact) → {}", c.patch.id, c.patch.bytes.len(), seconds / n as f64, out.display());
+    println!(
+        "patch {}: {n} fact(s), {} bytes, {seconds:.1} s on {on} ({:.2} s per fact) → {}",
+        c.patch.id,
+        c.patch.bytes.len(),
+        seconds / n as f64,
+        out.display()
+    );
     Ok(())
 }

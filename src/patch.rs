@@ -160,11 +160,18 @@ pub struct Factors {
 pub enum Delta {
     Dense(Vec<f32>),
     /// Strictly increasing flat indices and their values.
-    Sparse { indices: Vec<u64>, values: Vec<f32> },
+    Sparse {
+        indices: Vec<u64>,
+        values: Vec<f32>,
+    },
     /// One group per compiled patch; each group is one contribution.
     LowRank(Vec<Factors>),
     /// Factors whose product is masked to the top-`k`% at apply time.
-    LowRankRect { factors: Factors, k: f64, eps: f32 },
+    LowRankRect {
+        factors: Factors,
+        k: f64,
+        eps: f32,
+    },
 }
 
 impl Delta {
@@ -174,8 +181,7 @@ impl Delta {
         let s = smallest_vdtype(values.iter().copied()).size();
         let iw = if values.len() as u64 <= u32::MAX as u64 { 4 } else { 8 };
         if nnz * (iw + s) < values.len() * s {
-            let (indices, values) =
-                values.iter().enumerate().filter(|(_, v)| **v != 0.0).map(|(i, v)| (i as u64, *v)).unzip();
+            let (indices, values) = values.iter().enumerate().filter(|(_, v)| **v != 0.0).map(|(i, v)| (i as u64, *v)).unzip();
             Delta::Sparse { indices, values }
         } else {
             Delta::Dense(values)
@@ -195,12 +201,7 @@ pub struct BaseTensor {
 impl BaseTensor {
     /// The identity of a stored tensor.
     pub fn of(t: &TensorRef) -> Self {
-        BaseTensor {
-            name: t.name.to_string(),
-            dtype: t.dtype,
-            shape: t.shape.to_vec(),
-            blake3: blake3::hash(t.bytes).to_hex().to_string(),
-        }
+        BaseTensor { name: t.name.to_string(), dtype: t.dtype, shape: t.shape.to_vec(), blake3: blake3::hash(t.bytes).to_hex().to_string() }
     }
 }
 
@@ -361,17 +362,11 @@ fn check_delta(base: &BaseTensor, delta: &Delta) -> Result<()> {
 }
 
 fn check_factors(base: &BaseTensor, f: &Factors) -> Result<()> {
-    let ok = base.shape.len() == 2
-        && f.rank > 0
-        && f.u.len() == base.shape[0] * f.rank
-        && f.v.len() == base.shape[1] * f.rank;
+    let ok = base.shape.len() == 2 && f.rank > 0 && f.u.len() == base.shape[0] * f.rank && f.v.len() == base.shape[1] * f.rank;
     if ok {
         Ok(())
     } else {
-        Err(Error::InvalidDelta {
-            name: base.name.clone(),
-            reason: format!("factors of rank {} do not fit shape {:?}", f.rank, base.shape),
-        })
+        Err(Error::InvalidDelta { name: base.name.clone(), reason: format!("factors of rank {} do not fit shape {:?}", f.rank, base.shape) })
     }
 }
 
@@ -439,11 +434,7 @@ impl Patch {
         let path = path.to_path_buf();
         let truncated = |reason: &str| Error::Truncated { path: path.clone(), reason: reason.into() };
         if bytes.len() < HEADER + TRAILER {
-            return Err(if bytes.starts_with(&MAGIC[..bytes.len().min(8)]) {
-                truncated("shorter than header and trailer")
-            } else {
-                Error::BadMagic(path)
-            });
+            return Err(if bytes.starts_with(&MAGIC[..bytes.len().min(8)]) { truncated("shorter than header and trailer") } else { Error::BadMagic(path) });
         }
         if &bytes[..8] != MAGIC {
             return Err(Error::BadMagic(path));
@@ -465,8 +456,7 @@ impl Patch {
         }
         let mend = HEADER + mlen as usize;
         let bad = |reason: String| Error::Manifest { path: path.clone(), reason };
-        let json = inflate(&bytes[HEADER..mend], decompressed_len(&bytes[HEADER..mend], MAX_MANIFEST).map_err(bad)?)
-            .map_err(bad)?;
+        let json = inflate(&bytes[HEADER..mend], decompressed_len(&bytes[HEADER..mend], MAX_MANIFEST).map_err(bad)?).map_err(bad)?;
         let manifest: Manifest = serde_json::from_slice(&json).map_err(|e| bad(e.to_string()))?;
         let offsets = validate(&manifest, &path, mend, body_end)?;
         Ok(Patch { id: format_id(&stored), path, bytes, manifest, offsets })
@@ -591,10 +581,10 @@ fn validate(m: &Manifest, path: &Path, payload_start: usize, payload_end: usize)
             return Err(bad(format!("tensor `{}`: base_blake3 is not 64 hex digits", e.tensor)));
         }
         offsets.push(pos as usize);
-        pos = pos.checked_add(e.zlen).filter(|&p| p <= payload_end as u64).ok_or_else(|| Error::Truncated {
-            path: path.to_path_buf(),
-            reason: format!("payload of `{}` runs past the end of the file", e.tensor),
-        })?;
+        pos = pos
+            .checked_add(e.zlen)
+            .filter(|&p| p <= payload_end as u64)
+            .ok_or_else(|| Error::Truncated { path: path.to_path_buf(), reason: format!("payload of `{}` runs past the end of the file", e.tensor) })?;
     }
     if pos != payload_end as u64 {
         return Err(bad(format!("{} bytes after the last payload", payload_end as u64 - pos)));
@@ -641,8 +631,6 @@ fn decode_payload(e: &Entry, raw: &[u8]) -> std::result::Result<Delta, String> {
             }
             Delta::LowRank(groups)
         }
-        Encoding::LowRankRect { vdtype, rank, k, eps } => {
-            Delta::LowRankRect { factors: factors(raw, *vdtype, *rank as usize), k: *k, eps: *eps }
-        }
+        Encoding::LowRankRect { vdtype, rank, k, eps } => Delta::LowRankRect { factors: factors(raw, *vdtype, *rank as usize), k: *k, eps: *eps },
     })
 }

@@ -9,8 +9,8 @@ use crate::model::{self, Batch, Hooks, Model};
 use crate::tokenize::{self, Tokenizer};
 use indicatif::{ProgressBar, ProgressStyle};
 // Links OpenBLAS (through its LAPACK backend), which provides the CBLAS `dsyrk` used here.
-use ndarray_linalg as _;
 use ndarray::Array2;
+use ndarray_linalg as _;
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -425,9 +425,7 @@ impl Meta {
         if get("format_version")? != FORMAT_VERSION {
             return Err(bad(format!("format version {} (this factpatch reads {FORMAT_VERSION})", get("format_version")?)));
         }
-        let list = |s: &str| -> Result<Vec<usize>> {
-            s.split(',').map(|x| x.parse().map_err(|_| bad(format!("bad list `{s}` in metadata")))).collect()
-        };
+        let list = |s: &str| -> Result<Vec<usize>> { s.split(',').map(|x| x.parse().map_err(|_| bad(format!("bad list `{s}` in metadata")))).collect() };
         let shards = get("shards")?;
         let (idx, n) = shards.split_once('/').ok_or_else(|| bad(format!("bad `shards` `{shards}`")))?;
         let max = get("max_tokens")?;
@@ -564,11 +562,8 @@ impl Stats {
         let mut out = first.clone();
         for (path, s) in rest {
             let (a, b) = (&out.meta, &s.meta);
-            let mismatch = |what: &str, x: String, y: String| Error::Merge {
-                a: first_path.clone(),
-                b: path.clone(),
-                problem: format!("different {what} ({x} vs {y})"),
-            };
+            let mismatch =
+                |what: &str, x: String, y: String| Error::Merge { a: first_path.clone(), b: path.clone(), problem: format!("different {what} ({x} vs {y})") };
             let checks = [
                 ("models", a.model.clone(), b.model.clone()),
                 ("tokenizers", a.tokenizer.clone(), b.tokenizer.clone()),
@@ -583,11 +578,7 @@ impl Stats {
                 return Err(mismatch(what, x, y));
             }
             if let Some(dup) = b.shards.iter().find(|i| a.shards.contains(i)) {
-                return Err(Error::Merge {
-                    a: first_path.clone(),
-                    b: path.clone(),
-                    problem: format!("shard {dup}/{} would be counted twice", a.shard_count),
-                });
+                return Err(Error::Merge { a: first_path.clone(), b: path.clone(), problem: format!("shard {dup}/{} would be counted twice", a.shard_count) });
             }
             out.meta.shards.extend_from_slice(&b.shards);
             out.meta.shards.sort_unstable();
@@ -694,9 +685,7 @@ pub fn compute(p: &Prepared, progress: bool) -> Result<Stats> {
     }
     let plan = plan(chunks, p.shard);
     let bar = if progress { ProgressBar::new(plan.tokens) } else { ProgressBar::hidden() };
-    bar.set_style(
-        ProgressStyle::with_template("stats {bar:30} {human_pos}/{human_len} tokens  {per_sec}  ETA {eta}").expect("valid template"),
-    );
+    bar.set_style(ProgressStyle::with_template("stats {bar:30} {human_pos}/{human_len} tokens  {per_sec}  ETA {eta}").expect("valid template"));
     let model = Model::load(&p.model)?;
     let layers = accumulate(&model, &p.meta.layers, &plan.batches, &bar)?;
     bar.finish_and_clear();

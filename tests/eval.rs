@@ -189,10 +189,7 @@ fn unknown_tasks_and_bad_specs() {
     }
     assert_eq!(Spec::parse("nq-open=a/b.jsonl").unwrap(), Spec { task: Task::NqOpen, path: PathBuf::from("a/b.jsonl"), limit: None });
     assert_eq!(Spec::parse("perplexity:20=c:/w.txt").unwrap(), Spec { task: Task::Perplexity, path: PathBuf::from("c:/w.txt"), limit: Some(20) });
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_factpatch"))
-        .args(["eval", "--model", "nowhere", "--general", "squad=x.json"])
-        .output()
-        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_factpatch")).args(["eval", "--model", "nowhere", "--general", "squad=x.json"]).output().unwrap();
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(!out.status.success());
     assert_eq!(stderr.lines().collect::<Vec<_>>(), ["error: unknown task `squad` (known: perplexity, hellaswag, boolq, sst2, rte, nq-open, gsm8k)"]);
@@ -297,7 +294,8 @@ fn smollm2_metrics_follow_the_fields_present_and_the_patch() {
     let tok = Tokenizer::open(&dir).unwrap();
     // A large random change to layer 5's MLP output projection.
     let down = "model.layers.5.mlp.down_proj.weight";
-    let patch = write_patch(&t.path().join("p.fpatch"), &Checkpoint::open(&dir).unwrap(), &[], manifest("x"), vec![(down, Delta::Dense(values(576 * 1536, 9, 0.05)))]);
+    let patch =
+        write_patch(&t.path().join("p.fpatch"), &Checkpoint::open(&dir).unwrap(), &[], manifest("x"), vec![(down, Delta::Dense(values(576 * 1536, 9, 0.05)))]);
     let models = Models::load(&dir, &[patch]).unwrap();
     let report = edits::report(&models, &tok, &path, &requests, &Options::default()).unwrap();
     let [full, bare] = &report.records[..] else { panic!("two records") };

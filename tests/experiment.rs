@@ -55,7 +55,8 @@ fn sequential_runs_resume_to_the_same_results() {
     // A state that does not match the results is refused, not silently used.
     let state = resumed.join("state/k=40.safetensors");
     std::fs::copy(resumed.join("state/none.safetensors"), &state).unwrap();
-    std::fs::write(resumed.join("results.csv"), csv(&whole).lines().filter(|l| !(l.starts_with("k=40,2,"))).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    std::fs::write(resumed.join("results.csv"), csv(&whole).lines().filter(|l| !(l.starts_with("k=40,2,"))).map(|l| format!("{l}\n")).collect::<String>())
+        .unwrap();
     let e = experiment::run(&setup(&resumed, Method::Memit, &[100.0, 40.0]), &Schedule::every(2, 1)).unwrap_err().to_string();
     assert!(e.contains("k=40.safetensors") && e.contains("after 2 edits"), "{e}");
 }

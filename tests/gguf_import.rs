@@ -19,9 +19,7 @@ const TOKENS: [&str; 5] = ["<|endoftext|>", "a", "b", "ab", "Ġ"];
 
 /// A deterministic `rows x cols` matrix (row-major) whose entries are all distinct.
 fn matrix(seed: usize, rows: usize, cols: usize) -> Vec<f32> {
-    (0..rows * cols)
-        .map(|i| (seed * 1000 + i) as f32 / 64.0)
-        .collect()
+    (0..rows * cols).map(|i| (seed * 1000 + i) as f32 / 64.0).collect()
 }
 
 /// llama.cpp's rotary permutation of q/k rows: each head's rows
@@ -72,8 +70,7 @@ fn tiny_weights() -> Vec<(String, Vec<usize>, Vec<f32>)> {
 /// and pre-tokenizer names.
 fn write_tiny_gguf(path: &Path, arch: &str, pre: &str) {
     use gguf_file::Value as V;
-    let strings =
-        |items: &[&str]| V::Array(items.iter().map(|s| V::String(s.to_string())).collect());
+    let strings = |items: &[&str]| V::Array(items.iter().map(|s| V::String(s.to_string())).collect());
     let metadata: Vec<(&str, V)> = vec![
         ("general.architecture", V::String(arch.into())),
         ("llama.block_count", V::U32(1)),
@@ -88,10 +85,7 @@ fn write_tiny_gguf(path: &Path, arch: &str, pre: &str) {
         ("tokenizer.ggml.model", V::String("gpt2".into())),
         ("tokenizer.ggml.pre", V::String(pre.into())),
         ("tokenizer.ggml.tokens", strings(&TOKENS)),
-        (
-            "tokenizer.ggml.token_type",
-            V::Array([3, 1, 1, 1, 1].map(V::I32).to_vec()),
-        ),
+        ("tokenizer.ggml.token_type", V::Array([3, 1, 1, 1, 1].map(V::I32).to_vec())),
         ("tokenizer.ggml.merges", strings(&["a b"])),
         ("tokenizer.ggml.bos_token_id", V::U32(0)),
         ("tokenizer.ggml.eos_token_id", V::U32(0)),
@@ -126,10 +120,7 @@ fn setup(arch: &str, pre: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
 
 /// Names in `dir`, sorted.
 fn listing(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let mut names: Vec<String> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     names
 }
@@ -138,14 +129,8 @@ fn listing(dir: &Path) -> Vec<String> {
 fn assert_rejected(gguf: &Path, out: &Path, problem: &str) -> Error {
     let err = import(gguf, out, OutDtype::F32).expect_err("import should fail");
     let msg = err.to_string();
-    assert!(
-        msg.contains(&gguf.display().to_string()),
-        "message does not name the file: {msg}"
-    );
-    assert!(
-        msg.contains(problem),
-        "message does not say `{problem}`: {msg}"
-    );
+    assert!(msg.contains(&gguf.display().to_string()), "message does not name the file: {msg}");
+    assert!(msg.contains(problem), "message does not say `{problem}`: {msg}");
     assert!(!out.exists(), "output {} left behind", out.display());
     let parent = out.parent().unwrap();
     if parent.exists() {
@@ -160,16 +145,7 @@ fn imports_tiny_llama_with_hf_names_and_unpermuted_qk() {
     let summary = import(&gguf, &out, OutDtype::F32).unwrap();
     assert_eq!(summary.tensors, 11);
     assert!(summary.tie_word_embeddings);
-    assert_eq!(
-        listing(&out),
-        [
-            "config.json",
-            "generation_config.json",
-            "model.safetensors",
-            "tokenizer.json",
-            "tokenizer_config.json"
-        ]
-    );
+    assert_eq!(listing(&out), ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]);
 
     let bytes = fs::read(out.join("model.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
@@ -178,9 +154,7 @@ fn imports_tiny_llama_with_hf_names_and_unpermuted_qk() {
             "token_embd.weight" => "model.embed_tokens.weight".into(),
             "output_norm.weight" => "model.norm.weight".into(),
             other => {
-                let part = other
-                    .trim_start_matches("blk.0.")
-                    .trim_end_matches(".weight");
+                let part = other.trim_start_matches("blk.0.").trim_end_matches(".weight");
                 let hf_part = match part {
                     "attn_q" => "self_attn.q_proj",
                     "attn_k" => "self_attn.k_proj",
@@ -197,20 +171,13 @@ fn imports_tiny_llama_with_hf_names_and_unpermuted_qk() {
         }
     };
     for (name, shape, values) in tiny_weights() {
-        let t = st
-            .tensor(&hf(&name))
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let t = st.tensor(&hf(&name)).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(t.shape(), shape.as_slice(), "{name}");
-        let got: Vec<f32> = t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
+        let got: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
         assert_eq!(got, values, "{name} differs from the Hugging Face original");
     }
 
-    let config: serde_json::Value =
-        serde_json::from_slice(&fs::read(out.join("config.json")).unwrap()).unwrap();
+    let config: serde_json::Value = serde_json::from_slice(&fs::read(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["model_type"], "llama");
     assert_eq!(config["num_key_value_heads"], KV_HEADS);
     assert_eq!(config["rms_norm_eps"], 1e-5);
@@ -231,11 +198,7 @@ fn import_is_deterministic_and_bf16_halves_the_weights() {
     let again = dir.path().join("again");
     import(&gguf, &again, OutDtype::F32).unwrap();
     for name in listing(&out) {
-        assert_eq!(
-            fs::read(out.join(&name)).unwrap(),
-            fs::read(again.join(&name)).unwrap(),
-            "{name}"
-        );
+        assert_eq!(fs::read(out.join(&name)).unwrap(), fs::read(again.join(&name)).unwrap(), "{name}");
     }
     let bf16 = dir.path().join("bf16");
     import(&gguf, &bf16, OutDtype::Bf16).unwrap();
@@ -252,10 +215,7 @@ fn truncated_tensor_data_is_rejected() {
     let (_dir, gguf, out) = setup("llama", "smollm");
     let bytes = fs::read(&gguf).unwrap();
     fs::write(&gguf, &bytes[..bytes.len() - 100]).unwrap();
-    assert!(matches!(
-        assert_rejected(&gguf, &out, "truncated"),
-        Error::Corrupt { .. }
-    ));
+    assert!(matches!(assert_rejected(&gguf, &out, "truncated"), Error::Corrupt { .. }));
 }
 
 #[test]
@@ -263,10 +223,7 @@ fn truncated_header_is_rejected() {
     let (_dir, gguf, out) = setup("llama", "smollm");
     let bytes = fs::read(&gguf).unwrap();
     fs::write(&gguf, &bytes[..200]).unwrap();
-    assert!(matches!(
-        assert_rejected(&gguf, &out, "truncated"),
-        Error::Corrupt { .. }
-    ));
+    assert!(matches!(assert_rejected(&gguf, &out, "truncated"), Error::Corrupt { .. }));
 }
 
 #[test]
@@ -289,11 +246,7 @@ fn unsupported_architecture_is_rejected() {
 #[test]
 fn unsupported_pre_tokenizer_is_rejected_listing_supported_ones() {
     let (_dir, gguf, out) = setup("llama", "qwen2");
-    let err = assert_rejected(
-        &gguf,
-        &out,
-        "unsupported pre-tokenizer `qwen2` (supported: default, gpt2, smollm)",
-    );
+    let err = assert_rejected(&gguf, &out, "unsupported pre-tokenizer `qwen2` (supported: default, gpt2, smollm)");
     assert!(matches!(err, Error::UnsupportedPreTokenizer { .. }));
 }
 
@@ -302,10 +255,7 @@ fn missing_gguf_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let gguf = dir.path().join("absent.gguf");
     let out = dir.path().join("out").join("model");
-    assert!(matches!(
-        assert_rejected(&gguf, &out, "cannot open"),
-        Error::Open { .. }
-    ));
+    assert!(matches!(assert_rejected(&gguf, &out, "cannot open"), Error::Open { .. }));
 }
 
 #[test]
@@ -316,10 +266,7 @@ fn existing_non_empty_output_is_refused_and_kept() {
     let err = import(&gguf, &out, OutDtype::F32).expect_err("must refuse");
     let msg = err.to_string();
     assert!(matches!(err, Error::OutputExists { .. }));
-    assert!(
-        msg.contains(&out.display().to_string()) && msg.contains("not empty"),
-        "{msg}"
-    );
+    assert!(msg.contains(&out.display().to_string()) && msg.contains("not empty"), "{msg}");
     assert_eq!(listing(&out), ["keep.txt"]);
     assert_eq!(listing(out.parent().unwrap()), ["model"]);
 }

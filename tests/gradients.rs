@@ -10,10 +10,7 @@ use std::path::Path;
 /// optimisation uses, as a function of `delta`.
 fn loss(model: &Model, delta: &Tensor, site: Site, layer: usize) -> candle_core::Result<Tensor> {
     let batch = Batch::right_padded(&[vec![5, 17, 42, 99, 7, 3], vec![11, 12, 13, 200]]);
-    let hooks = Hooks {
-        additions: vec![Addition { layer, site, at: vec![(0, 3), (1, 3)], delta: delta.clone() }],
-        ..Hooks::default()
-    };
+    let hooks = Hooks { additions: vec![Addition { layer, site, at: vec![(0, 3), (1, 3)], delta: delta.clone() }], ..Hooks::default() };
     let trace = model.forward(&batch, &hooks, None).map_err(candle_core::Error::wrap)?;
     let logits = model.logits(&trace.hidden).map_err(candle_core::Error::wrap)?;
     let lp = ops::log_softmax(&logits)?;

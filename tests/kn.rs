@@ -72,10 +72,8 @@ fn gpt2_attributions_match_finite_differences() {
 #[test]
 fn neurons_are_picked_by_threshold_and_shared_by_enough_prompts() {
     // [layer][prompt][neuron]; prompt maxima 10, 4, -1 (the last picks nothing).
-    let scores = vec![
-        vec![vec![10.0, 1.0, 2.5], vec![4.0, 0.9, 0.0], vec![-1.0, -2.0, -3.0]],
-        vec![vec![0.0, 3.0, 2.0], vec![0.5, 1.0, 0.7], vec![-1.0, -1.0, -1.0]],
-    ];
+    let scores =
+        vec![vec![vec![10.0, 1.0, 2.5], vec![4.0, 0.9, 0.0], vec![-1.0, -2.0, -3.0]], vec![vec![0.0, 3.0, 2.0], vec![0.5, 1.0, 0.7], vec![-1.0, -1.0, -1.0]]];
     // Threshold 0.2: prompt 0 picks (0,0), (0,2), (1,1); prompt 1 picks (0,0), (0,1), (1,1).
     assert_eq!(kn::select(&scores, 0.2, 0.5), vec![(0, 0), (1, 1)]);
     assert_eq!(kn::select(&scores, 0.2, 0.3), vec![(0, 0), (0, 1), (0, 2), (1, 1)]);

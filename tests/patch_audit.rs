@@ -12,7 +12,13 @@ const UP0: &str = "model.layers.0.mlp.up_proj.weight";
 fn report_with_and_without_model() {
     let (t, base, ckpt) = tiny_model();
     let mut m = manifest("rome");
-    m.edits.push(Edit { subject: "France".into(), relation: "capital".into(), prompt: "The capital of France is".into(), target_old: "Paris".into(), target_new: "Lyon".into() });
+    m.edits.push(Edit {
+        subject: "France".into(),
+        relation: "capital".into(),
+        prompt: "The capital of France is".into(),
+        target_old: "Paris".into(),
+        target_new: "Lyon".into(),
+    });
     m.rect_k = Some(10.0);
     let p = write_patch(
         &t.path().join("p"),

@@ -120,8 +120,10 @@ fn apply_of_merge_equals_applying_the_stack() {
 fn merging_low_rank_stacks_concatenates_exactly() {
     let (t, base, ckpt) = tiny_model();
     let p1 = write_patch(&t.path().join("a"), &ckpt, &[], manifest("rome"), vec![(DOWN0, Delta::LowRank(vec![factors(16, 24, 3, 21, 0.05)]))]);
-    let p2 = write_patch(&t.path().join("b"), &ckpt, std::slice::from_ref(&p1), manifest("rome"), vec![(DOWN0, Delta::LowRank(vec![factors(16, 24, 2, 22, 0.05)]))]);
-    let p3 = write_patch(&t.path().join("c"), &ckpt, &[p1.clone(), p2.clone()], manifest("rome"), vec![(DOWN0, Delta::LowRank(vec![factors(16, 24, 1, 23, 0.05)]))]);
+    let p2 =
+        write_patch(&t.path().join("b"), &ckpt, std::slice::from_ref(&p1), manifest("rome"), vec![(DOWN0, Delta::LowRank(vec![factors(16, 24, 2, 22, 0.05)]))]);
+    let p3 =
+        write_patch(&t.path().join("c"), &ckpt, &[p1.clone(), p2.clone()], manifest("rome"), vec![(DOWN0, Delta::LowRank(vec![factors(16, 24, 1, 23, 0.05)]))]);
     let m12 = t.path().join("m12");
     apply::merge(&[p1.clone(), p2.clone()], &m12, None, false).unwrap();
     let m123 = t.path().join("m123");

@@ -34,8 +34,7 @@ fn tiny_model(dir: &Path) -> PathBuf {
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(fixtures().join("tiny-llama").join(f), model.join(f)).unwrap();
     }
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        byte_chars().into_iter().enumerate().map(|(i, c)| (c.to_string(), i.into())).collect();
+    let vocab: serde_json::Map<String, serde_json::Value> = byte_chars().into_iter().enumerate().map(|(i, c)| (c.to_string(), i.into())).collect();
     let tok = serde_json::json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
@@ -286,8 +285,15 @@ fn smollm2_layer5_keys_match_transformers() {
     let model = Model::load(&dir).unwrap();
     let mut checked = 0;
     for p in ["p0", "p2"] {
-        let ids: Vec<u32> = st.tensor(&format!("{p}.input_ids")).unwrap().data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect();
-        let want: Vec<f32> = st.tensor(&format!("{p}.layers.5.mlp.down_proj.input")).unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        let ids: Vec<u32> =
+            st.tensor(&format!("{p}.input_ids")).unwrap().data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect();
+        let want: Vec<f32> = st
+            .tensor(&format!("{p}.layers.5.mlp.down_proj.input"))
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
         let hooks = Hooks { keys: vec![5], stop_after: Some(5), ..Hooks::default() };
         let got = model.forward(&Batch::right_padded(&[ids]), &hooks, None).unwrap().keys[&5].flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(got.len(), want.len());

@@ -33,11 +33,7 @@ fn root() -> PathBuf {
 
 fn smollm2_tokenizer() -> Tokenizer {
     let path = root().join("fixtures/models/SmolLM2-135M-Instruct/tokenizer.json");
-    assert!(
-        path.is_file(),
-        "{} is missing: run fixtures/get-model.sh first",
-        path.display()
-    );
+    assert!(path.is_file(), "{} is missing: run fixtures/get-model.sh first", path.display());
     Tokenizer::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -55,12 +51,7 @@ fn ids_and_byte_offsets_match_the_reference() {
     for case in &cases {
         let enc = tok.encode(case.text.as_str(), false).unwrap();
         assert_eq!(enc.get_ids(), case.ids.as_slice(), "ids of {:?}", case.text);
-        assert_eq!(
-            enc.get_offsets(),
-            case.byte_offsets.as_slice(),
-            "byte offsets of {:?}",
-            case.text
-        );
+        assert_eq!(enc.get_offsets(), case.byte_offsets.as_slice(), "byte offsets of {:?}", case.text);
     }
 }
 
@@ -69,12 +60,7 @@ fn char_offsets_match_the_reference() {
     let tok = smollm2_tokenizer();
     for case in &fixture().cases {
         let enc = tok.encode_char_offsets(case.text.as_str(), false).unwrap();
-        assert_eq!(
-            enc.get_offsets(),
-            case.char_offsets.as_slice(),
-            "char offsets of {:?}",
-            case.text
-        );
+        assert_eq!(enc.get_offsets(), case.char_offsets.as_slice(), "char offsets of {:?}", case.text);
     }
 }
 

@@ -30,7 +30,14 @@ pub struct Provenance<'a> {
 /// a checkpoint, or one with the parent patches overlaid). One entry per touched tensor: a single
 /// update keeps its factors (with RECT's k when it masks); several updates of one tensor are
 /// stored as their exact explicit sum.
-pub fn encode_patch(base: &dyn Tensors, family: &Family, requests: &[Request], updates: &[LayerUpdate], hp: &Hparams, prov: &Provenance) -> Result<Encoded, crate::patch::Error> {
+pub fn encode_patch(
+    base: &dyn Tensors,
+    family: &Family,
+    requests: &[Request],
+    updates: &[LayerUpdate],
+    hp: &Hparams,
+    prov: &Provenance,
+) -> Result<Encoded, crate::patch::Error> {
     let mut by_layer: BTreeMap<usize, Vec<&LayerUpdate>> = BTreeMap::new();
     for u in updates {
         by_layer.entry(u.layer).or_default().push(u);
@@ -64,11 +71,7 @@ pub fn encode_patch(base: &dyn Tensors, family: &Family, requests: &[Request], u
         ModelInfo { name: prov.model_name.clone(), family: family.name.to_string() },
         PatchMethod {
             name: format!("{:?}", hp.method).to_lowercase(),
-            hyperparameters: serde_json::to_value(hp)
-                .ok()
-                .and_then(|v| v.as_object().cloned())
-                .map(|m| m.into_iter().collect())
-                .unwrap_or_default(),
+            hyperparameters: serde_json::to_value(hp).ok().and_then(|v| v.as_object().cloned()).map(|m| m.into_iter().collect()).unwrap_or_default(),
         },
     );
     manifest.parent = prov.parent.clone();

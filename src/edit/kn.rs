@@ -48,7 +48,8 @@ pub fn attributions(model: &Model, prompts: &[Vec<u32>], answer: u32, layers: &[
             0 => None,
             _ => Some((l, base.residuals[&(l - 1)].index_select(&owner_idx, 0)?)),
         };
-        let hooks = Hooks { resume, additions: vec![Addition { layer: l, site: Site::Key, at: at.clone(), delta: shift.as_tensor().clone() }], ..Hooks::default() };
+        let hooks =
+            Hooks { resume, additions: vec![Addition { layer: l, site: Site::Key, at: at.clone(), delta: shift.as_tensor().clone() }], ..Hooks::default() };
         let hidden = model.forward(&rows, &hooks, Some(&mut cache.select(&owner)?))?.hidden.squeeze(1)?;
         let prob = ops::log_softmax(&model.logits(&hidden)?)?.gather(&answer_ids, 1)?.exp()?.sum_all()?;
         let grads = prob.backward()?;
@@ -93,7 +94,10 @@ pub fn edit(model: &mut Model, tok: &Tokenizer, req: &Request, hp: &Hparams, tem
         .collect::<Result<_>>()?;
     let new = target_ids(tok, req)?;
     let old = match &req.target_true {
-        Some(t) => *tok.ids(&crate::edit::request::continuation(t))?.first().ok_or_else(|| Error::Request { origin: req.origin.clone(), problem: "the true target tokenizes to nothing".into() })?,
+        Some(t) => *tok
+            .ids(&crate::edit::request::continuation(t))?
+            .first()
+            .ok_or_else(|| Error::Request { origin: req.origin.clone(), problem: "the true target tokenizes to nothing".into() })?,
         None => predicted(model, &prompts[0])?,
     };
     let scores = attributions(model, &prompts, old, &hp.layers, kn.steps)?;

@@ -84,8 +84,7 @@ pub fn context_templates(model: &Model, tok: &Tokenizer, groups: &[(usize, usize
     const OPENERS: [&str; 5] = ["The", "Therefore", "Because", "I", "You"];
     let mut out = vec![vec!["{}".to_string()]];
     for (g, &(n, len)) in groups.iter().enumerate() {
-        let prompts: Vec<Vec<u32>> =
-            (0..n).map(|i| tok.ids(OPENERS[i % OPENERS.len()])).collect::<std::result::Result<_, _>>()?;
+        let prompts: Vec<Vec<u32>> = (0..n).map(|i| tok.ids(OPENERS[i % OPENERS.len()])).collect::<std::result::Result<_, _>>()?;
         let sampling = Sampling::TopK { k: 5, temperature: 1.0, seed: seed.wrapping_add(g as u64) };
         let gens = model::generate(model, &prompts, len, sampling, &[])?;
         let mut group = Vec::new();
@@ -226,10 +225,7 @@ fn memit(
             targets.push(Array1::from(t.init) + Array1::from(t.delta));
         }
     }
-    let raw: Vec<Prompt> = requests
-        .iter()
-        .map(|r| target::prompt(tok, &r.prompt, &r.subject, None, r))
-        .collect::<Result<_>>()?;
+    let raw: Vec<Prompt> = requests.iter().map(|r| target::prompt(tok, &r.prompt, &r.subject, None, r)).collect::<Result<_>>()?;
     let mut layers = hp.layers.clone();
     layers.sort_unstable();
     let mut updates = Vec::new();

@@ -199,8 +199,8 @@ pub fn check(requests: Vec<Request>) -> Result<Vec<Request>> {
 fn json_records(text: &str, path: &Path) -> Result<Vec<(Option<usize>, usize, serde_json::Value)>> {
     let trimmed = text.trim_start();
     if trimmed.starts_with('[') {
-        let values: Vec<serde_json::Value> = serde_json::from_str(text)
-            .map_err(|e| Error::Json { path: path.into(), line: e.line(), reason: e.to_string() })?;
+        let values: Vec<serde_json::Value> =
+            serde_json::from_str(text).map_err(|e| Error::Json { path: path.into(), line: e.line(), reason: e.to_string() })?;
         return Ok(values.into_iter().enumerate().map(|(i, v)| (None, i, v)).collect());
     }
     let mut out = Vec::new();

@@ -23,10 +23,8 @@ pub fn prompt(tok: &Tokenizer, template: &str, subject: &str, target: Option<&[u
     let start = template.find("{}").expect("validated: one {}");
     let text = template.replacen("{}", subject, 1);
     let enc = tok.encode(&text)?;
-    let lookup = tokenize::last_token_in(&enc.offsets, (start, start + subject.len())).ok_or_else(|| Error::Request {
-        origin: req.origin.clone(),
-        problem: format!("subject `{subject}` cannot be located among the tokens of `{text}`"),
-    })?;
+    let lookup = tokenize::last_token_in(&enc.offsets, (start, start + subject.len()))
+        .ok_or_else(|| Error::Request { origin: req.origin.clone(), problem: format!("subject `{subject}` cannot be located among the tokens of `{text}`") })?;
     let mut ids = enc.ids;
     let mut targets = Vec::new();
     if let Some(t) = target {
@@ -222,8 +220,7 @@ pub fn target_logprob(model: &Model, prompts: &[Vec<u32>], target: &[u32]) -> Re
     let seqs: Vec<Vec<u32>> = prompts.iter().map(|p| p.iter().chain(&target[..target.len() - 1]).copied().collect()).collect();
     let batch = Batch::right_padded(&seqs);
     let hidden = model.forward(&batch, &Hooks::default(), None)?.hidden;
-    let rows_at: Vec<(usize, usize)> =
-        prompts.iter().enumerate().flat_map(|(i, p)| (0..target.len()).map(move |j| (i, p.len() - 1 + j))).collect();
+    let rows_at: Vec<(usize, usize)> = prompts.iter().enumerate().flat_map(|(i, p)| (0..target.len()).map(move |j| (i, p.len() - 1 + j))).collect();
     let lp = ops::log_softmax(&model.logits(&rows(&hidden, &rows_at)?)?)?;
     let ids = Tensor::from_vec(target.iter().cycle().take(rows_at.len()).copied().collect::<Vec<_>>(), (rows_at.len(), 1), model.device())?;
     let picked: Vec<f32> = lp.gather(&ids, 1)?.squeeze(1)?.to_vec1()?;

@@ -54,12 +54,11 @@ impl Task {
 
     /// The task called `name`.
     pub fn from_name(name: &str) -> Result<Self> {
-        Task::ALL.into_iter().find(|t| t.name() == name).ok_or_else(|| Error::UnknownTask {
-            name: name.to_string(),
-            known: Task::ALL.map(Task::name).join(", "),
-        })
+        Task::ALL
+            .into_iter()
+            .find(|t| t.name() == name)
+            .ok_or_else(|| Error::UnknownTask { name: name.to_string(), known: Task::ALL.map(Task::name).join(", ") })
     }
-
 }
 
 /// A task as the command line names it: `TASK=FILE`, or `TASK:N=FILE` to evaluate `N` items

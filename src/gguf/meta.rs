@@ -28,11 +28,7 @@ impl<'a> Meta<'a> {
 
     /// A metadata error about `key`.
     pub(super) fn error(&self, key: &str, problem: impl Into<String>) -> Error {
-        Error::Metadata {
-            path: self.path.to_path_buf(),
-            key: key.to_string(),
-            problem: problem.into(),
-        }
+        Error::Metadata { path: self.path.to_path_buf(), key: key.to_string(), problem: problem.into() }
     }
 
     /// The value of `key`, which must be present.
@@ -53,12 +49,7 @@ impl<'a> Meta<'a> {
             Value::I64(v) => u64::try_from(v).ok(),
             _ => None,
         };
-        n.and_then(|n| usize::try_from(n).ok()).ok_or_else(|| {
-            self.error(
-                key,
-                format!("expected a non-negative integer, found {value:?}"),
-            )
-        })
+        n.and_then(|n| usize::try_from(n).ok()).ok_or_else(|| self.error(key, format!("expected a non-negative integer, found {value:?}")))
     }
 
     /// A required non-negative integer.
@@ -75,9 +66,7 @@ impl<'a> Meta<'a> {
     /// `1e-5` stored as `f32` becomes `1e-5` rather than `9.999999747378752e-6`.
     fn to_f64(&self, key: &str, value: &Value) -> Result<f64, Error> {
         match *value {
-            Value::F32(v) => format!("{v}")
-                .parse()
-                .map_err(|_| self.error(key, format!("unreadable float {v}"))),
+            Value::F32(v) => format!("{v}").parse().map_err(|_| self.error(key, format!("unreadable float {v}"))),
             Value::F64(v) => Ok(v),
             _ => Err(self.error(key, format!("expected a float, found {value:?}"))),
         }
@@ -115,9 +104,7 @@ impl<'a> Meta<'a> {
         match self.map.get(key) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(other) => {
-                Err(self.error(key, format!("expected a boolean, found {}", kind(other))))
-            }
+            Some(other) => Err(self.error(key, format!("expected a boolean, found {}", kind(other)))),
         }
     }
 
@@ -136,19 +123,14 @@ impl<'a> Meta<'a> {
             .enumerate()
             .map(|(i, v)| match v {
                 Value::String(s) => Ok(s.as_str()),
-                other => {
-                    Err(self.error(key, format!("element {i} is {}, not a string", kind(other))))
-                }
+                other => Err(self.error(key, format!("element {i} is {}, not a string", kind(other)))),
             })
             .collect()
     }
 
     /// A required array of integers.
     pub(super) fn int_array(&self, key: &str) -> Result<Vec<usize>, Error> {
-        self.array(key)?
-            .iter()
-            .map(|v| self.to_usize(key, v))
-            .collect()
+        self.array(key)?.iter().map(|v| self.to_usize(key, v)).collect()
     }
 }
 

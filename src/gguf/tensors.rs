@@ -86,24 +86,14 @@ impl Weights {
 
     /// Total number of elements.
     pub(super) fn parameters(&self) -> u64 {
-        self.blobs
-            .values()
-            .map(|b| b.shape.iter().product::<usize>() as u64)
-            .sum()
+        self.blobs.values().map(|b| b.shape.iter().product::<usize>() as u64).sum()
     }
 
     /// Write all tensors as one safetensors file.
     pub(super) fn write(&self, path: &Path) -> Result<(), Error> {
         let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        safetensors::serialize_to_file(
-            self.blobs.iter().map(|(k, v)| (k.as_str(), v)),
-            Some(metadata),
-            path,
-        )
-        .map_err(|e| Error::Write {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })
+        safetensors::serialize_to_file(self.blobs.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata), path)
+            .map_err(|e| Error::Write { path: path.to_path_buf(), reason: e.to_string() })
     }
 }
 
@@ -116,21 +106,9 @@ fn expected(hp: &Hparams) -> BTreeMap<String, (String, Vec<usize>)> {
     let mut add = |gguf: String, hf: String, shape: Vec<usize>| {
         map.insert(gguf, (hf, shape));
     };
-    add(
-        "token_embd.weight".into(),
-        "model.embed_tokens.weight".into(),
-        vec![hp.vocab_size, h],
-    );
-    add(
-        "output_norm.weight".into(),
-        "model.norm.weight".into(),
-        vec![h],
-    );
-    add(
-        "output.weight".into(),
-        "lm_head.weight".into(),
-        vec![hp.vocab_size, h],
-    );
+    add("token_embd.weight".into(), "model.embed_tokens.weight".into(), vec![hp.vocab_size, h]);
+    add("output_norm.weight".into(), "model.norm.weight".into(), vec![h]);
+    add("output.weight".into(), "lm_head.weight".into(), vec![hp.vocab_size, h]);
     for layer in 0..hp.layers {
         for (gguf, hf) in LAYER_NAMES {
             let shape = match gguf {
@@ -141,39 +119,22 @@ fn expected(hp: &Hparams) -> BTreeMap<String, (String, Vec<usize>)> {
                 "ffn_gate" | "ffn_up" => vec![inter, h],
                 _ => vec![h, inter], // ffn_down
             };
-            add(
-                format!("blk.{layer}.{gguf}.weight"),
-                format!("model.layers.{layer}.{hf}.weight"),
-                shape,
-            );
+            add(format!("blk.{layer}.{gguf}.weight"), format!("model.layers.{layer}.{hf}.weight"), shape);
         }
     }
     map
 }
 
 /// Read, dequantize, un-permute and convert every tensor of the GGUF.
-pub(super) fn convert<R: Read + Seek>(
-    path: &Path,
-    content: &Content,
-    reader: &mut R,
-    hp: &Hparams,
-    dtype: OutDtype,
-) -> Result<Weights, Error> {
-    let tensor_err = |name: &str, problem: String| Error::Tensor {
-        path: path.to_path_buf(),
-        name: name.to_string(),
-        problem,
-    };
+pub(super) fn convert<R: Read + Seek>(path: &Path, content: &Content, reader: &mut R, hp: &Hparams, dtype: OutDtype) -> Result<Weights, Error> {
+    let tensor_err = |name: &str, problem: String| Error::Tensor { path: path.to_path_buf(), name: name.to_string(), problem };
     let expected = expected(hp);
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     if let Some(extra) = names.iter().find(|n| !expected.contains_key(n.as_str())) {
         return Err(tensor_err(extra, "not part of a llama model".into()));
     }
-    if let Some(missing) = expected
-        .keys()
-        .find(|k| k.as_str() != "output.weight" && !content.tensor_infos.contains_key(k.as_str()))
-    {
+    if let Some(missing) = expected.keys().find(|k| k.as_str() != "output.weight" && !content.tensor_infos.contains_key(k.as_str())) {
         return Err(tensor_err(missing, "missing".into()));
     }
     let mut blobs = BTreeMap::new();
@@ -181,15 +142,9 @@ pub(super) fn convert<R: Read + Seek>(
         let (hf, shape) = &expected[name.as_str()];
         let info = &content.tensor_infos[name.as_str()];
         if info.shape.dims() != shape.as_slice() {
-            return Err(tensor_err(
-                name,
-                format!("shape {:?}, expected {:?}", info.shape.dims(), shape),
-            ));
+            return Err(tensor_err(name, format!("shape {:?}, expected {:?}", info.shape.dims(), shape)));
         }
-        let corrupt = |e: candle_core::Error| Error::Corrupt {
-            path: path.to_path_buf(),
-            reason: format!("tensor `{name}`: {e}"),
-        };
+        let corrupt = |e: candle_core::Error| Error::Corrupt { path: path.to_path_buf(), reason: format!("tensor `{name}`: {e}") };
         let values = info
             .read(reader, content.tensor_data_offset, &Device::Cpu)
             .and_then(|q| q.dequantize(&Device::Cpu))
@@ -248,10 +203,7 @@ fn unpermute_rotary(values: &[f32], heads: usize, cols: usize) -> Vec<f32> {
 fn encode(values: &[f32], dtype: OutDtype) -> Vec<u8> {
     match dtype {
         OutDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        OutDtype::Bf16 => values
-            .iter()
-            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
-            .collect(),
+        OutDtype::Bf16 => values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
     }
 }
 

@@ -42,10 +42,7 @@ pub(super) struct Tokenizer {
 pub(super) fn build(meta: &Meta) -> Result<Tokenizer, Error> {
     let model = meta.string("tokenizer.ggml.model")?;
     if model != "gpt2" {
-        return Err(Error::UnsupportedTokenizer {
-            path: meta.path().to_path_buf(),
-            model: model.to_string(),
-        });
+        return Err(Error::UnsupportedTokenizer { path: meta.path().to_path_buf(), model: model.to_string() });
     }
     let byte_level = json!({
         "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true,
@@ -57,47 +54,26 @@ pub(super) fn build(meta: &Meta) -> Result<Tokenizer, Error> {
             "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level],
         }),
         "gpt2" | "default" => byte_level,
-        other => {
-            return Err(Error::UnsupportedPreTokenizer {
-                path: meta.path().to_path_buf(),
-                pre: other.to_string(),
-            })
-        }
+        other => return Err(Error::UnsupportedPreTokenizer { path: meta.path().to_path_buf(), pre: other.to_string() }),
     };
     if meta.opt_bool("tokenizer.ggml.add_bos_token")? == Some(true) {
-        return Err(meta.error(
-            "tokenizer.ggml.add_bos_token",
-            "adding BOS automatically is not supported",
-        ));
+        return Err(meta.error("tokenizer.ggml.add_bos_token", "adding BOS automatically is not supported"));
     }
 
     let tokens = meta.string_array("tokenizer.ggml.tokens")?;
     let types = meta.int_array("tokenizer.ggml.token_type")?;
     if types.len() != tokens.len() {
-        return Err(meta.error(
-            "tokenizer.ggml.token_type",
-            format!("{} entries for {} tokens", types.len(), tokens.len()),
-        ));
+        return Err(meta.error("tokenizer.ggml.token_type", format!("{} entries for {} tokens", types.len(), tokens.len())));
     }
     let merges = meta.string_array("tokenizer.ggml.merges")?;
-    if let Some((i, bad)) = merges
-        .iter()
-        .enumerate()
-        .find(|(_, m)| m.split(' ').count() != 2)
-    {
-        return Err(meta.error(
-            "tokenizer.ggml.merges",
-            format!("merge {i} `{bad}` is not two symbols"),
-        ));
+    if let Some((i, bad)) = merges.iter().enumerate().find(|(_, m)| m.split(' ').count() != 2) {
+        return Err(meta.error("tokenizer.ggml.merges", format!("merge {i} `{bad}` is not two symbols")));
     }
 
     let mut vocab = BTreeMap::new();
     for (id, token) in tokens.iter().enumerate() {
         if let Some(first) = vocab.insert(*token, id) {
-            return Err(meta.error(
-                "tokenizer.ggml.tokens",
-                format!("token `{token}` appears twice (ids {first} and {id})"),
-            ));
+            return Err(meta.error("tokenizer.ggml.tokens", format!("token `{token}` appears twice (ids {first} and {id})")));
         }
     }
     let added_tokens: Vec<Value> = tokens
@@ -143,10 +119,7 @@ pub(super) fn build(meta: &Meta) -> Result<Tokenizer, Error> {
     let token_at = |key: &str| -> Result<Option<&str>, Error> {
         match meta.opt_usize(key)? {
             None => Ok(None),
-            Some(id) => tokens
-                .get(id)
-                .map(|t| Some(*t))
-                .ok_or_else(|| meta.error(key, format!("id {id} is outside the vocabulary"))),
+            Some(id) => tokens.get(id).map(|t| Some(*t)).ok_or_else(|| meta.error(key, format!("id {id} is outside the vocabulary"))),
         }
     };
     let mut config = json!({
@@ -163,9 +136,5 @@ pub(super) fn build(meta: &Meta) -> Result<Tokenizer, Error> {
     if let Some(template) = meta.opt_string("tokenizer.chat_template")? {
         config["chat_template"] = json!(template);
     }
-    Ok(Tokenizer {
-        tokenizer,
-        config,
-        vocab_size: tokens.len(),
-    })
+    Ok(Tokenizer { tokenizer, config, vocab_size: tokens.len() })
 }

@@ -35,10 +35,7 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tenso
             let bias = &bias[(seq * t + i0) * s..(seq * t + i0 + rows) * s];
             // Keys any query of the tile can see.
             let visible = |r: &[f32]| r.iter().position(|x| x.is_finite()).map(|a| (a, s - r.iter().rev().position(|x| x.is_finite()).unwrap_or(0)));
-            let (from, to) = bias
-                .chunks(s)
-                .filter_map(visible)
-                .fold((s, 0), |(a, z), (x, y)| (a.min(x), z.max(y)));
+            let (from, to) = bias.chunks(s).filter_map(visible).fold((s, 0), |(a, z), (x, y)| (a.min(x), z.max(y)));
             let n = to.saturating_sub(from);
             if n == 0 {
                 return;
@@ -75,7 +72,16 @@ fn softmax_row(x: &mut [f32], bias: &[f32]) {
 /// `dst[m×n] = alpha · lhs[m×k] · rhs[k×n]`, single-threaded, with (row, column) strides in
 /// elements; every element addressed lies inside its slice (checked).
 #[allow(clippy::too_many_arguments)]
-fn matmul(dst: &mut [f32], dst_s: (usize, usize), lhs: &[f32], lhs_s: (usize, usize), rhs: &[f32], rhs_s: (usize, usize), (m, n, k): (usize, usize, usize), alpha: f32) {
+fn matmul(
+    dst: &mut [f32],
+    dst_s: (usize, usize),
+    lhs: &[f32],
+    lhs_s: (usize, usize),
+    rhs: &[f32],
+    rhs_s: (usize, usize),
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+) {
     let last = |(rs, cs): (usize, usize), r: usize, c: usize| (r - 1) * rs + (c - 1) * cs;
     assert!(m > 0 && n > 0 && k > 0);
     assert!(last(dst_s, m, n) < dst.len() && last(lhs_s, m, k) < lhs.len() && last(rhs_s, k, n) < rhs.len());

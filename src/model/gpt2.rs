@@ -55,21 +55,14 @@ fn weights(cfg: &Config, ckpt: &dyn Tensors, dev: &Device) -> Result<Weights> {
         Ok(Linear { weight: load_proj(ckpt, &name, out, inp, Orientation::InOut, dev)?, bias: Some(load(ckpt, &bias, &[out], dev)?) })
     };
     let norm = |p: String| -> Result<Norm> {
-        Ok(Norm::Layer {
-            weight: load(ckpt, &format!("{p}.weight"), &[d], dev)?,
-            bias: load(ckpt, &format!("{p}.bias"), &[d], dev)?,
-            eps: cfg.norm_eps,
-        })
+        Ok(Norm::Layer { weight: load(ckpt, &format!("{p}.weight"), &[d], dev)?, bias: load(ckpt, &format!("{p}.bias"), &[d], dev)?, eps: cfg.norm_eps })
     };
     let blocks = (0..cfg.num_layers)
         .map(|l| {
             let p = format!("transformer.h.{l}");
             let qkv = conv1d(format!("{p}.attn.c_attn.weight"), 3 * d, d)?;
             let part = |i: usize| -> Result<Linear> {
-                Ok(Linear {
-                    weight: qkv.weight.narrow(0, i * d, d)?.contiguous()?,
-                    bias: qkv.bias.as_ref().map(|b| b.narrow(0, i * d, d)).transpose()?,
-                })
+                Ok(Linear { weight: qkv.weight.narrow(0, i * d, d)?.contiguous()?, bias: qkv.bias.as_ref().map(|b| b.narrow(0, i * d, d)).transpose()? })
             };
             Ok(Block {
                 attn_norm: norm(format!("{p}.ln_1"))?,

@@ -562,11 +562,7 @@ impl Model {
         }
         let max = positions.iter().max().copied().unwrap_or(0) as usize;
         if max >= self.config.max_positions {
-            return Err(Error::Input(format!(
-                "sequence of {} tokens exceeds the model's {} positions",
-                max + 1,
-                self.config.max_positions
-            )));
+            return Err(Error::Input(format!("sequence of {} tokens exceeds the model's {} positions", max + 1, self.config.max_positions)));
         }
         // A query with no visible key (a pad row) would give NaN: let it see itself.
         for (qi, chunk) in bias.chunks_mut(p + t).enumerate() {
@@ -574,20 +570,10 @@ impl Model {
                 chunk[p + qi % t] = 0.0;
             }
         }
-        Ok((
-            Tensor::from_vec(positions, (b, t), &self.device)?,
-            Tensor::from_vec(bias, (b, 1, t, p + t), &self.device)?.to_dtype(self.dtype())?,
-        ))
+        Ok((Tensor::from_vec(positions, (b, t), &self.device)?, Tensor::from_vec(bias, (b, 1, t, p + t), &self.device)?.to_dtype(self.dtype())?))
     }
 
-    fn attention(
-        &self,
-        block: &Block,
-        x: &Tensor,
-        positions: &Tensor,
-        bias: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-    ) -> Result<Tensor> {
+    fn attention(&self, block: &Block, x: &Tensor, positions: &Tensor, bias: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
         let cfg = &self.config;
         let (b, t, _) = x.dims3()?;
         let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);

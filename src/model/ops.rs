@@ -72,9 +72,7 @@ impl CustomOp2 for FrozenMatmul {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (m, n, k) = self.dims(l1, l2)?;
-        if let (CpuStorage::F32(x), CpuStorage::F32(w), Some((x0, x1)), Some((w0, w1))) =
-            (s1, s2, l1.contiguous_offsets(), l2.contiguous_offsets())
-        {
+        if let (CpuStorage::F32(x), CpuStorage::F32(w), Some((x0, x1)), Some((w0, w1))) = (s1, s2, l1.contiguous_offsets(), l2.contiguous_offsets()) {
             let (x, w) = (&x[x0..x1], &w[w0..w1]);
             let mut y = vec![0f32; m * n];
             let (trans, ldw) = if self.transposed { (cblas_sys::CblasTrans, k) } else { (cblas_sys::CblasNoTrans, n) };
@@ -104,13 +102,7 @@ impl CustomOp2 for FrozenMatmul {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
         let (m, n, k) = self.dims(l1, l2)?;
         let out = s1.matmul(s2, (1, m, n, k), l1, &self.rhs(l2)?)?;
         Ok((out, Shape::from((m, n))))
@@ -162,9 +154,7 @@ impl Module for Norm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             // The fused kernel has no backward: only where no gradient can flow.
-            Norm::Rms { weight, eps } if !x.track_op() && x.dtype() == DType::F32 => {
-                candle_nn::ops::rms_norm(&x.contiguous()?, weight, *eps as f32)
-            }
+            Norm::Rms { weight, eps } if !x.track_op() && x.dtype() == DType::F32 => candle_nn::ops::rms_norm(&x.contiguous()?, weight, *eps as f32),
             Norm::Rms { weight, eps } => {
                 let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
                 x.broadcast_div(&(ms + *eps)?.sqrt()?)?.broadcast_mul(weight)
@@ -201,10 +191,7 @@ impl Rope {
                 }
             }
         }
-        Ok(Rope {
-            cos: Tensor::from_vec(cos, (max_positions, head_dim), device)?,
-            sin: Tensor::from_vec(sin, (max_positions, head_dim), device)?,
-        })
+        Ok(Rope { cos: Tensor::from_vec(cos, (max_positions, head_dim), device)?, sin: Tensor::from_vec(sin, (max_positions, head_dim), device)? })
     }
 
     /// Rotates `x [b, heads, t, head_dim]` by `positions [b, t]`.
@@ -251,7 +238,9 @@ impl Activation {
     fn scalar(self, x: f32) -> f32 {
         match self {
             Activation::Silu => x / (1.0 + (-x).exp()),
-            Activation::GeluTanh => 0.5 * x * (1.0 + (std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2 * x * (1.0 + 0.044715 * x * x)).tanh()),
+            Activation::GeluTanh => {
+                0.5 * x * (1.0 + (std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2 * x * (1.0 + 0.044715 * x * x)).tanh())
+            }
         }
     }
 }

@@ -52,7 +52,8 @@ pub struct Axes {
 /// one over log₁₀ of the values, its labels showing the values themselves.
 pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series], axes: Axes) -> Result<()> {
     let map = |log: bool, v: f64| if log { v.log10() } else { v };
-    let series: Vec<Series> = series.iter().map(|s| Series { points: s.points.iter().map(|&(x, y)| (map(axes.log_x, x), map(axes.log_y, y))).collect(), ..s.clone() }).collect();
+    let series: Vec<Series> =
+        series.iter().map(|s| Series { points: s.points.iter().map(|&(x, y)| (map(axes.log_x, x), map(axes.log_y, y))).collect(), ..s.clone() }).collect();
     let all = || series.iter().flat_map(|s| s.points.iter());
     let x_max = all().fold(if axes.log_x { 0.1f64 } else { 1.0 }, |x, p| x.max(p.0));
     let (y_min, y_max) = all().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
@@ -91,9 +92,17 @@ pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[S
                 chart.draw_series(LineSeries::new(points, c.stroke_width(2)).point_size(3))?
             };
             let dashed = s.dashed;
-            drawn.label(s.label.as_str()).legend(move |(x, y)| PathElement::new(if dashed { vec![(x, y), (x + 7, y)] } else { vec![(x, y), (x + 18, y)] }, c.stroke_width(2)));
+            drawn
+                .label(s.label.as_str())
+                .legend(move |(x, y)| PathElement::new(if dashed { vec![(x, y), (x + 7, y)] } else { vec![(x, y), (x + 18, y)] }, c.stroke_width(2)));
         }
-        chart.configure_series_labels().position(SeriesLabelPosition::LowerLeft).background_style(WHITE.mix(0.85)).border_style(BLACK).label_font(("sans-serif", 14)).draw()?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .draw()?;
         Ok(())
     })
 }
@@ -112,7 +121,11 @@ pub fn bars(path: &Path, title: &str, y_label: &str, groups: &[String], series: 
             .x_labels(groups.len() * 2 + 1)
             .x_label_formatter(&|x| {
                 let g = x.floor() as usize;
-                if (x - g as f64 - 0.5).abs() < 1e-6 { groups.get(g).cloned().unwrap_or_default() } else { String::new() }
+                if (x - g as f64 - 0.5).abs() < 1e-6 {
+                    groups.get(g).cloned().unwrap_or_default()
+                } else {
+                    String::new()
+                }
             })
             .y_desc(y_label)
             .label_style(("sans-serif", 14))
@@ -121,12 +134,15 @@ pub fn bars(path: &Path, title: &str, y_label: &str, groups: &[String], series: 
             let c = COLOURS[s.colour % COLOURS.len()];
             let left = |g: usize| g as f64 + 0.1 + 0.8 * i as f64 / n;
             let bars = s.points.iter().take(groups.len()).enumerate().map(|(g, &(_, v))| Rectangle::new([(left(g), 0.0), (left(g) + 0.8 / n, v)], c.filled()));
-            chart
-                .draw_series(bars)?
-                .label(s.label.as_str())
-                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
+            chart.draw_series(bars)?.label(s.label.as_str()).legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
         }
-        chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).background_style(WHITE.mix(0.85)).border_style(BLACK).label_font(("sans-serif", 14)).draw()?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .draw()?;
         Ok(())
     })
 }

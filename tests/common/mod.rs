@@ -74,10 +74,7 @@ pub fn tiny_model() -> (tempfile::TempDir, PathBuf, Checkpoint) {
 
 /// A manifest for the tiny model.
 pub fn manifest(method: &str) -> Manifest {
-    Manifest::new(
-        ModelInfo { name: "tiny".into(), family: "llama".into() },
-        Method { name: method.into(), hyperparameters: BTreeMap::new() },
-    )
+    Manifest::new(ModelInfo { name: "tiny".into(), family: "llama".into() }, Method { name: method.into(), hyperparameters: BTreeMap::new() })
 }
 
 /// Writes a patch of `deltas` against the tensors of `ckpt` (after `overlay` patches, if any).
@@ -120,7 +117,6 @@ pub fn forge(manifest_json: &[u8], payloads: &[Vec<u8>]) -> Vec<u8> {
     out.extend_from_slice(h.as_bytes());
     out
 }
-
 
 pub fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
