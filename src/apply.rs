@@ -3,6 +3,7 @@
 
 use crate::atomic::AtomicDir;
 use crate::checkpoint::{self, Checkpoint, Dtype, TensorRef};
+use crate::io_err;
 use crate::patch::{self, BaseTensor, Delta, Edit, Entry, Factors, Manifest, Method, ModelInfo, Patch};
 use crate::rect;
 use std::borrow::Cow;
@@ -25,8 +26,8 @@ pub enum Error {
     #[error("{0}: output already exists")]
     OutputExists(PathBuf),
     /// Writing an output failed.
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Io(#[from] crate::IoError),
     /// A patch touches a tensor the model does not have.
     #[error("{patch}: tensor `{name}` is not in the model at {model}")]
     MissingTensor { patch: PathBuf, name: String, model: PathBuf },
@@ -60,10 +61,6 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
-
-fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.to_path_buf(), source }
-}
 
 /// Patches to apply in order, with their parent chain checked.
 pub struct Stack {
@@ -498,7 +495,7 @@ fn copy_range(input: &mut File, src: &Path, out: &mut &File, dest: &Path, from: 
     input.seek(SeekFrom::Start(from)).map_err(io_err(src))?;
     let copied = std::io::copy(&mut std::io::Read::take(&*input, to - from), out).map_err(io_err(dest))?;
     if copied != to - from {
-        return Err(Error::Io { path: src.to_path_buf(), source: std::io::ErrorKind::UnexpectedEof.into() });
+        return Err(io_err(src)(std::io::ErrorKind::UnexpectedEof.into()).into());
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ use crate::atomic::AtomicFile;
 use crate::checkpoint::{self, Checkpoint};
 use crate::model::{self, Batch, Hooks, Model};
 use crate::tokenize::{self, Tokenizer};
+use crate::{io_err, tool_version};
 use indicatif::{ProgressBar, ProgressStyle};
 // Links OpenBLAS (through its LAPACK backend), which provides the CBLAS `dsyrk` used here.
 use ndarray::Array2;
@@ -31,8 +32,8 @@ pub const BATCH_TOKENS: usize = 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Io(#[from] crate::IoError),
     /// A corpus file holds a NUL byte: it is binary, not text.
     #[error("{path}: binary file (NUL byte at offset {offset}); the corpus must be plain text or JSONL")]
     Binary { path: PathBuf, offset: usize },
@@ -72,10 +73,6 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.to_path_buf(), source }
-}
 
 /// One shard of a run: the batches whose index is `index` mod `count`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -449,11 +446,6 @@ impl Meta {
     }
 }
 
-/// The tool version written into files.
-pub fn tool_version() -> String {
-    format!("factpatch {}", env!("CARGO_PKG_VERSION"))
-}
-
 /// A statistics set: per-layer sums and counts, and what they were computed from.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Stats {
@@ -765,7 +757,7 @@ pub fn find_in_cache(cache: &Path, model: &str, layers: &[usize]) -> Result<Opti
     let entries = match std::fs::read_dir(cache) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::Io { path: cache.to_path_buf(), source: e }),
+        Err(e) => return Err(io_err(cache)(e).into()),
     };
     let mut best: Option<(PathBuf, Meta)> = None;
     let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
