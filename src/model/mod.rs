@@ -4,7 +4,7 @@
 //!
 //! Each family lives in its own file and is described as data ([`Family`]): which stored tensors
 //! are the MLP projections, the final norm and the unembedding, and how each is oriented. The
-//! loaders turn every family into the same [`Block`](weights::Block) structure, so nothing
+//! loaders turn every family into the same `Block` structure (`weights.rs`), so nothing
 //! downstream branches on the family.
 
 mod attention;
