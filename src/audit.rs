@@ -3,6 +3,7 @@
 
 use crate::apply::{self, Error, Result, Stack};
 use crate::checkpoint::Checkpoint;
+use crate::io_err;
 use crate::patch::{Manifest, Patch};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -256,16 +257,15 @@ pub fn heatmap(patch: &Path, model: &Path, png: &Path) -> Result<Vec<String>> {
         }
         y0 += h + 4;
     }
-    let io = |source| Error::Io { path: png.to_path_buf(), source };
-    let mut file = crate::atomic::AtomicFile::create(png, false).map_err(io)?;
+    let mut file = crate::atomic::AtomicFile::create(png, false).map_err(io_err(png))?;
     {
         let mut enc = png::Encoder::new(&mut file, width as u32, height as u32);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
-        let mut w = enc.write_header().map_err(|e| io(e.into()))?;
-        w.write_image_data(&rgb).map_err(|e| io(e.into()))?;
+        let mut w = enc.write_header().map_err(std::io::Error::from).map_err(io_err(png))?;
+        w.write_image_data(&rgb).map_err(std::io::Error::from).map_err(io_err(png))?;
     }
-    file.commit().map_err(io)?;
+    file.commit().map_err(io_err(png))?;
     Ok(names)
 }
 

@@ -20,8 +20,8 @@ pub enum Error {
     #[error("{0}: no model.safetensors or model.safetensors.index.json here")]
     MissingWeights(PathBuf),
     /// A file could not be opened or read.
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Io(#[from] crate::IoError),
     /// A JSON file is malformed.
     #[error("{path}: invalid JSON: {source}")]
     Json { path: PathBuf, source: serde_json::Error },
@@ -322,7 +322,7 @@ impl Checkpoint {
             if wanted.is_empty() {
                 continue;
             }
-            let m = shard.file.metadata().map_err(|source| Error::Io { path: shard.path.clone(), source })?;
+            let m = shard.file.metadata().map_err(crate::io_err(&shard.path))?;
             let place = std::fs::canonicalize(&shard.path).unwrap_or_else(|_| shard.path.clone());
             let key = format!("{}|{}|{}|{}|{}.{}|{}.{}", place.display(), m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec());
             let entry = cache.join(format!("{}.json", &blake3::hash(key.as_bytes()).to_hex()[..32]));
@@ -360,7 +360,7 @@ impl Checkpoint {
                 let (mut pos, mut left) = (t.offset as u64, t.bytes.len());
                 while left > 0 {
                     let n = left.min(buf.len());
-                    file.read_exact_at(&mut buf[..n], pos).map_err(|source| Error::Io { path: t.path.to_path_buf(), source })?;
+                    file.read_exact_at(&mut buf[..n], pos).map_err(crate::io_err(t.path))?;
                     h.update_rayon(&buf[..n]);
                     pos += n as u64;
                     left -= n;
@@ -400,10 +400,9 @@ fn weight_files(dir: &Path) -> Result<Vec<String>> {
 }
 
 fn map_shard(path: &Path) -> Result<Shard> {
-    let io = |source| Error::Io { path: path.to_path_buf(), source };
-    let file = File::open(path).map_err(io)?;
+    let file = File::open(path).map_err(crate::io_err(path))?;
     // SAFETY: checkpoints are treated as immutable while open; factpatch never writes into a base.
-    let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+    let mmap = unsafe { Mmap::map(&file) }.map_err(crate::io_err(path))?;
     let bad = |e: safetensors::SafeTensorError| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() };
     SafeTensors::deserialize(&mmap).map_err(bad)?;
     let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(bad)?;
@@ -412,7 +411,7 @@ fn map_shard(path: &Path) -> Result<Shard> {
 
 /// Reads and parses a JSON file, naming it in any error.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path).map_err(crate::io_err(path))?;
     serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })
 }
 

@@ -1,4 +1,5 @@
-//! factpatch: compile fact edits (ROME, MEMIT, RECT) into small verifiable weight patches.
+//! factpatch: compile fact edits (ROME, MEMIT, EMMET, AlphaEdit, KN; then RECT) into small
+//! verifiable weight patches ([`compile`]), and apply, merge, diff, audit and evaluate them.
 
 pub mod apply;
 pub mod atomic;
@@ -15,6 +16,27 @@ pub mod plot;
 pub mod rect;
 pub mod stats;
 pub mod tokenize;
+
+use std::path::{Path, PathBuf};
+
+/// A file-system operation on `path` failed; every module's `Error` carries it as `Io`.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {source}", path.display())]
+pub struct IoError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// `map_err(io_err(path))`: names `path` in an I/O error.
+pub fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> IoError + '_ {
+    move |source| IoError { path: path.to_path_buf(), source }
+}
+
+/// `factpatch <version>`, as written into patches and statistics files.
+pub fn tool_version() -> String {
+    format!("factpatch {}", env!("CARGO_PKG_VERSION"))
+}
 
 /// Process-wide settings for tensor work. Call it first thing in `main`, before other threads
 /// exist.
@@ -38,9 +60,9 @@ pub fn init_process() {
 
 /// factpatch's cache folder (statistics, tensor hashes, downloaded fixtures):
 /// `$FACTPATCH_CACHE`, else `~/.cache/factpatch`.
-pub fn cache_root() -> std::path::PathBuf {
+pub fn cache_root() -> PathBuf {
     match std::env::var_os("FACTPATCH_CACHE") {
         Some(root) => root.into(),
-        None => std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/factpatch"),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/factpatch"),
     }
 }

@@ -25,8 +25,8 @@ const SMALL_FRAME: usize = 4 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The patch file could not be read.
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Io(#[from] crate::IoError),
     /// The file is shorter than its structure requires.
     #[error("{path}: truncated patch ({reason})")]
     Truncated { path: PathBuf, reason: String },
@@ -210,7 +210,7 @@ impl Manifest {
     pub fn new(model: ModelInfo, method: Method) -> Self {
         Manifest {
             format: VERSION,
-            tool: tool_version(),
+            tool: crate::tool_version(),
             model,
             parent: None,
             includes: Vec::new(),
@@ -222,11 +222,6 @@ impl Manifest {
             entries: Vec::new(),
         }
     }
-}
-
-/// `factpatch <version>`.
-pub fn tool_version() -> String {
-    format!("factpatch {}", env!("CARGO_PKG_VERSION"))
 }
 
 /// A patch's file bytes and its id.
@@ -245,7 +240,7 @@ pub fn encode(mut manifest: Manifest, mut deltas: Vec<(BaseTensor, Delta)>) -> R
         return Err(Error::InvalidDelta { name: w[0].0.name.clone(), reason: "given twice".into() });
     }
     manifest.format = VERSION;
-    manifest.tool = tool_version();
+    manifest.tool = crate::tool_version();
     manifest.entries.clear();
     let mut frames = Vec::with_capacity(deltas.len());
     for (base, delta) in &deltas {
@@ -425,7 +420,7 @@ impl std::fmt::Debug for Patch {
 impl Patch {
     /// Reads and verifies the patch at `path`.
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+        let bytes = std::fs::read(path).map_err(crate::io_err(path))?;
         Self::from_bytes(bytes, path)
     }
 

@@ -246,7 +246,7 @@ fn bad_input_gets_clear_errors() {
     assert!(msg(e).contains("x.jsonl:2"));
     assert!(matches!(run(vec![good.clone()], &|r| r.layers = Some(vec![2])), Error::LayerOutOfRange { layer: 2, last: 1, .. }));
     assert!(matches!(run(vec![good.clone()], &|r| r.seq_len = 4096), Error::Invalid(_)));
-    assert!(matches!(run(vec![dir.path().join("missing.txt")], &|_| ()), Error::Io { .. }));
+    assert!(matches!(run(vec![dir.path().join("missing.txt")], &|_| ()), Error::Io(_)));
     assert!("3/3".parse::<Shard>().is_err() && "1/x".parse::<Shard>().is_err());
     assert_eq!(stats::parse_layers("2,4-6,5").unwrap(), vec![2, 4, 5, 6]);
     assert!(stats::parse_layers("8-4").is_err());

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The file could not be read.
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Io(#[from] crate::IoError),
     /// The file is neither a JSON array nor JSON lines.
     #[error("{path}: {line}: invalid JSON: {reason}")]
     Json { path: PathBuf, line: usize, reason: String },
@@ -156,7 +156,7 @@ fn template(prompt: &str, subject: &str, origin: &str) -> Result<String> {
 /// Reads requests from a JSON array or JSON-lines file in any accepted format, then checks
 /// that no two records edit the same fact with different targets.
 pub fn read(path: &Path) -> Result<Vec<Request>> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.into(), source })?;
+    let text = std::fs::read_to_string(path).map_err(crate::io_err(path))?;
     let records = json_records(&text, path)?;
     let requests = records
         .into_iter()

@@ -24,8 +24,8 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A task or text file could not be read.
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Io(#[from] crate::IoError),
     /// A line of a task file does not fit the task's format.
     #[error("{path}:{line}: {problem}")]
     Malformed { path: PathBuf, line: usize, problem: String },

@@ -1,8 +1,10 @@
 //! The GPT-2 family: LayerNorm, learned positions, fused QKV, GELU (tanh) MLP, tied
 //! unembedding, and `Conv1D` weights stored `[in, out]`.
 
+use super::config::{Config, ConfigJson, Family, Orientation, Projection};
 use super::ops::{Activation, Linear, Norm};
-use super::{load, load_proj, Block, Config, ConfigJson, Family, MlpIn, Orientation, Projection, Result, Weights};
+use super::weights::{load, load_proj, Block, MlpIn, Weights};
+use super::Result;
 use crate::checkpoint::Tensors;
 use candle_core::Device;
 use std::path::Path;

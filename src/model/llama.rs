@@ -1,8 +1,10 @@
 //! The Llama family (SmolLM2, Llama 2/3 without rope scaling, Mistral without sliding windows):
 //! RMSNorm, rotary positions, grouped-query attention, SwiGLU MLP, tied or separate unembedding.
 
+use super::config::{Config, ConfigJson, Family, Orientation, Projection};
 use super::ops::{Activation, Linear, Norm};
-use super::{load, load_proj, Block, Config, ConfigJson, Family, MlpIn, Orientation, Projection, Result, Weights};
+use super::weights::{load, load_proj, Block, MlpIn, Weights};
+use super::Result;
 use crate::checkpoint::Tensors;
 use candle_core::Device;
 use std::path::Path;

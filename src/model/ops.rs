@@ -1,6 +1,6 @@
 //! Differentiable building blocks. candle-nn's fused kernels (softmax, norms, rope, sdpa)
 //! have no backward pass, so everything gradients must flow through is composed here from
-//! primitive ops that do. Weight matmuls go through [`linear`], whose backward pass computes
+//! primitive ops that do. Weight matmuls go through [`Linear`], whose backward pass computes
 //! the input gradient only: weights are frozen, and candle's own matmul would also compute theirs.
 
 use candle_core::backend::BackendStorage;

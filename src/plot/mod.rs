@@ -25,8 +25,8 @@ pub enum Error {
     #[error("{path}: cannot draw the chart: {reason}")]
     Draw { path: PathBuf, reason: String },
     /// The PNG could not be encoded or written.
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Io(#[from] crate::IoError),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -172,13 +172,12 @@ fn render(path: &Path, draw: impl FnOnce(DrawingArea<BitMapBackend, plotters::co
         draw(root.clone()).map_err(|e| failed(&e))?;
         root.present().map_err(|e| failed(&e))?;
     }
-    let io = |source| Error::Io { path: path.to_path_buf(), source };
     let mut bytes = Vec::new();
     let mut enc = png::Encoder::new(&mut bytes, w, h);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
-    enc.write_header().and_then(|mut wr| wr.write_image_data(&rgb)).map_err(|e| io(std::io::Error::other(e)))?;
-    crate::atomic::write(path, &bytes, true).map_err(io)
+    enc.write_header().and_then(|mut wr| wr.write_image_data(&rgb)).map_err(std::io::Error::other).map_err(crate::io_err(path))?;
+    Ok(crate::atomic::write(path, &bytes, true).map_err(crate::io_err(path))?)
 }
 
 #[cfg(test)]

@@ -1,0 +1,276 @@
+//! The patch stack: patches in order with their parent chain checked, verified against a
+//! checkpoint (layouts, base hashes) and accumulated into one f32 delta per tensor, and the
+//! per-element arithmetic that turns deltas into patched bytes.
+
+use super::{Error, Result};
+use crate::checkpoint::{Checkpoint, Dtype, TensorRef};
+use crate::patch::{self, Delta, Entry, Factors, Patch};
+use crate::rect;
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::PathBuf;
+
+/// Patches to apply in order, with their parent chain checked.
+pub struct Stack {
+    pub(super) patches: Vec<Patch>,
+    /// Tensor name → (patch index, entry index), in stack order.
+    pub(super) touched: BTreeMap<String, Vec<(usize, usize)>>,
+}
+
+impl Stack {
+    /// Reads and verifies every patch, then checks the parent chain.
+    pub fn load(paths: &[PathBuf]) -> Result<Self> {
+        Self::new(paths.iter().map(|p| Patch::read(p)).collect::<patch::Result<_>>()?)
+    }
+
+    /// A stack of already-read patches; the parent chain is checked.
+    pub fn new(patches: Vec<Patch>) -> Result<Self> {
+        for w in patches.windows(2) {
+            if let Some(parent) = &w[1].manifest().parent {
+                if parent != w[0].id() && parent != w[0].tip() {
+                    return Err(Error::ParentChain { patch: w[1].path().to_path_buf(), parent: parent.clone(), previous: w[0].id().to_string() });
+                }
+            }
+        }
+        let mut touched: BTreeMap<String, Vec<(usize, usize)>> = BTreeMap::new();
+        for (p, patch) in patches.iter().enumerate() {
+            for (e, entry) in patch.manifest().entries.iter().enumerate() {
+                touched.entry(entry.tensor.clone()).or_default().push((p, e));
+            }
+        }
+        Ok(Stack { patches, touched })
+    }
+
+    /// The patches, in order.
+    pub fn patches(&self) -> &[Patch] {
+        &self.patches
+    }
+
+    /// Names of the tensors any patch touches, sorted.
+    pub fn touched(&self) -> impl Iterator<Item = &str> {
+        self.touched.keys().map(String::as_str)
+    }
+
+    /// The stack's accumulated f32 delta `D` for `base`, verifying each patch's base hash,
+    /// dtype and shape against the tensor as that patch sees it.
+    pub fn delta_for(&self, base: &TensorRef) -> Result<Vec<f32>> {
+        Ok(self.accumulate(base)?.1)
+    }
+
+    /// The base values `W₀` as f32 and the accumulated delta `D` (see [`Stack::delta_for`]).
+    /// For one patch on an F32 checkpoint, `W₀` is the map itself and `D` the only buffer.
+    pub(super) fn accumulate<'a>(&self, base: &TensorRef<'a>) -> Result<(Cow<'a, [f32]>, Vec<f32>)> {
+        let list = self.touched.get(base.name).map_or(&[][..], Vec::as_slice);
+        let w0 = base.to_f32();
+        let mut d = Vec::new();
+        for (k, &(p, e)) in list.iter().enumerate() {
+            let patch = &self.patches[p];
+            let entry = &patch.manifest().entries[e];
+            check_layout(patch, entry, base.dtype, base.shape)?;
+            let current = (k > 0).then(|| {
+                let mut c = Vec::with_capacity(base.bytes.len());
+                materialize(base, &w0, &d, patch, &mut |chunk| {
+                    c.extend_from_slice(chunk);
+                    Ok(())
+                })
+                .map(|_| c)
+            });
+            let current = current.transpose()?;
+            check_hash(patch, entry, current.as_deref().unwrap_or(base.bytes))?;
+            let delta = patch.delta(e)?;
+            match &current {
+                None if matches!(delta, Delta::LowRankRect { .. }) => d = rect_contribution(&delta, base.shape, &w0),
+                None => {
+                    d = vec![0.0; w0.len()];
+                    add_delta(&mut d, &delta, base.shape, None);
+                }
+                Some(c) => add_delta(&mut d, &delta, base.shape, Some(&base.dtype.decode(c))),
+            }
+        }
+        if d.is_empty() {
+            d = vec![0.0; w0.len()];
+        }
+        Ok((w0, d))
+    }
+
+    /// The bytes of `base` with the whole stack applied (`base`'s own bytes if untouched).
+    pub fn patched<'a>(&self, base: &TensorRef<'a>) -> Result<Cow<'a, [u8]>> {
+        if !self.touched.contains_key(base.name) {
+            return Ok(Cow::Borrowed(base.bytes));
+        }
+        let last = &self.patches[self.touched[base.name].last().expect("non-empty").0];
+        let (w0, d) = self.accumulate(base)?;
+        let mut out = Vec::with_capacity(base.bytes.len());
+        materialize(base, &w0, &d, last, &mut |chunk| {
+            out.extend_from_slice(chunk);
+            Ok(())
+        })?;
+        Ok(Cow::Owned(out))
+    }
+
+    /// Verifies every patch against `ckpt` without writing anything: dtypes, shapes, base
+    /// hashes and finite payloads. A tensor touched by several patches is fully accumulated, since
+    /// later base hashes depend on earlier patches; a result that overflows is caught when written.
+    pub fn verify(&self, ckpt: &Checkpoint) -> Result<()> {
+        for (name, list) in &self.touched {
+            let base = self.base(ckpt, name)?;
+            if let [(p, e)] = list[..] {
+                let (patch, entry) = (&self.patches[p], &self.patches[p].manifest().entries[e]);
+                check_layout(patch, entry, base.dtype, base.shape)?;
+                check_hash_streamed(patch, entry, base.bytes, &|r| ckpt.evict_range(&base, r))?;
+                patch.delta(e)?;
+            } else {
+                self.accumulate(&base)?;
+            }
+            ckpt.evict(&base);
+        }
+        Ok(())
+    }
+
+    pub(super) fn base<'a>(&self, ckpt: &'a Checkpoint, name: &str) -> Result<TensorRef<'a>> {
+        ckpt.tensor(name).map_err(|_| Error::MissingTensor {
+            patch: self.patches[self.touched[name][0].0].path().to_path_buf(),
+            name: name.to_string(),
+            model: ckpt.dir().to_path_buf(),
+        })
+    }
+}
+
+/// The tensor `entry` patches must have the bytes it was compiled against.
+fn check_hash(patch: &Patch, entry: &Entry, bytes: &[u8]) -> Result<()> {
+    check_hash_streamed(patch, entry, bytes, &|_| {})
+}
+
+/// [`check_hash`], telling `done` each byte range as soon as it is hashed.
+fn check_hash_streamed(patch: &Patch, entry: &Entry, bytes: &[u8], done: &dyn Fn(Range<usize>)) -> Result<()> {
+    const STEP: usize = 1 << 20;
+    let mut h = blake3::Hasher::new();
+    for start in (0..bytes.len()).step_by(STEP) {
+        let end = (start + STEP).min(bytes.len());
+        h.update(&bytes[start..end]);
+        done(start..end);
+    }
+    let found = h.finalize().to_hex().to_string();
+    if found == entry.base_blake3 {
+        return Ok(());
+    }
+    Err(Error::BaseMismatch { patch: patch.path().to_path_buf(), name: entry.tensor.clone(), expected: entry.base_blake3.clone(), found })
+}
+
+/// The tensor `entry` patches must have `dtype` and `shape`.
+pub(super) fn check_layout(patch: &Patch, entry: &Entry, dtype: Dtype, shape: &[usize]) -> Result<()> {
+    if entry.dtype == dtype && entry.shape == shape {
+        return Ok(());
+    }
+    Err(Error::ShapeMismatch {
+        patch: patch.path().to_path_buf(),
+        name: entry.tensor.clone(),
+        expected: format!("{:?}{:?}", entry.dtype, entry.shape),
+        found: format!("{:?}{:?}", dtype, shape),
+    })
+}
+
+/// Adds one entry's contributions to `d`. `w` gives the tensor as the patch saw it (for RECT).
+pub(super) fn add_delta(d: &mut [f32], delta: &Delta, shape: &[usize], w: Option<&[f32]>) {
+    match delta {
+        Delta::LowRankRect { .. } => {
+            let masked = rect_contribution(delta, shape, w.expect("callers without a base reject RECT first"));
+            d.iter_mut().zip(&masked).for_each(|(d, v)| *d += v);
+        }
+        _ => add_chunk(d, delta, shape, 0),
+    }
+}
+
+/// The masked `U·Vᵀ` of a low-rank + RECT entry against `w`. It has no −0, so adding it to a
+/// fresh `D = +0` gives it back unchanged.
+fn rect_contribution(delta: &Delta, shape: &[usize], w: &[f32]) -> Vec<f32> {
+    let Delta::LowRankRect { factors, k, eps } = delta else { unreachable!("only called for RECT entries") };
+    let mut full = product(factors, shape);
+    rect::mask(&mut full, w, *k, *eps);
+    full
+}
+
+/// A delta that needs no base (anything but RECT) as a full f32 array, summed from +0.
+pub fn standalone(delta: &Delta, shape: &[usize]) -> Option<Vec<f32>> {
+    if matches!(delta, Delta::LowRankRect { .. }) {
+        return None;
+    }
+    let mut d = vec![0f32; shape.iter().product()];
+    add_delta(&mut d, delta, shape, None);
+    Some(d)
+}
+
+/// `U·Vᵀ` of one group, each element summed over the rank in order from +0, in f32.
+pub fn product(f: &Factors, shape: &[usize]) -> Vec<f32> {
+    let mut out = vec![0f32; shape[0] * shape[1]];
+    add_product(&mut out, f, shape, 0);
+    out
+}
+
+/// Elements per chunk of a streamed tensor.
+pub(super) const CHUNK: usize = 1 << 14;
+
+/// The tensor's bytes with delta `d` added, streamed to `sink` in chunks: untouched where `d`
+/// is ±0, else `round(W₀ + D)`.
+pub(super) fn materialize(base: &TensorRef, w0: &[f32], d: &[f32], patch: &Patch, sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+    for (c, (w0, d)) in w0.chunks(CHUNK).zip(d.chunks(CHUNK)).enumerate() {
+        sink(&materialize_chunk(base, c * CHUNK, w0, d, patch)?)?;
+    }
+    Ok(())
+}
+
+/// [`materialize`] for the elements `start..start + w0.len()`.
+pub(super) fn materialize_chunk(base: &TensorRef, start: usize, w0: &[f32], d: &[f32], patch: &Patch) -> Result<Vec<u8>> {
+    let s = base.dtype.size();
+    let mut out = base.bytes[start * s..(start + w0.len()) * s].to_vec();
+    for (i, (&w, &d)) in w0.iter().zip(d).enumerate() {
+        if d != 0.0 {
+            let v = base.dtype.round(w + d);
+            if !v.is_finite() {
+                return Err(Error::NonFinite { patch: patch.path().to_path_buf(), name: base.name.to_string(), index: start + i });
+            }
+            base.dtype.put(v, &mut out[i * s..(i + 1) * s]);
+        }
+    }
+    Ok(out)
+}
+
+/// Adds one entry's contributions at the flat elements `start..start + d.len()` to `d`, a
+/// RECT entry's unmasked.
+pub(super) fn add_chunk(d: &mut [f32], delta: &Delta, shape: &[usize], start: usize) {
+    match delta {
+        Delta::Dense(v) => d.iter_mut().zip(&v[start..]).for_each(|(d, v)| *d += v),
+        Delta::Sparse { indices, values } => {
+            let from = indices.partition_point(|&i| (i as usize) < start);
+            let end = start + d.len();
+            for (&i, v) in indices[from..].iter().zip(&values[from..]).take_while(|(&i, _)| (i as usize) < end) {
+                d[i as usize - start] += v;
+            }
+        }
+        Delta::LowRank(groups) => groups.iter().for_each(|g| add_product(d, g, shape, start)),
+        Delta::LowRankRect { factors, .. } => add_product(d, factors, shape, start),
+    }
+}
+
+/// Adds `U·Vᵀ` at the flat elements `start..` to `d`, each element summed over the rank in
+/// order from +0.
+fn add_product(d: &mut [f32], f: &Factors, shape: &[usize], start: usize) {
+    let (cols, r) = (shape[1], f.rank);
+    let (mut q, mut rest) = (start, d);
+    while !rest.is_empty() {
+        let (i, j0) = (q / cols, q % cols);
+        let (row, tail) = rest.split_at_mut((cols - j0).min(rest.len()));
+        let u = &f.u[i * r..(i + 1) * r];
+        for (j, d) in (j0..).zip(row.iter_mut()) {
+            let v = &f.v[j * r..(j + 1) * r];
+            let mut o = 0f32;
+            for t in 0..r {
+                o += u[t] * v[t];
+            }
+            *d += o;
+        }
+        q += row.len();
+        rest = tail;
+    }
+}

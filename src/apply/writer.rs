@@ -1,0 +1,210 @@
+//! The streaming writer: a patch stack applied onto a checkpoint folder, written as a new
+//! folder with patched tensors streamed in chunks and everything else copied by the kernel.
+
+use super::stack::{add_chunk, materialize, materialize_chunk, Stack, CHUNK};
+use super::{Error, Result};
+use crate::atomic::AtomicDir;
+use crate::checkpoint::{self, Checkpoint, TensorRef};
+use crate::io_err;
+use crate::patch::{Delta, Patch};
+use crate::rect;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+impl Stack {
+    /// Streams the bytes of touched tensor `base` with the whole stack applied to `sink`, in
+    /// chunks, once [`Stack::verify`] has passed. A tensor one patch touches is computed chunk
+    /// by chunk and never held whole; `done` hears which byte ranges of `base` have been read
+    /// for the last time in a pass. A tensor several patches touch is accumulated in memory.
+    fn stream_verified(&self, base: &TensorRef, done: &dyn Fn(Range<usize>), sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        match self.touched[base.name][..] {
+            [(p, e)] => stream_one(base, &self.patches[p].delta(e)?, &self.patches[p], done, sink),
+            ref list => {
+                let last = &self.patches[list.last().expect("non-empty").0];
+                let (w0, d) = self.accumulate(base)?;
+                materialize(base, &w0, &d, last, sink)
+            }
+        }
+    }
+}
+
+/// Streams `base` with one patch's `delta` added to `sink`, chunk by chunk, with the same
+/// arithmetic per element as [`Stack::patched`]. The delta is never held whole: a RECT entry's
+/// product is recomputed for each of the cut's two passes and for the write. `done` hears each
+/// byte range of `base` as a pass finishes with it.
+fn stream_one(base: &TensorRef, delta: &Delta, patch: &Patch, done: &dyn Fn(Range<usize>), sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+    let s = base.dtype.size();
+    let n = base.bytes.len() / s;
+    let chunks = || (0..n).step_by(CHUNK).map(move |a| a..(a + CHUNK).min(n));
+    // The delta's unmasked chunk into `d`; the base's values there returned.
+    let fill = |r: &Range<usize>, d: &mut Vec<f32>| {
+        d.clear();
+        d.resize(r.len(), 0.0);
+        add_chunk(d, delta, base.shape, r.start);
+        base.dtype.decode(&base.bytes[r.start * s..r.end * s])
+    };
+    let mut d = Vec::with_capacity(CHUNK);
+    let mut cut = match delta {
+        Delta::LowRankRect { k, eps, .. } => rect::Cut::find(n, *k, |visit| {
+            for r in chunks() {
+                let w = fill(&r, &mut d);
+                d.iter().zip(&w).for_each(|(&d, &w)| visit(rect::key(d, w, *eps)));
+                done(r.start * s..r.end * s);
+            }
+        }),
+        _ => None,
+    };
+    for r in chunks() {
+        let w = fill(&r, &mut d);
+        if let (Some(cut), Delta::LowRankRect { eps, .. }) = (&mut cut, delta) {
+            d.iter_mut().zip(&w).filter(|(d, &w)| !cut.keeps(rect::key(**d, w, *eps))).for_each(|(d, _)| *d = 0.0);
+        }
+        sink(&materialize_chunk(base, r.start, &w, &d, patch)?)?;
+        done(r.start * s..r.end * s);
+    }
+    Ok(())
+}
+
+/// What [`apply`] did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ApplySummary {
+    pub output: PathBuf,
+    /// The output's model identity, blake3 hex (see `Checkpoint::identity`).
+    pub identity: String,
+    pub patches: Vec<String>,
+    pub tensors_patched: usize,
+    pub bytes_written: u64,
+}
+
+/// How [`apply_with`] writes its output.
+#[derive(Clone, Debug)]
+pub struct ApplyOptions {
+    /// fsync every output file before the rename, so that not even a power loss leaves a
+    /// partly written model under the final name (`cp` does not). On by default.
+    pub sync: bool,
+    /// Where the base's tensor hashes are remembered (`Checkpoint::tensor_hashes_cached`);
+    /// `None` hashes the untouched tensors at every apply.
+    pub hash_cache: Option<PathBuf>,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        ApplyOptions { sync: true, hash_cache: None }
+    }
+}
+
+/// [`apply_with`] with the default options.
+pub fn apply(model: &Path, patches: &[PathBuf], out: &Path) -> Result<ApplySummary> {
+    apply_with(model, patches, out, &ApplyOptions::default())
+}
+
+/// Applies `patches` in order to the model at `model`, writing a new model folder at `out`.
+/// Everything is verified before anything is written; the output appears only when complete.
+/// The untouched tensors are copied by the kernel while another thread hashes them from the
+/// base (or reads their hashes from the cache), so the output's identity costs no second pass.
+pub fn apply_with(model: &Path, patches: &[PathBuf], out: &Path, options: &ApplyOptions) -> Result<ApplySummary> {
+    if out.exists() {
+        return Err(Error::OutputExists(out.to_path_buf()));
+    }
+    let ckpt = Checkpoint::open(model)?;
+    let stack = Stack::load(patches)?;
+    stack.verify(&ckpt)?;
+    let dir = AtomicDir::create(out).map_err(io_err(out))?;
+    let untouched: Vec<&str> = ckpt.names().filter(|n| !stack.touched.contains_key(*n)).collect();
+    let (copied, written) = std::thread::scope(|s| {
+        let hashing = s.spawn(|| match &options.hash_cache {
+            Some(cache) => ckpt.tensor_hashes_cached(&untouched, cache),
+            None => ckpt.tensor_hashes(&untouched),
+        });
+        let written = (|| {
+            let (mut bytes, mut hashes) = (0, BTreeMap::new());
+            for file in ckpt.files() {
+                let name = file.file_name().expect("weight files have names");
+                bytes += write_weights(&ckpt, &stack, file, &dir.path().join(name), &mut hashes)?;
+            }
+            let weights: BTreeSet<_> = ckpt.files().filter_map(Path::file_name).collect();
+            copy_others(model, dir.path(), &weights)?;
+            Ok::<_, Error>((bytes, hashes))
+        })();
+        (hashing.join().expect("hashing thread does not panic"), written)
+    });
+    let (bytes_written, mut hashes) = written?;
+    hashes.extend(copied?);
+    let identity = ckpt.identity_of(&hashes).to_hex().to_string();
+    dir.commit(options.sync).map_err(io_err(out))?;
+    Ok(ApplySummary {
+        output: out.to_path_buf(),
+        identity,
+        patches: stack.patches.iter().map(|p| p.id().to_string()).collect(),
+        tensors_patched: stack.touched.len(),
+        bytes_written,
+    })
+}
+
+/// Rewrites one weight file inside the output's temporary folder: the header and untouched
+/// ranges copied by the kernel on one thread while this one streams the patched tensors into
+/// their places, recording their byte hashes in `hashes`. Returns the file's length.
+fn write_weights(ckpt: &Checkpoint, stack: &Stack, src: &Path, dest: &Path, hashes: &mut BTreeMap<String, blake3::Hash>) -> Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut input = File::open(src).map_err(io_err(src))?;
+    let len = input.metadata().map_err(io_err(src))?.len();
+    let out = File::create_new(dest).map_err(io_err(dest))?;
+    let touched = ckpt.names_in(src).into_iter().filter(|n| stack.touched.contains_key(*n)).map(|n| ckpt.tensor(n)).collect::<checkpoint::Result<Vec<_>>>()?;
+    let mut gaps = Vec::new();
+    let mut pos = 0u64;
+    for t in &touched {
+        gaps.push((pos, t.offset as u64));
+        pos = (t.offset + t.bytes.len()) as u64;
+    }
+    gaps.push((pos, len));
+    std::thread::scope(|s| {
+        let copier = s.spawn(|| gaps.iter().try_for_each(|&(from, to)| copy_range(&mut input, src, &mut &out, dest, from, to)));
+        let streamed = touched.iter().try_for_each(|t| {
+            let (mut h, mut at) = (blake3::Hasher::new(), t.offset as u64);
+            stack.stream_verified(t, &|r| ckpt.evict_range(t, r), &mut |chunk| {
+                h.update(chunk);
+                out.write_all_at(chunk, at).map_err(io_err(dest))?;
+                at += chunk.len() as u64;
+                Ok(())
+            })?;
+            hashes.insert(t.name.to_string(), h.finalize());
+            ckpt.evict(t);
+            Ok::<_, Error>(())
+        });
+        copier.join().expect("the copying thread does not panic")?;
+        streamed
+    })?;
+    Ok(len)
+}
+
+fn copy_range(input: &mut File, src: &Path, out: &mut &File, dest: &Path, from: u64, to: u64) -> Result<()> {
+    out.seek(SeekFrom::Start(from)).map_err(io_err(dest))?;
+    input.seek(SeekFrom::Start(from)).map_err(io_err(src))?;
+    let copied = std::io::copy(&mut std::io::Read::take(&*input, to - from), out).map_err(io_err(dest))?;
+    if copied != to - from {
+        return Err(io_err(src)(std::io::ErrorKind::UnexpectedEof.into()).into());
+    }
+    Ok(())
+}
+
+/// Copies every file of `from` except the weight files, recursively, following links.
+fn copy_others(from: &Path, to: &Path, skip: &BTreeSet<&std::ffi::OsStr>) -> Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(from).map_err(io_err(from))?.collect::<std::io::Result<_>>().map_err(io_err(from))?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let (src, dest) = (e.path(), to.join(e.file_name()));
+        if skip.contains(e.file_name().as_os_str()) {
+            continue;
+        }
+        if src.is_dir() {
+            std::fs::create_dir(&dest).map_err(io_err(&dest))?;
+            copy_others(&src, &dest, &BTreeSet::new())?;
+        } else {
+            std::fs::copy(&src, &dest).map_err(io_err(&dest))?;
+        }
+    }
+    Ok(())
+}

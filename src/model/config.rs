@@ -1,0 +1,161 @@
+//! A model's configuration: its family (which stored tensors are which, how they are
+//! oriented) and its dimensions, read from `config.json`.
+
+use super::weights::Weights;
+use super::{Error, Result, FAMILIES};
+use crate::checkpoint::{self, Tensors};
+use candle_core::Device;
+use std::path::Path;
+
+/// How a stored projection matrix maps to the `[out, in]` view edits use (`out = W·k`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Orientation {
+    /// Stored `[out, in]` (torch `nn.Linear`).
+    OutIn,
+    /// Stored `[in, out]` (GPT-2's `Conv1D`): the transpose of the edit view.
+    InOut,
+}
+
+/// A per-layer stored matrix: its name template (`{layer}` is replaced) and orientation.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct Projection {
+    pub name: &'static str,
+    pub orientation: Orientation,
+}
+
+impl Projection {
+    /// The stored tensor's name at `layer`.
+    pub fn at(&self, layer: usize) -> String {
+        self.name.replace("{layer}", &layer.to_string())
+    }
+}
+
+/// A model family described as data.
+#[derive(Debug, serde::Serialize)]
+pub struct Family {
+    pub name: &'static str,
+    /// `model_type` values in `config.json` that belong to this family.
+    pub model_types: &'static [&'static str],
+    pub embed: &'static str,
+    pub final_norm: &'static str,
+    /// The unembedding, when stored separately; otherwise the embedding is tied.
+    pub unembed: &'static str,
+    /// The MLP's input projections (for Llama, gate then up).
+    pub mlp_in: &'static [Projection],
+    /// The MLP's output projection: the matrix ROME and MEMIT edit. Its input is the "key".
+    pub mlp_out: Projection,
+    /// Layers MEMIT edits by default.
+    pub default_edit_layers: [usize; 5],
+    /// KN's integrated-gradient steps by default (the peers' setting for the family).
+    pub kn_steps: usize,
+    #[serde(skip)]
+    pub(super) load: fn(&serde_json::Value, &Path) -> Result<Config>,
+    #[serde(skip)]
+    pub(super) weights: fn(&Config, &dyn Tensors, &Device) -> Result<Weights>,
+}
+
+/// A model's dimensions, read from `config.json`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Config {
+    pub family: &'static Family,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub norm_eps: f64,
+    /// RoPE base, for families that rotate positions.
+    pub rope_theta: Option<f64>,
+    pub max_positions: usize,
+    pub tied_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl Config {
+    /// Reads `dir/config.json` and picks the family by `model_type`.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(checkpoint::CONFIG);
+        if !path.is_file() {
+            return Err(checkpoint::Error::MissingConfig(dir.to_path_buf()).into());
+        }
+        Self::from_json(&checkpoint::read_json(&path)?, &path)
+    }
+
+    fn from_json(json: &serde_json::Value, path: &Path) -> Result<Self> {
+        let found = json.get("model_type").and_then(|v| v.as_str()).unwrap_or("<missing>");
+        let family = FAMILIES.iter().find(|f| f.model_types.contains(&found)).ok_or_else(|| Error::UnknownArchitecture {
+            path: path.to_path_buf(),
+            found: found.to_string(),
+            supported: FAMILIES.iter().flat_map(|f| f.model_types.iter().copied()).collect::<Vec<_>>().join(", "),
+        })?;
+        (family.load)(json, path)
+    }
+}
+
+/// Typed access to `config.json` fields, naming the file and key in errors.
+pub(crate) struct ConfigJson<'a> {
+    pub json: &'a serde_json::Value,
+    pub path: &'a Path,
+}
+
+impl ConfigJson<'_> {
+    fn err(&self, key: &str, problem: &str) -> Error {
+        Error::Config { path: self.path.to_path_buf(), key: key.to_string(), problem: problem.to_string() }
+    }
+
+    pub fn usize(&self, key: &str) -> Result<usize> {
+        match self.json.get(key) {
+            None | Some(serde_json::Value::Null) => Err(self.err(key, "is missing")),
+            Some(v) => match v.as_u64() {
+                Some(n) if n > 0 => Ok(n as usize),
+                _ => Err(self.err(key, "must be a positive integer")),
+            },
+        }
+    }
+
+    pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
+        match self.json.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(default),
+            Some(_) => self.usize(key),
+        }
+    }
+
+    pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
+        match self.json.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(default),
+            Some(v) => v.as_f64().filter(|x| x.is_finite() && *x > 0.0).ok_or_else(|| self.err(key, "must be a positive number")),
+        }
+    }
+
+    pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.json.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(default),
+            Some(v) => v.as_bool().ok_or_else(|| self.err(key, "must be true or false")),
+        }
+    }
+
+    pub fn str_or<'s>(&'s self, key: &str, default: &'s str) -> &'s str {
+        self.json.get(key).and_then(|v| v.as_str()).unwrap_or(default)
+    }
+
+    /// Token ids: an integer or a list of integers.
+    pub fn ids(&self, key: &str) -> Vec<u32> {
+        match self.json.get(key) {
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+            Some(v) => v.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Rejects features this engine does not implement rather than computing something else.
+    pub fn require(&self, key: &str, ok: bool, problem: &str) -> Result<()> {
+        if ok {
+            Ok(())
+        } else {
+            Err(self.err(key, problem))
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! The forward pass: batches, the hooks that capture or change activations, the KV cache for
+//! incremental decoding, and the blocks run over a batch.
+
+use super::ops::{self, Linear};
+use super::weights::{Block, MlpIn};
+use super::{attention, Error, Model, Result};
+use candle_core::{Module, Tensor};
+use std::collections::BTreeMap;
+
+/// Where an added vector enters a layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Site {
+    /// Added to the MLP key, the input of the output projection (where KN attributes).
+    Key,
+    /// Added to the MLP's output, before the residual sum (ROME's edit point).
+    MlpOut,
+    /// Added to the block's output, the residual stream (MEMIT's edit point).
+    Residual,
+}
+
+/// A vector added at chosen token positions of one layer. Differentiable in `delta`.
+#[derive(Clone, Debug)]
+pub struct Addition {
+    pub layer: usize,
+    pub site: Site,
+    /// `(sequence, position)` pairs in the batch.
+    pub at: Vec<(usize, usize)>,
+    /// `[hidden]` (the same vector everywhere) or `[at.len(), hidden]` (one per position).
+    pub delta: Tensor,
+}
+
+/// What a forward pass should record or change.
+#[derive(Clone, Debug, Default)]
+pub struct Hooks {
+    /// Layers whose MLP keys (the input of the output projection) are captured.
+    pub keys: Vec<usize>,
+    /// Layers whose block outputs (residual stream) are captured.
+    pub residuals: Vec<usize>,
+    /// Layers whose MLP outputs are captured.
+    pub mlp_outputs: Vec<usize>,
+    /// Start at this layer from this residual stream `[batch, seq, hidden]` instead of the
+    /// embeddings (what earlier layers computed, reused).
+    pub resume: Option<(usize, Tensor)>,
+    pub additions: Vec<Addition>,
+    /// Run layers `0..=stop_after` only.
+    pub stop_after: Option<usize>,
+}
+
+/// What a forward pass recorded.
+pub struct Trace {
+    /// Layer → keys `[batch, seq, intermediate]`.
+    pub keys: BTreeMap<usize, Tensor>,
+    /// Layer → block outputs `[batch, seq, hidden]`.
+    pub residuals: BTreeMap<usize, Tensor>,
+    /// Layer → MLP outputs `[batch, seq, hidden]`.
+    pub mlp_outputs: BTreeMap<usize, Tensor>,
+    /// The residual stream after the last layer run, before the final norm `[batch, seq, hidden]`.
+    pub hidden: Tensor,
+}
+
+/// A rectangular batch of token ids with a mask of real (non-pad) tokens.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    pub ids: Vec<Vec<u32>>,
+    pub mask: Vec<Vec<bool>>,
+}
+
+impl Batch {
+    /// Sequences padded on the right (for scoring: positions stay 0..len).
+    pub fn right_padded(seqs: &[Vec<u32>]) -> Self {
+        let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let ids = seqs.iter().map(|s| s.iter().copied().chain(std::iter::repeat(0)).take(t).collect()).collect();
+        let mask = seqs.iter().map(|s| (0..t).map(|i| i < s.len()).collect()).collect();
+        Batch { ids, mask }
+    }
+
+    /// Sequences padded on the left (for generation: every sequence ends at the last column).
+    pub fn left_padded(seqs: &[Vec<u32>]) -> Self {
+        let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let ids = seqs.iter().map(|s| std::iter::repeat_n(0, t - s.len()).chain(s.iter().copied()).collect()).collect();
+        let mask = seqs.iter().map(|s| (0..t).map(|i| i >= t - s.len()).collect()).collect();
+        Batch { ids, mask }
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    pub fn seq_len(&self) -> usize {
+        self.ids.first().map_or(0, Vec::len)
+    }
+}
+
+/// Keys and values of earlier positions, per layer, for incremental decoding. Cloning is
+/// cheap (tensors are shared), so one prefix can be continued many ways.
+#[derive(Clone, Default)]
+pub struct KvCache {
+    kv: Vec<Option<(Tensor, Tensor)>>,
+    /// Which cached positions are real tokens, per sequence.
+    mask: Vec<Vec<bool>>,
+}
+
+impl KvCache {
+    /// The cache of sequences `rows` (repeats allowed), in that order: one cached prefix
+    /// continued several ways in one batch.
+    pub fn select(&self, rows: &[usize]) -> Result<Self> {
+        if let Some(&bad) = rows.iter().find(|&&r| r >= self.mask.len()) {
+            return Err(Error::Input(format!("cache row {bad} out of range: the cache holds {} sequences", self.mask.len())));
+        }
+        let pick = |t: &Tensor| -> Result<Tensor> {
+            let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), t.device())?;
+            Ok(t.contiguous()?.index_select(&idx, 0)?)
+        };
+        let kv = self.kv.iter().map(|slot| slot.as_ref().map(|(k, v)| Ok((pick(k)?, pick(v)?))).transpose()).collect::<Result<_>>()?;
+        Ok(KvCache { kv, mask: rows.iter().map(|&r| self.mask[r].clone()).collect() })
+    }
+}
+
+impl Model {
+    /// Runs the blocks over `batch`, applying `hooks`; with a cache, continues after its positions.
+    pub fn forward(&self, batch: &Batch, hooks: &Hooks, mut cache: Option<&mut KvCache>) -> Result<Trace> {
+        let cfg = &self.config;
+        let (b, t) = (batch.len(), batch.seq_len());
+        if b == 0 || t == 0 {
+            return Err(Error::Input("empty batch".into()));
+        }
+        let last = hooks.stop_after.unwrap_or(cfg.num_layers - 1);
+        if last >= cfg.num_layers {
+            return Err(Error::Input(format!("layer {last} out of range: the model has {} layers", cfg.num_layers)));
+        }
+        let first = hooks.resume.as_ref().map_or(0, |(l, _)| *l);
+        let hooked = hooks.keys.iter().chain(&hooks.residuals).chain(&hooks.mlp_outputs).chain(hooks.additions.iter().map(|a| &a.layer));
+        for l in hooked {
+            if *l > last || *l < first {
+                return Err(Error::Input(format!("hook at layer {l} but the pass runs layers {first}..={last}")));
+            }
+        }
+        if let Some(c) = cache.as_deref_mut() {
+            if c.kv.is_empty() {
+                c.kv = vec![None; cfg.num_layers];
+                c.mask = vec![Vec::new(); b];
+            } else if c.mask.len() != b {
+                return Err(Error::Input(format!("cache holds {} sequences, batch has {b}", c.mask.len())));
+            }
+        }
+        let past_mask = cache.as_deref().map(|c| c.mask.clone()).unwrap_or_else(|| vec![Vec::new(); b]);
+        let (positions, bias) = self.positions_and_bias(batch, &past_mask)?;
+
+        let flat_ids: Vec<u32> = batch.ids.iter().flatten().copied().collect();
+        if let Some(&bad) = flat_ids.iter().find(|&&i| i as usize >= cfg.vocab_size) {
+            return Err(Error::Input(format!("token id {bad} out of range (vocabulary {})", cfg.vocab_size)));
+        }
+        let mut x = match &hooks.resume {
+            Some((_, hidden)) if hidden.dims() != [b, t, cfg.hidden_size] => {
+                return Err(Error::Input(format!("resume state {:?} does not fit the batch [{b}, {t}]", hidden.dims())));
+            }
+            Some((_, hidden)) => hidden.clone(),
+            None => {
+                let ids = Tensor::from_vec(flat_ids, b * t, &self.device)?;
+                let x = self.w.embed.index_select(&ids, 0)?.reshape((b, t, cfg.hidden_size))?;
+                match &self.w.positions {
+                    Some(pos) => (x + pos.index_select(&positions.flatten_all()?, 0)?.reshape((b, t, cfg.hidden_size))?)?,
+                    None => x,
+                }
+            }
+        };
+
+        let mut trace = Trace { keys: BTreeMap::new(), residuals: BTreeMap::new(), mlp_outputs: BTreeMap::new(), hidden: x.clone() };
+        for (l, block) in self.w.blocks.iter().enumerate().take(last + 1).skip(first) {
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.kv[l]);
+            let attn = self.attention(block, &block.attn_norm.forward(&x)?, &positions, &bias, layer_cache)?;
+            x = (x + attn)?;
+            let h = block.mlp_norm.forward(&x)?;
+            let key = match &block.mlp_in {
+                MlpIn::Gated { gate, up } => block.act.gated(&gate.forward(&h)?, &up.forward(&h)?)?,
+                MlpIn::Plain(fc) => block.act.apply(&fc.forward(&h)?)?,
+            };
+            let key = add_vectors(key, hooks, l, Site::Key)?;
+            let mut mlp = block.down.forward(&key)?;
+            if hooks.keys.contains(&l) {
+                trace.keys.insert(l, key);
+            }
+            mlp = add_vectors(mlp, hooks, l, Site::MlpOut)?;
+            if hooks.mlp_outputs.contains(&l) {
+                trace.mlp_outputs.insert(l, mlp.clone());
+            }
+            x = add_vectors((x + mlp)?, hooks, l, Site::Residual)?;
+            if hooks.residuals.contains(&l) {
+                trace.residuals.insert(l, x.clone());
+            }
+        }
+        if let Some(c) = cache {
+            for (m, new) in c.mask.iter_mut().zip(&batch.mask) {
+                m.extend_from_slice(new);
+            }
+        }
+        trace.hidden = x;
+        Ok(trace)
+    }
+
+    /// Next-token logits from residual-stream states `[.., hidden]`: final norm, then unembedding.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let head = Linear { weight: self.w.unembed.clone(), bias: None };
+        Ok(head.forward(&self.w.final_norm.forward(hidden)?)?)
+    }
+
+    /// Position ids `[b, t]` (counting real tokens only) and the additive attention bias
+    /// `[b, 1, t, past + t]` (causal, pads masked) for `batch` after `past` cached positions.
+    fn positions_and_bias(&self, batch: &Batch, past: &[Vec<bool>]) -> Result<(Tensor, Tensor)> {
+        let (b, t) = (batch.len(), batch.seq_len());
+        let p = past.first().map_or(0, Vec::len);
+        let mut positions = Vec::with_capacity(b * t);
+        let mut bias = Vec::with_capacity(b * t * (p + t));
+        for (row, past_row) in batch.mask.iter().zip(past) {
+            if row.len() != t {
+                return Err(Error::Input("batch rows differ in length".into()));
+            }
+            let keys: Vec<bool> = past_row.iter().chain(row).copied().collect();
+            let mut seen = past_row.iter().filter(|&&m| m).count();
+            for (i, &real) in row.iter().enumerate() {
+                positions.push(if real { seen } else { 0 } as u32);
+                seen += real as usize;
+                for (j, &k) in keys.iter().enumerate() {
+                    bias.push(if k && j <= p + i { 0f32 } else { f32::NEG_INFINITY });
+                }
+            }
+        }
+        let max = positions.iter().max().copied().unwrap_or(0) as usize;
+        if max >= self.config.max_positions {
+            return Err(Error::Input(format!("sequence of {} tokens exceeds the model's {} positions", max + 1, self.config.max_positions)));
+        }
+        // A query with no visible key (a pad row) would give NaN: let it see itself.
+        for (qi, chunk) in bias.chunks_mut(p + t).enumerate() {
+            if chunk.iter().all(|v| v.is_infinite()) {
+                chunk[p + qi % t] = 0.0;
+            }
+        }
+        Ok((Tensor::from_vec(positions, (b, t), &self.device)?, Tensor::from_vec(bias, (b, 1, t, p + t), &self.device)?.to_dtype(self.dtype())?))
+    }
+
+    fn attention(&self, block: &Block, x: &Tensor, positions: &Tensor, bias: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (b, t, _) = x.dims3()?;
+        let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+        let split = |y: Tensor, heads: usize| y.reshape((b, t, heads, hd))?.transpose(1, 2);
+        let mut q = split(block.q.forward(x)?, nh)?;
+        let mut k = split(block.k.forward(x)?, nkv)?;
+        let mut v = split(block.v.forward(x)?, nkv)?;
+        if let Some(rope) = &self.rope {
+            q = rope.apply(&q.contiguous()?, positions)?;
+            k = rope.apply(&k.contiguous()?, positions)?;
+        }
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        if ![&q, &k, &v].iter().any(|y| y.track_op()) && attention::supports(&q) {
+            return Ok(block.o.forward(&attention::attend(&q, &k, &v, bias)?)?);
+        }
+        let rep = nh / nkv;
+        let repeat = |y: Tensor| -> candle_core::Result<Tensor> {
+            if rep == 1 {
+                return Ok(y);
+            }
+            let (b, h, s, d) = y.dims4()?;
+            y.unsqueeze(2)?.broadcast_as((b, h, rep, s, d))?.reshape((b, h * rep, s, d))
+        };
+        let (k, v) = (repeat(k)?.contiguous()?, repeat(v)?.contiguous()?);
+        let scores = (q.contiguous()?.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(bias)?;
+        let probs = ops::softmax(&scores)?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        Ok(block.o.forward(&out)?)
+    }
+}
+
+/// Adds the hooks' vectors for `(layer, site)` to `x [b, t, d]`.
+fn add_vectors(x: Tensor, hooks: &Hooks, layer: usize, site: Site) -> Result<Tensor> {
+    let mut x = x;
+    for a in hooks.additions.iter().filter(|a| a.layer == layer && a.site == site) {
+        x = add_at(&x, &a.at, &a.delta)?;
+    }
+    Ok(x)
+}
+
+/// `x [b, t, d]` plus `delta` (`[hidden]`, or `[at.len(), hidden]`) at the `(sequence,
+/// position)` pairs `at`; differentiable in both.
+pub fn add_at(x: &Tensor, at: &[(usize, usize)], delta: &Tensor) -> Result<Tensor> {
+    let (b, t, d) = x.dims3()?;
+    let n = at.len();
+    let mut onehot = vec![0f32; b * t * n];
+    for (i, &(s, p)) in at.iter().enumerate() {
+        if s >= b || p >= t {
+            return Err(Error::Input(format!("addition at ({s}, {p}) outside the batch [{b}, {t}]")));
+        }
+        onehot[(s * t + p) * n + i] = 1.0;
+    }
+    let onehot = Tensor::from_vec(onehot, (b * t, n), x.device())?.to_dtype(x.dtype())?;
+    let delta = match delta.rank() {
+        // Materialised: CUDA matmuls take no broadcast (zero-stride) operands.
+        1 => delta.unsqueeze(0)?.broadcast_as((n, d))?.contiguous()?,
+        _ => delta.contiguous()?,
+    };
+    let added = onehot.matmul(&delta.to_dtype(x.dtype())?)?.reshape((b, t, d))?;
+    Ok((x + added)?)
+}
