@@ -3,8 +3,9 @@
 
 use crate::apply::{self, Error, Result, Stack};
 use crate::checkpoint::Checkpoint;
-use crate::io_err;
+use crate::model::{Orientation, FAMILIES};
 use crate::patch::{Manifest, Patch};
+use crate::plot;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -215,69 +216,58 @@ impl fmt::Display for Report {
     }
 }
 
-/// Longest side of one heatmap panel, in pixels; larger matrices are max-pooled.
-const PANEL: usize = 512;
-
-/// Draws |ΔW/W| of every touched tensor of `patch` against `model` into `png`, one panel per
-/// tensor from top to bottom, colour on a log scale from 10^-6 (dark) to 1 (bright); black
-/// is no change. Returns the tensor names in panel order.
+/// Draws |ΔW/W| of every touched tensor of `patch` against `model` into `png` (see
+/// [`plot::heatmap`]), one panel per tensor, titled with the patch id and its RECT k. Returns
+/// the tensor names in panel order.
 pub fn heatmap(patch: &Path, model: &Path, png: &Path) -> Result<Vec<String>> {
     if png.exists() {
         return Err(Error::OutputExists(png.to_path_buf()));
     }
     let ckpt = Checkpoint::open(model)?;
     let stack = Stack::load(&[patch.to_path_buf()])?;
+    let p = &stack.patches()[0];
+    let manifest = p.manifest();
     let names: Vec<String> = stack.touched().map(str::to_string).collect();
-    let mut panels = Vec::new();
+    let mut matrices = Vec::new();
     for name in &names {
         let m = measure(&ckpt, &stack, name)?;
         let (rows, cols) = match m.shape[..] {
             [r, c] => (r, c),
             _ => (1, m.w.len()),
         };
-        let block = rows.max(cols).div_ceil(PANEL).max(1);
-        let (h, w) = (rows.div_ceil(block), cols.div_ceil(block));
-        let mut cells = vec![0f32; h * w];
-        for (i, (&d, &wv)) in m.delta.iter().zip(&m.w).enumerate() {
-            let cell = &mut cells[(i / cols / block) * w + (i % cols) / block];
-            *cell = cell.max(if d == 0.0 { 0.0 } else { relative(d, wv) });
+        let changed = m.delta.iter().filter(|d| **d != 0.0).count();
+        let (out, inp) = axes(&manifest.model.family, name).unwrap_or_default();
+        matrices.push(plot::Matrix {
+            title: format!("{name} · {:.1}% of elements changed", 100.0 * changed as f64 / m.delta.len().max(1) as f64),
+            x_label: format!("columns ({inp}{cols})"),
+            y_label: format!("rows ({out}{rows})"),
+            rows,
+            cols,
+            values: m.delta.iter().zip(&m.w).map(|(&d, &w)| if d == 0.0 { 0.0 } else { relative(d, w) }).collect(),
+        });
+    }
+    let (rect, effect) = match manifest.rect_k {
+        Some(k) if k < 100.0 => {
+            (format!("RECT k = {k}%"), format!("RECT: each update keeps only its top {k}% of elements by |ΔW/W|; the others stay unchanged."))
         }
-        panels.push((h, w, cells));
-    }
-    let width = panels.iter().map(|p| p.1).max().unwrap_or(1);
-    let height = panels.iter().map(|p| p.0 + 4).sum::<usize>().max(1);
-    let mut rgb = vec![40u8; width * height * 3];
-    let mut y0 = 0;
-    for (h, w, cells) in &panels {
-        for y in 0..*h {
-            for x in 0..*w {
-                let px = ((y0 + y) * width + x) * 3;
-                rgb[px..px + 3].copy_from_slice(&colour(cells[y * w + x]));
-            }
-        }
-        y0 += h + 4;
-    }
-    let mut file = crate::atomic::AtomicFile::create(png, false).map_err(io_err(png))?;
-    {
-        let mut enc = png::Encoder::new(&mut file, width as u32, height as u32);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut w = enc.write_header().map_err(std::io::Error::from).map_err(io_err(png))?;
-        w.write_image_data(&rgb).map_err(std::io::Error::from).map_err(io_err(png))?;
-    }
-    file.commit().map_err(io_err(png))?;
+        _ => ("no RECT".to_string(), "No RECT (k = 100): every element of each update is applied.".to_string()),
+    };
+    let title = format!("|ΔW/W| of each edited matrix · {rect}");
+    let notes = [format!("patch {} · {} · {} edit(s)", p.id(), manifest.method.name, manifest.edits.len()), effect];
+    plot::heatmap(png, &title, &notes, &matrices)?;
     Ok(names)
 }
 
-/// Black for zero, then a dark-purple → red → yellow ramp over log10 from -6 to 0.
-fn colour(r: f32) -> [u8; 3] {
-    if r <= 0.0 {
-        return [0, 0, 0];
-    }
-    let t = ((r.log10() + 6.0) / 6.0).clamp(0.0, 1.0);
-    const STOPS: [[f32; 3]; 4] = [[40.0, 10.0, 80.0], [150.0, 30.0, 110.0], [230.0, 90.0, 30.0], [252.0, 250.0, 150.0]];
-    let x = t * (STOPS.len() - 1) as f32;
-    let i = (x as usize).min(STOPS.len() - 2);
-    let f = x - i as f32;
-    std::array::from_fn(|c| (STOPS[i][c] + (STOPS[i + 1][c] - STOPS[i][c]) * f) as u8)
+/// The (rows, columns) axis prefixes of `tensor`, ("out, ", "in, ") or the reverse, when
+/// `family` names it as an MLP projection.
+fn axes(family: &str, tensor: &str) -> Option<(&'static str, &'static str)> {
+    let f = FAMILIES.iter().find(|f| f.name == family)?;
+    let p = f.mlp_in.iter().chain([&f.mlp_out]).find(|p| {
+        let (pre, post) = p.name.split_once("{layer}").unwrap_or((p.name, ""));
+        tensor.strip_prefix(pre).and_then(|t| t.strip_suffix(post)).is_some_and(|l| l.parse::<usize>().is_ok())
+    })?;
+    Some(match p.orientation {
+        Orientation::OutIn => ("out, ", "in, "),
+        Orientation::InOut => ("in, ", "out, "),
+    })
 }

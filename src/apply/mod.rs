@@ -61,6 +61,9 @@ pub enum Error {
     /// No patches were given.
     #[error("no patches given")]
     Empty,
+    /// Drawing a chart (the audit heatmap) failed.
+    #[error(transparent)]
+    Plot(#[from] crate::plot::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -1,6 +1,7 @@
-//! PNG charts for experiments: a metric against the number of edits, one line per setting,
-//! and grouped bars. Drawn with plotters into memory with an embedded font (DejaVu Sans, see
-//! `DejaVuSans-LICENSE.txt`), so no system font is needed, and written atomically.
+//! PNG charts: for experiments, a metric against the number of edits, one line per setting,
+//! and grouped bars; for audits, heatmaps of |ΔW/W|. Drawn with plotters into memory with an
+//! embedded font (DejaVu Sans, see `DejaVuSans-LICENSE.txt`), so no system font is needed,
+//! and written atomically.
 
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
@@ -71,7 +72,7 @@ pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[S
         }
     };
     let (x_min, x_top) = if axes.log_x { (-0.08 * x_max.max(1.0), x_max + 0.08 * x_max.max(1.0)) } else { (0.0, x_max) };
-    render(path, |root| {
+    render(path, SIZE, true, |root| {
         let mut chart = frame(&root, title).build_cartesian_2d(x_min..x_top, y_min..y_top)?;
         let mut mesh = chart.configure_mesh();
         mesh.light_line_style(WHITE).x_desc(x_label).y_desc(y_label).label_style(("sans-serif", 14));
@@ -112,7 +113,7 @@ pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[S
 pub fn bars(path: &Path, title: &str, y_label: &str, groups: &[String], series: &[Series]) -> Result<()> {
     let y_max = series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).fold(0f64, f64::max).max(1e-9) * 1.1;
     let n = series.len().max(1) as f64;
-    render(path, |root| {
+    render(path, SIZE, true, |root| {
         let mut chart = frame(&root, title).build_cartesian_2d(0f64..groups.len() as f64, 0f64..y_max)?;
         chart
             .configure_mesh()
@@ -147,6 +148,130 @@ pub fn bars(path: &Path, title: &str, y_label: &str, groups: &[String], series: 
     })
 }
 
+/// One matrix of a heatmap: |ΔW/W| per element, row-major, 0 where the element is unchanged.
+#[derive(Clone, Debug, Default)]
+pub struct Matrix {
+    pub title: String,
+    /// Axis titles, e.g. "columns (in, 1536)" and "rows (out, 576)".
+    pub x_label: String,
+    pub y_label: String,
+    pub rows: usize,
+    pub cols: usize,
+    pub values: Vec<f32>,
+}
+
+/// The heatmap colour of an unchanged element (a zero delta).
+pub const UNCHANGED: RGBColor = RGBColor(222, 222, 222);
+/// Heatmap colours, one per decade of |ΔW/W| from 10^-6 to 1 (viridis); values beyond take the
+/// end colours. Few distinct colours also keep the PNG small.
+const DECADES: [RGBColor; 6] =
+    [RGBColor(68, 1, 84), RGBColor(65, 68, 135), RGBColor(42, 120, 142), RGBColor(34, 168, 132), RGBColor(122, 209, 81), RGBColor(253, 231, 37)];
+/// Longest side of a heatmap panel, in pixels.
+const PANEL: usize = 512;
+
+/// Heatmaps of `matrices`, one panel each from top to bottom, under `title` and one line per
+/// note, with one colour bar.
+///
+/// Each pixel shows one element, sampled (nearest neighbour), never a max or mean of several:
+/// a 576 × 1536 matrix shows every 3rd row and column, a small one is magnified. So a colour is
+/// a real element's |ΔW/W| and the share of 'unchanged' pixels estimates the share of unchanged
+/// elements, and RECT's sparsity shows: max-pooling painted a pixel as soon as one element of
+/// its block changed, and the RECT and dense heatmaps looked alike.
+pub fn heatmap(path: &Path, title: &str, notes: &[String], matrices: &[Matrix]) -> Result<()> {
+    const LEFT: usize = 90; // margin, row ticks and axis title
+    const CAPTION: usize = 28; // panel title
+    const BOTTOM: usize = 50; // column ticks and axis title
+    const GAP: usize = 14;
+    const BAR: (usize, usize) = (200, 330); // colour bar and swatch
+    let top = 48 + 22 * notes.len(); // title and notes
+    let sizes: Vec<(usize, usize, usize)> = matrices.iter().map(|m| panel_size(m.rows, m.cols)).collect();
+    let width = LEFT + sizes.iter().map(|s| s.0).max().unwrap_or(0).max(PANEL) + 40 + BAR.0;
+    let height = (top + sizes.iter().map(|s| CAPTION + s.1 + BOTTOM + GAP).sum::<usize>()).max(top + BAR.1);
+    render(path, (width as u32, height as u32), false, |root| {
+        root.draw_text(title, &text(22), (16, 12))?;
+        for (i, note) in notes.iter().enumerate() {
+            root.draw_text(note, &text(14), (16, 44 + 22 * i as i32))?;
+        }
+        let mut y0 = top;
+        for (m, &(w, h, step)) in matrices.iter().zip(&sizes) {
+            let area = root.clone().shrink((0, y0 as i32), ((LEFT + w + 20) as i32, (CAPTION + h + BOTTOM) as i32));
+            let scale = if step > 1 {
+                format!("1 pixel = 1 element of each {step} × {step} block")
+            } else {
+                format!("1 element = {} × {} pixels", w / m.cols.max(1), h / m.rows.max(1))
+            };
+            area.draw_text(&m.title, &text(15), (LEFT as i32, 4))?;
+            // Row 0 at the top: the y axis runs from -rows up to 0, labelled without the sign.
+            let mut chart = ChartBuilder::on(&area)
+                .margin_top(CAPTION as i32)
+                .margin_left(16)
+                .margin_right(20)
+                .x_label_area_size(BOTTOM as i32)
+                .y_label_area_size(LEFT as i32 - 16)
+                .build_cartesian_2d(0..m.cols as i64, -(m.rows as i64)..0)?;
+            chart
+                .configure_mesh()
+                .disable_mesh()
+                .x_desc(format!("{} · {scale}", m.x_label))
+                .y_desc(&m.y_label)
+                .y_label_formatter(&|r| (-r).to_string())
+                .label_style(("sans-serif", 13))
+                .draw()?;
+            let (xs, ys) = chart.plotting_area().get_pixel_range();
+            for y in 0..h {
+                for x in 0..w {
+                    let v = m.values[y * m.rows / h * m.cols + x * m.cols / w];
+                    root.draw_pixel((xs.start + x as i32, ys.start + y as i32), &colour(v))?;
+                }
+            }
+            y0 += CAPTION + h + BOTTOM + GAP;
+        }
+        colour_bar(&root.clone().shrink(((width - BAR.0) as i32, top as i32), (BAR.0 as i32, BAR.1 as i32)))
+    })
+}
+
+/// A `rows × cols` panel's size in pixels and its sampling step, (width, height, step): every
+/// `step`-th row and column if the longer side exceeds [`PANEL`], else whole pixels per
+/// element (step 1); each side at least 16 pixels.
+fn panel_size(rows: usize, cols: usize) -> (usize, usize, usize) {
+    let long = rows.max(cols).max(1);
+    let step = long.div_ceil(PANEL);
+    let zoom = (PANEL / 2 / long).max(1);
+    let (w, h) = if step > 1 { (cols.div_ceil(step), rows.div_ceil(step)) } else { (cols * zoom, rows * zoom) };
+    (w.max(16), h.max(16), step)
+}
+
+fn colour(v: f32) -> RGBColor {
+    if v > 0.0 {
+        DECADES[(v.log10().floor() as i32 + 6).clamp(0, 5) as usize]
+    } else {
+        UNCHANGED
+    }
+}
+
+/// The colour bar: one block per decade of |ΔW/W| from 10^-6 to 1, then the 'unchanged' swatch.
+fn colour_bar(area: &DrawingArea<BitMapBackend, plotters::coord::Shift>) -> DrawResult {
+    area.draw_text("|ΔW/W|, log scale", &text(15), (0, 0))?;
+    let mut chart = ChartBuilder::on(area).margin_top(34).margin_bottom(80).y_label_area_size(50).margin_right(110).build_cartesian_2d(0..1, -6..0)?;
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .y_labels(7)
+        .y_label_formatter(&|d| if *d == 0 { "1".to_string() } else { format!("1e{d}") })
+        .label_style(("sans-serif", 13))
+        .draw()?;
+    chart.draw_series((-6..0).map(|d| Rectangle::new([(0, d), (1, d + 1)], DECADES[(d + 6) as usize].filled())))?;
+    let y = area.dim_in_pixel().1 as i32 - 64;
+    area.draw(&Rectangle::new([(50, y), (80, y + 20)], UNCHANGED.filled()))?;
+    area.draw_text("unchanged (0)", &text(14), (88, y + 3))?;
+    area.draw_text("< 1e-6: darkest, > 1: yellow", &text(12), (0, y + 34))?;
+    Ok(())
+}
+
+fn text(size: u32) -> TextStyle<'static> {
+    ("sans-serif", size).into_font().into()
+}
+
 /// The chart's caption, margins and label areas, shared by every kind of chart.
 fn frame<'a, 'b>(root: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>, title: &str) -> ChartBuilder<'a, 'b, BitMapBackend<'b>> {
     let mut b = ChartBuilder::on(root);
@@ -156,17 +281,18 @@ fn frame<'a, 'b>(root: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift
 
 type DrawResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
-/// Draws into an RGB buffer with `draw`, then writes it as a PNG at `path` atomically.
-fn render(path: &Path, draw: impl FnOnce(DrawingArea<BitMapBackend, plotters::coord::Shift>) -> DrawResult) -> Result<()> {
+/// Draws a `size` RGB image with `draw`, then writes it as a PNG at `path` atomically,
+/// replacing an existing file only if `overwrite`.
+fn render(path: &Path, size: (u32, u32), overwrite: bool, draw: impl FnOnce(DrawingArea<BitMapBackend, plotters::coord::Shift>) -> DrawResult) -> Result<()> {
     static FONT_REGISTERED: std::sync::Once = std::sync::Once::new();
     FONT_REGISTERED.call_once(|| {
         // The font is part of this crate: it always parses.
         let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
     });
-    let (w, h) = SIZE;
+    let (w, h) = size;
     let mut rgb = vec![255u8; (w * h * 3) as usize];
     {
-        let root = BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area();
+        let root = BitMapBackend::with_buffer(&mut rgb, size).into_drawing_area();
         let failed = |e: &dyn std::fmt::Display| Error::Draw { path: path.to_path_buf(), reason: e.to_string() };
         root.fill(&WHITE).map_err(|e| failed(&e))?;
         draw(root.clone()).map_err(|e| failed(&e))?;
@@ -176,8 +302,9 @@ fn render(path: &Path, draw: impl FnOnce(DrawingArea<BitMapBackend, plotters::co
     let mut enc = png::Encoder::new(&mut bytes, w, h);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
+    enc.set_compression(png::Compression::Best);
     enc.write_header().and_then(|mut wr| wr.write_image_data(&rgb)).map_err(std::io::Error::other).map_err(crate::io_err(path))?;
-    Ok(crate::atomic::write(path, &bytes, true).map_err(crate::io_err(path))?)
+    Ok(crate::atomic::write(path, &bytes, overwrite).map_err(crate::io_err(path))?)
 }
 
 #[cfg(test)]
