@@ -84,7 +84,7 @@ fn merge_edits(patches: &[Patch], allow_override: bool) -> Result<(Vec<Edit>, Ve
             if let Some((q, target)) = seen.get(&key) {
                 if *target != e.target_new {
                     conflicts.push(format!(
-                        "  ({:?}, {:?}): {} sets {:?}, {} sets {:?}",
+                        "({:?}, {:?}): {} sets {:?}, {} sets {:?}",
                         e.subject,
                         e.relation,
                         patches[*q].path().display(),
@@ -100,7 +100,7 @@ fn merge_edits(patches: &[Patch], allow_override: bool) -> Result<(Vec<Edit>, Ve
         }
     }
     if !conflicts.is_empty() && !allow_override {
-        return Err(Error::Conflict(conflicts.join("\n")));
+        return Err(Error::Conflict(conflicts.join("; ")));
     }
     Ok((edits.into_iter().map(|(_, e)| e).collect(), conflicts))
 }

@@ -46,8 +46,8 @@ pub enum Error {
     /// A patch's parent is not the patch before it in the stack.
     #[error("{patch}: compiled on top of {parent}, but follows {previous} in the stack")]
     ParentChain { patch: PathBuf, parent: String, previous: String },
-    /// Patches in a stack edit the same fact with different targets.
-    #[error("conflicting edits (use --allow-override to let later patches win):\n{0}")]
+    /// Patches in a stack edit the same fact with different targets (one line, `; `-separated).
+    #[error("conflicting edits (use --allow-override to let later patches win): {0}")]
     Conflict(String),
     /// A RECT entry overlapping another patch cannot be merged without the base model.
     #[error("{patch}: tensor `{name}` uses RECT and is touched by several patches; merging it needs the base model")]
