@@ -29,6 +29,20 @@ pub struct Report {
     pub tensors: Vec<TensorReport>,
     /// The patch's manifest, as stored.
     pub manifest: Manifest,
+    /// The detached signature beside the patch (`PATCH.minisig`), if any.
+    pub signature: Option<SignatureReport>,
+}
+
+/// Who signed the patch, and whether that was checked.
+#[derive(Debug, Clone, Serialize)]
+pub struct SignatureReport {
+    #[serde(flatten)]
+    pub signer: crate::sign::Signer,
+    /// `None` until checked against trusted keys ([`Report::check_signature`]).
+    pub verified: Option<bool>,
+    /// Why it did not verify.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// One touched tensor.
@@ -93,6 +107,7 @@ pub fn report(patch: &Path, model: Option<&Path>) -> Result<Report> {
         bytes_by_encoding,
         against_model: model.map(Path::to_path_buf),
         tensors,
+        signature: crate::sign::read_signature(patch)?.map(|(_, signer)| SignatureReport { signer, verified: None, problem: None }),
     };
     if let Some(dir) = model {
         let ckpt = Checkpoint::open(dir)?;
@@ -104,6 +119,19 @@ pub fn report(patch: &Path, model: Option<&Path>) -> Result<Report> {
         }
     }
     Ok(r)
+}
+
+impl Report {
+    /// Checks the patch's signature against `trusted` and records the outcome (an unsigned
+    /// patch stays without one).
+    pub fn check_signature(&mut self, trusted: &crate::sign::Trusted) -> Result<()> {
+        if let Some(s) = &mut self.signature {
+            let outcome = trusted.verify(&Patch::read(&self.path)?);
+            s.verified = Some(outcome.is_ok());
+            s.problem = outcome.err().map(|e| e.to_string());
+        }
+        Ok(())
+    }
 }
 
 fn fill_delta_stats(t: &mut TensorReport, d: &[f32]) {
@@ -168,6 +196,17 @@ impl fmt::Display for Report {
         }
         for i in &m.includes {
             writeln!(f, "includes {i}")?;
+        }
+        match &self.signature {
+            Some(s) => {
+                let status = match (s.verified, &s.problem) {
+                    (None, _) => "not checked: pass --trusted KEYS".to_string(),
+                    (Some(true), _) => "verified against the trusted keys".to_string(),
+                    (Some(false), p) => format!("DOES NOT VERIFY: {}", p.as_deref().unwrap_or("")),
+                };
+                writeln!(f, "signed by key {} ({}); {status}", s.signer.key_id, s.signer.trusted_comment)?
+            }
+            None => writeln!(f, "unsigned")?,
         }
         match m.rect_k {
             Some(k) if k < 100.0 => writeln!(f, "RECT k = {k}%")?,

@@ -14,6 +14,7 @@ pub mod model;
 pub mod patch;
 pub mod plot;
 pub mod rect;
+pub mod sign;
 pub mod stats;
 pub mod tokenize;
 

@@ -5,8 +5,9 @@ use clap::{Parser, Subcommand};
 use factpatch::compile::{Compiler, Spec, StatsSource};
 use factpatch::edit::{request, Method};
 use factpatch::model::{self, Model, Sampling};
+use factpatch::patch::Patch;
 use factpatch::tokenize::Tokenizer;
-use factpatch::{apply, audit, eval, stats};
+use factpatch::{apply, audit, eval, sign, stats};
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
@@ -120,6 +121,35 @@ enum Command {
         /// nothing behind, a power loss may leave the output partly written.
         #[arg(long)]
         no_sync: bool,
+        /// Apply only patches signed (PATCH.minisig) by one of the keys in these minisign
+        /// public-key files.
+        #[arg(long, num_args = 1..)]
+        trusted: Vec<PathBuf>,
+    },
+    /// Make a signing key pair without a password: OUT.pub to share, OUT.key to keep.
+    ///
+    /// Example: factpatch keygen --out keys/release
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a patch: a detached minisign signature, PATCH.minisig.
+    ///
+    /// Example: factpatch sign eiffel.fpatch --key keys/release.key
+    Sign {
+        patch: PathBuf,
+        /// A minisign secret key (`factpatch keygen`).
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Check a patch's signature against trusted public keys.
+    ///
+    /// Example: factpatch verify eiffel.fpatch --trusted keys/release.pub
+    Verify {
+        patch: PathBuf,
+        /// Minisign public-key files.
+        #[arg(long, required = true, num_args = 1..)]
+        trusted: Vec<PathBuf>,
     },
     /// Merge a stack of patches into one equivalent patch.
     ///
@@ -246,6 +276,9 @@ enum Command {
         /// Draw |ΔW/W| per touched matrix into this PNG (needs --model).
         #[arg(long)]
         heatmap: Option<PathBuf>,
+        /// Check the patch's signature against these minisign public-key files.
+        #[arg(long, num_args = 1..)]
+        trusted: Vec<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -433,10 +466,27 @@ fn run(command: Command) -> Result<()> {
             println!("edited model {} (identity {})", s.output.display(), s.identity);
             Ok(())
         }
-        Command::Apply { model, patch, out, no_sync } => {
-            let options = apply::ApplyOptions { sync: !no_sync, hash_cache: Some(factpatch::checkpoint::default_hash_cache()) };
+        Command::Apply { model, patch, out, no_sync, trusted } => {
+            let trusted = (!trusted.is_empty()).then(|| sign::Trusted::read(&trusted)).transpose()?;
+            let options = apply::ApplyOptions { sync: !no_sync, hash_cache: Some(factpatch::checkpoint::default_hash_cache()), trusted };
             let s = apply::apply_with(&model, &patch, &out, &options)?;
             println!("applied {} patch(es), {} tensor(s) changed: {} (identity {})", s.patches.len(), s.tensors_patched, s.output.display(), s.identity);
+            Ok(())
+        }
+        Command::Keygen { out } => {
+            let (public, secret) = sign::keygen(&out)?;
+            println!("public key {} (share it), secret key {} (keep it)", public.display(), secret.display());
+            Ok(())
+        }
+        Command::Sign { patch, key } => {
+            let (path, signer) = sign::sign(&Patch::read(&patch)?, &key)?;
+            println!("signed {} with key {}: {}", patch.display(), signer.key_id, path.display());
+            Ok(())
+        }
+        Command::Verify { patch, trusted } => {
+            let p = Patch::read(&patch)?;
+            let signer = sign::Trusted::read(&trusted)?.verify(&p)?;
+            println!("{}: {} signed by key {} ({})", patch.display(), p.id(), signer.key_id, signer.trusted_comment);
             Ok(())
         }
         Command::Merge { patches, out, model, allow_override } => {
@@ -452,8 +502,11 @@ fn run(command: Command) -> Result<()> {
             println!("{} tensor(s) differ: {} ({}, {} bytes)", s.tensors_changed, s.output.display(), s.id, s.bytes);
             Ok(())
         }
-        Command::Audit { patch, model, heatmap, json } => {
-            let report = audit::report(&patch, model.as_deref())?;
+        Command::Audit { patch, model, heatmap, trusted, json } => {
+            let mut report = audit::report(&patch, model.as_deref())?;
+            if !trusted.is_empty() {
+                report.check_signature(&sign::Trusted::read(&trusted)?)?;
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -296,7 +296,7 @@ fn tensor_hashes_are_cached_under_the_files_identity_on_disk() {
     // Applying with the cache and without the fsync writes the same model, with the same identity.
     let p = write_patch(&t.path().join("p"), &reopened, &[], manifest("rome"), vec![(UP0, Delta::LowRank(vec![factors(24, 16, 1, 5, 0.01)]))]);
     let plain = apply::apply(&base, std::slice::from_ref(&p), &t.path().join("plain")).unwrap();
-    let options = apply::ApplyOptions { sync: false, hash_cache: Some(cache) };
+    let options = apply::ApplyOptions { sync: false, hash_cache: Some(cache), ..Default::default() };
     let fast = apply::apply_with(&base, &[p], &t.path().join("fast"), &options).unwrap();
     assert_eq!(plain.identity, fast.identity);
     assert_eq!(folder(&t.path().join("plain")), folder(&t.path().join("fast")));

@@ -61,6 +61,9 @@ pub enum Error {
     /// No patches were given.
     #[error("no patches given")]
     Empty,
+    /// A patch's signature is missing, untrusted or wrong (`apply --trusted`).
+    #[error(transparent)]
+    Signature(#[from] crate::sign::Error),
     /// Drawing a chart (the audit heatmap) failed.
     #[error(transparent)]
     Plot(#[from] crate::plot::Error),

@@ -88,11 +88,14 @@ pub struct ApplyOptions {
     /// Where the base's tensor hashes are remembered (`Checkpoint::tensor_hashes_cached`);
     /// `None` hashes the untouched tensors at every apply.
     pub hash_cache: Option<PathBuf>,
+    /// When given, every patch must carry a signature by one of these keys (`PATCH.minisig`),
+    /// checked over the bytes that are applied.
+    pub trusted: Option<crate::sign::Trusted>,
 }
 
 impl Default for ApplyOptions {
     fn default() -> Self {
-        ApplyOptions { sync: true, hash_cache: None }
+        ApplyOptions { sync: true, hash_cache: None, trusted: None }
     }
 }
 
@@ -111,6 +114,11 @@ pub fn apply_with(model: &Path, patches: &[PathBuf], out: &Path, options: &Apply
     }
     let ckpt = Checkpoint::open(model)?;
     let stack = Stack::load(patches)?;
+    if let Some(trusted) = &options.trusted {
+        for p in stack.patches() {
+            trusted.verify(p)?;
+        }
+    }
     stack.verify(&ckpt)?;
     let dir = AtomicDir::create(out).map_err(io_err(out))?;
     let untouched: Vec<&str> = ckpt.names().filter(|n| !stack.touched.contains_key(*n)).collect();
