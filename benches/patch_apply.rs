@@ -74,7 +74,11 @@ fn peak_rss_kib() -> u64 {
 fn main() {
     // Child mode: apply one patch and report this process's peak RSS.
     if let (Ok(model), Ok(p), Ok(out)) = (std::env::var("FP_MODEL"), std::env::var("FP_PATCH"), std::env::var("FP_OUT")) {
-        let options = apply::ApplyOptions { sync: std::env::var("FP_SYNC").as_deref() != Ok("0"), hash_cache: std::env::var_os("FP_CACHE").map(PathBuf::from) };
+        let options = apply::ApplyOptions {
+            sync: std::env::var("FP_SYNC").as_deref() != Ok("0"),
+            hash_cache: std::env::var_os("FP_CACHE").map(PathBuf::from),
+            ..Default::default()
+        };
         let start = peak_rss_kib();
         let t = Instant::now();
         apply::apply_with(Path::new(&model), &[PathBuf::from(p)], Path::new(&out), &options).unwrap();
