@@ -77,7 +77,7 @@ fn main() {
         let options = apply::ApplyOptions {
             sync: std::env::var("FP_SYNC").as_deref() != Ok("0"),
             hash_cache: std::env::var_os("FP_CACHE").map(PathBuf::from),
-            trusted: None,
+            ..Default::default()
         };
         let start = peak_rss_kib();
         let t = Instant::now();

@@ -191,6 +191,9 @@ impl fmt::Display for Report {
         let m = &self.manifest;
         writeln!(f, "patch {}  ({} bytes, {})", self.id, self.file_bytes, m.tool)?;
         writeln!(f, "model {} ({}), method {}", m.model.name, m.model.family, m.method.name)?;
+        if let Some(b) = &m.base_model {
+            writeln!(f, "base model identity {b}")?;
+        }
         if let Some(p) = &m.parent {
             writeln!(f, "parent {p}")?;
         }
@@ -222,6 +225,17 @@ impl fmt::Display for Report {
         writeln!(f, "{} edit(s):", m.edits.len())?;
         for e in &m.edits {
             writeln!(f, "  {:?} [{}]: {:?} → {:?}   ({:?})", e.subject, e.relation, e.target_old, e.target_new, e.prompt)?;
+        }
+        if !m.overridden.is_empty() {
+            writeln!(f, "{} overridden edit(s), their weight changes still in the patch:", m.overridden.len())?;
+        }
+        for e in &m.overridden {
+            let by = m
+                .edits
+                .iter()
+                .find(|x| (&x.subject, &x.relation) == (&e.subject, &e.relation))
+                .map_or(String::new(), |x| format!(", overridden by → {:?}", x.target_new));
+            writeln!(f, "  {:?} [{}]: {:?} → {:?}{by}   ({:?})", e.subject, e.relation, e.target_old, e.target_new, e.prompt)?;
         }
         let enc: Vec<_> = self.bytes_by_encoding.iter().map(|(k, v)| format!("{k} {v} B")).collect();
         writeln!(f, "{} tensor(s); payload bytes by encoding: {}", self.tensors.len(), enc.join(", "))?;

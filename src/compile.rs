@@ -135,6 +135,8 @@ pub struct Compiler {
     pub templates: Vec<Vec<String>>,
     pub stats: Option<StatsUsed>,
     base: Arc<Checkpoint>,
+    /// The base's identity, recorded in every patch.
+    base_identity: String,
     parents: Arc<Stack>,
     model_name: String,
 }
@@ -153,6 +155,8 @@ impl Compiler {
         let base = Arc::new(Checkpoint::open(&spec.model)?);
         let (preserved, stats) = statistics(spec, &hp, &base)?;
         let parents = Arc::new(Stack::load(&spec.on)?);
+        // The parents must be for this model and start their chain (`formats/patch.md`, "Base model").
+        let base_identity = parents.check_model(&base, Some(&crate::checkpoint::default_hash_cache()), false)?.identity;
         let model = Model::from_checkpoint(config, &Overlay::new(&base, &parents)?, &model::default_device()?)?;
         let templates = edit::context_templates(&model, &tokenizer, &hp.templates, hp.seed)?;
         let mut compiler = Compiler {
@@ -163,6 +167,7 @@ impl Compiler {
             templates,
             stats,
             base,
+            base_identity,
             parents,
             model_name: spec.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         };
@@ -188,6 +193,7 @@ impl Compiler {
         let seconds = started.elapsed().as_secs_f64();
         let prov = Provenance {
             model_name: self.model_name.clone(),
+            base_model: Some(self.base_identity.clone()),
             stats_id: self.stats.as_ref().map(|s| s.id.clone()),
             parent: self.parents.patches().last().map(|p| p.id().to_string()),
             reports: &reports,

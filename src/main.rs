@@ -121,6 +121,13 @@ enum Command {
         /// nothing behind, a power loss may leave the output partly written.
         #[arg(long)]
         no_sync: bool,
+        /// Accept a model other than the one the patches record as their base (e.g. one with the
+        /// first patch's parent already applied); every touched tensor's hash is still checked.
+        #[arg(long)]
+        allow_other_base: bool,
+        /// Read the written weights back and check that their identity is the one printed.
+        #[arg(long)]
+        verify_output: bool,
         /// Apply only patches signed (PATCH.minisig) by one of the keys in these minisign
         /// public-key files.
         #[arg(long, num_args = 1..)]
@@ -162,9 +169,12 @@ enum Command {
         /// The base model (needed when RECT entries of different patches share a tensor).
         #[arg(long)]
         model: Option<PathBuf>,
-        /// Let a later patch override an earlier edit of the same fact.
+        /// Let a later patch override an earlier edit of the same fact (both are recorded).
         #[arg(long)]
         allow_override: bool,
+        /// With --model: accept a model other than the patches' recorded base.
+        #[arg(long, requires = "model")]
+        allow_other_base: bool,
     },
     /// A patch that turns checkpoint A into checkpoint B (e.g. to audit a fine-tune).
     ///
@@ -466,11 +476,19 @@ fn run(command: Command) -> Result<()> {
             println!("edited model {} (identity {})", s.output.display(), s.identity);
             Ok(())
         }
-        Command::Apply { model, patch, out, no_sync, trusted } => {
+        Command::Apply { model, patch, out, no_sync, trusted, allow_other_base, verify_output } => {
             let trusted = (!trusted.is_empty()).then(|| sign::Trusted::read(&trusted)).transpose()?;
-            let options = apply::ApplyOptions { sync: !no_sync, hash_cache: Some(factpatch::checkpoint::default_hash_cache()), trusted };
+            let hash_cache = Some(factpatch::checkpoint::default_hash_cache());
+            let options = apply::ApplyOptions { sync: !no_sync, hash_cache, trusted, allow_other_base, verify_output };
             let s = apply::apply_with(&model, &patch, &out, &options)?;
-            println!("applied {} patch(es), {} tensor(s) changed: {} (identity {})", s.patches.len(), s.tensors_patched, s.output.display(), s.identity);
+            let verified = if verify_output { ", verified from the written bytes" } else { "" };
+            println!(
+                "applied {} patch(es), {} tensor(s) changed: {} (identity {}{verified})",
+                s.patches.len(),
+                s.tensors_patched,
+                s.output.display(),
+                s.identity
+            );
             Ok(())
         }
         Command::Keygen { out } => {
@@ -489,8 +507,9 @@ fn run(command: Command) -> Result<()> {
             println!("{}: {} signed by key {} ({})", patch.display(), p.id(), signer.key_id, signer.trusted_comment);
             Ok(())
         }
-        Command::Merge { patches, out, model, allow_override } => {
-            let s = apply::merge(&patches, &out, model.as_deref(), allow_override)?;
+        Command::Merge { patches, out, model, allow_override, allow_other_base } => {
+            let hash_cache = Some(factpatch::checkpoint::default_hash_cache());
+            let s = apply::merge_with(&patches, &out, &apply::MergeOptions { model, hash_cache, allow_override, allow_other_base })?;
             for fact in &s.overridden {
                 println!("overridden: {fact}");
             }

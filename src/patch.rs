@@ -65,11 +65,20 @@ pub struct Manifest {
     pub format: u32,
     pub tool: String,
     pub model: ModelInfo,
+    /// Identity (`Checkpoint::identity`, 64 hex digits) of the model folder the patch was made
+    /// for, before any parent patch: every patch of a chain records the same. Absent in older
+    /// files (then only the tensor hashes are checked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model: Option<String>,
     /// Id of the patch this one was compiled on top of.
     pub parent: Option<String>,
     /// Ids of the patches merged into this one, in order; empty for compiled patches.
     pub includes: Vec<String>,
     pub edits: Vec<Edit>,
+    /// Edits a later edit of the same subject and relation overrode when patches were merged
+    /// (`merge --allow-override`): their weight changes are in the patch, their facts are not.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overridden: Vec<Edit>,
     pub method: Method,
     pub stats_id: Option<String>,
     pub rect_k: Option<f64>,
@@ -212,9 +221,11 @@ impl Manifest {
             format: VERSION,
             tool: crate::tool_version(),
             model,
+            base_model: None,
             parent: None,
             includes: Vec::new(),
             edits: Vec::new(),
+            overridden: Vec::new(),
             method,
             stats_id: None,
             rect_k: None,
@@ -555,6 +566,10 @@ fn validate(m: &Manifest, path: &Path, payload_start: usize, payload_end: usize)
     let bad = |reason: String| Error::Manifest { path: path.to_path_buf(), reason };
     if m.format != VERSION {
         return Err(bad(format!("format {} in a version-{VERSION} file", m.format)));
+    }
+    let is_hex = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if let Some(b) = m.base_model.as_deref().filter(|b| !is_hex(b)) {
+        return Err(bad(format!("base_model {b:?} is not 64 lowercase hex digits")));
     }
     let mut offsets = Vec::with_capacity(m.entries.len());
     let mut pos = payload_start as u64;

@@ -96,6 +96,8 @@ fn compile_audit_apply_generate_merge_diff() {
     assert_eq!(report["id"], id);
     let tensors: Vec<&str> = report["tensors"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
     assert_eq!(tensors, (4..=8).map(|l| format!("model.layers.{l}.mlp.down_proj.weight")).collect::<Vec<_>>(), "MEMIT's default layers");
+    let identity = factpatch::checkpoint::Checkpoint::open(&smollm2()).unwrap().identity().unwrap().to_hex().to_string();
+    assert_eq!(report["manifest"]["base_model"], identity.as_str(), "the base model's identity is recorded");
     let edit = &report["manifest"]["edits"][0];
     assert_eq!([&edit["subject"], &edit["target_new"], &edit["prompt"]], ["The Eiffel Tower", "Rome", RELATION], "{edit}");
 
@@ -114,6 +116,7 @@ fn compile_audit_apply_generate_merge_diff() {
     let (json, _) = cli.ok(&["audit", &colosseum, "--json"]);
     let report: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!((&report["id"], &report["manifest"]["parent"]), (&compiled_id(&stdout).into(), &id.into()), "the parent is the first patch");
+    assert_eq!(report["manifest"]["base_model"], identity.as_str(), "every patch of a chain records the same base");
 
     // Both patches are RECT on the same tensors: merging them needs the base model. (The later
     // applies skip the fsync: the files are compared, not kept.)

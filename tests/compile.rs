@@ -190,7 +190,8 @@ fn sequential_patches_chain_through_the_cli() {
     assert_eq!(pb.manifest().parent.as_deref(), Some(pa.id()), "the second patch records the first as its parent");
     // The second patch fits only on top of the first; together they carry both facts.
     let alone = factpatch::apply::apply(&dir, std::slice::from_ref(&b), &tmp.path().join("alone")).unwrap_err().to_string();
-    assert!(alone.contains("differs from the patch's base"), "{alone}");
+    assert!(alone.contains("not earlier in the stack") && alone.contains(pa.id()), "{alone}");
+    assert_eq!(pa.manifest().base_model, pb.manifest().base_model, "both record the same base");
     let both = tmp.path().join("both");
     factpatch::apply::apply(&dir, &[a, b], &both).unwrap();
     let (edited, tok) = (Model::load(&both).unwrap(), Tokenizer::open(&dir).unwrap());

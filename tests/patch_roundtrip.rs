@@ -103,27 +103,35 @@ fn apply_of_merge_equals_applying_the_stack() {
     apply::merge(&patches, &t.path().join("merged2.fp"), Some(&base), false).unwrap();
     assert_eq!(std::fs::read(&merged).unwrap(), std::fs::read(t.path().join("merged2.fp")).unwrap());
     // Without RECT overlaps the model is not needed, and low-rank stays low-rank.
-    let lr = [patches[0].clone(), patches[2].clone()];
+    let mut m = manifest("memit");
+    m.parent = Some(Patch::read(&patches[0]).unwrap().id().to_string());
+    let ckpt = Checkpoint::open(&base).unwrap();
+    let deltas = vec![(UP0, Delta::LowRank(vec![factors(24, 16, 2, 15, 0.02)])), (DOWN1, Delta::Dense(values(384, 14, 0.001)))];
+    let q = write_patch(&t.path().join("q"), &ckpt, &patches[..1], m, deltas);
+    let lr = [patches[0].clone(), q];
     let merged_lr = t.path().join("lr.fp");
     let no_parent = apply::merge(&lr, &merged_lr, None, false).unwrap();
     assert!(Patch::read(&merged_lr).unwrap().manifest().entries.iter().any(|e| e.encoding.kind() == "low_rank"));
     assert!(no_parent.bytes < 10_000);
-    apply::apply(&base, &lr, &t.path().join("lr_stacked")).unwrap(); // p2 touches nothing p3 does
+    apply::apply(&base, &lr, &t.path().join("lr_stacked")).unwrap();
     apply::apply(&base, &[merged_lr], &t.path().join("lr_merged")).unwrap();
     assert_eq!(folder(&t.path().join("lr_stacked")), folder(&t.path().join("lr_merged")));
     // Out of order: p2 was compiled on top of p1.
     let err = apply::apply(&base, &[patches[1].clone(), patches[0].clone()], &t.path().join("bad")).unwrap_err();
-    assert!(matches!(err, apply::Error::ParentChain { .. } | apply::Error::BaseMismatch { .. }), "{err}");
+    assert!(matches!(err, apply::Error::ParentAfterChild { .. }), "{err}");
 }
 
 #[test]
 fn merging_low_rank_stacks_concatenates_exactly() {
     let (t, base, ckpt) = tiny_model();
     let p1 = write_patch(&t.path().join("a"), &ckpt, &[], manifest("rome"), vec![(DOWN0, Delta::LowRank(vec![factors(16, 24, 3, 21, 0.05)]))]);
-    let p2 =
-        write_patch(&t.path().join("b"), &ckpt, std::slice::from_ref(&p1), manifest("rome"), vec![(DOWN0, Delta::LowRank(vec![factors(16, 24, 2, 22, 0.05)]))]);
-    let p3 =
-        write_patch(&t.path().join("c"), &ckpt, &[p1.clone(), p2.clone()], manifest("rome"), vec![(DOWN0, Delta::LowRank(vec![factors(16, 24, 1, 23, 0.05)]))]);
+    let child = |parent: &PathBuf| {
+        let mut m = manifest("rome");
+        m.parent = Some(Patch::read(parent).unwrap().id().to_string());
+        m
+    };
+    let p2 = write_patch(&t.path().join("b"), &ckpt, std::slice::from_ref(&p1), child(&p1), vec![(DOWN0, Delta::LowRank(vec![factors(16, 24, 2, 22, 0.05)]))]);
+    let p3 = write_patch(&t.path().join("c"), &ckpt, &[p1.clone(), p2.clone()], child(&p2), vec![(DOWN0, Delta::LowRank(vec![factors(16, 24, 1, 23, 0.05)]))]);
     let m12 = t.path().join("m12");
     apply::merge(&[p1.clone(), p2.clone()], &m12, None, false).unwrap();
     let m123 = t.path().join("m123");
@@ -142,6 +150,7 @@ fn conflicting_facts_are_refused_unless_overridden() {
     m1.edits.push(edit("France", "Paris"));
     let p1 = write_patch(&t.path().join("a"), &ckpt, &[], m1, vec![(UP0, Delta::LowRank(vec![factors(24, 16, 1, 1, 0.01)]))]);
     let mut m2 = manifest("rome");
+    m2.parent = Some(Patch::read(&p1).unwrap().id().to_string());
     m2.edits.push(edit("France", "Lyon"));
     let p2 = write_patch(&t.path().join("b"), &ckpt, std::slice::from_ref(&p1), m2, vec![(UP0, Delta::LowRank(vec![factors(24, 16, 1, 2, 0.01)]))]);
     let out = t.path().join("m");

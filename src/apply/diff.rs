@@ -40,7 +40,8 @@ pub fn diff(from: &Path, to: &Path, out: &Path) -> Result<DiffSummary> {
     let family = a.config().get("model_type").and_then(|v| v.as_str()).unwrap_or("unknown");
     let name = a.config().get("_name_or_path").and_then(|v| v.as_str()).map(str::to_string);
     let name = name.unwrap_or_else(|| from.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-    let manifest = Manifest::new(ModelInfo { name, family: family.to_string() }, Method { name: "diff".into(), hyperparameters: BTreeMap::new() });
+    let mut manifest = Manifest::new(ModelInfo { name, family: family.to_string() }, Method { name: "diff".into(), hyperparameters: BTreeMap::new() });
+    manifest.base_model = Some(a.identity()?.to_hex().to_string());
     let tensors_changed = deltas.len();
     let encoded = patch::encode(manifest, deltas)?;
     crate::atomic::write(out, &encoded.bytes, false).map_err(io_err(out))?;

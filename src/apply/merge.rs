@@ -18,19 +18,46 @@ pub struct MergeSummary {
     pub overridden: Vec<String>,
 }
 
-/// Merges `patches` (applied in order) into one equivalent patch at `out`.
-/// `model` is the base they apply to; it is needed only when a RECT entry shares a tensor
-/// with another patch, and when given, the whole stack is verified against it first.
+/// How [`merge_with`] merges.
+#[derive(Clone, Debug, Default)]
+pub struct MergeOptions {
+    /// The base model the stack applies to: needed only when a RECT entry shares a tensor with
+    /// another patch; when given, the stack is checked against it as `apply` checks it.
+    pub model: Option<PathBuf>,
+    /// Where the model's tensor hashes are remembered (for its identity; see `ApplyOptions`).
+    pub hash_cache: Option<PathBuf>,
+    /// Let a later edit of a fact override an earlier one (both are recorded).
+    pub allow_override: bool,
+    /// With `model`: accept it although it is not the patches' recorded base (see `ApplyOptions`).
+    pub allow_other_base: bool,
+}
+
+/// [`merge_with`] of `patches` into `out`, with `model` if given, overriding if allowed.
 pub fn merge(patches: &[PathBuf], out: &Path, model: Option<&Path>, allow_override: bool) -> Result<MergeSummary> {
+    merge_with(patches, out, &MergeOptions { model: model.map(Path::to_path_buf), allow_override, ..Default::default() })
+}
+
+/// Merges `patches` (applied in order) into one equivalent patch at `out`. The stack is checked
+/// from the patches alone as far as they tell (`formats/patch.md`, "Merging"): one base model,
+/// parents before children, and a patch that changes a tensor an earlier one changed must descend
+/// from it through parent links. With a model, its tensor hashes are checked instead, as `apply` does.
+pub fn merge_with(patches: &[PathBuf], out: &Path, options: &MergeOptions) -> Result<MergeSummary> {
     if out.exists() {
         return Err(Error::OutputExists(out.to_path_buf()));
     }
     let stack = Stack::load(patches)?;
     let first = stack.patches.first().ok_or(Error::Empty)?;
-    let (edits, overridden) = merge_edits(&stack.patches, allow_override)?;
-    let ckpt = model.map(Checkpoint::open).transpose()?;
-    if let Some(c) = &ckpt {
-        stack.verify(c)?;
+    let (edits, overridden, conflicts) = merge_edits(&stack.patches, options.allow_override)?;
+    let base_model = common_base(&stack.patches)?;
+    let ckpt = options.model.as_deref().map(Checkpoint::open).transpose()?;
+    match &ckpt {
+        Some(c) => {
+            if stack.needs_identity(options.allow_other_base) {
+                stack.check_model(c, options.hash_cache.as_deref(), options.allow_other_base)?;
+            }
+            stack.verify(c)?;
+        }
+        None => check_descent(&stack)?,
     }
     let mut deltas = Vec::with_capacity(stack.touched.len());
     for (name, list) in &stack.touched {
@@ -60,24 +87,56 @@ pub fn merge(patches: &[PathBuf], out: &Path, model: Option<&Path>, allow_overri
         deltas.push((base, delta));
     }
     let mut manifest = Manifest::new(first.manifest().model.clone(), Method { name: "merge".into(), hyperparameters: BTreeMap::new() });
+    manifest.base_model = base_model;
     manifest.parent = first.manifest().parent.clone();
     manifest.includes =
         stack.patches.iter().flat_map(|p| if p.manifest().includes.is_empty() { vec![p.id().to_string()] } else { p.manifest().includes.clone() }).collect();
     manifest.edits = edits;
+    manifest.overridden = overridden;
     let all_same = |f: &dyn Fn(&Manifest) -> bool| stack.patches.iter().all(|p| f(p.manifest()));
     let m0 = first.manifest();
     manifest.stats_id = m0.stats_id.clone().filter(|_| all_same(&|m| m.stats_id == m0.stats_id));
     manifest.rect_k = m0.rect_k.filter(|_| all_same(&|m| m.rect_k == m0.rect_k));
     let encoded = patch::encode(manifest, deltas)?;
     crate::atomic::write(out, &encoded.bytes, false).map_err(io_err(out))?;
-    Ok(MergeSummary { output: out.to_path_buf(), id: encoded.id, bytes: encoded.bytes.len() as u64, overridden })
+    Ok(MergeSummary { output: out.to_path_buf(), id: encoded.id, bytes: encoded.bytes.len() as u64, overridden: conflicts })
 }
 
-/// Concatenates the stack's edits; same subject and relation with another target is a conflict.
-fn merge_edits(patches: &[Patch], allow_override: bool) -> Result<(Vec<Edit>, Vec<String>)> {
+/// The base model every patch that records one records, or why there is none.
+fn common_base(patches: &[Patch]) -> Result<Option<String>> {
+    let mut recorded = patches.iter().filter_map(|p| Some((p, p.manifest().base_model.as_ref()?)));
+    let Some((first, base)) = recorded.next() else { return Ok(None) };
+    if let Some((p, other)) = recorded.find(|(_, b)| b != &base) {
+        return Err(Error::DifferentBases { first: first.path().to_path_buf(), first_base: base.clone(), patch: p.path().to_path_buf(), base: other.clone() });
+    }
+    Ok(Some(base.clone()))
+}
+
+/// Without the model, a patch that changes a tensor an earlier patch changed must have been
+/// compiled on top of it: every patch after the earlier one, up to it, has a parent (which
+/// [`Stack::new`] checked is the patch before it). Otherwise its base hash is that of another
+/// state of the tensor, which only the model could tell.
+fn check_descent(stack: &Stack) -> Result<()> {
+    for (name, list) in &stack.touched {
+        for w in list.windows(2) {
+            let (earlier, later) = (w[0].0, w[1].0);
+            if stack.patches[earlier + 1..=later].iter().any(|p| p.manifest().parent.is_none()) {
+                let path = |i: usize| stack.patches[i].path().to_path_buf();
+                return Err(Error::NotDescendant { earlier: path(earlier), patch: path(later), name: name.clone() });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The stack's edits, in order: those still in force, those a later edit of the same fact
+/// overrode (kept, with overriding allowed), and each override described. Same subject and
+/// relation with another target is a conflict.
+fn merge_edits(patches: &[Patch], allow_override: bool) -> Result<(Vec<Edit>, Vec<Edit>, Vec<String>)> {
     let mut seen: BTreeMap<(String, String), (usize, String)> = BTreeMap::new();
     let mut conflicts = Vec::new();
-    let mut edits: Vec<(usize, Edit)> = Vec::new();
+    let mut edits: Vec<Edit> = Vec::new();
+    let mut overridden: Vec<Edit> = patches.iter().flat_map(|p| p.manifest().overridden.iter().cloned()).collect();
     for (p, patch) in patches.iter().enumerate() {
         for e in &patch.manifest().edits {
             let key = (e.subject.clone(), e.relation.clone());
@@ -93,14 +152,16 @@ fn merge_edits(patches: &[Patch], allow_override: bool) -> Result<(Vec<Edit>, Ve
                         e.target_new
                     ));
                 }
-                edits.retain(|(_, x)| (&x.subject, &x.relation) != (&e.subject, &e.relation));
+                let (same, rest): (Vec<Edit>, Vec<Edit>) = edits.into_iter().partition(|x| (&x.subject, &x.relation) == (&e.subject, &e.relation));
+                overridden.extend(same.into_iter().filter(|x| x.target_new != e.target_new));
+                edits = rest;
             }
             seen.insert(key, (p, e.target_new.clone()));
-            edits.push((p, e.clone()));
+            edits.push(e.clone());
         }
     }
     if !conflicts.is_empty() && !allow_override {
         return Err(Error::Conflict(conflicts.join("; ")));
     }
-    Ok((edits.into_iter().map(|(_, e)| e).collect(), conflicts))
+    Ok((edits, overridden, conflicts))
 }

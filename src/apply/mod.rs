@@ -8,9 +8,9 @@ mod stack;
 mod writer;
 
 pub use diff::{diff, DiffSummary};
-pub use merge::{merge, MergeSummary};
+pub use merge::{merge, merge_with, MergeOptions, MergeSummary};
 pub use overlay::Overlay;
-pub use stack::{product, standalone, Stack};
+pub use stack::{product, standalone, ModelIdentity, Stack};
 pub use writer::{apply, apply_with, ApplyOptions, ApplySummary};
 
 use crate::{checkpoint, patch};
@@ -46,6 +46,24 @@ pub enum Error {
     /// A patch's parent is not the patch before it in the stack.
     #[error("{patch}: compiled on top of {parent}, but follows {previous} in the stack")]
     ParentChain { patch: PathBuf, parent: String, previous: String },
+    /// A patch comes before its own parent in the stack.
+    #[error("{patch}: compiled on top of {parent} ({parent_path}), which comes after it in the stack: put the parent first")]
+    ParentAfterChild { patch: PathBuf, parent: String, parent_path: PathBuf },
+    /// The stack's first patch has a parent the model does not have applied.
+    #[error("{patch}: compiled on top of {parent}, which is not earlier in the stack: {why}")]
+    MissingParent { patch: PathBuf, parent: String, why: String },
+    /// A patch records another base model than the one it is applied to.
+    #[error("{patch}: made for the model with identity {expected}, but {model} has identity {found}: another model, or one with patches applied (--allow-other-base accepts it, checking every touched tensor's hash)")]
+    OtherBase { patch: PathBuf, expected: String, model: PathBuf, found: String },
+    /// Two patches of a stack record different base models.
+    #[error("{patch} was made for the model with identity {base}, {first} for {first_base}: patches for different models")]
+    DifferentBases { first: PathBuf, first_base: String, patch: PathBuf, base: String },
+    /// A patch changes a tensor an earlier patch changed without having been compiled on top of it.
+    #[error("{patch} and {earlier} both change tensor `{name}`, but {patch} does not descend from {earlier} (no parent link between them): it was compiled on another state of the model, e.g. the same base; compile it on top (--on) or merge with --model to check the tensor hashes")]
+    NotDescendant { earlier: PathBuf, patch: PathBuf, name: String },
+    /// The written output does not hash to the identity computed while writing it.
+    #[error("{output}: the written weights have identity {found}, but {printed} was computed while writing them")]
+    OutputMismatch { output: PathBuf, printed: String, found: String },
     /// Patches in a stack edit the same fact with different targets (one line, `; `-separated).
     #[error("conflicting edits (use --allow-override to let later patches win): {0}")]
     Conflict(String),

@@ -9,7 +9,7 @@ use crate::rect;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Patches to apply in order, with their parent chain checked.
 pub struct Stack {
@@ -24,8 +24,16 @@ impl Stack {
         Self::new(paths.iter().map(|p| Patch::read(p)).collect::<patch::Result<_>>()?)
     }
 
-    /// A stack of already-read patches; the parent chain is checked.
+    /// A stack of already-read patches; the parent chain is checked: no patch comes before its
+    /// parent, and a patch with a parent follows that parent (or a merge ending with it). The
+    /// first patch may have a parent; whether the model has it applied is [`Stack::check_model`]'s.
     pub fn new(patches: Vec<Patch>) -> Result<Self> {
+        for (i, p) in patches.iter().enumerate() {
+            let Some(parent) = &p.manifest().parent else { continue };
+            if let Some(later) = patches[i + 1..].iter().find(|q| q.id() == parent || q.manifest().includes.contains(parent)) {
+                return Err(Error::ParentAfterChild { patch: p.path().to_path_buf(), parent: parent.clone(), parent_path: later.path().to_path_buf() });
+            }
+        }
         for w in patches.windows(2) {
             if let Some(parent) = &w[1].manifest().parent {
                 if parent != w[0].id() && parent != w[0].tip() {
@@ -40,6 +48,74 @@ impl Stack {
             }
         }
         Ok(Stack { patches, touched })
+    }
+
+    /// Checks the stack against the model it is applied to, whose identity is `identity`
+    /// (`formats/patch.md`, "Base model"): every recorded `base_model` must be `identity`, and
+    /// the first patch may have a parent only if the model has it applied already. With
+    /// `allow_other_base`, another model is accepted (the tensor hashes, checked anyway, decide),
+    /// unless it is the first patch's recorded base while that patch has a parent: then the
+    /// parent's changes are certainly missing.
+    pub fn check_base(&self, model: &Path, identity: &str, allow_other_base: bool) -> Result<()> {
+        self.check_first_parent(Some(identity), allow_other_base)?;
+        if allow_other_base {
+            return Ok(());
+        }
+        for p in &self.patches {
+            match &p.manifest().base_model {
+                Some(b) if b != identity => {
+                    return Err(Error::OtherBase {
+                        patch: p.path().to_path_buf(),
+                        expected: b.clone(),
+                        model: model.to_path_buf(),
+                        found: identity.to_string(),
+                    })
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The part of [`Stack::check_base`] about the first patch's parent; without `identity`, only
+    /// what does not depend on it.
+    fn check_first_parent(&self, identity: Option<&str>, allow_other_base: bool) -> Result<()> {
+        let Some((first, parent)) = self.patches.first().and_then(|p| Some((p, p.manifest().parent.as_ref()?))) else { return Ok(()) };
+        let why = if !allow_other_base {
+            "its changes would be missing (apply the parent first, or --allow-other-base for a model that has it applied already)"
+        } else if identity.is_some() && first.manifest().base_model.as_deref() == identity {
+            "its changes would be missing: the model is the patch's base, without it"
+        } else {
+            return Ok(());
+        };
+        Err(Error::MissingParent { patch: first.path().to_path_buf(), parent: parent.clone(), why: why.into() })
+    }
+
+    /// Whether [`Stack::check_base`] needs the model's identity at all.
+    pub(super) fn needs_identity(&self, allow_other_base: bool) -> bool {
+        self.patches.first().is_some_and(|p| p.manifest().parent.is_some())
+            || (!allow_other_base && self.patches.iter().any(|p| p.manifest().base_model.is_some()))
+    }
+
+    /// [`Stack::check_base`] against `ckpt`, its identity taken from the tensor-hash `cache` when
+    /// one is given; a refusal is confirmed from the bytes first, since a cache entry can be stale
+    /// or altered. Returns the identity it checked against.
+    pub fn check_model(&self, ckpt: &Checkpoint, cache: Option<&Path>, allow_other_base: bool) -> Result<ModelIdentity> {
+        self.check_first_parent(None, allow_other_base)?;
+        let from_bytes = || -> Result<ModelIdentity> {
+            let names: Vec<&str> = ckpt.names().collect();
+            let hashes = ckpt.tensor_hashes(&names)?;
+            Ok(ModelIdentity { identity: ckpt.identity_of(&hashes).to_hex().to_string(), hashes: Some(hashes) })
+        };
+        let mut id = match cache {
+            Some(cache) => ModelIdentity { identity: ckpt.identity_cached(cache)?.to_hex().to_string(), hashes: None },
+            None => from_bytes()?,
+        };
+        if id.hashes.is_none() && self.check_base(ckpt.dir(), &id.identity, allow_other_base).is_err() {
+            id = from_bytes()?;
+        }
+        self.check_base(ckpt.dir(), &id.identity, allow_other_base)?;
+        Ok(id)
     }
 
     /// The patches, in order.
@@ -135,6 +211,15 @@ impl Stack {
             model: ckpt.dir().to_path_buf(),
         })
     }
+}
+
+/// A model's identity as [`Stack::check_model`] found it.
+#[derive(Debug, Clone)]
+pub struct ModelIdentity {
+    /// `Checkpoint::identity`, hex.
+    pub identity: String,
+    /// Every tensor's byte hash, when they were computed from the bytes rather than read from a cache.
+    pub hashes: Option<BTreeMap<String, blake3::Hash>>,
 }
 
 /// The tensor `entry` patches must have the bytes it was compiled against.

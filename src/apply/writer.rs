@@ -85,17 +85,23 @@ pub struct ApplyOptions {
     /// fsync every output file before the rename, so that not even a power loss leaves a
     /// partly written model under the final name (`cp` does not). On by default.
     pub sync: bool,
-    /// Where the base's tensor hashes are remembered (`Checkpoint::tensor_hashes_cached`);
-    /// `None` hashes the untouched tensors at every apply.
+    /// Where the base's tensor hashes are remembered (`Checkpoint::tensor_hashes_cached`), for
+    /// the base model check only: the output's identity is always computed from bytes.
     pub hash_cache: Option<PathBuf>,
     /// When given, every patch must carry a signature by one of these keys (`PATCH.minisig`),
     /// checked over the bytes that are applied.
     pub trusted: Option<crate::sign::Trusted>,
+    /// Accept a model other than the patches' recorded base (or one that already has the first
+    /// patch's parent applied); every touched tensor's hash is still checked.
+    pub allow_other_base: bool,
+    /// Once written, read the output's weights back and check that their identity, computed from
+    /// the bytes, is the one reported.
+    pub verify_output: bool,
 }
 
 impl Default for ApplyOptions {
     fn default() -> Self {
-        ApplyOptions { sync: true, hash_cache: None, trusted: None }
+        ApplyOptions { sync: true, hash_cache: None, trusted: None, allow_other_base: false, verify_output: false }
     }
 }
 
@@ -105,9 +111,10 @@ pub fn apply(model: &Path, patches: &[PathBuf], out: &Path) -> Result<ApplySumma
 }
 
 /// Applies `patches` in order to the model at `model`, writing a new model folder at `out`.
-/// Everything is verified before anything is written; the output appears only when complete.
-/// The untouched tensors are copied by the kernel while another thread hashes them from the
-/// base (or reads their hashes from the cache), so the output's identity costs no second pass.
+/// Everything is verified before anything is written (the base model, the parent chain, every
+/// touched tensor); the output appears only when complete. The untouched tensors are copied by
+/// the kernel while another thread hashes them from the base's bytes (never from a cache), so
+/// the output's identity costs no second pass.
 pub fn apply_with(model: &Path, patches: &[PathBuf], out: &Path, options: &ApplyOptions) -> Result<ApplySummary> {
     if out.exists() {
         return Err(Error::OutputExists(out.to_path_buf()));
@@ -119,12 +126,16 @@ pub fn apply_with(model: &Path, patches: &[PathBuf], out: &Path, options: &Apply
             trusted.verify(p)?;
         }
     }
+    let base = match stack.needs_identity(options.allow_other_base) {
+        true => stack.check_model(&ckpt, options.hash_cache.as_deref(), options.allow_other_base)?.hashes,
+        false => None,
+    };
     stack.verify(&ckpt)?;
     let dir = AtomicDir::create(out).map_err(io_err(out))?;
     let untouched: Vec<&str> = ckpt.names().filter(|n| !stack.touched.contains_key(*n)).collect();
     let (copied, written) = std::thread::scope(|s| {
-        let hashing = s.spawn(|| match &options.hash_cache {
-            Some(cache) => ckpt.tensor_hashes_cached(&untouched, cache),
+        let hashing = s.spawn(|| match &base {
+            Some(all) => Ok(untouched.iter().map(|n| (n.to_string(), all[*n])).collect()),
             None => ckpt.tensor_hashes(&untouched),
         });
         let written = (|| {
@@ -142,6 +153,12 @@ pub fn apply_with(model: &Path, patches: &[PathBuf], out: &Path, options: &Apply
     let (bytes_written, mut hashes) = written?;
     hashes.extend(copied?);
     let identity = ckpt.identity_of(&hashes).to_hex().to_string();
+    if options.verify_output {
+        let found = Checkpoint::open(dir.path())?.identity()?.to_hex().to_string();
+        if found != identity {
+            return Err(Error::OutputMismatch { output: out.to_path_buf(), printed: identity, found });
+        }
+    }
     dir.commit(options.sync).map_err(io_err(out))?;
     Ok(ApplySummary {
         output: out.to_path_buf(),

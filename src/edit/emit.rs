@@ -21,6 +21,8 @@ impl LayerUpdate {
 /// Provenance recorded in a compiled patch (nothing time-dependent: same inputs, same bytes).
 pub struct Provenance<'a> {
     pub model_name: String,
+    /// The identity of the model compiled against, before any parent patch.
+    pub base_model: Option<String>,
     pub stats_id: Option<String>,
     pub parent: Option<String>,
     pub reports: &'a [FactReport],
@@ -74,6 +76,7 @@ pub fn encode_patch(
             hyperparameters: serde_json::to_value(hp).ok().and_then(|v| v.as_object().cloned()).map(|m| m.into_iter().collect()).unwrap_or_default(),
         },
     );
+    manifest.base_model = prov.base_model.clone();
     manifest.parent = prov.parent.clone();
     manifest.stats_id = prov.stats_id.clone();
     manifest.rect_k = Some(hp.rect_k);
