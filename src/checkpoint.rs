@@ -336,8 +336,8 @@ impl Checkpoint {
                 _ => {
                     let all = self.tensor_hashes(&every)?;
                     let text: BTreeMap<&str, String> = all.iter().map(|(n, h)| (n.as_str(), h.to_hex().to_string())).collect();
-                    let _ =
-                        std::fs::create_dir_all(cache).and_then(|_| crate::atomic::write(&entry, &serde_json::to_vec(&text).expect("strings serialize"), true));
+                    let _ = std::fs::create_dir_all(cache)
+                        .and_then(|_| crate::atomic::write(&entry, &serde_json::to_vec(&text).expect("strings serialize"), &crate::atomic::Policy::rewrite()));
                     all
                 }
             };

@@ -202,6 +202,12 @@ impl Compiler {
         let patch = edit::encode_patch(&base, self.model.config.family, requests, &updates, &self.hp, &prov)?;
         Ok(Compiled { patch, reports, seconds })
     }
+
+    /// What it read: the model folder, the parent patches and the statistics file.
+    pub fn inputs(&self) -> Vec<PathBuf> {
+        let parents = self.parents.patches().iter().map(|p| p.path().to_path_buf());
+        std::iter::once(self.base.dir().to_path_buf()).chain(parents).chain(self.stats.iter().map(|s| s.path.clone())).collect()
+    }
 }
 
 /// The key statistics `hp` needs (none for KN, or ROME without the C⁻¹ direction).

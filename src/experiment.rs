@@ -7,6 +7,7 @@
 //! every evaluation, with the edited weights saved beside them (`state/`), so an interrupted run
 //! resumes from its last completed evaluation. The plots are redrawn from the rows each time.
 
+use crate::atomic::Policy;
 use crate::compile::{self, Compiler};
 use crate::edit::{request::Request, Hparams, Preserved};
 use crate::eval::{self, edits, general, tasks::TaskData, Models};
@@ -127,7 +128,9 @@ pub fn run(setup: &Setup, schedule: &Schedule) -> Result<Vec<Row>> {
     let mut rows = read_rows(&results)?;
     // Fluency needs long generations at every evaluation; experiments leave it out.
     let requests: Vec<Request> = setup.requests.iter().map(|r| Request { generation_prompts: Vec::new(), ..r.clone() }).collect();
-    let ctx = Context { setup, requests: &requests };
+    // The results, state and plots in `out` are rewritten at every evaluation; no input ever is.
+    let inputs = setup.compiler.inputs().into_iter().chain([setup.requests_path.clone()]).chain(setup.general.iter().map(|t| t.path.clone()));
+    let ctx = Context { setup, requests: &requests, policy: Policy::rewrite().reading(inputs) };
     for &k in &setup.rects {
         let mut compiler = setup.compiler.clone();
         compiler.hp.rect_k = k;
@@ -139,7 +142,7 @@ pub fn run(setup: &Setup, schedule: &Schedule) -> Result<Vec<Row>> {
     }
     // Plots as this version draws them, even when a finished run is only resumed.
     if !rows.is_empty() {
-        draw(&setup.out, &rows, x_label(schedule))?;
+        draw(&setup.out, &rows, x_label(schedule), &ctx.policy)?;
     }
     Ok(rows)
 }
@@ -147,6 +150,8 @@ pub fn run(setup: &Setup, schedule: &Schedule) -> Result<Vec<Row>> {
 struct Context<'a> {
     setup: &'a Setup,
     requests: &'a [Request],
+    /// How every output is written.
+    policy: Policy,
 }
 
 impl Context<'_> {
@@ -227,8 +232,8 @@ impl Context<'_> {
         let rank = |s: &str| self.setup.rects.iter().position(|&k| setting_name(k) == s).unwrap_or(usize::MAX);
         rows.sort_by_key(|r| (rank(&r.setting), r.x));
         let path = self.setup.out.join("results.csv");
-        crate::atomic::write(&path, csv(rows).as_bytes(), true).map_err(|e| state_err(&path, e))?;
-        draw(&self.setup.out, rows, x_label)
+        crate::atomic::write(&path, csv(rows).as_bytes(), &self.policy).map_err(|e| state_err(&path, e))?;
+        draw(&self.setup.out, rows, x_label, &self.policy)
     }
 
     fn state_path(&self, setting: &str) -> PathBuf {
@@ -258,7 +263,7 @@ impl Context<'_> {
         let meta = BTreeMap::from([("edits".to_string(), edits.to_string())]);
         let bytes =
             safetensors::tensor::serialize(views, Some(meta.into_iter().collect())).map_err(|e| Error::State { path: path.clone(), problem: e.to_string() })?;
-        crate::atomic::write(&path, &bytes, true).map_err(|e| state_err(&path, e))
+        crate::atomic::write(&path, &bytes, &self.policy).map_err(|e| state_err(&path, e))
     }
 
     /// Loads the weights saved after `edits` edits into `model`, the earlier keys into `preserved`.
@@ -335,8 +340,10 @@ fn read_rows(path: &Path) -> Result<Vec<Row>> {
 /// Draws runs side by side into `out`: per metric one chart, a line per run and setting
 /// (colour by run, solid for the first setting and dashed for the others), the number of edits
 /// on a log axis, the metric on a log axis where it spans over two decades, and the unedited
-/// value as a black dashed line. `out/results.csv` holds every row with its run's name.
+/// value as a black dashed line. `out/results.csv` holds every row with its run's name. The
+/// CSV and charts in `out` are rewritten, but never a run's results.
 pub fn compare(runs: &[PathBuf], out: &Path) -> Result<()> {
+    let policy = Policy::rewrite().reading(runs.iter().map(|r| r.join("results.csv")));
     let mut all: Vec<(String, Row)> = Vec::new();
     for run in runs {
         let path = run.join("results.csv");
@@ -351,7 +358,7 @@ pub fn compare(runs: &[PathBuf], out: &Path) -> Result<()> {
     let mut text = String::from("run,setting,x,metric,value\n");
     all.iter().for_each(|(run, r)| text.push_str(&format!("{run},{},{},{},{}\n", r.setting, r.x, r.metric, r.value)));
     let path = out.join("results.csv");
-    crate::atomic::write(&path, text.as_bytes(), true).map_err(|e| state_err(&path, e))?;
+    crate::atomic::write(&path, text.as_bytes(), &policy).map_err(|e| state_err(&path, e))?;
     let mut lines: Vec<(&str, &str)> = Vec::new();
     for (run, r) in &all {
         if r.x > 0 && !lines.contains(&(run.as_str(), r.setting.as_str())) {
@@ -380,14 +387,14 @@ pub fn compare(runs: &[PathBuf], out: &Path) -> Result<()> {
         let values = || series.iter().flat_map(|s| s.points.iter().map(|p| p.1));
         let (lo, hi) = values().fold((f64::INFINITY, 0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
         let axes = plot::Axes { log_x: true, log_y: lo > 0.0 && hi / lo > 100.0 };
-        plot::lines(&out.join(format!("{}.png", metric.replace('/', "-"))), metric, "edits", metric, &series, axes)?;
+        plot::lines(&out.join(format!("{}.png", metric.replace('/', "-"))), metric, "edits", metric, &series, axes, &policy)?;
     }
     Ok(())
 }
 
 /// One line plot per metric (a line per setting), and bars of the edit metrics per setting at
 /// the largest x every setting has reached.
-fn draw(out: &Path, rows: &[Row], x_label: &str) -> Result<()> {
+fn draw(out: &Path, rows: &[Row], x_label: &str, policy: &Policy) -> Result<()> {
     let metrics: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.metric.as_str()).collect();
     let mut settings: Vec<&str> = Vec::new();
     for r in rows {
@@ -407,7 +414,7 @@ fn draw(out: &Path, rows: &[Row], x_label: &str) -> Result<()> {
             })
             .filter(|s| !s.points.is_empty())
             .collect();
-        plot::lines(&out.join(format!("{}.png", metric.replace('/', "-"))), metric, x_label, metric, &series, plot::Axes::default())?;
+        plot::lines(&out.join(format!("{}.png", metric.replace('/', "-"))), metric, x_label, metric, &series, plot::Axes::default(), policy)?;
     }
     // Bars compare settings at the largest x all of them reached; one that has only just
     // started (its x = 0 row alone) is left out rather than holding every bar at 0.
@@ -428,7 +435,7 @@ fn draw(out: &Path, rows: &[Row], x_label: &str) -> Result<()> {
         .collect();
     if last > 0 {
         let groups: Vec<String> = settings.iter().map(|s| s.to_string()).collect();
-        plot::bars(&out.join("rel-gen-loc.png"), &format!("after {last} ({x_label})"), "score", &groups, &bars)?;
+        plot::bars(&out.join("rel-gen-loc.png"), &format!("after {last} ({x_label})"), "score", &groups, &bars, policy)?;
     }
     Ok(())
 }

@@ -90,7 +90,7 @@ pub enum Error {
 /// `out_dir` must not exist or be an empty folder; its parent is created if
 /// needed. On error nothing is left behind in the destination.
 pub fn import(gguf: &Path, out_dir: &Path, dtype: OutDtype) -> Result<ImportSummary, Error> {
-    let staging = crate::atomic::AtomicDir::create(out_dir).map_err(|e| match e.kind() {
+    let staging = crate::atomic::AtomicDir::create(out_dir, &crate::atomic::Policy::new().reading([gguf])).map_err(|e| match e.kind() {
         std::io::ErrorKind::AlreadyExists => Error::OutputExists { path: out_dir.to_path_buf() },
         _ => Error::Write { path: out_dir.to_path_buf(), reason: e.to_string() },
     })?;

@@ -7,7 +7,7 @@ use factpatch::edit::{request, Method};
 use factpatch::model::{self, Model, Sampling};
 use factpatch::patch::Patch;
 use factpatch::tokenize::Tokenizer;
-use factpatch::{apply, audit, eval, sign, stats};
+use factpatch::{apply, atomic, audit, eval, sign, stats};
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
@@ -83,6 +83,9 @@ enum Command {
         /// Also write the statistics here (required for a shard).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Replace an existing --out file (never one of the command's inputs).
+        #[arg(long, requires = "out")]
+        force: bool,
         /// Statistics cache, AlphaEdit projectors included (default: $FACTPATCH_CACHE/stats or ~/.cache/factpatch/stats).
         #[arg(long)]
         cache: Option<PathBuf>,
@@ -217,6 +220,9 @@ enum Command {
         /// Also write every value as CSV here.
         #[arg(long)]
         csv: Option<PathBuf>,
+        /// Replace an existing --csv file (never one of the command's inputs).
+        #[arg(long, requires = "csv")]
+        force: bool,
     },
     /// Edit facts one after another (or in batches) under several RECT settings and measure what it costs: CSV and PNG plots in --out; an interrupted run resumes.
     ///
@@ -302,6 +308,9 @@ enum StatsCommand {
         inputs: Vec<PathBuf>,
         #[arg(long)]
         out: PathBuf,
+        /// Replace an existing --out file (never one of the shards).
+        #[arg(long)]
+        force: bool,
         /// Store a completed run in this cache too.
         #[arg(long)]
         cache: Option<PathBuf>,
@@ -446,11 +455,11 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::InspectModel { dir, json } => inspect(&dir, json),
-        Command::Stats { merge: Some(StatsCommand::Merge { inputs, out, cache }), .. } => {
-            report_stats(&stats::merge_files(&inputs, &out, cache.as_deref())?);
+        Command::Stats { merge: Some(StatsCommand::Merge { inputs, out, force, cache }), .. } => {
+            report_stats(&stats::merge_files(&inputs, &out, force, cache.as_deref())?);
             Ok(())
         }
-        Command::Stats { merge: None, model, corpus, layers, tokens, seq_len, shard, seed, out, cache } => {
+        Command::Stats { merge: None, model, corpus, layers, tokens, seq_len, shard, seed, out, force, cache } => {
             let req = stats::Request {
                 model: model.expect("required"),
                 corpus,
@@ -461,7 +470,7 @@ fn run(command: Command) -> Result<()> {
                 shard: shard.parse()?,
             };
             let cache = cache.unwrap_or_else(stats::default_cache_dir);
-            report_stats(&stats::run(&req, out.as_deref(), &cache, true)?);
+            report_stats(&stats::run(&req, out.as_deref(), force, &cache, true)?);
             Ok(())
         }
         Command::Compile { args, out } => {
@@ -538,12 +547,17 @@ fn run(command: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::Eval { model, patch, requests, general, limit, seed, seq_len, json, csv } => {
+        Command::Eval { model, patch, requests, general, limit, seed, seq_len, json, csv, force } => {
             let tasks = general.iter().map(|s| Ok(eval::tasks::Spec::parse(s)?)).collect::<Result<Vec<_>>>()?;
+            let inputs = [&model].into_iter().chain(&patch).chain(&requests).chain(tasks.iter().map(|t| &t.path));
+            let policy = atomic::Policy::force(force).reading(inputs);
+            if let Some(path) = &csv {
+                policy.check(path).map_err(factpatch::io_err(path))?;
+            }
             let options = eval::Options { limit, seed, seq_len, progress: true, ..eval::Options::default() };
             let report = eval::run(&eval::Plan { model, patches: patch, requests, tasks, options })?;
             if let Some(path) = csv {
-                factpatch::atomic::write(&path, report.csv().as_bytes(), true).with_context(|| format!("{}: cannot write the CSV", path.display()))?;
+                atomic::write(&path, report.csv().as_bytes(), &policy).with_context(|| format!("{}: cannot write the CSV", path.display()))?;
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -642,9 +656,7 @@ fn report_stats(o: &stats::Outcome) {
 
 /// Reads the requests, opens the compiler, compiles, writes the patch.
 fn compile(args: &CompileArgs, out: &Path) -> Result<()> {
-    if out.exists() {
-        anyhow::bail!("{}: already exists", out.display());
-    }
+    atomic::Policy::new().check(out).map_err(factpatch::io_err(out))?;
     let mut requests = Vec::new();
     for file in &args.requests {
         requests.extend(request::read(file)?);
@@ -659,7 +671,7 @@ fn compile(args: &CompileArgs, out: &Path) -> Result<()> {
         eprintln!("statistics {} ({how}: {} tokens) {}", s.id, s.tokens, s.path.display());
     }
     let c = compiler.patch(&requests)?;
-    factpatch::atomic::write(out, &c.patch.bytes, false).with_context(|| format!("{}: cannot write the patch", out.display()))?;
+    atomic::write(out, &c.patch.bytes, &atomic::Policy::new()).with_context(|| format!("{}: cannot write the patch", out.display()))?;
     for r in &c.reports {
         match r.neurons {
             Some(n) => println!("  {} → {}: {n} neurons ({} integrated-gradient steps), new target NLL {:.3}", r.subject, r.target_new, r.steps, r.loss),

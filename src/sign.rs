@@ -109,7 +109,7 @@ pub fn sign(patch: &Patch, key: &Path) -> Result<(PathBuf, Signer)> {
     let comment = format!("factpatch patch {}", patch.id());
     let pk = PublicKey::from_secret_key(&sk).map_err(bad)?;
     let sig = minisign::sign(Some(&pk), &sk, Cursor::new(patch.bytes()), Some(&comment), None).map_err(bad)?;
-    crate::atomic::write(&out, sig.into_string().as_bytes(), false).map_err(io_err(&out))?;
+    crate::atomic::write(&out, sig.into_string().as_bytes(), &crate::atomic::Policy::new()).map_err(io_err(&out))?;
     Ok((out, Signer { key_id: key_id(pk.keynum()), trusted_comment: comment }))
 }
 

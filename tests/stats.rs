@@ -149,7 +149,7 @@ fn sharded_and_merged_equals_unsharded() {
     req.seed = 5;
     req.max_tokens = Some(9000);
 
-    let whole = stats::run(&req, None, &cache, false).unwrap();
+    let whole = stats::run(&req, None, false, &cache, false).unwrap();
     assert!(!whole.cached);
     assert_eq!(whole.stats.meta.tokens, 9000);
     assert_eq!(whole.paths, vec![stats::cache_path(&cache, &whole.stats.meta.request_id())]);
@@ -158,12 +158,12 @@ fn sharded_and_merged_equals_unsharded() {
         .map(|i| {
             let out = dir.path().join(format!("shard{i}.safetensors"));
             let r = Request { shard: Shard { index: i, count: 3 }, ..req.clone() };
-            stats::run(&r, Some(&out), &cache, false).unwrap();
+            stats::run(&r, Some(&out), false, &cache, false).unwrap();
             out
         })
         .collect();
     let merged_path = dir.path().join("merged.safetensors");
-    let merged = stats::merge_files(&shards, &merged_path, None).unwrap().stats;
+    let merged = stats::merge_files(&shards, &merged_path, false, None).unwrap().stats;
     assert_eq!(merged.meta, whole.stats.meta, "a complete merge is the unsharded run");
     for (l, s) in &whole.stats.layers {
         assert_eq!(merged.layers[l].count, s.count);
@@ -173,9 +173,9 @@ fn sharded_and_merged_equals_unsharded() {
     assert_eq!(Stats::read(&merged_path).unwrap(), merged);
 
     // Partial merges say which shards they hold; a shard cannot be counted twice.
-    let partial = stats::merge_files(&shards[..2], &dir.path().join("p.safetensors"), None).unwrap().stats;
+    let partial = stats::merge_files(&shards[..2], &dir.path().join("p.safetensors"), false, None).unwrap().stats;
     assert_eq!((partial.meta.shards.clone(), partial.meta.shard_count), (vec![0, 1], 3));
-    let twice = stats::merge_files(&[shards[0].clone(), shards[0].clone()], &dir.path().join("t.safetensors"), None);
+    let twice = stats::merge_files(&[shards[0].clone(), shards[0].clone()], &dir.path().join("t.safetensors"), false, None);
     assert!(matches!(twice, Err(Error::Merge { .. })), "{twice:?}");
 
     // A compiler finds them by model and layers alone.
@@ -185,7 +185,7 @@ fn sharded_and_merged_equals_unsharded() {
     assert!(stats::find_in_cache(&cache, &"0".repeat(64), &[1]).unwrap().is_none());
 
     // Same request again: the cache answers, same bytes.
-    let again = stats::run(&req, Some(&dir.path().join("copy.safetensors")), &cache, false).unwrap();
+    let again = stats::run(&req, Some(&dir.path().join("copy.safetensors")), false, &cache, false).unwrap();
     assert!(again.cached);
     assert_eq!(again.id, whole.id);
     assert_eq!(stats::file_id(&dir.path().join("copy.safetensors")).unwrap(), whole.id);
@@ -201,16 +201,16 @@ fn output_is_deterministic_and_jsonl_reads_text_fields() {
     let mut req = Request::new(&model, &[corpus]);
     req.layers = Some(vec![1]);
     req.seq_len = 100;
-    let a = stats::run(&req, None, &dir.path().join("c1"), false).unwrap();
-    let b = stats::run(&req, None, &dir.path().join("c2"), false).unwrap();
+    let a = stats::run(&req, None, false, &dir.path().join("c1"), false).unwrap();
+    let b = stats::run(&req, None, false, &dir.path().join("c2"), false).unwrap();
     assert!(!b.cached);
     assert_eq!(a.id, b.id, "same inputs, same bytes");
     let plain = dir.path().join("docs.txt");
     std::fs::write(&plain, text(20)).unwrap();
-    let c = stats::run(&Request { corpus: vec![plain], ..req.clone() }, None, &dir.path().join("c3"), false).unwrap();
+    let c = stats::run(&Request { corpus: vec![plain], ..req.clone() }, None, false, &dir.path().join("c3"), false).unwrap();
     assert_eq!(a.stats.meta.tokens, c.stats.meta.tokens);
     assert_ne!(a.stats.meta.corpus, c.stats.meta.corpus);
-    let d = stats::run(&Request { seed: 1, ..req }, None, &dir.path().join("c1"), false).unwrap();
+    let d = stats::run(&Request { seed: 1, ..req }, None, false, &dir.path().join("c1"), false).unwrap();
     assert_ne!(d.stats.meta.request_id(), a.stats.meta.request_id());
 }
 
@@ -230,7 +230,7 @@ fn bad_input_gets_clear_errors() {
         req.seq_len = 64;
         f(&mut req);
         let out = dir.path().join("out.safetensors");
-        let r = stats::run(&req, Some(&out), &cache, false);
+        let r = stats::run(&req, Some(&out), false, &cache, false);
         assert!(!out.exists(), "a failed run leaves no output");
         r.unwrap_err()
     };
@@ -318,7 +318,7 @@ fn smollm2_sharded_equals_unsharded() {
     std::fs::write(&part, &text[..text[..300_000].rfind("\n\n").unwrap()]).unwrap();
     let mut req = Request::new(&dir, &[part]);
     req.max_tokens = Some(3000);
-    let whole = stats::run(&req, None, tmp.path(), false).unwrap().stats;
+    let whole = stats::run(&req, None, false, tmp.path(), false).unwrap().stats;
     assert_eq!((whole.meta.layers.clone(), whole.meta.tokens), (vec![4, 5, 6, 7, 8], 3000));
     let parts: Vec<(PathBuf, Stats)> = (0..2)
         .map(|i| {

@@ -44,7 +44,7 @@ pub fn diff(from: &Path, to: &Path, out: &Path) -> Result<DiffSummary> {
     manifest.base_model = Some(a.identity()?.to_hex().to_string());
     let tensors_changed = deltas.len();
     let encoded = patch::encode(manifest, deltas)?;
-    crate::atomic::write(out, &encoded.bytes, false).map_err(io_err(out))?;
+    crate::atomic::write(out, &encoded.bytes, &crate::atomic::Policy::new()).map_err(io_err(out))?;
     Ok(DiffSummary { output: out.to_path_buf(), id: encoded.id, bytes: encoded.bytes.len() as u64, tensors_changed })
 }
 

@@ -98,7 +98,7 @@ pub fn merge_with(patches: &[PathBuf], out: &Path, options: &MergeOptions) -> Re
     manifest.stats_id = m0.stats_id.clone().filter(|_| all_same(&|m| m.stats_id == m0.stats_id));
     manifest.rect_k = m0.rect_k.filter(|_| all_same(&|m| m.rect_k == m0.rect_k));
     let encoded = patch::encode(manifest, deltas)?;
-    crate::atomic::write(out, &encoded.bytes, false).map_err(io_err(out))?;
+    crate::atomic::write(out, &encoded.bytes, &crate::atomic::Policy::new()).map_err(io_err(out))?;
     Ok(MergeSummary { output: out.to_path_buf(), id: encoded.id, bytes: encoded.bytes.len() as u64, overridden: conflicts })
 }
 

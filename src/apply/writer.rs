@@ -3,7 +3,7 @@
 
 use super::stack::{add_chunk, materialize, materialize_chunk, Stack, CHUNK};
 use super::{Error, Result};
-use crate::atomic::AtomicDir;
+use crate::atomic::{AtomicDir, Policy};
 use crate::checkpoint::{self, Checkpoint, TensorRef};
 use crate::io_err;
 use crate::patch::{Delta, Patch};
@@ -131,7 +131,9 @@ pub fn apply_with(model: &Path, patches: &[PathBuf], out: &Path, options: &Apply
         false => None,
     };
     stack.verify(&ckpt)?;
-    let dir = AtomicDir::create(out).map_err(io_err(out))?;
+    // Never inside the model folder (it would copy itself), nor around it or a patch.
+    let inputs = std::iter::once(model).chain(patches.iter().map(PathBuf::as_path));
+    let dir = AtomicDir::create(out, &Policy::new().reading(inputs)).map_err(io_err(out))?;
     let untouched: Vec<&str> = ckpt.names().filter(|n| !stack.touched.contains_key(*n)).collect();
     let (copied, written) = std::thread::scope(|s| {
         let hashing = s.spawn(|| match &base {
@@ -215,21 +217,85 @@ fn copy_range(input: &mut File, src: &Path, out: &mut &File, dest: &Path, from: 
     Ok(())
 }
 
-/// Copies every file of `from` except the weight files, recursively, following links.
-fn copy_others(from: &Path, to: &Path, skip: &BTreeSet<&std::ffi::OsStr>) -> Result<()> {
-    let mut entries: Vec<_> = std::fs::read_dir(from).map_err(io_err(from))?.collect::<std::io::Result<_>>().map_err(io_err(from))?;
+/// Copies every file of the model folder `root` into `to`, except the top-level weight files
+/// in `skip`: folders recursively, regular files by the kernel, and symbolic links as links,
+/// never followed. A link is reproduced only when it is relative and leads, one step at a time,
+/// to something inside the folder (so the copy leads to the same place inside the output);
+/// any other link, and anything else (a FIFO, a device), is an error.
+fn copy_others(root: &Path, to: &Path, skip: &BTreeSet<&std::ffi::OsStr>) -> Result<()> {
+    copy_tree(root, Path::new(""), to, skip)
+}
+
+fn copy_tree(root: &Path, rel: &Path, to: &Path, skip: &BTreeSet<&std::ffi::OsStr>) -> Result<()> {
+    let from = root.join(rel);
+    let mut entries: Vec<_> = std::fs::read_dir(&from).map_err(io_err(&from))?.collect::<std::io::Result<_>>().map_err(io_err(&from))?;
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
         let (src, dest) = (e.path(), to.join(e.file_name()));
         if skip.contains(e.file_name().as_os_str()) {
             continue;
         }
-        if src.is_dir() {
+        let refuse = |why: String| Error::from(io_err(&src)(std::io::Error::new(std::io::ErrorKind::InvalidInput, why)));
+        let kind = e.file_type().map_err(io_err(&src))?;
+        if kind.is_symlink() {
+            let target = std::fs::read_link(&src).map_err(io_err(&src))?;
+            if !leads_inside(root, &rel.join(e.file_name())) {
+                return Err(refuse(format!(
+                    "symbolic link to {} does not lead to a file or folder inside the model folder: apply never follows a link out of it; replace the link by what it points to, or remove it",
+                    target.display()
+                )));
+            }
+            std::os::unix::fs::symlink(&target, &dest).map_err(io_err(&dest))?;
+        } else if kind.is_dir() {
             std::fs::create_dir(&dest).map_err(io_err(&dest))?;
-            copy_others(&src, &dest, &BTreeSet::new())?;
-        } else {
+            copy_tree(root, &rel.join(e.file_name()), &dest, &BTreeSet::new())?;
+        } else if kind.is_file() {
             std::fs::copy(&src, &dest).map_err(io_err(&dest))?;
+        } else {
+            return Err(refuse("is not a regular file, folder or symbolic link: apply copies nothing else".into()));
         }
     }
     Ok(())
+}
+
+/// Whether the symbolic link `link` (relative to `root`) resolves, following every link on the
+/// way, to something that exists inside `root` without ever stepping out of it.
+fn leads_inside(root: &Path, link: &Path) -> bool {
+    use std::path::Component;
+    let mut at: Vec<std::ffi::OsString> = link.components().map(|c| c.as_os_str().to_owned()).collect();
+    let mut todo: Vec<std::ffi::OsString> = Vec::new(); // components still to walk, last first
+    let mut hops = 0;
+    loop {
+        // `at` ends with a link: replace it by the link's target.
+        let here = root.join(at.iter().collect::<PathBuf>());
+        let Ok(target) = std::fs::read_link(&here) else { return false };
+        hops += 1;
+        if hops > 40 {
+            return false;
+        }
+        at.pop();
+        for c in target.components().rev() {
+            match c {
+                Component::Normal(n) => todo.push(n.to_owned()),
+                Component::CurDir => {}
+                Component::ParentDir => todo.push("..".into()),
+                Component::RootDir | Component::Prefix(_) => return false,
+            }
+        }
+        loop {
+            let Some(c) = todo.pop() else { return true };
+            if c == ".." {
+                if at.pop().is_none() {
+                    return false;
+                }
+                continue;
+            }
+            at.push(c);
+            match std::fs::symlink_metadata(root.join(at.iter().collect::<PathBuf>())) {
+                Ok(m) if m.file_type().is_symlink() => break,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    }
 }

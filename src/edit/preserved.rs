@@ -117,5 +117,5 @@ fn write_projector(path: &Path, p: &Array2<f64>) -> std::io::Result<()> {
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F64, p.shape().to_vec(), &bytes).map_err(std::io::Error::other)?;
     let file = safetensors::serialize([("projector", view)], None).map_err(std::io::Error::other)?;
     std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
-    crate::atomic::write(path, &file, true)
+    crate::atomic::write(path, &file, &crate::atomic::Policy::rewrite())
 }

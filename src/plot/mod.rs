@@ -3,6 +3,7 @@
 //! embedded font (DejaVu Sans, see `DejaVuSans-LICENSE.txt`), so no system font is needed,
 //! and written atomically.
 
+use crate::atomic::Policy;
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
 
@@ -50,8 +51,9 @@ pub struct Axes {
 }
 
 /// A line chart of `series` (x: edits, y: the metric). A logarithmic axis is drawn as a linear
-/// one over log₁₀ of the values, its labels showing the values themselves.
-pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series], axes: Axes) -> Result<()> {
+/// one over log₁₀ of the values, its labels showing the values themselves. Written as `policy`
+/// allows.
+pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series], axes: Axes, policy: &Policy) -> Result<()> {
     let map = |log: bool, v: f64| if log { v.log10() } else { v };
     let series: Vec<Series> =
         series.iter().map(|s| Series { points: s.points.iter().map(|&(x, y)| (map(axes.log_x, x), map(axes.log_y, y))).collect(), ..s.clone() }).collect();
@@ -72,7 +74,7 @@ pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[S
         }
     };
     let (x_min, x_top) = if axes.log_x { (-0.08 * x_max.max(1.0), x_max + 0.08 * x_max.max(1.0)) } else { (0.0, x_max) };
-    render(path, SIZE, true, |root| {
+    render(path, SIZE, policy, |root| {
         let mut chart = frame(&root, title).build_cartesian_2d(x_min..x_top, y_min..y_top)?;
         let mut mesh = chart.configure_mesh();
         mesh.light_line_style(WHITE).x_desc(x_label).y_desc(y_label).label_style(("sans-serif", 14));
@@ -109,11 +111,11 @@ pub fn lines(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[S
 }
 
 /// Grouped bars: for each of `groups` (e.g. RECT settings), one bar per series (e.g. metric),
-/// series `s` having value `s.points[g].1` in group `g`.
-pub fn bars(path: &Path, title: &str, y_label: &str, groups: &[String], series: &[Series]) -> Result<()> {
+/// series `s` having value `s.points[g].1` in group `g`. Written as `policy` allows.
+pub fn bars(path: &Path, title: &str, y_label: &str, groups: &[String], series: &[Series], policy: &Policy) -> Result<()> {
     let y_max = series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).fold(0f64, f64::max).max(1e-9) * 1.1;
     let n = series.len().max(1) as f64;
-    render(path, SIZE, true, |root| {
+    render(path, SIZE, policy, |root| {
         let mut chart = frame(&root, title).build_cartesian_2d(0f64..groups.len() as f64, 0f64..y_max)?;
         chart
             .configure_mesh()
@@ -187,7 +189,7 @@ pub fn heatmap(path: &Path, title: &str, notes: &[String], matrices: &[Matrix]) 
     let sizes: Vec<(usize, usize, usize)> = matrices.iter().map(|m| panel_size(m.rows, m.cols)).collect();
     let width = LEFT + sizes.iter().map(|s| s.0).max().unwrap_or(0).max(PANEL) + 40 + BAR.0;
     let height = (top + sizes.iter().map(|s| CAPTION + s.1 + BOTTOM + GAP).sum::<usize>()).max(top + BAR.1);
-    render(path, (width as u32, height as u32), false, |root| {
+    render(path, (width as u32, height as u32), &Policy::new(), |root| {
         root.draw_text(title, &text(22), (16, 12))?;
         for (i, note) in notes.iter().enumerate() {
             root.draw_text(note, &text(14), (16, 44 + 22 * i as i32))?;
@@ -281,9 +283,9 @@ fn frame<'a, 'b>(root: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift
 
 type DrawResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
-/// Draws a `size` RGB image with `draw`, then writes it as a PNG at `path` atomically,
-/// replacing an existing file only if `overwrite`.
-fn render(path: &Path, size: (u32, u32), overwrite: bool, draw: impl FnOnce(DrawingArea<BitMapBackend, plotters::coord::Shift>) -> DrawResult) -> Result<()> {
+/// Draws a `size` RGB image with `draw`, then writes it as a PNG at `path` atomically, as
+/// `policy` allows.
+fn render(path: &Path, size: (u32, u32), policy: &Policy, draw: impl FnOnce(DrawingArea<BitMapBackend, plotters::coord::Shift>) -> DrawResult) -> Result<()> {
     static FONT_REGISTERED: std::sync::Once = std::sync::Once::new();
     FONT_REGISTERED.call_once(|| {
         // The font is part of this crate: it always parses.
@@ -304,7 +306,7 @@ fn render(path: &Path, size: (u32, u32), overwrite: bool, draw: impl FnOnce(Draw
     enc.set_depth(png::BitDepth::Eight);
     enc.set_compression(png::Compression::Best);
     enc.write_header().and_then(|mut wr| wr.write_image_data(&rgb)).map_err(std::io::Error::other).map_err(crate::io_err(path))?;
-    Ok(crate::atomic::write(path, &bytes, overwrite).map_err(crate::io_err(path))?)
+    Ok(crate::atomic::write(path, &bytes, policy).map_err(crate::io_err(path))?)
 }
 
 #[cfg(test)]
@@ -319,9 +321,10 @@ mod tests {
             Series { label: "k=40".into(), points: vec![(1.0, 1.0), (10.0, 0.95), (20.0, 9e6)], colour: 1, dashed: true },
         ];
         let (a, b, c) = (dir.path().join("a.png"), dir.path().join("b.png"), dir.path().join("c.png"));
-        lines(&a, "reliability", "edits", "score", &series, Axes::default()).unwrap();
-        bars(&b, "after 20 edits", "score", &["none".into(), "k=40".into(), "k=20".into()], &series).unwrap();
-        lines(&c, "perplexity", "edits", "perplexity", &series, Axes { log_x: true, log_y: true }).unwrap();
+        let new = Policy::new();
+        lines(&a, "reliability", "edits", "score", &series, Axes::default(), &new).unwrap();
+        bars(&b, "after 20 edits", "score", &["none".into(), "k=40".into(), "k=20".into()], &series, &new).unwrap();
+        lines(&c, "perplexity", "edits", "perplexity", &series, Axes { log_x: true, log_y: true }, &new).unwrap();
         for p in [a, b, c] {
             let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&p).unwrap()));
             let mut reader = decoder.read_info().unwrap();

@@ -21,7 +21,7 @@ pub fn cache_path(cache: &Path, request_id: &str) -> PathBuf {
 pub fn store(cache: &Path, stats: &Stats) -> Result<(PathBuf, String)> {
     std::fs::create_dir_all(cache).map_err(io_err(cache))?;
     let path = cache_path(cache, &stats.meta.request_id());
-    let id = stats.write(&path)?;
+    let id = stats.write(&path, &crate::atomic::Policy::rewrite())?;
     Ok((path, id))
 }
 

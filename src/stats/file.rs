@@ -3,7 +3,7 @@
 
 use super::accumulate::Sums;
 use super::{Error, Result};
-use crate::atomic::AtomicFile;
+use crate::atomic::{AtomicFile, Policy};
 use crate::io_err;
 use ndarray::Array2;
 use std::collections::BTreeMap;
@@ -148,9 +148,10 @@ struct TensorEntry {
 }
 
 impl Stats {
-    /// Writes the safetensors file atomically and returns its id (blake3 of the file's bytes).
-    /// The bytes depend only on the contents: header keys sorted, tensors in name order.
-    pub fn write(&self, path: &Path) -> Result<String> {
+    /// Writes the safetensors file atomically, as `policy` allows, and returns its id (blake3 of
+    /// the file's bytes). The bytes depend only on the contents: header keys sorted, tensors in
+    /// name order.
+    pub fn write(&self, path: &Path, policy: &Policy) -> Result<String> {
         // Names sort as BTreeMap keys; offsets follow the same order.
         let mut tensors: BTreeMap<String, (usize, bool)> = BTreeMap::new();
         for &l in self.layers.keys() {
@@ -169,7 +170,7 @@ impl Stats {
         }
         let mut json = serde_json::to_vec(&header).expect("plain map");
         json.resize(json.len().div_ceil(8) * 8, b' ');
-        let file = AtomicFile::create(path, true).map_err(io_err(path))?;
+        let file = AtomicFile::create(path, policy).map_err(io_err(path))?;
         let mut w = Hashing { inner: io::BufWriter::with_capacity(1 << 20, file), hash: blake3::Hasher::new() };
         let mut body = || -> io::Result<()> {
             w.write_all(&(json.len() as u64).to_le_bytes())?;

@@ -6,6 +6,7 @@ use super::cache::{cache_path, store};
 use super::corpus::{plan, sample, Corpus, Shard};
 use super::file::{file_id, Meta, Stats};
 use super::{Error, Result};
+use crate::atomic::Policy;
 use crate::checkpoint::Checkpoint;
 use crate::model::{self, Model};
 use crate::tokenize::{self, Tokenizer};
@@ -156,22 +157,27 @@ pub fn find_or_compute(req: &Request, cache: &Path, progress: bool) -> Result<Ou
 }
 
 /// `factpatch stats`: an unsharded run goes through the cache (and is copied to `out` if
-/// given); a shard needs `out` and bypasses the cache.
-pub fn run(req: &Request, out: Option<&Path>, cache: &Path, progress: bool) -> Result<Outcome> {
+/// given); a shard needs `out` and bypasses the cache. An existing `out` is replaced only when
+/// `force`, and never when it is one of the run's inputs (checked before any work).
+pub fn run(req: &Request, out: Option<&Path>, force: bool, cache: &Path, progress: bool) -> Result<Outcome> {
+    let policy = Policy::force(force).reading(std::iter::once(&req.model).chain(&req.corpus));
+    if let Some(out) = out {
+        policy.check(out).map_err(io_err(out))?;
+    }
     if req.shard != Shard::ALL {
         let out = out.ok_or_else(|| Error::Invalid(format!("shard {} needs --out (shards are not cached)", req.shard)))?;
-        return write_out(compute(&prepare(req)?, progress)?, out, None);
+        return write_out(compute(&prepare(req)?, progress)?, out, &policy, None);
     }
     let mut outcome = find_or_compute(req, cache, progress)?;
     if let Some(out) = out {
-        outcome.stats.write(out)?;
+        outcome.stats.write(out, &policy)?;
         outcome.paths.push(out.to_path_buf());
     }
     Ok(outcome)
 }
 
-fn write_out(stats: Stats, out: &Path, cache: Option<&Path>) -> Result<Outcome> {
-    let id = stats.write(out)?;
+fn write_out(stats: Stats, out: &Path, policy: &Policy, cache: Option<&Path>) -> Result<Outcome> {
+    let id = stats.write(out, policy)?;
     let mut paths = vec![out.to_path_buf()];
     if let Some(cache) = cache.filter(|_| stats.meta.is_complete()) {
         paths.push(store(cache, &stats)?.0);
@@ -179,8 +185,11 @@ fn write_out(stats: Stats, out: &Path, cache: Option<&Path>) -> Result<Outcome> 
     Ok(Outcome { stats, paths, id, cached: false })
 }
 
-/// `factpatch stats merge`: sums shard files into `out`; a completed run also goes to `cache`.
-pub fn merge_files(inputs: &[PathBuf], out: &Path, cache: Option<&Path>) -> Result<Outcome> {
+/// `factpatch stats merge`: sums shard files into `out` (replaced only when `force`, never
+/// when it is one of the shards); a completed run also goes to `cache`.
+pub fn merge_files(inputs: &[PathBuf], out: &Path, force: bool, cache: Option<&Path>) -> Result<Outcome> {
+    let policy = Policy::force(force).reading(inputs);
+    policy.check(out).map_err(io_err(out))?;
     let parts = inputs.iter().map(|p| Ok((p.clone(), Stats::read(p)?))).collect::<Result<Vec<_>>>()?;
-    write_out(Stats::merge(&parts)?, out, cache)
+    write_out(Stats::merge(&parts)?, out, &policy, cache)
 }
