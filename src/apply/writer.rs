@@ -109,9 +109,20 @@ pub fn apply_with(model: &Path, patches: &[PathBuf], out: &Path, options: &Apply
     if out.exists() {
         return Err(Error::OutputExists(out.to_path_buf()));
     }
-    let ckpt = Checkpoint::open(model)?;
+    apply_to(&Checkpoint::open(model)?, patches, out, options)
+}
+
+/// [`apply_with`] onto an opened checkpoint (the folder it was opened from). Its weight files
+/// are checked to be unchanged around every tensor read and before the output is committed
+/// (`Checkpoint::check_unchanged`): a base modified during the run is an error, not a crash
+/// or a silently mixed output, and leaves nothing behind.
+pub fn apply_to(ckpt: &Checkpoint, patches: &[PathBuf], out: &Path, options: &ApplyOptions) -> Result<ApplySummary> {
+    if out.exists() {
+        return Err(Error::OutputExists(out.to_path_buf()));
+    }
+    let model = ckpt.dir();
     let stack = Stack::load(patches)?;
-    stack.verify(&ckpt)?;
+    stack.verify(ckpt)?;
     let dir = AtomicDir::create(out).map_err(io_err(out))?;
     let untouched: Vec<&str> = ckpt.names().filter(|n| !stack.touched.contains_key(*n)).collect();
     let (copied, written) = std::thread::scope(|s| {
@@ -123,7 +134,7 @@ pub fn apply_with(model: &Path, patches: &[PathBuf], out: &Path, options: &Apply
             let (mut bytes, mut hashes) = (0, BTreeMap::new());
             for file in ckpt.files() {
                 let name = file.file_name().expect("weight files have names");
-                bytes += write_weights(&ckpt, &stack, file, &dir.path().join(name), &mut hashes)?;
+                bytes += write_weights(ckpt, &stack, file, &dir.path().join(name), &mut hashes)?;
             }
             let weights: BTreeSet<_> = ckpt.files().filter_map(Path::file_name).collect();
             copy_others(model, dir.path(), &weights)?;
@@ -134,6 +145,7 @@ pub fn apply_with(model: &Path, patches: &[PathBuf], out: &Path, options: &Apply
     let (bytes_written, mut hashes) = written?;
     hashes.extend(copied?);
     let identity = ckpt.identity_of(&hashes).to_hex().to_string();
+    ckpt.check_files_unchanged()?;
     dir.commit(options.sync).map_err(io_err(out))?;
     Ok(ApplySummary {
         output: out.to_path_buf(),
@@ -164,12 +176,14 @@ fn write_weights(ckpt: &Checkpoint, stack: &Stack, src: &Path, dest: &Path, hash
         let copier = s.spawn(|| gaps.iter().try_for_each(|&(from, to)| copy_range(&mut input, src, &mut &out, dest, from, to)));
         let streamed = touched.iter().try_for_each(|t| {
             let (mut h, mut at) = (blake3::Hasher::new(), t.offset as u64);
+            ckpt.check_unchanged(t)?;
             stack.stream_verified(t, &|r| ckpt.evict_range(t, r), &mut |chunk| {
                 h.update(chunk);
                 out.write_all_at(chunk, at).map_err(io_err(dest))?;
                 at += chunk.len() as u64;
                 Ok(())
             })?;
+            ckpt.check_unchanged(t)?;
             hashes.insert(t.name.to_string(), h.finalize());
             ckpt.evict(t);
             Ok::<_, Error>(())
