@@ -29,8 +29,10 @@ pub fn merge(patches: &[PathBuf], out: &Path, model: Option<&Path>, allow_overri
     let first = stack.patches.first().ok_or(Error::Empty)?;
     let (edits, overridden) = merge_edits(&stack.patches, allow_override)?;
     let ckpt = model.map(Checkpoint::open).transpose()?;
-    if let Some(c) = &ckpt {
-        stack.verify(c)?;
+    match &ckpt {
+        Some(c) => stack.verify(c)?,
+        // Without the base, nothing bounds a delta but the patch format's caps.
+        None => stack.patches.iter().try_for_each(Patch::check_unbounded)?,
     }
     let mut deltas = Vec::with_capacity(stack.touched.len());
     for (name, list) in &stack.touched {
