@@ -79,6 +79,12 @@ pub struct AgainstBase {
 /// Audits the patch at `patch`; with `model`, also measures it against that base.
 pub fn report(patch: &Path, model: Option<&Path>) -> Result<Report> {
     let p = Patch::read(patch)?;
+    // Deltas are materialised below: bounded by the model's tensors, else by the patch's caps.
+    let ckpt = model.map(Checkpoint::open).transpose()?;
+    match &ckpt {
+        Some(c) => check_layouts(&p, c)?,
+        None => p.check_unbounded()?,
+    }
     let mut tensors = Vec::new();
     let mut bytes_by_encoding = BTreeMap::new();
     for (i, e) in p.manifest().entries.iter().enumerate() {
@@ -109,8 +115,7 @@ pub fn report(patch: &Path, model: Option<&Path>) -> Result<Report> {
         tensors,
         signature: crate::sign::read_signature(patch)?.map(|(_, signer)| SignatureReport { signer, verified: None, problem: None }),
     };
-    if let Some(dir) = model {
-        let ckpt = Checkpoint::open(dir)?;
+    if let Some(ckpt) = ckpt {
         let stack = Stack::new(vec![p])?;
         for t in &mut r.tensors {
             let m = measure(&ckpt, &stack, &t.name)?;
@@ -134,6 +139,25 @@ impl Report {
     }
 }
 
+/// Every entry of `p` names a tensor of `ckpt` with the entry's dtype and shape.
+fn check_layouts(p: &Patch, ckpt: &Checkpoint) -> Result<()> {
+    for e in &p.manifest().entries {
+        if !ckpt.contains(&e.tensor) {
+            return Err(Error::MissingTensor { patch: p.path().to_path_buf(), name: e.tensor.clone(), model: ckpt.dir().to_path_buf() });
+        }
+        let t = ckpt.tensor(&e.tensor)?;
+        if t.dtype != e.dtype || t.shape != e.shape {
+            return Err(Error::ShapeMismatch {
+                patch: p.path().to_path_buf(),
+                name: e.tensor.clone(),
+                expected: format!("{:?}{:?}", e.dtype, e.shape),
+                found: format!("{:?}{:?}", t.dtype, t.shape),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn fill_delta_stats(t: &mut TensorReport, d: &[f32]) {
     t.nonzeros = Some(d.iter().filter(|v| **v != 0.0).count() as u64);
     t.delta_norm = Some(d.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt());
@@ -149,11 +173,10 @@ struct Measured {
 }
 
 fn measure(ckpt: &Checkpoint, stack: &Stack, name: &str) -> Result<Measured> {
-    let base = ckpt.tensor(name).map_err(|_| Error::MissingTensor {
-        patch: stack.patches()[0].path().to_path_buf(),
-        name: name.to_string(),
-        model: ckpt.dir().to_path_buf(),
-    })?;
+    if !ckpt.contains(name) {
+        return Err(Error::MissingTensor { patch: stack.patches()[0].path().to_path_buf(), name: name.to_string(), model: ckpt.dir().to_path_buf() });
+    }
+    let base = ckpt.tensor(name)?;
     let delta = stack.delta_for(&base)?;
     let out = stack.patched(&base)?;
     let s = base.dtype.size();

@@ -37,6 +37,12 @@ pub enum Error {
     /// A tensor is stored in a dtype factpatch does not handle.
     #[error("{path}: tensor `{name}` has dtype {dtype}; only F32, F16 and BF16 are supported")]
     UnsupportedDtype { path: PathBuf, name: String, dtype: String },
+    /// Two weight files hold a tensor of the same name.
+    #[error("tensor `{name}` is stored twice: in {first} and in {second}")]
+    DuplicateTensor { name: String, first: PathBuf, second: PathBuf },
+    /// A weight file changed (size or modification time) after it was opened and mapped.
+    #[error("{path}: changed while being read ({what}); a checkpoint must not be modified while factpatch reads it")]
+    Changed { path: PathBuf, what: String },
     /// A tensor's shape differs from what the model's config implies.
     #[error("{path}: tensor `{name}` has shape {found:?}, expected {expected:?}")]
     Shape { path: PathBuf, name: String, found: Vec<usize>, expected: Vec<usize> },
@@ -125,6 +131,22 @@ struct Shard {
     mmap: Mmap,
     data_start: usize,
     metadata: Metadata,
+    /// Size and modification time when opened: reads through the map are valid while they hold.
+    stamp: Stamp,
+}
+
+/// A file's size and modification time.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Stamp {
+    len: u64,
+    mtime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Stamp { len: m.len(), mtime: (m.mtime(), m.mtime_nsec()) }
+    }
 }
 
 /// A borrowed view of one stored tensor.
@@ -172,17 +194,17 @@ pub const INDEX: &str = "model.safetensors.index.json";
 impl Checkpoint {
     /// Opens `dir`, memory-maps every weight file and validates every header.
     pub fn open(dir: &Path) -> Result<Self> {
-        let config_path = dir.join(CONFIG);
-        if !config_path.is_file() {
-            return Err(Error::MissingConfig(dir.to_path_buf()));
-        }
-        let config = read_json(&config_path)?;
+        let config = read_json(&config_path(dir)?)?;
         let files = weight_files(dir)?;
-        let mut shards = Vec::with_capacity(files.len());
-        let mut index = BTreeMap::new();
+        let mut shards: Vec<Shard> = Vec::with_capacity(files.len());
+        let mut index: BTreeMap<String, usize> = BTreeMap::new();
         for (i, file) in files.iter().enumerate() {
             let shard = map_shard(&dir.join(file))?;
             for name in shard.metadata.tensors().keys() {
+                if let Some(&j) = index.get(name) {
+                    let (first, second) = (shards[j].path.clone(), shard.path.clone());
+                    return Err(Error::DuplicateTensor { name: name.clone(), first, second });
+                }
                 index.insert(name.clone(), i);
             }
             shards.push(shard);
@@ -198,7 +220,7 @@ impl Checkpoint {
     /// Every tensor listed in a shard index must be where the index says.
     fn check_index(&self) -> Result<()> {
         let path = self.dir.join(INDEX);
-        if !path.is_file() {
+        if !exists(&path)? {
             return Ok(());
         }
         let map = read_json(&path)?;
@@ -246,8 +268,32 @@ impl Checkpoint {
         self.index.contains_key(name)
     }
 
-    /// A view of tensor `name`.
+    /// A view of tensor `name`. Its file is checked to be as it was when opened (see
+    /// [`Checkpoint::check_unchanged`]), so the view does not read past a truncated file's end.
     pub fn tensor(&self, name: &str) -> Result<TensorRef<'_>> {
+        let t = self.lookup(name)?;
+        self.check_unchanged(&t)?;
+        Ok(t)
+    }
+
+    /// Fails with [`Error::Changed`] when the file holding `t` no longer has the size and
+    /// modification time it had when the checkpoint was opened. The weights are memory-mapped:
+    /// reading a truncated file's map kills the process (SIGBUS), and a rewritten one gives
+    /// other bytes. Check before reading a tensor's bytes, and after, before trusting them.
+    pub fn check_unchanged(&self, t: &TensorRef) -> Result<()> {
+        match self.shards.iter().find(|s| s.path == t.path) {
+            Some(shard) => shard.check_unchanged(),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Checkpoint::check_unchanged`] for every weight file.
+    pub fn check_files_unchanged(&self) -> Result<()> {
+        self.shards.iter().try_for_each(Shard::check_unchanged)
+    }
+
+    /// A view of tensor `name`, without checking its file.
+    fn lookup(&self, name: &str) -> Result<TensorRef<'_>> {
         let (key, &i) = self.index.get_key_value(name).ok_or_else(|| Error::MissingTensor { dir: self.dir.clone(), name: name.to_string() })?;
         let shard = &self.shards[i];
         let info = shard.metadata.info(name).expect("index built from this shard's metadata");
@@ -302,7 +348,7 @@ impl Checkpoint {
     pub fn identity_of(&self, hashes: &BTreeMap<String, blake3::Hash>) -> blake3::Hash {
         let mut h = blake3::Hasher::new();
         for name in self.index.keys() {
-            let t = self.tensor(name).expect("validated on open");
+            let t = self.lookup(name).expect("validated on open");
             h.update(t.name.as_bytes());
             h.update(format!("{:?}{:?}", t.dtype, t.shape).as_bytes());
             h.update(hashes[name].as_bytes());
@@ -327,7 +373,7 @@ impl Checkpoint {
             let key = format!("{}|{}|{}|{}|{}.{}|{}.{}", place.display(), m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec());
             let entry = cache.join(format!("{}.json", &blake3::hash(key.as_bytes()).to_hex()[..32]));
             let every: Vec<&str> = self.index.iter().filter(|(_, &s)| s == i).map(|(n, _)| n.as_str()).collect();
-            let remembered: Option<BTreeMap<String, blake3::Hash>> = std::fs::read(&entry)
+            let remembered: Option<BTreeMap<String, blake3::Hash>> = crate::read_regular(&entry, crate::MAX_METADATA_BYTES)
                 .ok()
                 .and_then(|b| serde_json::from_slice::<BTreeMap<String, String>>(&b).ok())
                 .and_then(|r| r.into_iter().map(|(n, h)| Some((n, blake3::Hash::from_hex(h).ok()?))).collect());
@@ -376,10 +422,43 @@ pub fn default_hash_cache() -> PathBuf {
     crate::cache_root().join("hashes")
 }
 
+impl Shard {
+    fn check_unchanged(&self) -> Result<()> {
+        let now = Stamp::of(&self.file.metadata().map_err(crate::io_err(&self.path))?);
+        if now == self.stamp {
+            return Ok(());
+        }
+        let what = match now.len == self.stamp.len {
+            true => "modified".to_string(),
+            false => format!("{} bytes when opened, {} now", self.stamp.len, now.len),
+        };
+        Err(Error::Changed { path: self.path.clone(), what })
+    }
+}
+
+/// Whether `path` exists. Unlike `Path::exists`, an error other than "not found" (a symlink
+/// loop, a permission problem) is reported rather than taken for absence.
+fn exists(path: &Path) -> Result<bool> {
+    match std::fs::metadata(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(crate::io_err(path)(e).into()),
+    }
+}
+
+/// `dir/config.json`, or [`Error::MissingConfig`] when there is none.
+pub fn config_path(dir: &Path) -> Result<PathBuf> {
+    let path = dir.join(CONFIG);
+    match exists(&path)? {
+        true => Ok(path),
+        false => Err(Error::MissingConfig(dir.to_path_buf())),
+    }
+}
+
 /// The weight files of a folder: the single file, or the shards named by the index (sorted, unique).
 fn weight_files(dir: &Path) -> Result<Vec<String>> {
     let index = dir.join(INDEX);
-    if index.is_file() {
+    if exists(&index)? {
         let map = read_json(&index)?;
         let files: std::collections::BTreeSet<String> = map
             .get("weight_map")
@@ -393,26 +472,28 @@ fn weight_files(dir: &Path) -> Result<Vec<String>> {
         }
         return Ok(files.into_iter().collect());
     }
-    if dir.join(SINGLE).is_file() {
+    if exists(&dir.join(SINGLE))? {
         return Ok(vec![SINGLE.to_string()]);
     }
     Err(Error::MissingWeights(dir.to_path_buf()))
 }
 
 fn map_shard(path: &Path) -> Result<Shard> {
-    let file = File::open(path).map_err(crate::io_err(path))?;
-    // SAFETY: checkpoints are treated as immutable while open; factpatch never writes into a base.
+    let (file, _) = crate::open_regular(path, u64::MAX)?;
+    let stamp = Stamp::of(&file.metadata().map_err(crate::io_err(path))?);
+    // SAFETY: checkpoints are treated as immutable while open; factpatch never writes into a
+    // base, and readers call `check_unchanged` around their reads to catch others who do.
     let mmap = unsafe { Mmap::map(&file) }.map_err(crate::io_err(path))?;
     let bad = |e: safetensors::SafeTensorError| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() };
     SafeTensors::deserialize(&mmap).map_err(bad)?;
     let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(bad)?;
-    Ok(Shard { path: path.to_path_buf(), file, mmap, data_start: 8 + header_len, metadata })
+    Ok(Shard { path: path.to_path_buf(), file, mmap, data_start: 8 + header_len, metadata, stamp })
 }
 
 /// Reads and parses a JSON file, naming it in any error.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(crate::io_err(path))?;
-    serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })
+    let text = crate::read_regular(path, crate::MAX_METADATA_BYTES)?;
+    serde_json::from_slice(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })
 }
 
 /// A source of named tensors: a checkpoint folder, or one with patches overlaid

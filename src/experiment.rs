@@ -270,7 +270,7 @@ impl Context<'_> {
     fn restore(&self, model: &mut Model, preserved: &mut Preserved, setting: &str, edits: usize, hp: &Hparams) -> Result<()> {
         let path = self.state_path(setting);
         let bad = |problem: String| Error::State { path: path.clone(), problem };
-        let bytes = std::fs::read(&path).map_err(|e| bad(format!("cannot resume from {edits} edits: {e}")))?;
+        let bytes = crate::read_regular(&path, crate::MAX_DATA_BYTES).map_err(|e| bad(format!("cannot resume from {edits} edits: {}", e.source)))?;
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
         let saved = meta.metadata().as_ref().and_then(|m| m.get("edits")).cloned().unwrap_or_default();
         if saved != edits.to_string() {
@@ -316,10 +316,10 @@ pub fn csv(rows: &[Row]) -> String {
 
 /// Rows from a results file written by [`csv`]; none if it does not exist.
 fn read_rows(path: &Path) -> Result<Vec<Row>> {
-    let text = match std::fs::read_to_string(path) {
+    let text = match crate::read_regular_text(path, crate::MAX_DATA_BYTES) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(state_err(path, e)),
+        Err(e) if e.source.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(state_err(path, e.source)),
     };
     text.lines()
         .enumerate()

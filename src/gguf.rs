@@ -95,7 +95,7 @@ pub fn import(gguf: &Path, out_dir: &Path, dtype: OutDtype) -> Result<ImportSumm
         _ => Error::Write { path: out_dir.to_path_buf(), reason: e.to_string() },
     })?;
 
-    let file = fs::File::open(gguf).map_err(|source| Error::Open { path: gguf.to_path_buf(), source })?;
+    let (file, _) = crate::open_regular(gguf, u64::MAX).map_err(|e| Error::Open { path: gguf.to_path_buf(), source: e.source })?;
     let mut reader = BufReader::new(file);
     let content = gguf_file::Content::read(&mut reader).map_err(|e| Error::Corrupt { path: gguf.to_path_buf(), reason: e.to_string() })?;
     let meta = Meta::new(gguf, &content.metadata);

@@ -34,6 +34,75 @@ pub fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> IoError + '_ {
     move |source| IoError { path: path.to_path_buf(), source }
 }
 
+/// Largest metadata file read whole: `config.json`, shard indexes, `tokenizer.json`, caches.
+pub const MAX_METADATA_BYTES: u64 = 256 << 20;
+/// Largest data file read whole: patches, requests, corpora, task files, statistics.
+pub const MAX_DATA_BYTES: u64 = 1 << 40;
+
+/// Opens `path` for reading if it is a regular file of at most `max_bytes` bytes; returns it
+/// with its length. Devices, FIFOs, sockets and folders are refused before anything blocks on
+/// them or reads them to exhaustion: the file is opened non-blocking and checked again once
+/// open, so a FIFO swapped in between cannot hang the open either.
+pub fn open_regular(path: &Path, max_bytes: u64) -> Result<(std::fs::File, u64), IoError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let check = |m: std::fs::Metadata| -> std::io::Result<u64> {
+        let t = m.file_type();
+        let kind = if t.is_file() {
+            None
+        } else if t.is_dir() {
+            Some("a folder")
+        } else if t.is_fifo() {
+            Some("a FIFO")
+        } else if t.is_char_device() {
+            Some("a character device")
+        } else if t.is_block_device() {
+            Some("a block device")
+        } else if t.is_socket() {
+            Some("a socket")
+        } else {
+            Some("of an unknown type")
+        };
+        if let Some(kind) = kind {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("not a regular file ({kind})")));
+        }
+        if m.len() > max_bytes {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{} bytes, more than the {max_bytes} allowed", m.len())));
+        }
+        Ok(m.len())
+    };
+    let opened = || {
+        check(std::fs::metadata(path)?)?;
+        let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+        let len = check(file.metadata()?)?;
+        Ok((file, len))
+    };
+    opened().map_err(io_err(path))
+}
+
+/// The bytes of `path`, a regular file of at most `max_bytes` bytes (see [`open_regular`]).
+pub fn read_regular(path: &Path, max_bytes: u64) -> Result<Vec<u8>, IoError> {
+    use std::io::Read;
+    let (file, len) = open_regular(path, max_bytes)?;
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(max_bytes.saturating_add(1)).read_to_end(&mut bytes).map_err(io_err(path))?;
+    if bytes.len() as u64 > max_bytes {
+        let grew = std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("grew past the {max_bytes} bytes allowed while being read"));
+        return Err(io_err(path)(grew));
+    }
+    Ok(bytes)
+}
+
+/// The text of `path` (see [`read_regular`]); invalid UTF-8 is an error naming the line.
+pub fn read_regular_text(path: &Path, max_bytes: u64) -> Result<String, IoError> {
+    String::from_utf8(read_regular(path, max_bytes)?).map_err(|e| io_err(path)(not_utf8(e.as_bytes(), e.utf8_error().valid_up_to())))
+}
+
+/// The error for `bytes` that are valid UTF-8 only up to `valid`: names the line and byte.
+pub fn not_utf8(bytes: &[u8], valid: usize) -> std::io::Error {
+    let line = 1 + bytes[..valid].iter().filter(|&&b| b == b'\n').count();
+    std::io::Error::new(std::io::ErrorKind::InvalidData, format!("line {line}: not valid UTF-8 (byte {valid})"))
+}
+
 /// `factpatch <version>`, as written into patches and statistics files.
 pub fn tool_version() -> String {
     format!("factpatch {}", env!("CARGO_PKG_VERSION"))

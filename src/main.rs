@@ -425,13 +425,19 @@ enum WeightDtype {
 }
 
 fn main() -> std::process::ExitCode {
+    // A closed stdout (`factpatch … | head`) ends the process quietly, as it does other Unix
+    // tools, instead of failing the next print. Rust ignores SIGPIPE by default.
+    // SAFETY: restores the default disposition of one signal before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     factpatch::init_process();
     match run(Cli::parse().command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // Typed errors already quote their cause: print each cause only when it adds something.
             let mut message = String::new();
-            for cause in e.chain().map(|c| c.to_string()) {
+            for cause in e.chain().map(|c| one_line(&c.to_string())) {
                 if !message.contains(&cause) {
                     message += if message.is_empty() { "" } else { ": " };
                     message += &cause;
@@ -441,6 +447,22 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `message` on one line: a captured backtrace (candle appends one to its errors when
+/// `RUST_BACKTRACE` is set) is dropped, other line breaks become spaces.
+fn one_line(message: &str) -> String {
+    let mut kept = Vec::new();
+    for line in message.lines().map(str::trim) {
+        let frame = line.split_once(": ").is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if frame || line.eq_ignore_ascii_case("stack backtrace:") {
+            break;
+        }
+        if !line.is_empty() {
+            kept.push(line);
+        }
+    }
+    kept.join(" ")
 }
 
 fn run(command: Command) -> Result<()> {
@@ -611,6 +633,7 @@ fn run(command: Command) -> Result<()> {
 fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {
     let cfg = model::Config::read(dir)?;
     let ckpt = factpatch::checkpoint::Checkpoint::open(dir)?;
+    cfg.check_layers(&ckpt)?;
     let mut dtypes = std::collections::BTreeMap::<String, usize>::new();
     let mut params = 0usize;
     for name in ckpt.names() {
@@ -623,7 +646,7 @@ fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {
     if json {
         let v = serde_json::json!({
             "dir": dir, "config": cfg, "parameters": params, "tensors": ckpt.names().count(),
-            "dtypes": dtypes, "files": files, "editable": editable,
+            "dtypes": dtypes, "files": files, "editable": editable, "edit_layers": cfg.family.edit_layers(cfg.num_layers),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -639,7 +662,7 @@ fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {
     println!("positions  {}", cfg.rope_theta.map_or("learned".into(), |t| format!("rotary, theta {t}")));
     println!("unembed    {}", if cfg.tied_embeddings { "tied to the embedding" } else { "separate" });
     println!("edit view  out = W·k, W [{}, {}]; stored {:?}", cfg.hidden_size, cfg.intermediate_size, f.mlp_out.orientation);
-    println!("editable   {} .. {} (default edit layers {:?})", editable[0], editable[editable.len() - 1], f.default_edit_layers);
+    println!("editable   {} .. {} (default edit layers {:?})", editable[0], editable[editable.len() - 1], f.edit_layers(cfg.num_layers));
     let _ = ckpt.tensor(&editable[0]).with_context(|| format!("{}: editable tensor missing", dir.display()))?;
     Ok(())
 }

@@ -18,6 +18,16 @@ const TRAILER: usize = 32;
 const MAX_MANIFEST: u64 = 64 << 20;
 const MAX_ELEMENTS: u64 = 1 << 34;
 const MAX_DIMS: usize = 8;
+/// Most elements an entry's tensor may have when no model bounds it: a delta is materialised
+/// as f32 without the base only by `audit` and `merge` without `--model`, and then holds at
+/// most 2^28 elements, 1 GiB. With the model, the real tensor bounds it.
+pub const MAX_UNBOUNDED_ELEMENTS: u64 = 1 << 28;
+/// Most raw payload bytes an entry may have when no model bounds it: 1 GiB, what a dense f32
+/// delta of [`MAX_UNBOUNDED_ELEMENTS`] elements takes.
+pub const MAX_UNBOUNDED_RAW: u64 = MAX_UNBOUNDED_ELEMENTS * 4;
+/// Most values the low-rank factors of one entry may hold, `(R + C)·Σr`: 2^28 (1 GiB as f32),
+/// whatever the tensor. Real edits use a few per fact.
+pub const MAX_FACTOR_VALUES: u64 = 1 << 28;
 /// Frames up to this many raw bytes are compressed at level 19, larger ones at level 3.
 const SMALL_FRAME: usize = 4 << 20;
 
@@ -51,6 +61,9 @@ pub enum Error {
     /// A delta value is NaN or infinite.
     #[error("{path}: tensor `{name}`: delta value {index} is not finite")]
     NonFinite { path: PathBuf, name: String, index: usize },
+    /// An entry is too large to materialise without the model its tensor belongs to.
+    #[error("{path}: tensor `{name}` declares {what}; without the base model at most {max} are materialised (give the model with --model)")]
+    TooLarge { path: PathBuf, name: String, what: String, max: String },
     /// A delta handed to the writer does not fit its tensor.
     #[error("tensor `{name}`: invalid delta: {reason}")]
     InvalidDelta { name: String, reason: String },
@@ -431,7 +444,7 @@ impl std::fmt::Debug for Patch {
 impl Patch {
     /// Reads and verifies the patch at `path`.
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(crate::io_err(path))?;
+        let bytes = crate::read_regular(path, crate::MAX_DATA_BYTES)?;
         Self::from_bytes(bytes, path)
     }
 
@@ -457,10 +470,14 @@ impl Patch {
         }
         let computed = blake3::hash(&bytes[..body_end]);
         let stored: [u8; 32] = bytes[body_end..].try_into().expect("32 bytes");
+        let mend = HEADER + mlen as usize;
         if computed.as_bytes() != &stored {
+            // A file cut short usually keeps its manifest: say so rather than "hash mismatch".
+            if let Some(declared) = declared_len(&bytes[HEADER..mend]).filter(|&d| d > bytes.len() as u64) {
+                return Err(truncated(&format!("{} bytes, but its manifest declares {declared}", bytes.len())));
+            }
             return Err(Error::HashMismatch { path, stored: format_id(&stored), computed: format_id(computed.as_bytes()) });
         }
-        let mend = HEADER + mlen as usize;
         let bad = |reason: String| Error::Manifest { path: path.clone(), reason };
         let json = inflate(&bytes[HEADER..mend], decompressed_len(&bytes[HEADER..mend], MAX_MANIFEST).map_err(bad)?).map_err(bad)?;
         let manifest: Manifest = serde_json::from_slice(&json).map_err(|e| bad(e.to_string()))?;
@@ -493,6 +510,24 @@ impl Patch {
         self.manifest.includes.last().map_or(&self.id, String::as_str)
     }
 
+    /// Checks that every entry can be materialised without the model its tensors belong to: at
+    /// most [`MAX_UNBOUNDED_ELEMENTS`] elements and [`MAX_UNBOUNDED_RAW`] payload bytes. Callers
+    /// that decode or materialise deltas with no base tensor to bound them call it first.
+    pub fn check_unbounded(&self) -> Result<()> {
+        for e in &self.manifest.entries {
+            let n = numel(&e.shape) as u64;
+            let too_large =
+                |what: String, max: u64, unit: &str| Error::TooLarge { path: self.path.clone(), name: e.tensor.clone(), what, max: format!("{max} {unit}") };
+            if n > MAX_UNBOUNDED_ELEMENTS {
+                return Err(too_large(format!("shape {:?} ({n} elements)", e.shape), MAX_UNBOUNDED_ELEMENTS, "elements"));
+            }
+            if e.raw_len > MAX_UNBOUNDED_RAW {
+                return Err(too_large(format!("a payload of {} bytes", e.raw_len), MAX_UNBOUNDED_RAW, "bytes"));
+            }
+        }
+        Ok(())
+    }
+
     /// Decodes entry `i`'s delta, checking its size, structure and that every value is finite.
     pub fn delta(&self, i: usize) -> Result<Delta> {
         let e = &self.manifest.entries[i];
@@ -521,6 +556,13 @@ fn decompressed_len(frame: &[u8], max: u64) -> std::result::Result<u64, String> 
     }
 }
 
+/// The file length a (hash-mismatching) file's manifest frame declares, if it can be read.
+fn declared_len(mframe: &[u8]) -> Option<u64> {
+    let json = inflate(mframe, decompressed_len(mframe, MAX_MANIFEST).ok()?).ok()?;
+    let m: Manifest = serde_json::from_slice(&json).ok()?;
+    m.entries.iter().try_fold((HEADER + TRAILER + mframe.len()) as u64, |acc, e| acc.checked_add(e.zlen))
+}
+
 /// The payload length an entry's encoding and shape imply, or why it is impossible.
 fn expected_raw_len(e: &Entry) -> std::result::Result<u64, String> {
     if e.shape.is_empty() || e.shape.len() > MAX_DIMS {
@@ -528,8 +570,15 @@ fn expected_raw_len(e: &Entry) -> std::result::Result<u64, String> {
     }
     let n = e.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64)).filter(|&n| n <= MAX_ELEMENTS);
     let n = n.ok_or_else(|| format!("shape {:?} is absurdly large", e.shape))?;
-    let two_d = || match e.shape[..] {
-        [r, c] => Ok(r as u64 + c as u64),
+    // The values of low-rank factors of total rank `r`: (R + C)·r, bounded.
+    let factor_values = |r: u64| match e.shape[..] {
+        [rows, cols] => match (rows as u64 + cols as u64).checked_mul(r) {
+            Some(v) if v <= MAX_FACTOR_VALUES => Ok(v),
+            v => {
+                let v = v.map_or("more than 2^64".to_string(), |v| v.to_string());
+                Err(format!("low-rank factors of total rank {r} for shape {:?} hold {v} values, more than the {MAX_FACTOR_VALUES} allowed", e.shape))
+            }
+        },
         _ => Err(format!("low-rank encoding needs a 2-D tensor, shape is {:?}", e.shape)),
     };
     let len = match &e.encoding {
@@ -549,13 +598,13 @@ fn expected_raw_len(e: &Entry) -> std::result::Result<u64, String> {
                 return Err("low-rank groups must be non-empty with rank ≥ 1".into());
             }
             let r: u64 = ranks.iter().map(|&r| r as u64).sum();
-            two_d()?.checked_mul(r).and_then(|x| x.checked_mul(vdtype.size() as u64))
+            Some(factor_values(r)? * vdtype.size() as u64)
         }
         Encoding::LowRankRect { vdtype, rank, k, eps } => {
             if *rank == 0 || !(0.0..=100.0).contains(k) || !eps.is_finite() || *eps <= 0.0 {
                 return Err(format!("RECT needs rank ≥ 1, 0 ≤ k ≤ 100, eps > 0 (rank {rank}, k {k}, eps {eps})"));
             }
-            two_d()?.checked_mul(*rank as u64).and_then(|x| x.checked_mul(vdtype.size() as u64))
+            Some(factor_values(*rank as u64)? * vdtype.size() as u64)
         }
     };
     len.filter(|&l| l <= MAX_ELEMENTS * 8).ok_or_else(|| "payload size is absurdly large".to_string())

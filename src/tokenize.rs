@@ -34,7 +34,8 @@ impl Tokenizer {
     /// Loads `dir/tokenizer.json`.
     pub fn open(dir: &Path) -> Result<Self> {
         let path = dir.join(FILE);
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Load { path, reason: e.to_string() })?;
+        let bytes = crate::read_regular(&path, crate::MAX_METADATA_BYTES).map_err(|e| Error::Load { path: path.clone(), reason: e.source.to_string() })?;
+        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| Error::Load { path, reason: e.to_string() })?;
         Ok(Tokenizer { inner })
     }
 

@@ -57,7 +57,11 @@ pub fn merge_with(patches: &[PathBuf], out: &Path, options: &MergeOptions) -> Re
             }
             stack.verify(c)?;
         }
-        None => check_descent(&stack)?,
+        // Without the base, nothing bounds a delta but the patch format's caps.
+        None => {
+            stack.patches.iter().try_for_each(Patch::check_unbounded)?;
+            check_descent(&stack)?
+        }
     }
     let mut deltas = Vec::with_capacity(stack.touched.len());
     for (name, list) in &stack.touched {

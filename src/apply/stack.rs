@@ -205,11 +205,14 @@ impl Stack {
     }
 
     pub(super) fn base<'a>(&self, ckpt: &'a Checkpoint, name: &str) -> Result<TensorRef<'a>> {
-        ckpt.tensor(name).map_err(|_| Error::MissingTensor {
-            patch: self.patches[self.touched[name][0].0].path().to_path_buf(),
-            name: name.to_string(),
-            model: ckpt.dir().to_path_buf(),
-        })
+        if !ckpt.contains(name) {
+            return Err(Error::MissingTensor {
+                patch: self.patches[self.touched[name][0].0].path().to_path_buf(),
+                name: name.to_string(),
+                model: ckpt.dir().to_path_buf(),
+            });
+        }
+        Ok(ckpt.tensor(name)?)
     }
 }
 

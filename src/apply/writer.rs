@@ -119,7 +119,18 @@ pub fn apply_with(model: &Path, patches: &[PathBuf], out: &Path, options: &Apply
     if out.exists() {
         return Err(Error::OutputExists(out.to_path_buf()));
     }
-    let ckpt = Checkpoint::open(model)?;
+    apply_to(&Checkpoint::open(model)?, patches, out, options)
+}
+
+/// [`apply_with`] onto an opened checkpoint (the folder it was opened from). Its weight files
+/// are checked to be unchanged around every tensor read and before the output is committed
+/// (`Checkpoint::check_unchanged`): a base modified during the run is an error, not a crash
+/// or a silently mixed output, and leaves nothing behind.
+pub fn apply_to(ckpt: &Checkpoint, patches: &[PathBuf], out: &Path, options: &ApplyOptions) -> Result<ApplySummary> {
+    if out.exists() {
+        return Err(Error::OutputExists(out.to_path_buf()));
+    }
+    let model = ckpt.dir();
     let stack = Stack::load(patches)?;
     if let Some(trusted) = &options.trusted {
         for p in stack.patches() {
@@ -127,10 +138,10 @@ pub fn apply_with(model: &Path, patches: &[PathBuf], out: &Path, options: &Apply
         }
     }
     let base = match stack.needs_identity(options.allow_other_base) {
-        true => stack.check_model(&ckpt, options.hash_cache.as_deref(), options.allow_other_base)?.hashes,
+        true => stack.check_model(ckpt, options.hash_cache.as_deref(), options.allow_other_base)?.hashes,
         false => None,
     };
-    stack.verify(&ckpt)?;
+    stack.verify(ckpt)?;
     // Never inside the model folder (it would copy itself), nor around it or a patch.
     let inputs = std::iter::once(model).chain(patches.iter().map(PathBuf::as_path));
     let dir = AtomicDir::create(out, &Policy::new().reading(inputs)).map_err(io_err(out))?;
@@ -144,7 +155,7 @@ pub fn apply_with(model: &Path, patches: &[PathBuf], out: &Path, options: &Apply
             let (mut bytes, mut hashes) = (0, BTreeMap::new());
             for file in ckpt.files() {
                 let name = file.file_name().expect("weight files have names");
-                bytes += write_weights(&ckpt, &stack, file, &dir.path().join(name), &mut hashes)?;
+                bytes += write_weights(ckpt, &stack, file, &dir.path().join(name), &mut hashes)?;
             }
             let weights: BTreeSet<_> = ckpt.files().filter_map(Path::file_name).collect();
             copy_others(model, dir.path(), &weights)?;
@@ -161,6 +172,7 @@ pub fn apply_with(model: &Path, patches: &[PathBuf], out: &Path, options: &Apply
             return Err(Error::OutputMismatch { output: out.to_path_buf(), printed: identity, found });
         }
     }
+    ckpt.check_files_unchanged()?;
     dir.commit(options.sync).map_err(io_err(out))?;
     Ok(ApplySummary {
         output: out.to_path_buf(),
@@ -191,12 +203,14 @@ fn write_weights(ckpt: &Checkpoint, stack: &Stack, src: &Path, dest: &Path, hash
         let copier = s.spawn(|| gaps.iter().try_for_each(|&(from, to)| copy_range(&mut input, src, &mut &out, dest, from, to)));
         let streamed = touched.iter().try_for_each(|t| {
             let (mut h, mut at) = (blake3::Hasher::new(), t.offset as u64);
+            ckpt.check_unchanged(t)?;
             stack.stream_verified(t, &|r| ckpt.evict_range(t, r), &mut |chunk| {
                 h.update(chunk);
                 out.write_all_at(chunk, at).map_err(io_err(dest))?;
                 at += chunk.len() as u64;
                 Ok(())
             })?;
+            ckpt.check_unchanged(t)?;
             hashes.insert(t.name.to_string(), h.finalize());
             ckpt.evict(t);
             Ok::<_, Error>(())

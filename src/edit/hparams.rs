@@ -71,11 +71,11 @@ pub struct KnParams {
 impl Hparams {
     /// The defaults of `method` for a model of this configuration.
     pub fn defaults(method: Method, config: &model::Config) -> Self {
-        let layers = config.family.default_edit_layers.to_vec();
+        let layers = config.family.edit_layers(config.num_layers);
         Hparams {
             method,
             layers: match method {
-                Method::Rome | Method::Emmet => vec![layers[1]],
+                Method::Rome | Method::Emmet => vec![layers[1.min(layers.len() - 1)]],
                 Method::Memit | Method::AlphaEdit => layers,
                 Method::Kn => (0..config.num_layers).collect(),
             },

@@ -110,6 +110,7 @@ pub fn compile(
     templates: &[Vec<String>],
 ) -> Result<(Vec<LayerUpdate>, Vec<FactReport>)> {
     hp.check(&model.config)?;
+    check_lengths(model, tok, requests, templates)?;
     if hp.needs_stats() {
         for &l in &hp.layers {
             preserved.second_moment(l)?;
@@ -135,6 +136,26 @@ pub fn compile(
         }
     }
     Ok((updates, reports))
+}
+
+/// Refuses a request whose prompts cannot fit the model's context, before any pass allocates for
+/// them: its filled prompt in the longest context template, followed by its target.
+fn check_lengths(model: &Model, tok: &Tokenizer, requests: &[Request], templates: &[Vec<String>]) -> Result<()> {
+    let max = model.config.max_positions;
+    let mut context = 0;
+    for t in templates.iter().flatten() {
+        context = context.max(tok.ids(&t.replacen("{}", "", 1))?.len());
+    }
+    for r in requests {
+        let (prompt, target) = (tok.ids(&r.filled())?.len(), tok.ids(&r.target_text())?.len());
+        if prompt + target + context > max {
+            let problem = format!(
+                "the prompt ({prompt} tokens) and target ({target} tokens) in the longest context template ({context} tokens) do not fit the model's context of {max} tokens"
+            );
+            return Err(Error::Request { origin: r.origin.clone(), problem });
+        }
+    }
+    Ok(())
 }
 
 /// Tokenized target ids (with the leading space), refusing empty ones.

@@ -101,7 +101,7 @@ impl Preserved {
 
 /// A stored projector, if `path` holds one of shape `[d, d]` in f64.
 fn read_projector(path: &Path, d: usize) -> Option<Array2<f64>> {
-    let bytes = std::fs::read(path).ok()?;
+    let bytes = crate::read_regular(path, crate::MAX_DATA_BYTES).ok()?;
     let st = safetensors::SafeTensors::deserialize(&bytes).ok()?;
     let t = st.tensor("projector").ok()?;
     if t.dtype() != safetensors::Dtype::F64 || t.shape() != [d, d] {

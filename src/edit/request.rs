@@ -156,7 +156,7 @@ fn template(prompt: &str, subject: &str, origin: &str) -> Result<String> {
 /// Reads requests from a JSON array or JSON-lines file in any accepted format, then checks
 /// that no two records edit the same fact with different targets.
 pub fn read(path: &Path) -> Result<Vec<Request>> {
-    let text = std::fs::read_to_string(path).map_err(crate::io_err(path))?;
+    let text = crate::read_regular_text(path, crate::MAX_DATA_BYTES)?;
     let records = json_records(&text, path)?;
     let requests = records
         .into_iter()

@@ -19,7 +19,7 @@
 
 use super::score::{self, Choices, Scored};
 use super::{fluency, progress, subset, Models, Options, Result};
-use crate::edit::request::{continuation, Request};
+use crate::edit::request::{self, continuation, Request};
 use crate::model::{self, Model, Sampling};
 use crate::tokenize::Tokenizer;
 use std::path::{Path, PathBuf};
@@ -161,8 +161,10 @@ struct Layout {
 /// Both protocols' metrics for each of `requests`.
 fn evaluate(models: &Models, tok: &Tokenizer, requests: &[&Request], opts: &Options) -> Result<Vec<(CounterFact, EasyEdit)>> {
     let ids = |text: &str| -> Result<Vec<u32>> { Ok(tok.ids(text)?) };
+    let max = models.base.config.max_positions;
     let (mut items, mut neighbor_items, mut layouts) = (Vec::new(), Vec::new(), Vec::new());
     for r in requests {
+        let first_item = items.len();
         let new = ids(&r.target_text())?;
         let old = r.target_true.as_deref().map(|t| ids(&continuation(t))).transpose()?;
         let targets: Vec<Vec<u32>> = std::iter::once(new.clone()).chain(old.clone()).collect();
@@ -181,6 +183,13 @@ fn evaluate(models: &Models, tok: &Tokenizer, requests: &[&Request], opts: &Opti
             items.push(Choices { context, continuations: std::iter::once(answer).chain(new_too.then(|| new.clone())).collect() });
         }
         layouts.push(Layout { rewrite, paraphrases, neighbors: items.len() - r.neighbors.len()..items.len(), first_neighbor });
+        // Refused before any pass allocates for them (its attention grows with the square).
+        let generation = r.generation_prompts.iter().map(|p| Ok(ids(p)?.len() + 1)).collect::<Result<Vec<_>>>()?;
+        let lengths = items[first_item..].iter().map(|c: &Choices| c.context.len() + c.continuations.iter().map(Vec::len).max().unwrap_or(0));
+        if let Some(longest) = lengths.chain(generation).max().filter(|&n| n > max) {
+            let problem = format!("a prompt with its continuation is {longest} tokens, more than the model's context of {max} tokens");
+            return Err(request::Error::Record { origin: r.origin.clone(), problem }.into());
+        }
     }
     let post = score::score(models.evaluated(), &items)?;
     // Without patches the evaluated model is the base: its own predictions are the reference.

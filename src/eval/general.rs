@@ -38,8 +38,8 @@ pub fn run(model: &Model, tok: &Tokenizer, data: &TaskData, opts: &Options) -> R
     let (items, metrics, protocol) = match &data.items {
         Items::Text(text) => perplexity(model, tok, data, text, opts)?,
         Items::Choices(all) => {
-            let picked: Vec<&Choice> = subset(all.len(), data.limit.or(opts.limit), opts.seed).into_iter().map(|i| &all[i]).collect();
-            let (acc, acc_norm) = choice_accuracy(model, tok, data.task, &picked, opts)?;
+            let picked: Vec<(usize, &Choice)> = subset(all.len(), data.limit.or(opts.limit), opts.seed).into_iter().map(|i| (i, &all[i])).collect();
+            let (acc, acc_norm) = choice_accuracy(model, tok, data, &picked, opts)?;
             let mut metrics = vec![Metric { name: "acc", value: acc }];
             let mut protocol = "zero-shot, log-likelihood of each choice after the prompt (lm-evaluation-harness format)".to_string();
             if data.task == Task::HellaSwag {
@@ -49,9 +49,9 @@ pub fn run(model: &Model, tok: &Tokenizer, data: &TaskData, opts: &Options) -> R
             (picked.len(), metrics, protocol)
         }
         Items::Questions(all) => {
-            let picked: Vec<&Question> = subset(all.len(), data.limit.or(opts.limit), opts.seed).into_iter().map(|i| &all[i]).collect();
+            let picked: Vec<(usize, &Question)> = subset(all.len(), data.limit.or(opts.limit), opts.seed).into_iter().map(|i| (i, &all[i])).collect();
             let budget = Budget::of(data.task);
-            let em = exact_match(model, tok, data.task, &picked, &budget, opts)?;
+            let em = exact_match(model, tok, data, &picked, &budget, opts)?;
             let protocol = format!("zero-shot, greedy, at most {} new tokens, cut at {:?}", budget.max_new, budget.stop);
             (picked.len(), vec![Metric { name: "exact_match", value: em }], protocol)
         }
@@ -62,7 +62,12 @@ pub fn run(model: &Model, tok: &Tokenizer, data: &TaskData, opts: &Options) -> R
 /// Token-level perplexity of `text` over non-overlapping windows of `opts.seq_len` tokens
 /// (default: the model's context); the limit picks windows.
 fn perplexity(model: &Model, tok: &Tokenizer, data: &TaskData, text: &str, opts: &Options) -> Result<(usize, Vec<Metric>, String)> {
-    let seq_len = opts.seq_len.unwrap_or(model.config.max_positions);
+    let max = model.config.max_positions;
+    let seq_len = opts.seq_len.unwrap_or(max);
+    if seq_len > max {
+        let what = format!("windows of {seq_len} tokens (--seq-len) are longer than the model's context of {max} tokens");
+        return Err(Error::TooLong { path: data.path.clone(), what });
+    }
     let ids = tok.ids(text)?;
     let windows = score::windows(&ids, seq_len);
     if windows.is_empty() {
@@ -93,20 +98,34 @@ pub fn best(values: &[f64]) -> usize {
     (0..values.len()).fold(0, |b, i| if values[i] > values[b] { i } else { b })
 }
 
+/// Refuses item `i` (0-based) of `data` when its longest sequence, `tokens`, does not fit the
+/// model's context: before any pass allocates for it.
+fn check_fits(model: &Model, data: &TaskData, i: usize, tokens: usize) -> Result<()> {
+    let max = model.config.max_positions;
+    if tokens <= max {
+        return Ok(());
+    }
+    let what = format!("item {}: {tokens} tokens with its longest continuation, more than the model's context of {max} tokens", i + 1);
+    Err(Error::TooLong { path: data.path.clone(), what })
+}
+
 /// Accuracy of the most likely choice, raw and with each choice's log-likelihood divided by its
-/// length in characters (lm-evaluation-harness's `acc` and `acc_norm`).
-fn choice_accuracy(model: &Model, tok: &Tokenizer, task: Task, items: &[&Choice], opts: &Options) -> Result<(f64, f64)> {
-    let bar = progress(opts.progress, task.name(), items.len());
+/// length in characters (lm-evaluation-harness's `acc` and `acc_norm`). Items come with their
+/// index in the file.
+fn choice_accuracy(model: &Model, tok: &Tokenizer, data: &TaskData, items: &[(usize, &Choice)], opts: &Options) -> Result<(f64, f64)> {
+    let bar = progress(opts.progress, data.task.name(), items.len());
     let (mut acc, mut acc_norm) = (0usize, 0usize);
     for step in items.chunks(CHOICE_STEP) {
         let batch = step
             .iter()
-            .map(|c| {
-                let continuations = c.choices.iter().map(|x| tok.ids(&format!(" {x}"))).collect::<std::result::Result<_, _>>()?;
-                Ok(Choices { context: tok.ids(&c.prompt)?, continuations })
+            .map(|&(i, c)| {
+                let continuations: Vec<Vec<u32>> = c.choices.iter().map(|x| tok.ids(&format!(" {x}"))).collect::<std::result::Result<_, _>>()?;
+                let context = tok.ids(&c.prompt)?;
+                check_fits(model, data, i, context.len() + continuations.iter().map(Vec::len).max().unwrap_or(0))?;
+                Ok(Choices { context, continuations })
             })
             .collect::<Result<Vec<_>>>()?;
-        for (c, scored) in step.iter().zip(score::score(model, &batch)?) {
+        for ((_, c), scored) in step.iter().zip(score::score(model, &batch)?) {
             let ll: Vec<f64> = scored.iter().map(score::Scored::sum).collect();
             let per_char: Vec<f64> = ll.iter().zip(&c.choices).map(|(l, x)| l / x.chars().count() as f64).collect();
             acc += (best(&ll) == c.gold) as usize;
@@ -144,9 +163,13 @@ impl Budget {
 
 /// The share of questions whose greedy answer matches: normalised text (NQ-open) or the final
 /// number (GSM8K).
-fn exact_match(model: &Model, tok: &Tokenizer, task: Task, items: &[&Question], budget: &Budget, opts: &Options) -> Result<f64> {
+fn exact_match(model: &Model, tok: &Tokenizer, data: &TaskData, items: &[(usize, &Question)], budget: &Budget, opts: &Options) -> Result<f64> {
+    let task = data.task;
     let bar = progress(opts.progress, task.name(), items.len());
-    let prompts = items.iter().map(|q| tok.ids(&q.prompt)).collect::<std::result::Result<Vec<_>, _>>()?;
+    let prompts = items.iter().map(|(_, q)| tok.ids(&q.prompt)).collect::<std::result::Result<Vec<_>, _>>()?;
+    for (&(i, _), p) in items.iter().zip(&prompts) {
+        check_fits(model, data, i, p.len() + 1)?;
+    }
     let mut order: Vec<usize> = (0..items.len()).collect();
     order.sort_by_key(|&i| prompts[i].len());
     let eos = &model.config.eos_token_ids;
@@ -158,8 +181,8 @@ fn exact_match(model: &Model, tok: &Tokenizer, task: Task, items: &[&Question], 
             let text = tok.decode(&out)?;
             let answer = budget.cut(&text);
             let hit = match task {
-                Task::Gsm8k => answer::last_number(answer).is_some_and(|x| items[i].answers.iter().any(|a| a.parse() == Ok(x))),
-                _ => answer::exact_match(answer, &items[i].answers),
+                Task::Gsm8k => answer::last_number(answer).is_some_and(|x| items[i].1.answers.iter().any(|a| a.parse() == Ok(x))),
+                _ => answer::exact_match(answer, &items[i].1.answers),
             };
             correct += hit as usize;
         }

@@ -29,6 +29,9 @@ pub enum Error {
     /// A line of a task file does not fit the task's format.
     #[error("{path}:{line}: {problem}")]
     Malformed { path: PathBuf, line: usize, problem: String },
+    /// An item (or a window) does not fit the model's context.
+    #[error("{path}: {what}")]
+    TooLong { path: PathBuf, what: String },
     /// A file holds nothing to evaluate.
     #[error("{path}: {what}")]
     Empty { path: PathBuf, what: String },

@@ -130,7 +130,7 @@ pub struct TaskData {
 
 /// Reads `path` as `task`'s format; every problem names the file and line.
 pub fn read(task: Task, path: &Path) -> Result<TaskData> {
-    let text = std::fs::read_to_string(path).map_err(crate::io_err(path))?;
+    let text = crate::read_regular_text(path, crate::MAX_DATA_BYTES)?;
     let file = File { path, text: &text };
     let items = match task {
         Task::Perplexity if text.trim().is_empty() => return Err(file.empty("no text")),

@@ -44,8 +44,10 @@ pub struct Family {
     pub mlp_in: &'static [Projection],
     /// The MLP's output projection: the matrix ROME and MEMIT edit. Its input is the "key".
     pub mlp_out: Projection,
-    /// Layers MEMIT edits by default.
+    /// Layers MEMIT edits by default in a model that has them all (see [`Family::edit_layers`]).
     pub default_edit_layers: [usize; 5],
+    /// The `config.json` key of the layer count.
+    pub layers_key: &'static str,
     /// KN's integrated-gradient steps by default (the peers' setting for the family).
     pub kn_steps: usize,
     #[serde(skip)]
@@ -53,6 +55,32 @@ pub struct Family {
     #[serde(skip)]
     pub(super) weights: fn(&Config, &dyn Tensors, &Device) -> Result<Weights>,
 }
+
+impl Family {
+    /// The layers MEMIT edits by default in a model of `num_layers` layers (ROME edits the
+    /// second of them, or the only one): [`Family::default_edit_layers`] when the model has
+    /// them all; in a shallower model, the same relative depths, each once: layer `l` becomes
+    /// `l·n / (last + 1)` for `n` layers and `last` the deepest default. A 2-layer Llama gets
+    /// `[0, 1]`, a 1-layer one `[0]`.
+    pub fn edit_layers(&self, num_layers: usize) -> Vec<usize> {
+        let last = *self.default_edit_layers.iter().max().expect("five layers");
+        if last < num_layers {
+            return self.default_edit_layers.to_vec();
+        }
+        let mut layers: Vec<usize> = self.default_edit_layers.iter().map(|&l| l * num_layers / (last + 1)).collect();
+        layers.dedup();
+        layers
+    }
+}
+
+/// Most layers a config may declare.
+pub const MAX_LAYERS: usize = 1 << 12;
+/// Most positions a config may declare: 2^24. Nothing is allocated per position (rotary
+/// angles are computed for the positions in use), but a larger context is not a real model's.
+pub const MAX_POSITIONS: usize = 1 << 24;
+/// Most any other dimension (vocabulary, widths, heads) may be; each is also checked against
+/// the stored tensors' shapes when the weights load.
+pub const MAX_DIMENSION: usize = 1 << 31;
 
 /// A model's dimensions, read from `config.json`.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -77,10 +105,7 @@ pub struct Config {
 impl Config {
     /// Reads `dir/config.json` and picks the family by `model_type`.
     pub fn read(dir: &Path) -> Result<Self> {
-        let path = dir.join(checkpoint::CONFIG);
-        if !path.is_file() {
-            return Err(checkpoint::Error::MissingConfig(dir.to_path_buf()).into());
-        }
+        let path = checkpoint::config_path(dir)?;
         Self::from_json(&checkpoint::read_json(&path)?, &path)
     }
 
@@ -92,6 +117,22 @@ impl Config {
             supported: FAMILIES.iter().flat_map(|f| f.model_types.iter().copied()).collect::<Vec<_>>().join(", "),
         })?;
         (family.load)(json, path)
+    }
+
+    /// Checks the declared layer count against `tensors`: layer `num_layers - 1` must exist and
+    /// layer `num_layers` must not (each located by its MLP output projection).
+    pub fn check_layers(&self, tensors: &dyn Tensors) -> Result<()> {
+        let present = |l: usize| tensors.contains(&self.family.mlp_out.at(l));
+        let n = self.num_layers;
+        if present(n - 1) && !present(n) {
+            return Ok(());
+        }
+        let found = (0..).take_while(|&l| present(l)).count();
+        Err(Error::Config {
+            path: tensors.dir().join(checkpoint::CONFIG),
+            key: self.family.layers_key.to_string(),
+            problem: format!("is {n}, but the checkpoint holds {found} layer(s) (`{}` for layer 0 on)", self.family.mlp_out.name),
+        })
     }
 }
 
@@ -106,20 +147,31 @@ impl ConfigJson<'_> {
         Error::Config { path: self.path.to_path_buf(), key: key.to_string(), problem: problem.to_string() }
     }
 
+    /// A positive integer of at most [`MAX_DIMENSION`].
     pub fn usize(&self, key: &str) -> Result<usize> {
+        self.usize_at_most(key, MAX_DIMENSION)
+    }
+
+    /// A positive integer of at most `max`.
+    pub fn usize_at_most(&self, key: &str, max: usize) -> Result<usize> {
         match self.json.get(key) {
             None | Some(serde_json::Value::Null) => Err(self.err(key, "is missing")),
             Some(v) => match v.as_u64() {
-                Some(n) if n > 0 => Ok(n as usize),
+                Some(n) if n > 0 && n <= max as u64 => Ok(n as usize),
+                Some(n) if n > 0 => Err(self.err(key, &format!("is {n}, more than the {max} supported"))),
                 _ => Err(self.err(key, "must be a positive integer")),
             },
         }
     }
 
     pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
+        self.usize_or_at_most(key, default, MAX_DIMENSION)
+    }
+
+    pub fn usize_or_at_most(&self, key: &str, default: usize, max: usize) -> Result<usize> {
         match self.json.get(key) {
             None | Some(serde_json::Value::Null) => Ok(default),
-            Some(_) => self.usize(key),
+            Some(_) => self.usize_at_most(key, max),
         }
     }
 

@@ -1,7 +1,7 @@
 //! The forward pass: batches, the hooks that capture or change activations, the KV cache for
 //! incremental decoding, and the blocks run over a batch.
 
-use super::ops::{self, Linear};
+use super::ops::{self, Linear, Rope, RopeAngles};
 use super::weights::{Block, MlpIn};
 use super::{attention, Error, Model, Result};
 use candle_core::{Module, Tensor};
@@ -149,6 +149,7 @@ impl Model {
         }
         let past_mask = cache.as_deref().map(|c| c.mask.clone()).unwrap_or_else(|| vec![Vec::new(); b]);
         let (positions, bias) = self.positions_and_bias(batch, &past_mask)?;
+        let angles = self.rope.as_ref().map(|r| r.angles(&positions, (b, t), self.dtype(), &self.device)).transpose()?;
 
         let flat_ids: Vec<u32> = batch.ids.iter().flatten().copied().collect();
         if let Some(&bad) = flat_ids.iter().find(|&&i| i as usize >= cfg.vocab_size) {
@@ -163,7 +164,10 @@ impl Model {
                 let ids = Tensor::from_vec(flat_ids, b * t, &self.device)?;
                 let x = self.w.embed.index_select(&ids, 0)?.reshape((b, t, cfg.hidden_size))?;
                 match &self.w.positions {
-                    Some(pos) => (x + pos.index_select(&positions.flatten_all()?, 0)?.reshape((b, t, cfg.hidden_size))?)?,
+                    Some(pos) => {
+                        let at = Tensor::from_vec(positions.clone(), b * t, &self.device)?;
+                        (x + pos.index_select(&at, 0)?.reshape((b, t, cfg.hidden_size))?)?
+                    }
                     None => x,
                 }
             }
@@ -172,7 +176,7 @@ impl Model {
         let mut trace = Trace { keys: BTreeMap::new(), residuals: BTreeMap::new(), mlp_outputs: BTreeMap::new(), hidden: x.clone() };
         for (l, block) in self.w.blocks.iter().enumerate().take(last + 1).skip(first) {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.kv[l]);
-            let attn = self.attention(block, &block.attn_norm.forward(&x)?, &positions, &bias, layer_cache)?;
+            let attn = self.attention(block, &block.attn_norm.forward(&x)?, angles.as_ref(), &bias, layer_cache)?;
             x = (x + attn)?;
             let h = block.mlp_norm.forward(&x)?;
             let key = match &block.mlp_in {
@@ -208,17 +212,23 @@ impl Model {
         Ok(head.forward(&self.w.final_norm.forward(hidden)?)?)
     }
 
-    /// Position ids `[b, t]` (counting real tokens only) and the additive attention bias
-    /// `[b, 1, t, past + t]` (causal, pads masked) for `batch` after `past` cached positions.
-    fn positions_and_bias(&self, batch: &Batch, past: &[Vec<bool>]) -> Result<(Tensor, Tensor)> {
+    /// Position ids `b × t`, row-major (counting real tokens only), and the additive attention
+    /// bias `[b, 1, t, past + t]` (causal, pads masked) for `batch` after `past` cached
+    /// positions. A sequence longer than the model's context is refused before the bias, which
+    /// grows with its square, is allocated.
+    fn positions_and_bias(&self, batch: &Batch, past: &[Vec<bool>]) -> Result<(Vec<u32>, Tensor)> {
         let (b, t) = (batch.len(), batch.seq_len());
         let p = past.first().map_or(0, Vec::len);
+        if batch.mask.iter().any(|row| row.len() != t) {
+            return Err(Error::Input("batch rows differ in length".into()));
+        }
+        let longest = batch.mask.iter().zip(past).map(|(row, past_row)| row.iter().chain(past_row).filter(|&&m| m).count()).max().unwrap_or(0);
+        if longest > self.config.max_positions {
+            return Err(Error::Input(format!("sequence of {longest} tokens exceeds the model's {} positions", self.config.max_positions)));
+        }
         let mut positions = Vec::with_capacity(b * t);
         let mut bias = Vec::with_capacity(b * t * (p + t));
         for (row, past_row) in batch.mask.iter().zip(past) {
-            if row.len() != t {
-                return Err(Error::Input("batch rows differ in length".into()));
-            }
             let keys: Vec<bool> = past_row.iter().chain(row).copied().collect();
             let mut seen = past_row.iter().filter(|&&m| m).count();
             for (i, &real) in row.iter().enumerate() {
@@ -229,20 +239,16 @@ impl Model {
                 }
             }
         }
-        let max = positions.iter().max().copied().unwrap_or(0) as usize;
-        if max >= self.config.max_positions {
-            return Err(Error::Input(format!("sequence of {} tokens exceeds the model's {} positions", max + 1, self.config.max_positions)));
-        }
         // A query with no visible key (a pad row) would give NaN: let it see itself.
         for (qi, chunk) in bias.chunks_mut(p + t).enumerate() {
             if chunk.iter().all(|v| v.is_infinite()) {
                 chunk[p + qi % t] = 0.0;
             }
         }
-        Ok((Tensor::from_vec(positions, (b, t), &self.device)?, Tensor::from_vec(bias, (b, 1, t, p + t), &self.device)?.to_dtype(self.dtype())?))
+        Ok((positions, Tensor::from_vec(bias, (b, 1, t, p + t), &self.device)?.to_dtype(self.dtype())?))
     }
 
-    fn attention(&self, block: &Block, x: &Tensor, positions: &Tensor, bias: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+    fn attention(&self, block: &Block, x: &Tensor, angles: Option<&RopeAngles>, bias: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
         let cfg = &self.config;
         let (b, t, _) = x.dims3()?;
         let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
@@ -250,9 +256,9 @@ impl Model {
         let mut q = split(block.q.forward(x)?, nh)?;
         let mut k = split(block.k.forward(x)?, nkv)?;
         let mut v = split(block.v.forward(x)?, nkv)?;
-        if let Some(rope) = &self.rope {
-            q = rope.apply(&q.contiguous()?, positions)?;
-            k = rope.apply(&k.contiguous()?, positions)?;
+        if let Some(angles) = angles {
+            q = Rope::apply(&q.contiguous()?, angles)?;
+            k = Rope::apply(&k.contiguous()?, angles)?;
         }
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {

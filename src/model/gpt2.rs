@@ -1,7 +1,7 @@
 //! The GPT-2 family: LayerNorm, learned positions, fused QKV, GELU (tanh) MLP, tied
 //! unembedding, and `Conv1D` weights stored `[in, out]`.
 
-use super::config::{Config, ConfigJson, Family, Orientation, Projection};
+use super::config::{Config, ConfigJson, Family, Orientation, Projection, MAX_LAYERS, MAX_POSITIONS};
 use super::ops::{Activation, Linear, Norm};
 use super::weights::{load, load_proj, Block, MlpIn, Weights};
 use super::Result;
@@ -18,6 +18,7 @@ pub static FAMILY: Family = Family {
     mlp_in: &[Projection { name: "transformer.h.{layer}.mlp.c_fc.weight", orientation: Orientation::InOut }],
     mlp_out: Projection { name: "transformer.h.{layer}.mlp.c_proj.weight", orientation: Orientation::InOut },
     default_edit_layers: [3, 4, 5, 6, 7],
+    layers_key: "n_layer",
     kn_steps: 20,
     load: config,
     weights,
@@ -37,13 +38,13 @@ fn config(json: &serde_json::Value, path: &Path) -> Result<Config> {
         vocab_size: c.usize("vocab_size")?,
         hidden_size,
         intermediate_size: c.usize_or("n_inner", 4 * hidden_size)?,
-        num_layers: c.usize("n_layer")?,
+        num_layers: c.usize_at_most("n_layer", MAX_LAYERS)?,
         num_heads,
         num_kv_heads: num_heads,
         head_dim: hidden_size / num_heads,
         norm_eps: c.f64_or("layer_norm_epsilon", 1e-5)?,
         rope_theta: None,
-        max_positions: c.usize_or("n_positions", 1024)?,
+        max_positions: c.usize_or_at_most("n_positions", 1024, MAX_POSITIONS)?,
         tied_embeddings: true,
         bos_token_id: c.ids("bos_token_id").first().copied(),
         eos_token_ids: c.ids("eos_token_id"),

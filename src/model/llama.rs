@@ -1,7 +1,7 @@
 //! The Llama family (SmolLM2, Llama 2/3 without rope scaling, Mistral without sliding windows):
 //! RMSNorm, rotary positions, grouped-query attention, SwiGLU MLP, tied or separate unembedding.
 
-use super::config::{Config, ConfigJson, Family, Orientation, Projection};
+use super::config::{Config, ConfigJson, Family, Orientation, Projection, MAX_LAYERS, MAX_POSITIONS};
 use super::ops::{Activation, Linear, Norm};
 use super::weights::{load, load_proj, Block, MlpIn, Weights};
 use super::Result;
@@ -21,6 +21,7 @@ pub static FAMILY: Family = Family {
     ],
     mlp_out: Projection { name: "model.layers.{layer}.mlp.down_proj.weight", orientation: Orientation::OutIn },
     default_edit_layers: [4, 5, 6, 7, 8],
+    layers_key: "num_hidden_layers",
     kn_steps: 1,
     load: config,
     weights,
@@ -44,13 +45,13 @@ fn config(json: &serde_json::Value, path: &Path) -> Result<Config> {
         vocab_size: c.usize("vocab_size")?,
         hidden_size,
         intermediate_size: c.usize("intermediate_size")?,
-        num_layers: c.usize("num_hidden_layers")?,
+        num_layers: c.usize_at_most("num_hidden_layers", MAX_LAYERS)?,
         num_heads,
         num_kv_heads,
         head_dim,
         norm_eps: c.f64_or("rms_norm_eps", 1e-6)?,
         rope_theta: Some(c.f64_or("rope_theta", 10_000.0)?),
-        max_positions: c.usize_or("max_position_embeddings", 2048)?,
+        max_positions: c.usize_or_at_most("max_position_embeddings", 2048, MAX_POSITIONS)?,
         tied_embeddings: c.bool_or("tie_word_embeddings", false)?,
         bos_token_id: c.ids("bos_token_id").first().copied(),
         eos_token_ids: c.ids("eos_token_id"),

@@ -17,7 +17,7 @@ mod llama;
 pub mod ops;
 mod weights;
 
-pub use config::{Config, Family, Orientation, Projection};
+pub use config::{Config, Family, Orientation, Projection, MAX_DIMENSION, MAX_LAYERS, MAX_POSITIONS};
 pub use device::{default_device, device_name};
 pub use forward::{add_at, Addition, Batch, Hooks, KvCache, Site, Trace};
 pub use generate::{generate, Sampling};
@@ -78,11 +78,9 @@ impl Model {
 
     /// Builds the model from an opened checkpoint, or one with patches overlaid.
     pub fn from_checkpoint(config: Config, ckpt: &dyn Tensors, device: &Device) -> Result<Self> {
+        config.check_layers(ckpt)?;
         let w = (config.family.weights)(&config, ckpt, device)?;
-        let rope = match config.rope_theta {
-            Some(theta) => Some(Rope::new(config.head_dim, theta, config.max_positions, device)?),
-            None => None,
-        };
+        let rope = config.rope_theta.map(|theta| Rope::new(config.head_dim, theta));
         Ok(Model { config, dir: ckpt.dir().to_path_buf(), device: device.clone(), w, rope })
     }
 

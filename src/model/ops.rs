@@ -168,42 +168,52 @@ impl Module for Norm {
     }
 }
 
-/// Rotary position embedding (the half-split layout Hugging Face Llama uses).
+/// Rotary position embedding (the half-split layout Hugging Face Llama uses). The angles are
+/// computed for the positions a pass uses, so nothing is allocated per position of the
+/// model's context.
 #[derive(Clone, Debug)]
 pub struct Rope {
-    /// `[max_positions, head_dim]`: the angles' cosines, each frequency twice.
+    /// The inverse frequencies, `head_dim / 2` of them.
+    inv: Vec<f32>,
+}
+
+/// The cosines and sines of one pass's positions, `[b, 1, t, head_dim]` each.
+pub struct RopeAngles {
     cos: Tensor,
     sin: Tensor,
 }
 
 impl Rope {
-    pub fn new(head_dim: usize, theta: f64, max_positions: usize, device: &candle_core::Device) -> Result<Self> {
-        let half = head_dim / 2;
-        let inv: Vec<f64> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)).collect();
-        let (mut cos, mut sin) = (Vec::new(), Vec::new());
-        for p in 0..max_positions {
+    pub fn new(head_dim: usize, theta: f64) -> Self {
+        Rope { inv: (0..head_dim / 2).map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32).collect() }
+    }
+
+    /// The angles of `positions` (`b × t`, row-major) in `dtype` on `device`.
+    pub fn angles(&self, positions: &[u32], (b, t): (usize, usize), dtype: DType, device: &candle_core::Device) -> Result<RopeAngles> {
+        let hd = 2 * self.inv.len();
+        let (mut cos, mut sin) = (Vec::with_capacity(positions.len() * hd), Vec::with_capacity(positions.len() * hd));
+        for &p in positions {
             for _ in 0..2 {
-                for f in &inv {
+                for f in &self.inv {
                     // HF computes the angle in f32: match it so logits agree to the last bits.
-                    let angle = (p as f32) * (*f as f32);
+                    let angle = (p as f32) * f;
                     cos.push(angle.cos());
                     sin.push(angle.sin());
                 }
             }
         }
-        Ok(Rope { cos: Tensor::from_vec(cos, (max_positions, head_dim), device)?, sin: Tensor::from_vec(sin, (max_positions, head_dim), device)? })
+        let table = |v: Vec<f32>| Tensor::from_vec(v, (b, 1, t, hd), device)?.to_dtype(dtype);
+        Ok(RopeAngles { cos: table(cos)?, sin: table(sin)? })
     }
 
-    /// Rotates `x [b, heads, t, head_dim]` by `positions [b, t]`.
-    pub fn apply(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
-        let (b, _, t, hd) = x.dims4()?;
-        let flat = positions.flatten_all()?;
-        let cos = self.cos.index_select(&flat, 0)?.reshape((b, 1, t, hd))?.to_dtype(x.dtype())?;
-        let sin = self.sin.index_select(&flat, 0)?.reshape((b, 1, t, hd))?.to_dtype(x.dtype())?;
+    /// Rotates `x [b, heads, t, head_dim]` by the angles of its positions.
+    pub fn apply(x: &Tensor, angles: &RopeAngles) -> Result<Tensor> {
+        let (_, _, _, hd) = x.dims4()?;
+        let (cos, sin) = (&angles.cos, &angles.sin);
         let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
         let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+        x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
     }
 }
 

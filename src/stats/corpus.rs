@@ -2,7 +2,6 @@
 //! tokenized and cut into chunks, then packed into batches dealt out to shards.
 
 use super::{Error, Result};
-use crate::io_err;
 use rayon::prelude::*;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -62,7 +61,7 @@ impl Corpus {
         hash.update(b"factpatch corpus 1\n");
         let mut documents = Vec::new();
         for path in files {
-            let bytes = std::fs::read(path).map_err(io_err(path))?;
+            let bytes = crate::read_regular(path, crate::MAX_DATA_BYTES)?;
             if let Some(offset) = bytes.iter().position(|&b| b == 0) {
                 return Err(Error::Binary { path: path.clone(), offset });
             }

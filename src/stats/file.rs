@@ -193,7 +193,7 @@ impl Stats {
 
     /// Reads and checks a statistics file.
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(io_err(path))?;
+        let bytes = crate::read_regular(path, crate::MAX_DATA_BYTES)?;
         let bad = |problem: String| Error::Format { path: path.to_path_buf(), problem };
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
@@ -267,7 +267,7 @@ impl Stats {
 pub fn read_meta(path: &Path) -> Result<Meta> {
     use std::io::Read;
     let bad = |problem: String| Error::Format { path: path.to_path_buf(), problem };
-    let mut f = std::fs::File::open(path).map_err(io_err(path))?;
+    let (mut f, _) = crate::open_regular(path, crate::MAX_DATA_BYTES)?;
     let mut len = [0u8; 8];
     f.read_exact(&mut len).map_err(|_| bad("shorter than a header".into()))?;
     let len = u64::from_le_bytes(len);
@@ -287,7 +287,7 @@ pub fn read_meta(path: &Path) -> Result<Meta> {
 
 /// The file id of a statistics file: blake3 of its bytes.
 pub fn file_id(path: &Path) -> Result<String> {
-    Ok(blake3::hash(&std::fs::read(path).map_err(io_err(path))?).to_hex().to_string())
+    Ok(blake3::hash(&crate::read_regular(path, crate::MAX_DATA_BYTES)?).to_hex().to_string())
 }
 
 fn join<T: ToString>(xs: &[T]) -> String {

@@ -70,7 +70,7 @@ pub struct Prepared {
 pub fn prepare(req: &Request) -> Result<Prepared> {
     // Cheap checks first: the configuration and the options; then the corpus.
     let cfg = &model::Config::read(&req.model)?;
-    let layers = req.layers.clone().unwrap_or_else(|| cfg.family.default_edit_layers.to_vec());
+    let layers = req.layers.clone().unwrap_or_else(|| cfg.family.edit_layers(cfg.num_layers));
     if layers.is_empty() {
         return Err(Error::Invalid("no layers requested".into()));
     }
@@ -84,7 +84,7 @@ pub fn prepare(req: &Request) -> Result<Prepared> {
         return Err(Error::Invalid("--tokens must be positive".into()));
     }
     let tok_path = req.model.join(tokenize::FILE);
-    let tokenizer_hash = blake3::hash(&std::fs::read(&tok_path).map_err(io_err(&tok_path))?);
+    let tokenizer_hash = blake3::hash(&crate::read_regular(&tok_path, crate::MAX_METADATA_BYTES)?);
     let tokenizer = Tokenizer::open(&req.model)?;
     let corpus = Corpus::read(&req.corpus)?;
     let meta = Meta {
