@@ -392,11 +392,18 @@ fn parse_pid(digits: &[u8]) -> Option<u32> {
     (1..=i32::MAX as u32).contains(&pid).then_some(pid)
 }
 
-/// Whether process `pid` exists (one we may not signal exists too).
+/// Whether process `pid` can still write (one we may not signal counts; a killed process that
+/// its parent has not reaped yet, a zombie, does not).
 fn alive(pid: u32) -> bool {
     // SAFETY: signal 0 checks for existence only; `pid` is positive, so it names one process.
     let signalled = unsafe { libc::kill(pid as libc::pid_t, 0) } == 0;
-    signalled || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    if !signalled {
+        return io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
+    }
+    // `/proc/PID/stat` is `PID (COMM) STATE …`; COMM may hold spaces and parentheses.
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next());
+    !matches!(state, Some("Z" | "X"))
 }
 
 /// Renames `from` to `to` unless `to` exists (then `AlreadyExists`), atomically.
