@@ -28,40 +28,6 @@ use std::process::{Command, Output};
 const DOWN0: &str = "model.layers.0.mlp.down_proj.weight";
 const DOWN1: &str = "model.layers.1.mlp.down_proj.weight";
 
-/// GPT-2's byte → printable character map, for a byte-level tokenizer with 256 ids.
-fn byte_chars() -> Vec<char> {
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-    let mut extra = 0;
-    (0..256u32)
-        .map(|b| {
-            if printable(b) {
-                char::from_u32(b).unwrap()
-            } else {
-                extra += 1;
-                char::from_u32(255 + extra).unwrap()
-            }
-        })
-        .collect()
-}
-
-/// `fixtures/tiny-llama` with a byte-level tokenizer (ids 0-255 of its 512), at `dir`.
-fn tiny_llama(dir: &Path) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(common::root().join("fixtures/tiny-llama").join(f), dir.join(f)).unwrap();
-    }
-    let vocab: serde_json::Map<String, serde_json::Value> = byte_chars().into_iter().enumerate().map(|(i, c)| (c.to_string(), i.into())).collect();
-    let tok = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "post_processor": null, "decoder": null,
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "vocab": vocab, "merges": []}
-    });
-    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
-    dir.to_path_buf()
-}
-
 /// A scratch folder with the model, a corpus, two patches, two statistics shards and an
 /// experiment's results; the binary runs with its caches in it.
 struct Scene {
@@ -76,7 +42,7 @@ struct Scene {
 impl Scene {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let model = tiny_llama(&dir.path().join("model"));
+        let model = common::byte_level_tiny_llama(&dir.path().join("model"));
         let corpus = dir.path().join("corpus.txt");
         std::fs::write(&corpus, "the union of the state and the people shall be one nation under law.\n\n".repeat(60)).unwrap();
         let ckpt = Checkpoint::open(&model).unwrap();

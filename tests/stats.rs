@@ -1,49 +1,16 @@
 //! Key statistics: exactness against a direct computation, sharding, the file format, the
 //! cache, bad input, and (with the real model) keys against transformers.
 
+mod common;
+
 use factpatch::model::{Batch, Hooks, Model};
 use factpatch::stats::{self, Error, Request, Shard, Stats};
 use indicatif::ProgressBar;
 use ndarray::Array2;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
-}
-
-/// GPT-2's byte → printable character map, for a byte-level tokenizer with 256 ids.
-fn byte_chars() -> Vec<char> {
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-    let mut extra = 0;
-    (0..256u32)
-        .map(|b| {
-            if printable(b) {
-                char::from_u32(b).unwrap()
-            } else {
-                extra += 1;
-                char::from_u32(255 + extra).unwrap()
-            }
-        })
-        .collect()
-}
-
-/// tiny-llama with a byte-level tokenizer (ids 0-255, within its 512-token vocabulary).
-fn tiny_model(dir: &Path) -> PathBuf {
-    let model = dir.join("tiny-llama");
-    std::fs::create_dir_all(&model).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(fixtures().join("tiny-llama").join(f), model.join(f)).unwrap();
-    }
-    let vocab: serde_json::Map<String, serde_json::Value> = byte_chars().into_iter().enumerate().map(|(i, c)| (c.to_string(), i.into())).collect();
-    let tok = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "post_processor": null, "decoder": null,
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "vocab": vocab, "merges": []}
-    });
-    std::fs::write(model.join("tokenizer.json"), tok.to_string()).unwrap();
-    model
 }
 
 /// Deterministic English-like text: `n` paragraphs of varied length.
@@ -139,7 +106,7 @@ fn sampling_caps_and_shards_partition_tokens() {
 #[test]
 fn sharded_and_merged_equals_unsharded() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path());
+    let model = common::byte_level_tiny_llama(&dir.path().join("tiny-llama"));
     let corpus = dir.path().join("corpus.txt");
     std::fs::write(&corpus, text(60)).unwrap();
     let cache = dir.path().join("cache");
@@ -194,7 +161,7 @@ fn sharded_and_merged_equals_unsharded() {
 #[test]
 fn output_is_deterministic_and_jsonl_reads_text_fields() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path());
+    let model = common::byte_level_tiny_llama(&dir.path().join("tiny-llama"));
     let corpus = dir.path().join("docs.jsonl");
     let lines: Vec<String> = text(20).split("\n\n").map(|p| serde_json::json!({"text": p, "id": 1}).to_string()).collect();
     std::fs::write(&corpus, lines.join("\n") + "\n").unwrap();
@@ -217,7 +184,7 @@ fn output_is_deterministic_and_jsonl_reads_text_fields() {
 #[test]
 fn bad_input_gets_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path());
+    let model = common::byte_level_tiny_llama(&dir.path().join("tiny-llama"));
     let cache = dir.path().join("cache");
     let file = |name: &str, bytes: &[u8]| {
         let p = dir.path().join(name);
