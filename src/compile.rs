@@ -153,10 +153,10 @@ impl Compiler {
         hp.check(&config)?;
         let tokenizer = Tokenizer::open(&spec.model)?;
         let base = Arc::new(Checkpoint::open(&spec.model)?);
-        let (preserved, stats) = statistics(spec, &hp, &base)?;
         let parents = Arc::new(Stack::load(&spec.on)?);
         // The parents must be for this model and start their chain (`formats/patch.md`, "Base model").
         let base_identity = parents.check_model(&base, Some(&crate::checkpoint::default_hash_cache()), false)?.identity;
+        let (preserved, stats) = statistics(spec, &hp, &base_identity)?;
         let model = Model::from_checkpoint(config, &Overlay::new(&base, &parents)?, &model::default_device()?)?;
         let templates = edit::context_templates(&model, &tokenizer, &hp.templates, hp.seed)?;
         let mut compiler = Compiler {
@@ -210,8 +210,9 @@ impl Compiler {
     }
 }
 
-/// The key statistics `hp` needs (none for KN, or ROME without the C⁻¹ direction).
-fn statistics(spec: &Spec, hp: &Hparams, base: &Checkpoint) -> Result<(Preserved, Option<StatsUsed>)> {
+/// The key statistics `hp` needs (none for KN, or ROME without the C⁻¹ direction), for the model
+/// of identity `base_identity` (hex).
+fn statistics(spec: &Spec, hp: &Hparams, base_identity: &str) -> Result<(Preserved, Option<StatsUsed>)> {
     if !hp.needs_stats() {
         return Ok((Preserved::default(), None));
     }
@@ -230,8 +231,7 @@ fn statistics(spec: &Spec, hp: &Hparams, base: &Checkpoint) -> Result<(Preserved
             (o.stats, used)
         }
         StatsSource::Cached => {
-            let identity = base.identity_cached(&crate::checkpoint::default_hash_cache())?;
-            let found = stats::find_in_cache(&spec.cache, &identity.to_hex(), &hp.layers)?;
+            let found = stats::find_in_cache(&spec.cache, base_identity, &hp.layers)?;
             let (path, _) = found.ok_or_else(|| Error::NoStats { method: hp.method, layers: hp.layers.clone(), cache: spec.cache.clone() })?;
             let s = stats::Stats::read(&path)?;
             let tokens = s.meta.tokens;
