@@ -234,6 +234,39 @@ fn patches_are_overlaid_in_memory() {
     assert_ne!(logits(overlaid.evaluated()), logits(&overlaid.base));
 }
 
+#[test]
+fn overlaid_stacks_are_checked_as_apply_checks_them() {
+    let dir = root().join("fixtures/tiny-llama");
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let identity = ckpt.identity().unwrap().to_hex().to_string();
+    let made_for = |parent: Option<String>, base: &str| {
+        let mut m = manifest("rome");
+        m.base_model = Some(base.to_string());
+        m.parent = parent;
+        m
+    };
+    let (up, down) = ("model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight");
+    let p = write_patch(&t.path().join("p.fpatch"), &ckpt, &[], made_for(None, &identity), vec![(up, Delta::Dense(values(128 * 64, 1, 0.01)))]);
+    let parent = factpatch::patch::Patch::read(&p).unwrap().id().to_string();
+    let c = write_patch(
+        &t.path().join("c.fpatch"),
+        &ckpt,
+        std::slice::from_ref(&p),
+        made_for(Some(parent.clone()), &identity),
+        vec![(down, Delta::Dense(values(64 * 128, 2, 0.01)))],
+    );
+    // The child alone: its parent's change would be missing from the evaluated model.
+    let err = Models::load(&dir, std::slice::from_ref(&c)).err().expect("a child without its parent is refused").to_string();
+    assert!(err.contains(c.to_str().unwrap()) && err.contains(&parent), "{err}");
+    // A patch compiled for another model.
+    let other = write_patch(&t.path().join("o.fpatch"), &ckpt, &[], made_for(None, &"ab".repeat(32)), vec![(up, Delta::Dense(values(128 * 64, 3, 0.01)))]);
+    let err = Models::load(&dir, std::slice::from_ref(&other)).err().expect("another model's patch is refused").to_string();
+    assert!(err.contains(other.to_str().unwrap()) && err.contains(&"ab".repeat(32)), "{err}");
+    // The whole chain is fine.
+    assert_eq!(Models::load(&dir, &[p, c]).unwrap().patch_ids.len(), 2);
+}
+
 /// The unedited SmolLM2 on 20 HellaSwag items or on two CounterFact records, seed 3.
 fn real_plan(edits: bool) -> Plan {
     let data = root().join("fixtures/data");

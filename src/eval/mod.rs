@@ -75,7 +75,8 @@ pub struct Models {
 
 impl Models {
     /// Loads the model at `dir` and, with `patches`, a second copy with the patches overlaid in
-    /// memory (verified as `apply` does; nothing is written).
+    /// memory (verified as `apply` does: the stack's base model and parents, then every touched
+    /// tensor's hash; nothing is written).
     pub fn load(dir: &Path, patches: &[PathBuf]) -> Result<Self> {
         let ckpt = Checkpoint::open(dir)?;
         let device = model::default_device()?;
@@ -84,6 +85,7 @@ impl Models {
             return Ok(Models { base, patched: None, patch_ids: Vec::new() });
         }
         let stack = Stack::load(patches)?;
+        stack.check_model(&ckpt, Some(&crate::checkpoint::default_hash_cache()), false)?;
         let patched = Model::from_checkpoint(Config::read(dir)?, &Overlay::new(&ckpt, &stack)?, &device)?;
         let patch_ids = stack.patches().iter().map(|p| p.id().to_string()).collect();
         Ok(Models { base, patched: Some(patched), patch_ids })
