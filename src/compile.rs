@@ -4,7 +4,7 @@
 //! `factpatch compile`/`edit`, experiments, tests and benches all go through it.
 
 use crate::apply::{self, Overlay, Stack};
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, Tensors};
 use crate::edit::{self, request::Request, FactReport, Hparams, LayerUpdate, Method, Preserved, Provenance};
 use crate::model::{self, Model};
 use crate::patch::Encoded;
@@ -171,8 +171,14 @@ impl Compiler {
             parents,
             model_name: spec.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         };
-        if compiler.hp.method == Method::AlphaEdit {
-            // AlphaEdit protects the facts the parent patches edited too.
+        if compiler.hp.value_norm == edit::ValueNorm::Anchored {
+            // Values are anchored to the model as it was before any edit, parents included.
+            let last = *compiler.hp.layers.iter().max().expect("checked");
+            let w = original_mlp_out(&compiler.base, &compiler.model.config, last)?;
+            compiler.preserved.keep_original(last, w);
+        }
+        if compiler.hp.method.keeps_earlier_keys() {
+            // AlphaEdit and ENCORE protect the facts the parent patches edited too.
             let earlier: Vec<Request> = compiler.parents.patches().iter().flat_map(edit::request::recorded).collect();
             let c = &mut compiler;
             c.preserved.remember_requests(&c.model, &c.tokenizer, &earlier, &c.templates, &c.hp.layers)?;
@@ -208,6 +214,22 @@ impl Compiler {
         let parents = self.parents.patches().iter().map(|p| p.path().to_path_buf());
         std::iter::once(self.base.dir().to_path_buf()).chain(parents).chain(self.stats.iter().map(|s| s.path.clone())).collect()
     }
+}
+
+/// Layer `layer`'s MLP output projection as `base` stores it, in the edit view `[out, in]`.
+fn original_mlp_out(base: &Checkpoint, config: &model::Config, layer: usize) -> Result<ndarray::Array2<f64>> {
+    let proj = &config.family.mlp_out;
+    let (out, inp) = (config.hidden_size, config.intermediate_size);
+    let stored = match proj.orientation {
+        model::Orientation::OutIn => [out, inp],
+        model::Orientation::InOut => [inp, out],
+    };
+    let t = base.tensor_with_shape(&proj.at(layer), &stored)?;
+    let w = ndarray::Array2::from_shape_vec((stored[0], stored[1]), t.to_f32().iter().map(|&x| x as f64).collect()).expect("shape checked");
+    Ok(match proj.orientation {
+        model::Orientation::OutIn => w,
+        model::Orientation::InOut => w.reversed_axes().as_standard_layout().into_owned(),
+    })
 }
 
 /// The key statistics `hp` needs (none for KN, or ROME without the C⁻¹ direction), for the model

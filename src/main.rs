@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use factpatch::compile::{Compiler, Spec, StatsSource};
-use factpatch::edit::{request, Method};
+use factpatch::edit::{request, target::Stop, Method};
 use factpatch::model::{self, Model, Sampling};
 use factpatch::patch::Patch;
 use factpatch::tokenize::Tokenizer;
@@ -696,9 +696,14 @@ fn compile(args: &CompileArgs, out: &Path) -> Result<()> {
     let c = compiler.patch(&requests)?;
     atomic::write(out, &c.patch.bytes, &atomic::Policy::new()).with_context(|| format!("{}: cannot write the patch", out.display()))?;
     for r in &c.reports {
-        match r.neurons {
-            Some(n) => println!("  {} → {}: {n} neurons ({} integrated-gradient steps), new target NLL {:.3}", r.subject, r.target_new, r.steps, r.loss),
-            None => println!("  {} → {}: {} steps, loss {:.3}", r.subject, r.target_new, r.steps, r.loss),
+        let (fact, steps, loss) = (format!("{} → {}", r.subject, r.target_new), r.steps, r.loss);
+        match (r.neurons, r.stop) {
+            (Some(n), _) => println!("  {fact}: {n} neurons ({steps} integrated-gradient steps), new target NLL {loss:.3}"),
+            (None, Some(Stop::Converged)) => println!("  {fact}: converged after {steps} steps (loss below 0.05), loss {loss:.3}"),
+            (None, Some(Stop::MostProbable)) => {
+                println!("  {fact}: stopped early after {steps} steps (new target most probable on every prompt), loss {loss:.3}")
+            }
+            (None, _) => println!("  {fact}: {steps} steps (the step cap, not converged), loss {loss:.3}"),
         }
     }
     let on = model::device_name(compiler.model.device());

@@ -170,6 +170,16 @@ fn bad_inputs_fail_with_one_line_naming_the_culprit_and_write_nothing() {
     cli.fails(&["compile", "--model", smol, "--fact", "no pipes here", "--out", &out], &["--fact `no pipes here`", "PROMPT|SUBJECT|TARGET"]);
     cli.fails(&["compile", "--model", smol, "--fact", &rome, "--cache", &empty_cache, "--out", &out], &[&empty_cache, "add --corpus"]);
     cli.fails(&["compile", "--model", smol, "--fact", &rome, "--out", &existing], &[&existing, "exists"]);
+    let bogus = ["compile", "--model", smol, "--fact", &rome, "--set", "early_stop=bogus", "--out", &out];
+    cli.fails(&bogus, &["--set early_stop=bogus", "unknown variant `bogus`", "`none`", "`mpes`"]);
+    cli.fails(
+        &["compile", "--model", smol, "--method", "kn", "--fact", &rome, "--set", "early_stop=mpes", "--out", &out],
+        &["Kn has no hyperparameter `early_stop`"],
+    );
+    cli.fails(
+        &["compile", "--model", smol, "--method", "rome", "--fact", &rome, "--set", "value_norm=anchored", "--out", &out],
+        &["Rome has no hyperparameter `value_norm`"],
+    );
     cli.fails(&["apply", "--model", llama, "--patch", &garbage, "--out", &out], &[&garbage, "not a factpatch patch"]);
     cli.fails(&["apply", "--model", &missing, "--patch", lyon, "--out", &out], &[&missing]);
     cli.fails(&["generate", "--model", &missing, "Paris is"], &[&missing]);

@@ -5,8 +5,9 @@ mod common;
 
 use common::{root, smollm2, smollm2_spec};
 use factpatch::compile::Compiler;
+use factpatch::edit::target::{self, Edit, FactPrompts, Stop};
 use factpatch::edit::{request, Method};
-use factpatch::model::{generate, Model, Sampling};
+use factpatch::model::{generate, Addition, Batch, Hooks, Model, Sampling, Site};
 use factpatch::tokenize::Tokenizer;
 use std::path::{Path, PathBuf};
 
@@ -28,9 +29,17 @@ fn memit_moves_the_eiffel_tower_reproducibly() {
     assert!(greedy(model, tok, "The capital of Japan is").contains("Tokyo"), "locality: Japan lost its capital");
     assert!(patch.bytes.len() <= 64 * 1024, "a 5-layer RECT patch of one fact is {} bytes", patch.bytes.len());
 
-    // The same inputs give the same bytes, and the shipped patch reproduces the edited weights.
-    let again = compiler.clone().patch(&facts).unwrap().patch;
+    // The same inputs give the same bytes (the new options at their defaults change nothing, so
+    // patches keep the ids they had before the options existed), and the shipped patch
+    // reproduces the edited weights.
+    let explicit = Compiler::open(&smollm2_spec(Method::Memit, &["early_stop=none", "value_norm=none"])).unwrap();
+    let again = explicit.clone().patch(&facts).unwrap().patch;
     assert!(patch.bytes == again.bytes && patch.id == again.id, "compiling twice gave different patches");
+    let decoded = factpatch::patch::Patch::from_bytes(patch.bytes.clone(), Path::new("eiffel.fpatch")).unwrap();
+    let recorded = &decoded.manifest().method.hyperparameters;
+    for key in ["early_stop", "value_norm", "norm_lambda"] {
+        assert!(!recorded.contains_key(key), "a default compile records `{key}`");
+    }
     let tmp = tempfile::tempdir().unwrap();
     let patch_path = tmp.path().join("eiffel.fpatch");
     std::fs::write(&patch_path, &patch.bytes).unwrap();
@@ -66,17 +75,17 @@ fn prefers_new(model: &Model, tok: &Tokenizer, r: &request::Request) -> bool {
 }
 
 #[test]
-fn emmet_and_alphaedit_edit_counterfact_records_one_after_another() {
+fn emmet_alphaedit_and_encore_edit_counterfact_records_one_after_another() {
     let records = request::read(&root().join("fixtures/data/edit/counterfact-rome-300.json")).unwrap();
-    for method in [Method::Emmet, Method::AlphaEdit] {
+    for method in [Method::Emmet, Method::AlphaEdit, Method::Encore] {
         let mut c = Compiler::open(&smollm2_spec(method, &["rect_k=100"])).unwrap();
         for (i, r) in records[..2].iter().enumerate() {
             c.edit(std::slice::from_ref(r)).unwrap();
             assert!(prefers_new(&c.model, &c.tokenizer, r), "{method:?}, {}: new target not preferred after the edit", r.origin);
-            // AlphaEdit keeps every edited fact's keys for the edits after it.
+            // AlphaEdit and ENCORE keep every edited fact's keys for the edits after it.
             let kept: Vec<usize> = c.preserved.earlier().values().map(|k| k.ncols()).collect();
             match method {
-                Method::AlphaEdit => assert_eq!(kept, vec![i + 1; c.hp.layers.len()]),
+                Method::AlphaEdit | Method::Encore => assert_eq!(kept, vec![i + 1; c.hp.layers.len()]),
                 _ => assert!(kept.is_empty()),
             }
         }
@@ -197,4 +206,70 @@ fn sequential_patches_chain_through_the_cli() {
     let (edited, tok) = (Model::load(&both).unwrap(), Tokenizer::open(&dir).unwrap());
     assert!(greedy(&edited, &tok, "The Eiffel Tower is located in the city of").contains("Rome"));
     assert!(greedy(&edited, &tok, "The Colosseum is located in the city of").contains("London"));
+}
+
+/// Whether, with `delta` added to the residual stream after `layer` at the subject's last token,
+/// every target token is the most probable one on every rewriting prompt: a plain pass over each
+/// whole prompt, not the optimisation's.
+fn most_probable(model: &Model, prompts: &FactPrompts, layer: usize, delta: &[f64]) -> bool {
+    let rewriting = &prompts.rewriting;
+    let batch = Batch::right_padded(&rewriting.iter().map(|p| p.ids.clone()).collect::<Vec<_>>());
+    let delta = candle_core::Tensor::from_vec(delta.iter().map(|&x| x as f32).collect::<Vec<_>>(), delta.len(), model.device()).unwrap();
+    let at = rewriting.iter().enumerate().map(|(i, p)| (i, p.lookup)).collect();
+    let hooks = Hooks { additions: vec![Addition { layer, site: Site::Residual, at, delta }], ..Hooks::default() };
+    let hidden = model.forward(&batch, &hooks, None).unwrap().hidden;
+    let wanted: Vec<(usize, usize, u32)> = rewriting.iter().enumerate().flat_map(|(i, p)| p.targets.iter().map(move |&(pos, id)| (i, pos, id))).collect();
+    let positions: Vec<(usize, usize)> = wanted.iter().map(|&(i, pos, _)| (i, pos)).collect();
+    let logits: Vec<Vec<f32>> = model.logits(&target::rows(&hidden, &positions).unwrap()).unwrap().to_vec2().unwrap();
+    logits.iter().zip(&wanted).all(|(row, &(_, _, id))| row.iter().all(|&x| x <= row[id as usize]))
+}
+
+#[test]
+fn mpes_stops_at_the_first_step_where_the_new_target_is_most_probable() {
+    let records = request::read(&root().join("fixtures/data/edit/counterfact-rome-300.json")).unwrap();
+    let compiler = Compiler::open(&smollm2_spec(Method::Memit, &["early_stop=mpes"])).unwrap();
+    let (model, hp) = (&compiler.model, &compiler.hp);
+    let layer = *hp.layers.iter().max().unwrap();
+    let prompts = factpatch::edit::optimisation_prompts(&compiler.tokenizer, &records[0], &compiler.templates).unwrap();
+    let optimize = |hp: &factpatch::edit::Hparams| target::optimize(model, std::slice::from_ref(&prompts), Edit::Residual(layer), hp).unwrap().remove(0);
+    let stopped = optimize(hp);
+    assert_eq!(stopped.stop, Stop::MostProbable, "{} steps", stopped.steps);
+    assert!(stopped.steps >= 1 && stopped.steps < hp.v_steps, "stopped after {} steps", stopped.steps);
+    // The same optimisation capped one step earlier ends on the vector the step before had.
+    let mut capped = hp.clone();
+    capped.v_steps = stopped.steps - 1;
+    let before = optimize(&capped);
+    assert_eq!((before.stop, before.steps), (Stop::StepCap, stopped.steps - 1));
+    assert!(most_probable(model, &prompts, layer, &stopped.delta), "the criterion does not hold where MPES stopped (step {})", stopped.steps);
+    assert!(!most_probable(model, &prompts, layer, &before.delta), "the criterion already held at step {}", before.steps);
+    // Without MPES the same fact runs on, to a smaller loss.
+    let mut plain = hp.clone();
+    plain.early_stop = factpatch::edit::EarlyStop::None;
+    let full = optimize(&plain);
+    assert!(full.steps > stopped.steps && full.loss < stopped.loss, "{} steps, loss {} vs {stopped:?}", full.steps, full.loss);
+}
+
+#[test]
+fn encore_keeps_the_keys_of_the_facts_its_parents_edited() {
+    let records = request::read(&root().join("fixtures/data/edit/counterfact-rome-300.json")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let first = tmp.path().join("first.fpatch");
+    let patch = Compiler::open(&smollm2_spec(Method::Encore, &[])).unwrap().patch(&records[..1]).unwrap().patch;
+    std::fs::write(&first, &patch.bytes).unwrap();
+    let read = factpatch::patch::Patch::read(&first).unwrap();
+    let recorded = &read.manifest().method;
+    assert_eq!(recorded.name, "encore");
+    assert_eq!((recorded.hyperparameters.get("early_stop"), recorded.hyperparameters.get("norm_lambda")), (Some(&"mpes".into()), Some(&10.0.into())));
+    let mut spec = smollm2_spec(Method::Encore, &[]);
+    spec.on = vec![first];
+    let mut on = Compiler::open(&spec).unwrap();
+    let kept = |c: &Compiler| c.preserved.earlier().values().map(|k| k.ncols()).collect::<Vec<_>>();
+    assert_eq!(kept(&on), vec![1; on.hp.layers.len()], "the parent's fact is preserved");
+    let second = on.patch(&records[1..2]).unwrap().patch;
+    assert_eq!(kept(&on), vec![2; on.hp.layers.len()]);
+    assert_eq!(
+        factpatch::patch::Patch::from_bytes(second.bytes.clone(), Path::new("second.fpatch")).unwrap().manifest().parent.as_deref(),
+        Some(patch.id.as_str())
+    );
+    assert!(prefers_new(&on.model, &on.tokenizer, &records[1]) && prefers_new(&on.model, &on.tokenizer, &records[0]), "the edits did not both take");
 }

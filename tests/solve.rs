@@ -1,4 +1,4 @@
-//! The closed forms equal plain dense references on small random matrices (f64, 1e-9).
+//! The closed forms (and value anchoring) equal plain dense references on small random matrices (f64, 1e-9).
 
 use factpatch::edit::solve;
 use ndarray::{Array1, Array2};
@@ -195,4 +195,59 @@ fn projectors_are_kept_beside_their_statistics() {
     assert_eq!(*fresh().nullspace(4, 1e-2).unwrap(), solve::nullspace(&c, 1e-2).unwrap());
     std::fs::write(&files[0], b"not safetensors").unwrap();
     assert_eq!(*fresh().nullspace(4, 2e-2).unwrap(), *computed);
+}
+
+#[test]
+fn encore_matches_dense_reference_and_zeroes_its_objective_gradient() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+    for (d_out, d_in, n, n_p, lambda_p, lambda_n) in [(6, 9, 1, 0, 10.0, 10.0), (5, 12, 4, 3, 1.5, 0.5), (8, 16, 7, 5, 15000.0, 20.0)] {
+        let r = random(&mut rng, d_out, n);
+        let k = random(&mut rng, d_in, n);
+        let c = second_moment(&mut rng, d_in);
+        let kp = random(&mut rng, d_in, n_p);
+        let s_p = kp.dot(&kp.t());
+        let (u, v) = solve::encore(&r, &k, &c, lambda_p, &s_p, lambda_n).unwrap();
+        let a = &c * lambda_p + &s_p + Array2::<f64>::eye(d_in) * lambda_n + k.dot(&k.t());
+        let dense = r.dot(&k.t()).dot(&inverse(&a));
+        let update = u.dot(&v.t());
+        let err = max_abs(&(&update - &dense)) / max_abs(&dense);
+        assert!(err < 1e-9, "encore (n={n}, n_p={n_p}, λ_p={lambda_p}, λₙ={lambda_n}): relative error {err:e}");
+        // ½∇ of ‖ΔK − R‖² + λ_p tr(ΔCΔᵀ) + ‖ΔK_p‖² + λₙ‖Δ‖²: (ΔK − R)Kᵀ + Δ(λ_p C + K_pK_pᵀ + λₙI).
+        let grad = (update.dot(&k) - &r).dot(&k.t()) + update.dot(&(&c * lambda_p + kp.dot(&kp.t()) + Array2::<f64>::eye(d_in) * lambda_n));
+        let scale = max_abs(&r.dot(&k.t()));
+        assert!(max_abs(&grad) < 1e-9 * scale, "encore: the objective's gradient is {:e} at the solution", max_abs(&grad));
+    }
+    // Without the norm penalty and earlier keys, ENCORE is MEMIT.
+    let (r, k, c) = (random(&mut rng, 4, 2), random(&mut rng, 7, 2), second_moment(&mut rng, 7));
+    let (u, v) = solve::encore(&r, &k, &c, 3.0, &Array2::zeros((7, 7)), 0.0).unwrap();
+    let (mu, mv) = solve::memit(&r, &k, &c, 3.0).unwrap();
+    assert!(max_abs(&(u.dot(&v.t()) - mu.dot(&mv.t()))) < 1e-12);
+}
+
+#[test]
+fn anchored_value_matches_dense_reference() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(29);
+    for (d_out, d_in) in [(5, 8), (12, 30), (1, 3)] {
+        let w0 = random(&mut rng, d_out, d_in);
+        let key = Array1::from_iter((0..d_in).map(|_| rng.random::<f64>() * 2.0 - 1.0));
+        let value = Array1::from_iter((0..d_out).map(|_| rng.random::<f64>() * 2.0 - 1.0));
+        let delta = Array1::from_iter((0..d_out).map(|_| rng.random::<f64>() * 6.0 - 3.0));
+        let got = solve::anchored_delta(&w0, &key, &value, &delta).unwrap();
+        // Naive: the original value W₀k, its norm, and v + δ scaled to it.
+        let anchor: Vec<f64> = (0..d_out).map(|i| (0..d_in).map(|j| w0[[i, j]] * key[j]).sum()).collect();
+        let anchor_norm = anchor.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let target: Vec<f64> = (0..d_out).map(|i| value[i] + delta[i]).collect();
+        let target_norm = target.iter().map(|x| x * x).sum::<f64>().sqrt();
+        for i in 0..d_out {
+            let want = target[i] * anchor_norm / target_norm - value[i];
+            assert!((got[i] - want).abs() < 1e-9 * want.abs().max(1.0), "({d_out}x{d_in}) element {i}: {} vs {want}", got[i]);
+        }
+        // The new value has the original value's norm and keeps the optimised direction.
+        let new = &value + &got;
+        assert!((new.dot(&new).sqrt() - anchor_norm).abs() < 1e-9 * anchor_norm);
+        let cosine = new.dot(&Array1::from(target)) / (new.dot(&new).sqrt() * target_norm);
+        assert!((cosine - 1.0).abs() < 1e-12, "direction changed: cosine {cosine}");
+    }
+    let err = solve::anchored_delta(&Array2::zeros((3, 4)), &Array1::zeros(5), &Array1::zeros(3), &Array1::zeros(3)).unwrap_err();
+    assert!(err.to_string().contains("do not fit"), "{err}");
 }

@@ -17,8 +17,67 @@ pub enum Method {
     /// MEMIT confined to the null space of the preserved keys (Fang et al. 2025).
     #[value(name = "alphaedit")]
     AlphaEdit,
+    /// MEMIT with most-probable early stopping, a Frobenius-norm penalty on each update and the
+    /// keys of earlier edits preserved (ENCORE, Gupta et al. 2025, "Lifelong Sequential Knowledge
+    /// Editing without Model Degradation", arXiv:2502.01636).
+    Encore,
     /// Knowledge neurons: attribution by integrated gradients, then embedding swaps (Dai et al. 2022).
     Kn,
+}
+
+impl Method {
+    /// Whether the method optimises target vectors (all but KN).
+    pub fn optimises_targets(self) -> bool {
+        self != Method::Kn
+    }
+
+    /// Whether the method follows MEMIT's schedule (targets at the last edited layer, then a
+    /// closed form per layer): MEMIT, EMMET, AlphaEdit, ENCORE.
+    pub fn memit_schedule(self) -> bool {
+        matches!(self, Method::Memit | Method::Emmet | Method::AlphaEdit | Method::Encore)
+    }
+
+    /// Whether the method preserves the keys of the facts edited before it (AlphaEdit, ENCORE).
+    pub fn keeps_earlier_keys(self) -> bool {
+        matches!(self, Method::AlphaEdit | Method::Encore)
+    }
+}
+
+/// When a fact's target optimisation stops before its step cap.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EarlyStop {
+    /// Once the loss is below 0.05 (the peers' rule).
+    #[default]
+    None,
+    /// Also at the first step where the new target is the most probable continuation on every
+    /// rewriting prompt, every target token given the ones before it (MPES: most-probable early
+    /// stopping, Gupta et al. 2025, arXiv:2502.01636).
+    Mpes,
+}
+
+/// How the optimised value vectors are scaled before the closed form.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ValueNorm {
+    /// As optimised.
+    #[default]
+    None,
+    /// Rescaled to the norm of the original model's value at the fact's key (norm anchoring, after
+    /// NAS: Liu et al. 2026, "Norm Anchors Make Model Edits Last", arXiv:2602.02543).
+    Anchored,
+}
+
+impl EarlyStop {
+    fn is_none(&self) -> bool {
+        *self == EarlyStop::None
+    }
+}
+
+impl ValueNorm {
+    fn is_none(&self) -> bool {
+        *self == ValueNorm::None
+    }
 }
 
 /// Hyperparameters. Defaults follow the peers' published Llama settings (ROME, MEMIT, EMMET,
@@ -54,6 +113,17 @@ pub struct Hparams {
     /// AlphaEdit: α, the ridge on the update.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alpha: Option<f64>,
+    /// ENCORE: λₙ, the weight of the Frobenius-norm penalty ‖ΔW‖² on each update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_lambda: Option<f64>,
+    /// Every method but KN: when a fact's target optimisation stops (`none`, `mpes`). Recorded
+    /// only when not `none`, so patches compiled before it existed keep their ids.
+    #[serde(default, skip_serializing_if = "EarlyStop::is_none")]
+    pub early_stop: EarlyStop,
+    /// MEMIT, EMMET, AlphaEdit, ENCORE: the value vectors' norm (`none`, `anchored`). Recorded
+    /// only when not `none`.
+    #[serde(default, skip_serializing_if = "ValueNorm::is_none")]
+    pub value_norm: ValueNorm,
     /// KN: integrated-gradient steps, the share of a prompt's largest attribution a neuron
     /// needs, and the share of prompts that must pick it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -72,17 +142,19 @@ impl Hparams {
     /// The defaults of `method` for a model of this configuration.
     pub fn defaults(method: Method, config: &model::Config) -> Self {
         let layers = config.family.edit_layers(config.num_layers);
+        let encore = method == Method::Encore;
         Hparams {
             method,
             layers: match method {
                 Method::Rome | Method::Emmet => vec![layers[1.min(layers.len() - 1)]],
-                Method::Memit | Method::AlphaEdit => layers,
+                Method::Memit | Method::AlphaEdit | Method::Encore => layers,
                 Method::Kn => (0..config.num_layers).collect(),
             },
             v_steps: 25,
             v_lr: 0.5,
-            v_weight_decay: 1e-3,
-            clamp_norm: 4.0,
+            // ENCORE's published settings hold the target vectors closer to where they start.
+            v_weight_decay: if encore { 0.5 } else { 1e-3 },
+            clamp_norm: if encore { 0.75 } else { 4.0 },
             kl_factor: 0.0625,
             mom2_weight: 1500.0,
             mom2_adjustment: true,
@@ -95,17 +167,34 @@ impl Hparams {
             emmet_lambda: (method == Method::Emmet).then_some(0.1),
             nullspace_threshold: (method == Method::AlphaEdit).then_some(2e-2),
             alpha: (method == Method::AlphaEdit).then_some(10.0),
+            norm_lambda: encore.then_some(10.0),
+            early_stop: if encore { EarlyStop::Mpes } else { EarlyStop::None },
+            value_norm: ValueNorm::None,
             kn: (method == Method::Kn).then_some(KnParams { steps: config.family.kn_steps, threshold: 0.2, share: 0.4 }),
         }
     }
 
-    /// Overrides one hyperparameter: `KEY=VALUE` with a JSON value, a dot for nested keys
-    /// (`alpha=1`, `layers=[3,4]`, `kn.steps=5`). Only the method's own keys exist.
+    /// Overrides one hyperparameter: `KEY=VALUE` with a JSON value or a bare word (a string), a
+    /// dot for nested keys (`alpha=1`, `layers=[3,4]`, `kn.steps=5`, `early_stop=mpes`). Only the
+    /// method's own keys exist.
     pub fn set(&mut self, assignment: &str) -> Result<()> {
         let bad = |why: String| Error::Hparams(format!("--set {assignment}: {why}"));
         let (key, value) = assignment.split_once('=').ok_or_else(|| bad("expected KEY=VALUE".into()))?;
-        let value: serde_json::Value = serde_json::from_str(value).map_err(|e| bad(format!("the value is not JSON ({e})")))?;
+        let value: serde_json::Value = match serde_json::from_str(value) {
+            Ok(v) => v,
+            Err(_) if !value.is_empty() && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => serde_json::Value::String(value.into()),
+            Err(e) => return Err(bad(format!("the value is not JSON ({e})"))),
+        };
         let mut json = serde_json::to_value(&*self).map_err(|e| bad(e.to_string()))?;
+        // Keys left out of the record at their defaults still exist for the methods they apply to.
+        if let Some(map) = json.as_object_mut() {
+            if self.method.optimises_targets() {
+                map.entry("early_stop").or_insert("none".into());
+            }
+            if self.method.memit_schedule() {
+                map.entry("value_norm").or_insert("none".into());
+            }
+        }
         let mut slot = &mut json;
         for part in key.split('.') {
             slot = slot.as_object_mut().and_then(|m| m.get_mut(part)).ok_or_else(|| bad(format!("{:?} has no hyperparameter `{key}`", self.method)))?;
@@ -119,7 +208,7 @@ impl Hparams {
     pub fn needs_stats(&self) -> bool {
         match self.method {
             Method::Rome => self.mom2_adjustment,
-            Method::Memit | Method::Emmet | Method::AlphaEdit => true,
+            Method::Memit | Method::Emmet | Method::AlphaEdit | Method::Encore => true,
             Method::Kn => false,
         }
     }
@@ -142,6 +231,15 @@ impl Hparams {
             if kn.steps == 0 || !(0.0..=1.0).contains(&kn.threshold) || !(0.0..=1.0).contains(&kn.share) {
                 return Err(Error::Hparams(format!("KN: steps {} must be > 0, threshold {} and share {} in [0, 1]", kn.steps, kn.threshold, kn.share)));
             }
+        }
+        if self.early_stop != EarlyStop::None && !self.method.optimises_targets() {
+            return Err(Error::Hparams(format!("early_stop applies to methods that optimise target vectors, not {:?}", self.method)));
+        }
+        if self.value_norm != ValueNorm::None && !self.method.memit_schedule() {
+            return Err(Error::Hparams(format!("value_norm applies to MEMIT, EMMET, AlphaEdit and ENCORE, not {:?}", self.method)));
+        }
+        if let Some(l) = self.norm_lambda.filter(|l| !(l.is_finite() && *l >= 0.0)) {
+            return Err(Error::Hparams(format!("norm_lambda {l} must be finite and ≥ 0")));
         }
         if !(self.rect_k > 0.0 && self.rect_k <= 100.0) {
             return Err(Error::Hparams(format!("RECT k = {} must be in (0, 100]", self.rect_k)));

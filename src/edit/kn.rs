@@ -119,7 +119,10 @@ pub fn edit(model: &mut Model, tok: &Tokenizer, req: &Request, hp: &Hparams, tem
         updates.push(commit(model, layer, &u, &stack(&[v]), hp.rect_k)?);
     }
     let nll = -target::target_logprob(model, &prompts[..1], &new)?[0];
-    Ok((updates, FactReport { subject: req.subject.clone(), target_new: req.target_new.clone(), steps: kn.steps, loss: nll, neurons: Some(neurons.len()) }))
+    Ok((
+        updates,
+        FactReport { subject: req.subject.clone(), target_new: req.target_new.clone(), steps: kn.steps, loss: nll, stop: None, neurons: Some(neurons.len()) },
+    ))
 }
 
 /// The model's most probable next token after `prompt`.

@@ -12,15 +12,15 @@ pub mod solve;
 pub mod target;
 
 pub use emit::{encode_patch, Provenance};
-pub use hparams::{Hparams, KnParams, Method};
+pub use hparams::{EarlyStop, Hparams, KnParams, Method, ValueNorm};
 pub use preserved::Preserved;
 
-use crate::model::{self, Model, Orientation, Sampling};
+use crate::model::{self, Hooks, Model, Orientation, Sampling};
 use crate::tokenize::Tokenizer;
 use candle_core::{DType, Tensor};
 use ndarray::{Array1, Array2};
 use request::Request;
-use target::{Edit, FactPrompts, Prompt};
+use target::{Edit, FactPrompts, Prompt, Stop};
 
 /// How many facts' target vectors are optimised in one batch.
 const TARGET_BATCH: usize = 16;
@@ -37,6 +37,9 @@ pub enum Error {
     /// Statistics for a layer are missing.
     #[error("no key statistics for layer {0}: compute them with `factpatch stats`")]
     MissingStats(usize),
+    /// Value anchoring has no original weights for the layer it reads.
+    #[error("value_norm = anchored needs the original weights of layer {0}, which the compiler keeps when it opens the model")]
+    MissingOriginal(usize),
     #[error(transparent)]
     Model(#[from] model::Error),
     #[error(transparent)]
@@ -73,6 +76,9 @@ pub struct FactReport {
     pub steps: usize,
     /// The target loss reached (KN: the new target's NLL after the edit).
     pub loss: f64,
+    /// Why the target optimisation stopped (KN has none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Stop>,
     /// KN: the neurons edited.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub neurons: Option<usize>,
@@ -129,7 +135,7 @@ pub fn compile(
                 reports.push(report);
             }
         }
-        Method::Memit | Method::Emmet | Method::AlphaEdit => {
+        Method::Memit | Method::Emmet | Method::AlphaEdit | Method::Encore => {
             let (mut u, r) = memit(model, tok, requests, hp, templates, preserved)?;
             updates.append(&mut u);
             reports.extend(r);
@@ -168,7 +174,7 @@ pub(crate) fn target_ids(tok: &Tokenizer, req: &Request) -> Result<Vec<u32>> {
 }
 
 /// The rewriting prompts (every template, with the target) and the essence prompt.
-fn optimisation_prompts(tok: &Tokenizer, req: &Request, templates: &[Vec<String>]) -> Result<FactPrompts> {
+pub fn optimisation_prompts(tok: &Tokenizer, req: &Request, templates: &[Vec<String>]) -> Result<FactPrompts> {
     let target = target_ids(tok, req)?;
     let rewriting = templates
         .iter()
@@ -183,12 +189,23 @@ fn optimisation_prompts(tok: &Tokenizer, req: &Request, templates: &[Vec<String>
 /// average within each template group and then across groups, and the key of the raw prompt
 /// (`templates[0][0]` is always `{}`).
 fn request_keys(model: &Model, tok: &Tokenizer, requests: &[Request], templates: &[Vec<String>], layer: usize) -> Result<Vec<(Array1<f64>, Array1<f64>)>> {
-    let prompts: Vec<Prompt> = requests
+    let prompts = key_prompts(tok, requests, templates)?;
+    average_keys(&target::keys(model, &prompts, &[layer])?.remove(0), templates)
+}
+
+/// Every request in every template, without targets: the prompts keys are read at.
+fn key_prompts(tok: &Tokenizer, requests: &[Request], templates: &[Vec<String>]) -> Result<Vec<Prompt>> {
+    requests
         .iter()
         .flat_map(|r| templates.iter().flatten().map(move |ctx| target::prompt(tok, &ctx.replacen("{}", &r.prompt, 1), &r.subject, None, r)))
-        .collect::<Result<_>>()?;
-    let keys: Vec<Vec<f64>> = target::keys(model, &prompts, &[layer])?.remove(0).to_dtype(DType::F64)?.to_vec2()?;
-    let per_request = prompts.len() / requests.len();
+        .collect()
+}
+
+/// Keys `[requests × templates, d]` of [`key_prompts`] → per request, the template average of
+/// [`request_keys`] and the raw prompt's key.
+fn average_keys(keys: &Tensor, templates: &[Vec<String>]) -> Result<Vec<(Array1<f64>, Array1<f64>)>> {
+    let keys: Vec<Vec<f64>> = keys.to_dtype(DType::F64)?.to_vec2()?;
+    let per_request = templates.iter().map(Vec::len).sum::<usize>();
     Ok(keys
         .chunks(per_request)
         .map(|k| {
@@ -221,11 +238,15 @@ fn rome(
     let c = if hp.mom2_adjustment { Some(preserved.second_moment(layer)?) } else { None };
     let (u, v) = solve::rome(&Array1::from(t.delta.clone()), &k_mean, &k_prompt, c)?;
     let update = commit(model, layer, &u, &v, hp.rect_k)?;
-    Ok((vec![update], FactReport { subject: req.subject.clone(), target_new: req.target_new.clone(), steps: t.steps, loss: t.loss, neurons: None }))
+    Ok((vec![update], report(req, &t)))
+}
+
+fn report(req: &Request, t: &target::Target) -> FactReport {
+    FactReport { subject: req.subject.clone(), target_new: req.target_new.clone(), steps: t.steps, loss: t.loss, stop: Some(t.stop), neurons: None }
 }
 
 /// MEMIT's schedule (targets at the last edited layer, the residual spread over the layers in
-/// order), solved by MEMIT's, EMMET's or AlphaEdit's closed form.
+/// order), solved by MEMIT's, EMMET's, AlphaEdit's or ENCORE's closed form.
 fn memit(
     model: &mut Model,
     tok: &Tokenizer,
@@ -241,20 +262,31 @@ fn memit(
     for chunk in requests.chunks(TARGET_BATCH) {
         let prompts = chunk.iter().map(|r| optimisation_prompts(tok, r, templates)).collect::<Result<Vec<_>>>()?;
         for (req, t) in chunk.iter().zip(target::optimize(model, &prompts, Edit::Residual(last), hp)?) {
-            reports.push(FactReport { subject: req.subject.clone(), target_new: req.target_new.clone(), steps: t.steps, loss: t.loss, neurons: None });
+            reports.push(report(req, &t));
+            let delta = Array1::from(t.delta);
+            let delta = match hp.value_norm {
+                ValueNorm::Anchored => solve::anchored_delta(preserved.original(last)?, &Array1::from(t.key), &Array1::from(t.value), &delta)?,
+                ValueNorm::None => delta,
+            };
             // z = h + δ at the last edited layer.
-            targets.push(Array1::from(t.init) + Array1::from(t.delta));
+            targets.push(Array1::from(t.init) + delta);
         }
     }
-    let raw: Vec<Prompt> = requests.iter().map(|r| target::prompt(tok, &r.prompt, &r.subject, None, r)).collect::<Result<_>>()?;
     let mut layers = hp.layers.clone();
     layers.sort_unstable();
+    // Nothing before the first edited layer changes: passes resume there.
+    let raw: Vec<Prompt> = requests.iter().map(|r| target::prompt(tok, &r.prompt, &r.subject, None, r)).collect::<Result<_>>()?;
+    let mut raw = Resumable::new(model, &raw, layers[0])?;
+    let mut keyed = Resumable::new(model, &key_prompts(tok, requests, templates)?, layers[0])?;
     let mut updates = Vec::new();
     for (i, &layer) in layers.iter().enumerate() {
-        let keys: Vec<Array1<f64>> = request_keys(model, tok, requests, templates, layer)?.into_iter().map(|(mean, _)| mean).collect();
-        let k = stack(&keys);
+        let hooks = Hooks { keys: vec![layer], stop_after: Some(layer), ..Hooks::default() };
+        let keys = average_keys(&target::rows(&keyed.forward(model, hooks, layer)?.keys[&layer], &keyed.at)?, templates)?;
+        let k = stack(&keys.into_iter().map(|(mean, _)| mean).collect::<Vec<_>>());
         // What the last edited layer holds now, for each raw prompt.
-        let now = current_residuals(model, &raw, last)?;
+        let hooks = Hooks { residuals: vec![last], stop_after: Some(last), ..Hooks::default() };
+        let now: Vec<Vec<f64>> = target::rows(&raw.forward(model, hooks, layer)?.residuals[&last], &raw.at)?.to_dtype(DType::F64)?.to_vec2()?;
+        let now: Vec<Array1<f64>> = now.into_iter().map(Array1::from).collect();
         let r = (stack(&targets) - stack(&now)) / (layers.len() - i) as f64;
         let (u, v) = match hp.method {
             Method::Emmet => solve::emmet(&r, &k, preserved.second_moment(layer)?, hp.mom2_weight, hp.required(hp.emmet_lambda, "emmet_lambda")?)?,
@@ -265,6 +297,13 @@ fn memit(
                 preserved.remember(layer, &k);
                 uv
             }
+            Method::Encore => {
+                let s_p = preserved.earlier_second_moment(layer, k.nrows());
+                let lambda_n = hp.required(hp.norm_lambda, "norm_lambda")?;
+                let uv = solve::encore(&r, &k, preserved.second_moment(layer)?, hp.mom2_weight, &s_p, lambda_n)?;
+                preserved.remember(layer, &k);
+                uv
+            }
             _ => solve::memit(&r, &k, preserved.second_moment(layer)?, hp.mom2_weight)?,
         };
         updates.push(commit(model, layer, &u, &v, hp.rect_k)?);
@@ -272,13 +311,42 @@ fn memit(
     Ok((updates, reports))
 }
 
-fn current_residuals(model: &Model, prompts: &[Prompt], layer: usize) -> Result<Vec<Array1<f64>>> {
-    let batch = model::Batch::right_padded(&prompts.iter().map(|p| p.ids.clone()).collect::<Vec<_>>());
-    let hooks = model::Hooks { residuals: vec![layer], stop_after: Some(layer), ..Default::default() };
-    let trace = model.forward(&batch, &hooks, None)?;
-    let at: Vec<_> = prompts.iter().enumerate().map(|(i, p)| (i, p.lookup)).collect();
-    let rows: Vec<Vec<f64>> = target::rows(&trace.residuals[&layer], &at)?.to_dtype(DType::F64)?.to_vec2()?;
-    Ok(rows.into_iter().map(Array1::from).collect())
+/// A batch of prompts whose passes resume from the residual stream entering the earliest layer
+/// that changed since the last pass: the layers before it are as they were, so the result is
+/// the same as a pass from the embeddings.
+struct Resumable {
+    batch: model::Batch,
+    /// `(sequence, subject's last token)` of each prompt.
+    at: Vec<(usize, usize)>,
+    /// The layer passes start at and the stream entering it (none: the embeddings).
+    start: Option<(usize, Tensor)>,
+}
+
+impl Resumable {
+    /// The batch of `prompts`, its passes starting at layer `from`, the first to be updated.
+    fn new(model: &Model, prompts: &[Prompt], from: usize) -> Result<Self> {
+        let batch = model::Batch::right_padded(&prompts.iter().map(|p| p.ids.clone()).collect::<Vec<_>>());
+        let at = prompts.iter().enumerate().map(|(i, p)| (i, p.lookup)).collect();
+        let mut r = Resumable { batch, at, start: None };
+        if let Some(before) = from.checked_sub(1) {
+            r.forward(model, Hooks { stop_after: Some(before), ..Hooks::default() }, from)?;
+        }
+        Ok(r)
+    }
+
+    /// A pass of the current `model` with `hooks`, keeping the stream entering layer `next`, the
+    /// next to be updated, for the passes after it.
+    fn forward(&mut self, model: &Model, mut hooks: Hooks, next: usize) -> Result<model::Trace> {
+        let from = self.start.as_ref().map_or(0, |(l, _)| *l);
+        let keep = next.checked_sub(1).filter(|&before| before >= from);
+        hooks.residuals.extend(keep);
+        hooks.resume = self.start.clone();
+        let trace = model.forward(&self.batch, &hooks, None)?;
+        if let Some(before) = keep {
+            self.start = Some((next, trace.residuals[&before].clone()));
+        }
+        Ok(trace)
+    }
 }
 
 /// Columns → matrix.

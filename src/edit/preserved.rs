@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 /// What an update must preserve: the corpus's key second moments `E[k kᵀ]` per layer (with
 /// their null-space projectors, computed once on first use, and kept on disk when a store is
-/// given) and, for AlphaEdit, the keys of the facts edited earlier.
+/// given), for AlphaEdit and ENCORE the keys of the facts edited earlier, and for norm-anchored
+/// values the original model's weights.
 #[derive(Clone, Debug, Default)]
 pub struct Preserved {
     moments: BTreeMap<usize, Arc<Array2<f64>>>,
@@ -19,6 +20,8 @@ pub struct Preserved {
     nullspaces: BTreeMap<(usize, u64), Arc<Array2<f64>>>,
     /// Layer → earlier facts' keys as columns `[d_in, n]`.
     earlier: BTreeMap<usize, Array2<f64>>,
+    /// Layer → the original model's MLP output projection `[d_out, d_in]` (value anchoring).
+    originals: BTreeMap<usize, Arc<Array2<f64>>>,
     /// Where projectors persist between runs: a folder, and the id of the statistics they derive from.
     store: Option<(PathBuf, String)>,
 }
@@ -66,7 +69,18 @@ impl Preserved {
         Ok(p)
     }
 
-    /// Layer → the keys of earlier edits (columns), as AlphaEdit accumulated them.
+    /// Keeps `w` (`[d_out, d_in]`) as layer `layer`'s original MLP output projection, the weights
+    /// value anchoring measures against.
+    pub fn keep_original(&mut self, layer: usize, w: Array2<f64>) {
+        self.originals.insert(layer, Arc::new(w));
+    }
+
+    /// Layer `layer`'s original MLP output projection.
+    pub fn original(&self, layer: usize) -> Result<&Array2<f64>> {
+        self.originals.get(&layer).map(|w| w.as_ref()).ok_or(Error::MissingOriginal(layer))
+    }
+
+    /// Layer → the keys of earlier edits (columns), as AlphaEdit and ENCORE accumulated them.
     pub fn earlier(&self) -> &BTreeMap<usize, Array2<f64>> {
         &self.earlier
     }
@@ -85,7 +99,7 @@ impl Preserved {
         self.earlier.get(&layer).map_or_else(|| Array2::zeros((d, d)), |k| k.dot(&k.t()))
     }
 
-    /// Remembers, for AlphaEdit, the keys of facts that earlier patches edited, computed on
+    /// Remembers, for AlphaEdit and ENCORE, the keys of facts that earlier patches edited, computed on
     /// `model` (which carries those patches) as the compile computes keys.
     pub fn remember_requests(&mut self, model: &Model, tok: &Tokenizer, requests: &[Request], templates: &[Vec<String>], layers: &[usize]) -> Result<()> {
         if requests.is_empty() {

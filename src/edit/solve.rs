@@ -41,6 +41,40 @@ pub fn memit(r: &Array2<f64>, k: &Array2<f64>, c: &Array2<f64>, lambda: f64) -> 
     Ok((r.clone(), solve_spd(&a, k, "λC + KKᵀ")?))
 }
 
+/// ENCORE's norm-constrained MEMIT (Gupta et al. 2025, arXiv:2502.01636), as the authors' code
+/// solves it: the update minimising `‖ΔW K − R‖² + λ_p·tr(ΔW C ΔWᵀ) + ‖ΔW K_p‖² + λₙ‖ΔW‖²_F`,
+/// `ΔW = R Kᵀ (λ_p C + S_p + λₙI + K Kᵀ)⁻¹`, with `S_p = K_p K_pᵀ` the summed `k kᵀ` of facts
+/// edited earlier. The penalty is on this edit's update, relative to the weights it is applied
+/// to (after earlier edits). Factors: `U = R`, `V = (λ_p C + S_p + λₙI + KKᵀ)⁻¹ K`.
+pub fn encore(r: &Array2<f64>, k: &Array2<f64>, c: &Array2<f64>, lambda_p: f64, s_p: &Array2<f64>, lambda_n: f64) -> Result<(Array2<f64>, Array2<f64>)> {
+    let d = k.nrows();
+    if r.ncols() != k.ncols() || c.dim() != (d, d) || s_p.dim() != (d, d) {
+        return Err(Error::Shape(format!("encore: R {:?}, K {:?}, C {:?}, S_p {:?} do not fit", r.dim(), k.dim(), c.dim(), s_p.dim())));
+    }
+    let a = c * lambda_p + s_p + Array2::<f64>::eye(d) * lambda_n + k.dot(&k.t());
+    Ok((r.clone(), solve_spd(&a, k, "λ_p C + S_p + λₙI + KKᵀ")?))
+}
+
+/// Norm anchoring of a value vector (after NAS, Liu et al. 2026, arXiv:2602.02543): with
+/// `value = W k` the MLP output at a fact's key now and `delta` its optimised change, the change
+/// `δ'` that makes the new value `value + δ'` point along `value + delta` with the norm
+/// `‖W₀ k‖` of the original model's value at that key. (NAS anchors to a mean norm of values
+/// solved on the original model over a sample of CounterFact requests; this anchors each fact
+/// to its own key, which needs no reference data.) A zero `value + delta` has no direction and
+/// is kept.
+pub fn anchored_delta(w0: &Array2<f64>, key: &Array1<f64>, value: &Array1<f64>, delta: &Array1<f64>) -> Result<Array1<f64>> {
+    if w0.dim() != (value.len(), key.len()) || delta.len() != value.len() {
+        return Err(Error::Shape(format!("anchored value: W₀ {:?}, key {}, value {}, delta {} do not fit", w0.dim(), key.len(), value.len(), delta.len())));
+    }
+    let anchor = w0.dot(key);
+    let target = value + delta;
+    let norm = target.dot(&target).sqrt();
+    if norm == 0.0 {
+        return Ok(delta.clone());
+    }
+    Ok(target * (anchor.dot(&anchor).sqrt() / norm) - value)
+}
+
 /// EMMET: the batch update that maps every key exactly to its target (as `μ → 0`):
 /// `ΔW = R D⁻¹ Kᵀ (λC)⁻¹` with `D = Kᵀ (λC)⁻¹ K + μI`. Factors: `U = R D⁻¹`, `V = (λC)⁻¹ K`.
 pub fn emmet(r: &Array2<f64>, k: &Array2<f64>, c: &Array2<f64>, lambda: f64, mu: f64) -> Result<(Array2<f64>, Array2<f64>)> {

@@ -1,7 +1,7 @@
 //! Prompts, keys and target vectors: where the subject sits in each prompt, what the MLP key is
 //! there, and which residual change makes the model say the new target.
 
-use super::{Error, Hparams, Result};
+use super::{EarlyStop, Error, Hparams, Result};
 use crate::edit::request::Request;
 use crate::model::{self, ops, Batch, Hooks, KvCache, Model};
 use crate::tokenize::{self, Tokenizer};
@@ -63,6 +63,19 @@ pub enum Edit {
     Residual(usize),
 }
 
+/// Why a fact's target optimisation stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Stop {
+    /// The loss fell below 0.05.
+    Converged,
+    /// Most-probable early stopping: the new target became the most probable continuation on
+    /// every rewriting prompt.
+    MostProbable,
+    /// The step cap (`v_steps`) was reached.
+    StepCap,
+}
+
 /// The result of a target-vector optimisation.
 #[derive(Clone, Debug)]
 pub struct Target {
@@ -70,8 +83,16 @@ pub struct Target {
     pub delta: Vec<f64>,
     /// The value at the edit point before the edit, for the raw prompt `[hidden]`.
     pub init: Vec<f64>,
+    /// The raw prompt's MLP key `[intermediate]` and MLP output `[hidden]` at the edited layer
+    /// before the edit (f64).
+    pub key: Vec<f64>,
+    pub value: Vec<f64>,
+    /// Adam steps taken: `delta` is the vector after this many updates, the one the loss and the
+    /// stopping rule were last evaluated at (at the step cap, the update after the last
+    /// evaluation is kept too).
     pub steps: usize,
     pub loss: f64,
+    pub stop: Stop,
 }
 
 /// One fact's prompts for [`optimize`]: the rewriting prompts (with targets) and the essence prompt.
@@ -83,7 +104,13 @@ pub struct FactPrompts {
 /// Optimises, for each fact, a vector δ added at the subject's last token (at `edit`) of every
 /// one of its prompts so that the rewriting prompts predict their targets: mean target NLL +
 /// `kl_factor`·KL(now ‖ before) on the essence prompt + `weight_decay`·‖δ‖/‖init‖², Adam, ‖δ‖
-/// clamped to `clamp_norm`·‖init‖, stopping a fact once its loss is below 0.05.
+/// clamped to `clamp_norm`·‖init‖, stopping a fact once its loss is below 0.05 or, with
+/// `early_stop = mpes`, at the first step where every target token is the most probable token
+/// (ties included) on every rewriting prompt, given the prompt and the target tokens before it
+/// (MPES, Gupta et al. 2025, arXiv:2502.01636: the paper checks the single next token; a
+/// multi-token target must win at each of its positions). The criterion is checked on the same
+/// pass as the loss, before the step's update, so a fact already most probable keeps δ = 0.
+/// Either way at most `v_steps` steps are taken.
 ///
 /// Facts are independent (separate sequences, separate rows of δ, element-wise Adam), so they
 /// run together in one batch; a finished fact's row is frozen. Nothing before the subject's last
@@ -117,6 +144,7 @@ pub fn optimize(model: &Model, facts: &[FactPrompts], edit: Edit, hp: &Hparams) 
     let at: Vec<_> = (0..all.len()).map(|i| (i, 0)).collect();
     let (mut target_rows, mut target_ids, mut target_weight) = (Vec::new(), Vec::new(), Vec::new());
     let mut target_fact = vec![0f32; 0];
+    let mut target_owner = Vec::new();
     for (f, fp) in facts.iter().enumerate() {
         for (i, p) in fp.rewriting.iter().enumerate() {
             for &(pos, id) in &p.targets {
@@ -124,20 +152,23 @@ pub fn optimize(model: &Model, facts: &[FactPrompts], edit: Edit, hp: &Hparams) 
                 target_ids.push(id);
                 target_weight.push((1.0 / (p.targets.len() * fp.rewriting.len()) as f64) as f32);
                 target_fact.extend((0..nf).map(|g| (g == f) as u8 as f32));
+                target_owner.push(f);
             }
         }
     }
     let n = target_rows.len();
 
     // The unedited pass: the resume state after `layer`, the values at the edit point, the KL anchors.
-    let hooks = Hooks { residuals: vec![layer], mlp_outputs: vec![layer], ..Hooks::default() };
+    let hooks = Hooks { keys: vec![layer], residuals: vec![layer], mlp_outputs: vec![layer], ..Hooks::default() };
     let base = model.forward(&suffix, &hooks, Some(&mut prefix_cache.clone()))?;
     let resume = base.residuals[&layer].detach();
     let source = match edit {
         Edit::MlpOut(_) => &base.mlp_outputs[&layer],
         Edit::Residual(_) => &resume,
     };
-    let inits: Vec<Vec<f64>> = first_row.iter().map(|&r| Ok(source.i((r, 0))?.to_dtype(DType::F64)?.to_vec1()?)).collect::<Result<_>>()?;
+    let raw_rows = |x: &Tensor| -> Result<Vec<Vec<f64>>> { first_row.iter().map(|&r| Ok(x.i((r, 0))?.to_dtype(DType::F64)?.to_vec1()?)).collect() };
+    let inits = raw_rows(source)?;
+    let (keys, outputs) = (raw_rows(&base.keys[&layer])?, raw_rows(&base.mlp_outputs[&layer])?);
     let init_norms: Vec<f64> = inits.iter().map(|v| v.iter().map(|x| x * x).sum::<f64>().sqrt()).collect();
     let anchor = ops::log_softmax(&model.logits(&rows(&base.hidden, &essence_rows)?)?)?.detach();
 
@@ -152,8 +183,9 @@ pub fn optimize(model: &Model, facts: &[FactPrompts], edit: Edit, hp: &Hparams) 
     let decay = Tensor::from_vec(init_norms.iter().map(|v| (hp.v_weight_decay / (v * v)) as f32).collect::<Vec<_>>(), nf, dev)?;
     let mut wanted = target_rows.clone();
     wanted.extend(&essence_rows);
-    let mut done: Vec<Option<(usize, f64, Vec<f32>)>> = vec![None; nf];
+    let mut done: Vec<Option<Stopped>> = vec![None; nf];
     let mut last_loss = vec![f64::NAN; nf];
+    let mpes = hp.early_stop == EarlyStop::Mpes;
     for step in 0..hp.v_steps {
         let x = model::add_at(&resume, &at, &delta.as_tensor().index_select(&row_fact, 0)?)?;
         let hidden = if layer + 1 < model.config.num_layers {
@@ -163,7 +195,17 @@ pub fn optimize(model: &Model, facts: &[FactPrompts], edit: Edit, hp: &Hparams) 
             x
         };
         let lp = ops::log_softmax(&model.logits(&rows(&hidden, &wanted)?)?)?;
-        let picked = (lp.narrow(0, 0, n)?.gather(&ids, 1)?.squeeze(1)? * &weight)?;
+        let target_lp = lp.narrow(0, 0, n)?.gather(&ids, 1)?;
+        // MPES: facts all of whose target tokens are the most probable ones.
+        let mut most_probable = vec![mpes; nf];
+        if mpes {
+            let best: Vec<f32> = lp.narrow(0, 0, n)?.max_keepdim(1)?.squeeze(1)?.to_vec1()?;
+            let own: Vec<f32> = target_lp.squeeze(1)?.to_vec1()?;
+            for ((b, o), &f) in best.iter().zip(&own).zip(&target_owner) {
+                most_probable[f] &= o >= b;
+            }
+        }
+        let picked = (target_lp.squeeze(1)? * &weight)?;
         let nll = by_fact.matmul(&picked.unsqueeze(1)?)?.squeeze(1)?.neg()?;
         let now = lp.narrow(0, n, nf)?;
         let kl = (now.exp()? * (&now - &anchor)?)?.sum(1)?;
@@ -175,8 +217,13 @@ pub fn optimize(model: &Model, facts: &[FactPrompts], edit: Edit, hp: &Hparams) 
         let mut active = vec![0f32; nf];
         for f in 0..nf {
             last_loss[f] = values[f] as f64;
-            if done[f].is_none() && (values[f] as f64) < 5e-2 {
-                done[f] = Some((step, values[f] as f64, current[f * d..(f + 1) * d].to_vec()));
+            let stop = match ((values[f] as f64) < 5e-2, most_probable[f]) {
+                (true, _) => Some(Stop::Converged),
+                (false, true) => Some(Stop::MostProbable),
+                (false, false) => None,
+            };
+            if let (None, Some(stop)) = (&done[f], stop) {
+                done[f] = Some(Stopped { step, loss: values[f] as f64, delta: current[f * d..(f + 1) * d].to_vec(), stop });
             }
             active[f] = done[f].is_none() as u8 as f32;
         }
@@ -190,7 +237,7 @@ pub fn optimize(model: &Model, facts: &[FactPrompts], edit: Edit, hp: &Hparams) 
         for f in 0..nf {
             let row = &mut next[f * d..(f + 1) * d];
             match &done[f] {
-                Some((_, _, frozen)) => row.copy_from_slice(frozen),
+                Some(stopped) => row.copy_from_slice(&stopped.delta),
                 None => {
                     let norm = row.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt();
                     let max = hp.clamp_norm * init_norms[f];
@@ -205,13 +252,23 @@ pub fn optimize(model: &Model, facts: &[FactPrompts], edit: Edit, hp: &Hparams) 
     let finals: Vec<f32> = delta.as_tensor().flatten_all()?.to_vec1()?;
     Ok((0..nf)
         .map(|f| {
-            let (steps, loss, row) = match &done[f] {
-                Some((s, l, r)) => (*s, *l, r.clone()),
-                None => (hp.v_steps, last_loss[f], finals[f * d..(f + 1) * d].to_vec()),
+            let (steps, loss, row, stop) = match &done[f] {
+                Some(s) => (s.step, s.loss, s.delta.clone(), s.stop),
+                None => (hp.v_steps, last_loss[f], finals[f * d..(f + 1) * d].to_vec(), Stop::StepCap),
             };
-            Target { delta: row.iter().map(|&x| x as f64).collect(), init: inits[f].clone(), steps, loss }
+            let delta = row.iter().map(|&x| x as f64).collect();
+            Target { delta, init: inits[f].clone(), key: keys[f].clone(), value: outputs[f].clone(), steps, loss, stop }
         })
         .collect())
+}
+
+/// A fact whose optimisation stopped: at which step, its loss there, δ then, and why.
+#[derive(Clone)]
+struct Stopped {
+    step: usize,
+    loss: f64,
+    delta: Vec<f32>,
+    stop: Stop,
 }
 
 /// Mean per-token log-probability of `target` after each prompt, on the current model:
