@@ -72,11 +72,15 @@ impl CustomOp2 for FrozenMatmul {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (m, n, k) = self.dims(l1, l2)?;
-        if let (CpuStorage::F32(x), CpuStorage::F32(w), Some((x0, x1)), Some((w0, w1))) = (s1, s2, l1.contiguous_offsets(), l2.contiguous_offsets()) {
+        if let (CpuStorage::F32(x), CpuStorage::F32(w), Some((x0, x1)), Some((w0, w1)), true) =
+            (s1, s2, l1.contiguous_offsets(), l2.contiguous_offsets(), k > 0)
+        {
             let (x, w) = (&x[x0..x1], &w[w0..w1]);
-            let mut y = vec![0f32; m * n];
+            // Not zeroed: with beta = 0, sgemm writes every element of y without reading it.
+            let mut y = Vec::<f32>::with_capacity(m * n);
             let (trans, ldw) = if self.transposed { (cblas_sys::CblasTrans, k) } else { (cblas_sys::CblasNoTrans, n) };
-            // SAFETY: row-major x [m, k], w [n, k] or [k, n] (checked above), y [m, n].
+            // SAFETY: row-major x [m, k], w [n, k] or [k, n] (checked above), y [m, n] allocated
+            // and fully written by sgemm (beta = 0) before its length is set.
             unsafe {
                 cblas_sys::cblas_sgemm(
                     cblas_sys::CblasRowMajor,
@@ -91,9 +95,10 @@ impl CustomOp2 for FrozenMatmul {
                     w.as_ptr(),
                     ldw as i32,
                     0.0,
-                    y.as_mut_ptr(),
+                    y.spare_capacity_mut().as_mut_ptr().cast::<f32>(),
                     n as i32,
                 );
+                y.set_len(m * n);
             }
             return Ok((CpuStorage::F32(y), Shape::from((m, n))));
         }
