@@ -4,8 +4,10 @@
 //!
 //! Run: `cargo bench --bench compile` (after `fixtures/setup.sh`); `FACTPATCH_BENCH_FACTS=N`
 //! sets how many records of `fixtures/data/edit/counterfact-rome-300.json` (default 10),
-//! `FACTPATCH_BENCH_RUNS` which runs: methods (`rome`, `memit`, `emmet`, `alphaedit`, `kn`), a
-//! `-batch` suffix for one batch of N (default `rome,memit,memit-batch`).
+//! `FACTPATCH_BENCH_RUNS` which runs: methods (`rome`, `memit`, `emmet`, `alphaedit`, `encore`,
+//! `kn`), a `-batch` suffix for one batch of N, then `:KEY=VALUE` hyperparameter overrides
+//! (default `rome,memit,memit:early_stop=mpes,encore,memit-batch`), and
+//! `FACTPATCH_BENCH_RECT` the RECT settings (default `none,40`).
 
 use factpatch::compile::{Compiler, Spec, StatsSource};
 use factpatch::edit::{request, target, Method};
@@ -42,13 +44,13 @@ fn main() {
     let n: usize = std::env::var("FACTPATCH_BENCH_FACTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
     let reqs = request::read(&root.join("fixtures/data/edit/counterfact-rome-300.json")).unwrap();
     let reqs = &reqs[..n];
-    let spec = |method: Method, rect: f64| Spec {
-        overrides: vec![format!("rect_k={rect}")],
+    let spec = |method: Method, rect: f64, sets: &[String]| Spec {
+        overrides: std::iter::once(format!("rect_k={rect}")).chain(sets.iter().cloned()).collect(),
         stats: StatsSource::Corpus { files: vec![root.join("fixtures/corpus/sotu.txt")], tokens: 100_000 },
         progress: true,
         ..Spec::new(&dir, method)
     };
-    let unedited = Compiler::open(&spec(Method::Kn, 100.0)).unwrap_or_else(|e| panic!("{e} (run fixtures/setup.sh first)"));
+    let unedited = Compiler::open(&spec(Method::Kn, 100.0, &[])).unwrap_or_else(|e| panic!("{e} (run fixtures/setup.sh first)"));
     let (base, tok) = (&unedited.model, &unedited.tokenizer);
     let pre = scores(base, tok, reqs);
     println!(
@@ -57,39 +59,46 @@ fn main() {
         pre[1] / n as f64,
         pre[2] / n as f64
     );
-    println!("\n| method | RECT k | batch | s/fact | efficacy | paraphrase | neighbourhood |\n|---|---|---|---|---|---|---|");
-    // FACTPATCH_BENCH_RUNS picks and orders the runs, e.g. `memit-batch,memit,rome`.
-    let runs = std::env::var("FACTPATCH_BENCH_RUNS").unwrap_or_else(|_| "rome,memit,memit-batch".into());
-    let runs: Vec<(Method, usize)> = runs
+    println!("\n| method | RECT k | batch | s/fact | steps | efficacy | paraphrase | neighbourhood |\n|---|---|---|---|---|---|---|---|");
+    // FACTPATCH_BENCH_RUNS picks and orders the runs, e.g. `memit-batch,memit:early_stop=mpes,rome`.
+    let runs = std::env::var("FACTPATCH_BENCH_RUNS").unwrap_or_else(|_| "rome,memit,memit:early_stop=mpes,encore,memit-batch".into());
+    let runs: Vec<(Method, usize, Vec<String>)> = runs
         .split(',')
         .map(|r| {
-            let (name, batch) = r.trim().strip_suffix("-batch").map_or((r.trim(), 1), |m| (m, n));
+            let mut parts = r.trim().split(':');
+            let name = parts.next().unwrap_or_default();
+            let (name, batch) = name.strip_suffix("-batch").map_or((name, 1), |m| (m, n));
             let method = <Method as clap::ValueEnum>::from_str(name, true).unwrap_or_else(|e| panic!("FACTPATCH_BENCH_RUNS: `{r}`: {e}"));
-            (method, batch)
+            (method, batch, parts.map(String::from).collect())
         })
         .collect();
-    for (method, batch) in runs {
-        for rect in [100.0, 40.0] {
+    let rects = std::env::var("FACTPATCH_BENCH_RECT").unwrap_or_else(|_| "none,40".into());
+    let rects: Vec<f64> = rects.split(',').map(|k| factpatch::rect::parse_k(k.trim()).unwrap_or_else(|e| panic!("FACTPATCH_BENCH_RECT: {e}"))).collect();
+    for (method, batch, sets) in runs {
+        for &rect in &rects {
             // Statistics, AlphaEdit's projections and the context templates are made once per
             // run, outside the timed edits, as in real use.
-            let mut compiler = Compiler::open(&spec(method, rect)).unwrap();
+            let mut compiler = Compiler::open(&spec(method, rect, &sets)).unwrap();
             if let Some(tau) = compiler.hp.nullspace_threshold {
                 for l in compiler.hp.layers.clone() {
                     compiler.preserved.nullspace(l, tau).unwrap();
                 }
             }
-            let (mut seconds, mut s) = (0.0, [0.0; 3]);
+            let (mut seconds, mut steps, mut s) = (0.0, 0, [0.0; 3]);
             for group in reqs.chunks(batch) {
                 let mut c = compiler.clone();
                 let t = Instant::now();
-                c.edit(group).unwrap();
+                let (_, reports) = c.edit(group).unwrap();
                 seconds += t.elapsed().as_secs_f64();
+                steps += reports.iter().map(|r| r.steps).sum::<usize>();
                 let g = scores(&c.model, tok, group);
                 (0..3).for_each(|i| s[i] += g[i]);
             }
             let k = if rect < 100.0 { format!("{rect}") } else { "none".into() };
             let f = n as f64;
-            println!("| {method:?} | {k} | {batch} | {:.2} | {:.2} | {:.2} | {:.2} |", seconds / f, s[0] / f, s[1] / f, s[2] / f);
+            let name = [format!("{method:?}")].into_iter().chain(sets.iter().cloned()).collect::<Vec<_>>().join(" ");
+            let steps = steps as f64 / f;
+            println!("| {name} | {k} | {batch} | {:.2} | {steps:.1} | {:.2} | {:.2} | {:.2} |", seconds / f, s[0] / f, s[1] / f, s[2] / f);
         }
     }
 }

@@ -1,4 +1,4 @@
-//! factpatch: compile fact edits (ROME, MEMIT, EMMET, AlphaEdit, KN; then RECT) into small
+//! factpatch: compile fact edits (ROME, MEMIT, EMMET, AlphaEdit, ENCORE, KN; then RECT) into small
 //! verifiable weight patches ([`compile`]), and apply, merge, diff, audit and evaluate them.
 
 pub mod apply;

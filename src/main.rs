@@ -90,7 +90,7 @@ enum Command {
         #[arg(long)]
         cache: Option<PathBuf>,
     },
-    /// Compile fact edits into a patch (ROME, MEMIT, EMMET, AlphaEdit or KN, with RECT).
+    /// Compile fact edits into a patch (ROME, MEMIT, EMMET, AlphaEdit, ENCORE or KN, with RECT).
     ///
     /// Example: factpatch compile --model fixtures/models/SmolLM2-135M-Instruct --fact '{} is located in the city of|The Eiffel Tower|Rome' --corpus fixtures/corpus/sotu.txt --out eiffel.fpatch
     Compile {
@@ -342,7 +342,7 @@ struct CompileArgs {
     /// MEMIT's λ on the key second moment (default: see `Hparams::mom2_weight`).
     #[arg(long)]
     mom2_weight: Option<f64>,
-    /// Override a hyperparameter, KEY=JSON (e.g. alpha=1, layers=[3,4], kn.steps=5); repeatable.
+    /// Override a hyperparameter, KEY=JSON or a bare word (e.g. alpha=1, layers=[3,4], kn.steps=5, early_stop=mpes, value_norm=anchored); repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
     /// Patches already applied to --model, in order: the new patch is compiled on top of them

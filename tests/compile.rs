@@ -1,5 +1,7 @@
 //! compile on the real model: an edit changes the fact and leaves others alone, patches are
-//! reproducible to the byte, and bad requests are refused with the record named.
+//! reproducible to the byte (and unchanged by the new options at their defaults), MPES stops at
+//! the first step its criterion holds, ENCORE keeps the keys of its parents' facts, and bad
+//! requests are refused with the record named.
 
 mod common;
 

@@ -1,5 +1,5 @@
 //! The edit compiler: requests → keys and target vectors on the model → a closed form (ROME,
-//! MEMIT, EMMET, AlphaEdit) or knowledge-neuron attribution (KN) → RECT. Updates are applied to
+//! MEMIT, EMMET, AlphaEdit, ENCORE) or knowledge-neuron attribution (KN) → RECT. Updates are applied to
 //! the in-memory model as they are made (MEMIT reads each layer's keys after the layers before
 //! it changed), and returned as low-rank factors.
 
@@ -274,7 +274,8 @@ fn memit(
     }
     let mut layers = hp.layers.clone();
     layers.sort_unstable();
-    // Nothing before the first edited layer changes: passes resume there.
+    // The keys and residuals of each layer, read after the layers before it were updated; the
+    // passes start at the earliest layer updated since the pass before.
     let raw: Vec<Prompt> = requests.iter().map(|r| target::prompt(tok, &r.prompt, &r.subject, None, r)).collect::<Result<_>>()?;
     let mut raw = Resumable::new(model, &raw, layers[0])?;
     let mut keyed = Resumable::new(model, &key_prompts(tok, requests, templates)?, layers[0])?;
