@@ -282,7 +282,7 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Export a patch as a LoRA adapter: a PEFT folder (transformers, vLLM) or a llama.cpp LoRA GGUF file.
+    /// Export a patch as a LoRA adapter: a PEFT folder (PEFT/transformers) or a llama.cpp LoRA GGUF file.
     ///
     /// Example: factpatch export eiffel.fpatch --format peft --out eiffel-lora
     Export {

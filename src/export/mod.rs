@@ -1,5 +1,6 @@
-//! Patches as LoRA adapters for other runtimes: a PEFT folder (transformers, vLLM, and
-//! llama.cpp's own converter) or a llama.cpp LoRA GGUF file (`docs/runtimes.md`).
+//! Patches as LoRA adapters for other runtimes: a PEFT folder (PEFT and transformers load it;
+//! llama.cpp's `convert_lora_to_gguf.py` reads its names) or a llama.cpp LoRA GGUF file
+//! (`docs/runtimes.md`).
 //!
 //! Each touched matrix becomes a pair `B·A` with `ΔW [out, in] = B·A · lora_alpha/r`, and
 //! `lora_alpha = r`, so the scale is 1. A low-rank patch (ROME, MEMIT, EMMET, AlphaEdit without
@@ -24,8 +25,7 @@ use ndarray_linalg::{JobSvd, SVDDC};
 use std::path::{Path, PathBuf};
 
 /// The adapter formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     /// A Hugging Face PEFT folder: `adapter_config.json` and `adapter_model.safetensors`.
     Peft,
@@ -101,8 +101,7 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// One exported matrix: `ΔW ≈ B·A` in the edit view `[out, in]`.
-#[derive(Debug, Clone)]
-pub struct Lora {
+struct Lora {
     /// The stored tensor's name in the checkpoint (`model.layers.4.mlp.down_proj.weight`).
     pub tensor: String,
     pub rank: usize,
@@ -119,7 +118,7 @@ pub struct Lora {
 }
 
 /// One exported tensor, as reported.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone)]
 pub struct TensorSummary {
     pub tensor: String,
     /// Its name in the adapter (PEFT module or GGUF tensor).
@@ -130,7 +129,7 @@ pub struct TensorSummary {
 }
 
 /// What [`export`] wrote.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone)]
 pub struct Summary {
     pub output: PathBuf,
     pub format: Format,
