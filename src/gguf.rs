@@ -18,6 +18,7 @@ use candle_core::quantized::gguf_file;
 use serde_json::{json, Value};
 
 use meta::Meta;
+pub use tensors::llama_gguf_name;
 
 /// Floating-point type of the weights written to `model.safetensors`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

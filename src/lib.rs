@@ -9,6 +9,7 @@ pub mod compile;
 pub mod edit;
 pub mod eval;
 pub mod experiment;
+pub mod export;
 pub mod gguf;
 pub mod model;
 pub mod patch;

@@ -282,6 +282,25 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Export a patch as a LoRA adapter: a PEFT folder (PEFT/transformers) or a llama.cpp LoRA GGUF file.
+    ///
+    /// Example: factpatch export eiffel.fpatch --format peft --out eiffel-lora
+    Export {
+        patch: PathBuf,
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// The adapter: a new folder (peft) or file (gguf-lora).
+        #[arg(long)]
+        out: PathBuf,
+        /// Export every tensor's rank-R truncated SVD; required for patches that are not low-rank
+        /// (RECT, KN, diff, merges that densified).
+        #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+        rank: Option<usize>,
+        /// The model the patch applies to, its parents applied: needed for RECT patches (the
+        /// mask depends on the weights); every tensor is then checked against it.
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
     /// What a patch changes: facts, tensors, sizes, relative changes.
     ///
     /// Example: factpatch audit eiffel.fpatch --model fixtures/models/SmolLM2-135M-Instruct --heatmap eiffel.png
@@ -419,6 +438,14 @@ enum ScheduleKind {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    /// A Hugging Face PEFT folder: adapter_config.json, adapter_model.safetensors.
+    Peft,
+    /// A llama.cpp LoRA adapter GGUF file (Llama family).
+    GgufLora,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
 enum WeightDtype {
     F32,
     Bf16,
@@ -550,6 +577,27 @@ fn run(command: Command) -> Result<()> {
         Command::Diff { from, to, out } => {
             let s = apply::diff(&from, &to, &out)?;
             println!("{} tensor(s) differ: {} ({}, {} bytes)", s.tensors_changed, s.output.display(), s.id, s.bytes);
+            Ok(())
+        }
+        Command::Export { patch, format, out, rank, model } => {
+            let format = match format {
+                ExportFormat::Peft => factpatch::export::Format::Peft,
+                ExportFormat::GgufLora => factpatch::export::Format::GgufLora,
+            };
+            let s = factpatch::export::export(&patch, &out, &factpatch::export::Options { format, rank, model })?;
+            for t in &s.tensors {
+                let how = if t.exact { "exact" } else { "truncated SVD" };
+                println!("  {} → {}: rank {} ({how}), relative error {:.3e}", t.tensor, t.target, t.rank, t.relative_error);
+            }
+            println!(
+                "exported {} as {}: {} tensor(s), lora_alpha = r = {}, {} bytes → {}",
+                s.patch,
+                s.format,
+                s.tensors.len(),
+                s.alpha,
+                s.bytes,
+                s.output.display()
+            );
             Ok(())
         }
         Command::Audit { patch, model, heatmap, trusted, json } => {

@@ -45,6 +45,15 @@ const LAYER_NAMES: [(&str, &str); 9] = [
     ("ffn_down", "mlp.down_proj"),
 ];
 
+/// The GGUF name of a per-layer Llama tensor, by the table above:
+/// `model.layers.N.mlp.down_proj.weight` → `blk.N.ffn_down.weight`.
+pub fn llama_gguf_name(hf: &str) -> Option<String> {
+    let (layer, rest) = hf.strip_prefix("model.layers.")?.split_once('.')?;
+    let layer: usize = layer.parse().ok().filter(|l: &usize| l.to_string() == layer)?;
+    let hf_suffix = rest.strip_suffix(".weight")?;
+    LAYER_NAMES.iter().find(|(_, h)| *h == hf_suffix).map(|(gguf, _)| format!("blk.{layer}.{gguf}.weight"))
+}
+
 /// One tensor ready to be written.
 struct Blob {
     /// Element type.
@@ -210,6 +219,15 @@ fn encode(values: &[f32], dtype: OutDtype) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn llama_names_map_to_gguf_names_by_the_table() {
+        assert_eq!(llama_gguf_name("model.layers.12.mlp.down_proj.weight").as_deref(), Some("blk.12.ffn_down.weight"));
+        assert_eq!(llama_gguf_name("model.layers.0.mlp.gate_proj.weight").as_deref(), Some("blk.0.ffn_gate.weight"));
+        for other in ["model.layers.04.mlp.down_proj.weight", "model.layers.+4.mlp.down_proj.weight", "model.layers.4.mlp.down_proj.bias", "lm_head.weight"] {
+            assert_eq!(llama_gguf_name(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn bf16_rounds_to_nearest_even() {

@@ -28,6 +28,13 @@ impl Projection {
     pub fn at(&self, layer: usize) -> String {
         self.name.replace("{layer}", &layer.to_string())
     }
+
+    /// The layer whose stored tensor is `name`, if `name` is this projection at some layer.
+    pub fn layer_of(&self, name: &str) -> Option<usize> {
+        let (prefix, suffix) = self.name.split_once("{layer}")?;
+        let layer = name.strip_prefix(prefix)?.strip_suffix(suffix)?.parse().ok()?;
+        (self.at(layer) == name).then_some(layer)
+    }
 }
 
 /// A model family described as data.
