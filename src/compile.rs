@@ -100,6 +100,21 @@ impl Spec {
     }
 }
 
+/// The compile options every front end has (the CLI's flags, the Python `compile`) as
+/// hyperparameter overrides, in this order: RECT's k, the template seed, MEMIT's λ and the
+/// layers when given, then the `KEY=JSON` assignments of `sets`.
+pub fn overrides(rect_k: f64, seed: u64, mom2_weight: Option<f64>, layers: Option<&[usize]>, sets: &[String]) -> Vec<String> {
+    let mut overrides = vec![format!("rect_k={rect_k}"), format!("seed={seed}")];
+    if let Some(w) = mom2_weight {
+        overrides.push(format!("mom2_weight={w}"));
+    }
+    if let Some(layers) = layers {
+        overrides.push(format!("layers={layers:?}"));
+    }
+    overrides.extend(sets.iter().cloned());
+    overrides
+}
+
 /// The statistics a compile used.
 #[derive(Clone, Debug)]
 pub struct StatsUsed {

@@ -149,3 +149,33 @@ pub fn cache_root() -> PathBuf {
         None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/factpatch"),
     }
 }
+
+/// The one-line message for an error and its causes, as the CLI prints it after `error: `:
+/// typed errors already quote their cause, so each cause is added only when it says something
+/// new, and every message is put on one line ([`one_line`]).
+pub fn error_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = String::new();
+    for cause in std::iter::successors(Some(e), |e| e.source()).map(|c| one_line(&c.to_string())) {
+        if !message.contains(&cause) {
+            message += if message.is_empty() { "" } else { ": " };
+            message += &cause;
+        }
+    }
+    message
+}
+
+/// `message` on one line: a captured backtrace (candle appends one to its errors when
+/// `RUST_BACKTRACE` is set) is dropped, other line breaks become spaces.
+pub fn one_line(message: &str) -> String {
+    let mut kept = Vec::new();
+    for line in message.lines().map(str::trim) {
+        let frame = line.split_once(": ").is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if frame || line.eq_ignore_ascii_case("stack backtrace:") {
+            break;
+        }
+        if !line.is_empty() {
+            kept.push(line);
+        }
+    }
+    kept.join(" ")
+}

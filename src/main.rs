@@ -417,14 +417,8 @@ impl StatsArgs {
 impl CompileArgs {
     /// The spec: the flags as hyperparameter overrides, then `--set` in order.
     fn spec(&self) -> Result<Spec> {
-        let mut overrides = vec![format!("rect_k={}", self.rect), format!("seed={}", self.seed)];
-        if let Some(w) = self.mom2_weight {
-            overrides.push(format!("mom2_weight={w}"));
-        }
-        if let Some(layers) = &self.layers {
-            overrides.push(format!("layers={:?}", stats::parse_layers(layers)?));
-        }
-        overrides.extend(self.set.iter().cloned());
+        let layers = self.layers.as_deref().map(stats::parse_layers).transpose()?;
+        let overrides = factpatch::compile::overrides(self.rect, self.seed, self.mom2_weight, layers.as_deref(), &self.set);
         Ok(self.stats.spec(&self.model, self.method, &self.on, overrides))
     }
 }
@@ -462,34 +456,10 @@ fn main() -> std::process::ExitCode {
     match run(Cli::parse().command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            // Typed errors already quote their cause: print each cause only when it adds something.
-            let mut message = String::new();
-            for cause in e.chain().map(|c| one_line(&c.to_string())) {
-                if !message.contains(&cause) {
-                    message += if message.is_empty() { "" } else { ": " };
-                    message += &cause;
-                }
-            }
-            eprintln!("error: {message}");
+            eprintln!("error: {}", factpatch::error_line(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// `message` on one line: a captured backtrace (candle appends one to its errors when
-/// `RUST_BACKTRACE` is set) is dropped, other line breaks become spaces.
-fn one_line(message: &str) -> String {
-    let mut kept = Vec::new();
-    for line in message.lines().map(str::trim) {
-        let frame = line.split_once(": ").is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-        if frame || line.eq_ignore_ascii_case("stack backtrace:") {
-            break;
-        }
-        if !line.is_empty() {
-            kept.push(line);
-        }
-    }
-    kept.join(" ")
 }
 
 fn run(command: Command) -> Result<()> {
@@ -728,14 +698,7 @@ fn report_stats(o: &stats::Outcome) {
 /// Reads the requests, opens the compiler, compiles, writes the patch.
 fn compile(args: &CompileArgs, out: &Path) -> Result<()> {
     atomic::Policy::new().check(out).map_err(factpatch::io_err(out))?;
-    let mut requests = Vec::new();
-    for file in &args.requests {
-        requests.extend(request::read(file)?);
-    }
-    for fact in &args.fact {
-        requests.push(request::parse_fact(fact)?);
-    }
-    let requests = request::check(requests)?;
+    let requests = request::gather(&args.requests, &args.fact)?;
     let mut compiler = Compiler::open(&args.spec()?)?;
     if let Some(s) = &compiler.stats {
         let how = if s.cached { "found" } else { "computed" };

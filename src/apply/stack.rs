@@ -204,6 +204,12 @@ impl Stack {
         Ok(())
     }
 
+    /// The accumulated f32 delta of every touched tensor of `ckpt` (see [`Stack::delta_for`]), by
+    /// name.
+    pub fn deltas(&self, ckpt: &Checkpoint) -> Result<Vec<(String, Vec<f32>)>> {
+        self.touched().map(|name| Ok((name.to_string(), self.delta_for(&self.base(ckpt, name)?)?))).collect()
+    }
+
     pub(super) fn base<'a>(&self, ckpt: &'a Checkpoint, name: &str) -> Result<TensorRef<'a>> {
         if !ckpt.contains(name) {
             return Err(Error::MissingTensor {
@@ -287,6 +293,20 @@ pub fn standalone(delta: &Delta, shape: &[usize]) -> Option<Vec<f32>> {
     let mut d = vec![0f32; shape.iter().product()];
     add_delta(&mut d, delta, shape, None);
     Some(d)
+}
+
+/// Every entry of `patch` as a full f32 delta without the model (see [`standalone`]), by name,
+/// within [`Patch::check_unbounded`]'s bounds. A RECT entry is an error: its mask depends on the
+/// base weights.
+pub fn standalone_deltas(patch: &Patch) -> Result<Vec<(String, Vec<f32>)>> {
+    patch.check_unbounded()?;
+    let entries = patch.manifest().entries.iter().enumerate();
+    entries
+        .map(|(i, e)| match standalone(&patch.delta(i)?, &e.shape) {
+            Some(d) => Ok((e.tensor.clone(), d)),
+            None => Err(Error::NeedsBase { patch: patch.path().to_path_buf(), name: e.tensor.clone() }),
+        })
+        .collect()
 }
 
 /// `U·Vᵀ` of one group, each element summed over the rank in order from +0, in f32.

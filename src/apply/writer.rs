@@ -29,6 +29,24 @@ impl Stack {
             }
         }
     }
+
+    /// Everything [`apply_with`] checks before it writes anything: the signatures (with
+    /// `options.trusted`), the base model and the first patch's parent when a patch records them
+    /// ([`Stack::check_model`]), then every touched tensor ([`Stack::verify`]). Returns every
+    /// tensor's hash of `ckpt` when the base model check computed them.
+    pub fn check(&self, ckpt: &Checkpoint, options: &ApplyOptions) -> Result<Option<BTreeMap<String, blake3::Hash>>> {
+        if let Some(trusted) = &options.trusted {
+            for p in self.patches() {
+                trusted.verify(p)?;
+            }
+        }
+        let hashes = match self.needs_identity(options.allow_other_base) {
+            true => self.check_model(ckpt, options.hash_cache.as_deref(), options.allow_other_base)?.hashes,
+            false => None,
+        };
+        self.verify(ckpt)?;
+        Ok(hashes)
+    }
 }
 
 /// Streams `base` with one patch's `delta` added to `sink`, chunk by chunk, with the same
@@ -132,16 +150,7 @@ pub fn apply_to(ckpt: &Checkpoint, patches: &[PathBuf], out: &Path, options: &Ap
     }
     let model = ckpt.dir();
     let stack = Stack::load(patches)?;
-    if let Some(trusted) = &options.trusted {
-        for p in stack.patches() {
-            trusted.verify(p)?;
-        }
-    }
-    let base = match stack.needs_identity(options.allow_other_base) {
-        true => stack.check_model(ckpt, options.hash_cache.as_deref(), options.allow_other_base)?.hashes,
-        false => None,
-    };
-    stack.verify(ckpt)?;
+    let base = stack.check(ckpt, options)?;
     // Never inside the model folder (it would copy itself), nor around it or a patch.
     let inputs = std::iter::once(model).chain(patches.iter().map(PathBuf::as_path));
     let dir = AtomicDir::create(out, &Policy::new().reading(inputs)).map_err(io_err(out))?;
