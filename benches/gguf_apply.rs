@@ -1,8 +1,8 @@
 //! `apply` onto the SmolLM2-135M-Instruct Q4_1 GGUF (98 MB) against `cp` of the same file, in
 //! the same run: the demo's MEMIT patch (compiled on the imported folder, RECT 40%) applied with
-//! the touched tensors stored each way `--touched-as` offers, timed in a child process (peak RSS
-//! included); then, for each way, how much of the edit the stored tensors keep and what the
-//! edited model answers. Prints tables.
+//! the touched tensors stored each way `--touched-as` offers, each in a child process, as cp is:
+//! wall clock, CPU time and peak RSS. Then, for each way, how much of the edit the stored
+//! tensors keep and what the edited model answers. Prints tables.
 //!
 //! Run: `cargo bench --bench gguf_apply` (after `fixtures/setup.sh`); `FACTPATCH_BENCH_RUNS=N`
 //! timed runs (default 5).
@@ -41,6 +41,21 @@ fn name(mode: TouchedAs) -> &'static str {
     }
 }
 
+/// Runs `cmd` to completion: its output and the CPU seconds (user + system) it used.
+fn timed(cmd: &mut Command) -> (std::process::Output, f64) {
+    let children = || {
+        // SAFETY: getrusage fills the zeroed struct it is given.
+        let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut r) };
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        secs(r.ru_utime) + secs(r.ru_stime)
+    };
+    let before = children();
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{:?}: {}", cmd, String::from_utf8_lossy(&out.stderr));
+    (out, children() - before)
+}
+
 fn main() {
     // Child mode: one apply, printing its seconds and this process's peak RSS (KiB).
     if let (Ok(patch), Ok(out), Ok(mode)) = (std::env::var("FP_PATCH"), std::env::var("FP_OUT"), std::env::var("FP_MODE")) {
@@ -68,52 +83,55 @@ fn main() {
     println!("load average: {}", std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim());
 
     let cache = scratch.path().join("hashes");
-    // One apply in a child process: (seconds, peak RSS MiB).
-    let apply = |mode: TouchedAs, sync: bool, out: &Path| -> (f64, f64) {
-        let child = Command::new(std::env::current_exe().unwrap())
-            .env("FP_PATCH", &patch)
-            .env("FP_OUT", out)
-            .env("FP_MODE", name(mode))
-            .env("FP_SYNC", if sync { "1" } else { "0" })
-            .env("FP_CACHE", &cache)
-            .output()
-            .unwrap();
+    // One apply in a child process: (seconds, CPU seconds, peak RSS MiB).
+    let apply = |mode: TouchedAs, sync: bool, out: &Path| -> (f64, f64, f64) {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.env("FP_PATCH", &patch).env("FP_OUT", out).env("FP_MODE", name(mode)).env("FP_SYNC", if sync { "1" } else { "0" }).env("FP_CACHE", &cache);
+        let (child, cpu) = timed(&mut cmd);
         let text = String::from_utf8_lossy(&child.stdout);
         let v: Vec<f64> = text.split_whitespace().map(|x| x.parse().unwrap()).collect();
         assert_eq!(v.len(), 2, "child failed: {}", String::from_utf8_lossy(&child.stderr));
-        (v[0], v[1] / 1024.0)
+        std::fs::remove_file(out).unwrap();
+        (v[0], cpu, v[1] / 1024.0)
     };
     let sync = || assert!(Command::new("sync").status().unwrap().success());
-    let cold = scratch.path().join("cold.gguf");
-    let (secs, rss) = apply(gguf::DEFAULT_TOUCHED_AS, false, &cold);
-    std::fs::remove_file(&cold).unwrap();
+    let (secs, _, rss) = apply(gguf::DEFAULT_TOUCHED_AS, false, &scratch.path().join("cold.gguf"));
     println!("\nfirst apply (cold hash cache: every tensor dequantized and hashed): {secs:.3} s, peak RSS {rss:.1} MiB");
-    println!("\nRuns read the base's tensor hashes from the cache. cp is std::fs::copy; times in seconds.");
-    println!("\n| run | cp | cp + sync | apply --no-sync own | f16 | f32 | apply own (synced) | f16 | f32 | --no-sync f16 / cp | synced f16 / (cp + sync) | peak RSS MiB |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("\nRuns read the base's tensor hashes from the cache. Seconds: wall clock, and CPU (user + system) of the child");
+    println!("process, which the machine's load does not inflate. Apply is --no-sync unless synced, as cp is.");
+    println!("\n| run | cp | cp CPU | cp + sync | apply own | f16 | f32 | f16 CPU | f16 synced | f16 / cp | f16 / cp, CPU | f16 synced / (cp + sync) | peak RSS MiB |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for run in 0..runs {
         sync();
         let copy = scratch.path().join("copy.gguf");
         let t = Instant::now();
-        std::fs::copy(&model, &copy).unwrap();
+        let (_, cp_cpu) = timed(Command::new("cp").arg(&model).arg(&copy));
         let cp = t.elapsed().as_secs_f64();
         sync();
         let cp_sync = t.elapsed().as_secs_f64();
         std::fs::remove_file(&copy).unwrap();
-        let mut row = vec![cp, cp_sync];
-        let mut rss: f64 = 0.0;
-        for synced in [false, true] {
-            for mode in MODES {
-                sync();
-                let out = scratch.path().join(format!("{}-{synced}.gguf", name(mode)));
-                let (secs, peak) = apply(mode, synced, &out);
-                std::fs::remove_file(&out).unwrap();
-                row.push(secs);
-                rss = rss.max(peak);
+        let mut walls = Vec::new();
+        let (mut f16_cpu, mut rss) = (0.0, 0f64);
+        for mode in MODES {
+            sync();
+            let (secs, cpu, peak) = apply(mode, false, &scratch.path().join(format!("{}.gguf", name(mode))));
+            walls.push(secs);
+            rss = rss.max(peak);
+            if mode == TouchedAs::F16 {
+                f16_cpu = cpu;
             }
         }
-        let cells: Vec<String> = row.iter().map(|v| format!("{v:.3}")).collect();
-        println!("| {run} | {} | {:.2} | {:.2} | {rss:.1} |", cells.join(" | "), row[3] / row[0], row[6] / row[1]);
+        sync();
+        let (synced, _, _) = apply(TouchedAs::F16, true, &scratch.path().join("synced.gguf"));
+        println!(
+            "| {run} | {cp:.3} | {cp_cpu:.3} | {cp_sync:.3} | {:.3} | {:.3} | {:.3} | {f16_cpu:.3} | {synced:.3} | {:.2} | {:.2} | {:.2} | {rss:.1} |",
+            walls[0],
+            walls[1],
+            walls[2],
+            walls[1] / cp,
+            f16_cpu / cp_cpu,
+            synced / cp_sync
+        );
     }
 
     // What each way keeps of the edit: the touched tensors as stored, dequantized, against the

@@ -148,6 +148,9 @@ fn memit_patch_on_the_q4_1_gguf_matches_apply_on_the_folder() {
             }
         }
         if touched_as == TouchedAs::Own {
+            let again = t.path().join("again.gguf");
+            gguf::apply(&smollm2_gguf(), std::slice::from_ref(&patch), &again, &options(t.path()), touched_as).unwrap();
+            assert!(fs::read(&again).unwrap() == got.bytes, "same inputs, other bytes");
             assert_eq!(got.bytes.len(), base.bytes.len());
             let header = base.content.tensor_data_offset as usize;
             assert!(got.bytes[..header] == base.bytes[..header], "re-quantized in place: the whole header is the input's");

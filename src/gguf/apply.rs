@@ -141,9 +141,14 @@ fn identity(tensors: &[Mapped], hashes: &BTreeMap<String, blake3::Hash>) -> blak
     checkpoint::identity_from(sorted.into_iter().map(|m| (m.hf.as_str(), Dtype::F32, m.shape.as_slice(), &hashes[&m.hf])))
 }
 
-/// blake3 of `values` as little-endian f32 bytes, as `import-gguf` writes them.
+/// blake3 of `values` as little-endian f32 bytes, as `import-gguf` writes them (encoded a
+/// slice at a time, never copied whole).
 fn hash_f32(values: &[f32]) -> blake3::Hash {
-    blake3::hash(&Dtype::F32.encode(values))
+    let mut h = blake3::Hasher::new();
+    for chunk in values.chunks(1 << 16) {
+        h.update(&Dtype::F32.encode(chunk));
+    }
+    h.finalize()
 }
 
 /// The type a touched tensor of type `own` is stored as.
