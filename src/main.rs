@@ -7,7 +7,7 @@ use factpatch::edit::{request, Method};
 use factpatch::model::{self, Model, Sampling};
 use factpatch::patch::Patch;
 use factpatch::tokenize::Tokenizer;
-use factpatch::{apply, atomic, audit, eval, sign, stats};
+use factpatch::{apply, atomic, audit, eval, gguf, sign, stats};
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
@@ -110,10 +110,13 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Apply patches, in order, to a model: a new folder; the base is never modified.
+    /// Apply patches, in order, to a model: a new folder, or a new GGUF file for a GGUF model; the base is never modified.
     ///
     /// Example: factpatch apply --model fixtures/models/SmolLM2-135M-Instruct --patch eiffel.fpatch --out /tmp/edited
+    ///
+    /// Example: factpatch apply --model fixtures/models/SmolLM2-135M-Instruct.Q4_1.gguf --patch eiffel.fpatch --out /tmp/edited.gguf
     Apply {
+        /// A Hugging Face model folder, or a llama GGUF file (patches compiled on its `import-gguf` folder).
         #[arg(long)]
         model: PathBuf,
         #[arg(long, required = true, num_args = 1..)]
@@ -135,6 +138,8 @@ enum Command {
         /// public-key files.
         #[arg(long, num_args = 1..)]
         trusted: Vec<PathBuf>,
+        #[arg(long, value_enum, help = touched_as_help())]
+        touched_as: Option<gguf::TouchedAs>,
     },
     /// Make a signing key pair without a password: OUT.pub to share, OUT.key to keep.
     ///
@@ -445,6 +450,16 @@ enum WeightDtype {
     Bf16,
 }
 
+/// The help of `apply --touched-as`, naming the default.
+fn touched_as_help() -> String {
+    use clap::ValueEnum;
+    let default = gguf::DEFAULT_TOUCHED_AS.to_possible_value().expect("every value has a name");
+    format!(
+        "GGUF models only: store the changed tensors quantized again to their own type (own), or as 16- or 32-bit floats; untouched tensors keep their bytes [default: {}]",
+        default.get_name()
+    )
+}
+
 fn main() -> std::process::ExitCode {
     // A closed stdout (`factpatch … | head`) ends the process quietly, as it does other Unix
     // tools, instead of failing the next print. Rust ignores SIGPIPE by default.
@@ -504,11 +519,17 @@ fn run(command: Command) -> Result<()> {
             println!("edited model {} (identity {})", s.output.display(), s.identity);
             Ok(())
         }
-        Command::Apply { model, patch, out, no_sync, trusted, allow_other_base, verify_output } => {
+        Command::Apply { model, patch, out, no_sync, trusted, allow_other_base, verify_output, touched_as } => {
             let trusted = (!trusted.is_empty()).then(|| sign::Trusted::read(&trusted)).transpose()?;
             let hash_cache = Some(factpatch::checkpoint::default_hash_cache());
             let options = apply::ApplyOptions { sync: !no_sync, hash_cache, trusted, allow_other_base, verify_output };
-            let s = apply::apply_with(&model, &patch, &out, &options)?;
+            let s = if gguf::is_gguf(&model) {
+                gguf::apply(&model, &patch, &out, &options, touched_as.unwrap_or(gguf::DEFAULT_TOUCHED_AS))?
+            } else if touched_as.is_some() {
+                anyhow::bail!("{}: --touched-as is for GGUF models only, and this is not a GGUF file", model.display());
+            } else {
+                apply::apply_with(&model, &patch, &out, &options)?
+            };
             let verified = if verify_output { ", verified from the written bytes" } else { "" };
             println!(
                 "applied {} patch(es), {} tensor(s) changed: {} (identity {}{verified})",

@@ -11,6 +11,7 @@ pub use diff::{diff, DiffSummary};
 pub use merge::{merge, merge_with, MergeOptions, MergeSummary};
 pub use overlay::Overlay;
 pub use stack::{product, standalone, standalone_deltas, ModelIdentity, Stack};
+pub(crate) use writer::copy_range;
 pub use writer::{apply, apply_to, apply_with, ApplyOptions, ApplySummary};
 
 use crate::{checkpoint, patch};

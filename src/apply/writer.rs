@@ -197,7 +197,7 @@ pub fn apply_to(ckpt: &Checkpoint, patches: &[PathBuf], out: &Path, options: &Ap
 /// their places, recording their byte hashes in `hashes`. Returns the file's length.
 fn write_weights(ckpt: &Checkpoint, stack: &Stack, src: &Path, dest: &Path, hashes: &mut BTreeMap<String, blake3::Hash>) -> Result<u64> {
     use std::os::unix::fs::FileExt;
-    let mut input = File::open(src).map_err(io_err(src))?;
+    let input = File::open(src).map_err(io_err(src))?;
     let len = input.metadata().map_err(io_err(src))?.len();
     let out = File::create_new(dest).map_err(io_err(dest))?;
     let touched = ckpt.names_in(src).into_iter().filter(|n| stack.touched.contains_key(*n)).map(|n| ckpt.tensor(n)).collect::<checkpoint::Result<Vec<_>>>()?;
@@ -209,7 +209,7 @@ fn write_weights(ckpt: &Checkpoint, stack: &Stack, src: &Path, dest: &Path, hash
     }
     gaps.push((pos, len));
     std::thread::scope(|s| {
-        let copier = s.spawn(|| gaps.iter().try_for_each(|&(from, to)| copy_range(&mut input, src, &mut &out, dest, from, to)));
+        let copier = s.spawn(|| gaps.iter().try_for_each(|&(from, to)| copy_range(&input, src, &out, dest, from..to, from)));
         let streamed = touched.iter().try_for_each(|t| {
             let (mut h, mut at) = (blake3::Hasher::new(), t.offset as u64);
             ckpt.check_unchanged(t)?;
@@ -230,12 +230,15 @@ fn write_weights(ckpt: &Checkpoint, stack: &Stack, src: &Path, dest: &Path, hash
     Ok(len)
 }
 
-fn copy_range(input: &mut File, src: &Path, out: &mut &File, dest: &Path, from: u64, to: u64) -> Result<()> {
-    out.seek(SeekFrom::Start(from)).map_err(io_err(dest))?;
-    input.seek(SeekFrom::Start(from)).map_err(io_err(src))?;
-    let copied = std::io::copy(&mut std::io::Read::take(&*input, to - from), out).map_err(io_err(dest))?;
-    if copied != to - from {
-        return Err(io_err(src)(std::io::ErrorKind::UnexpectedEof.into()).into());
+/// Copies the bytes `range` of `input` (at `src`) into `out` (at `dest`) from offset `at`, by the
+/// kernel (`copy_file_range` where the filesystem has it). Moves both files' positions.
+pub(crate) fn copy_range(input: &File, src: &Path, out: &File, dest: &Path, range: Range<u64>, at: u64) -> std::result::Result<(), crate::IoError> {
+    let (mut input, mut out) = (input, out);
+    out.seek(SeekFrom::Start(at)).map_err(io_err(dest))?;
+    input.seek(SeekFrom::Start(range.start)).map_err(io_err(src))?;
+    let copied = std::io::copy(&mut std::io::Read::take(input, range.end - range.start), &mut out).map_err(io_err(dest))?;
+    if copied != range.end - range.start {
+        return Err(io_err(src)(std::io::ErrorKind::UnexpectedEof.into()));
     }
     Ok(())
 }

@@ -129,6 +129,13 @@ pub fn smollm2() -> PathBuf {
     dir
 }
 
+/// The verified SmolLM2 GGUF the folder is imported from; tells how to get it when missing.
+pub fn smollm2_gguf() -> PathBuf {
+    let path = root().join("fixtures/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(path.is_file(), "{} is missing: run `bash fixtures/setup.sh` first", path.display());
+    path
+}
+
 /// A reference tensor: shape and values as f64 (floats) or i64 (ids).
 pub struct Ref {
     pub shape: Vec<usize>,
