@@ -686,6 +686,7 @@ fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {
         let v = serde_json::json!({
             "dir": dir, "config": cfg, "parameters": params, "tensors": ckpt.names().count(),
             "dtypes": dtypes, "files": files, "editable": editable, "edit_layers": cfg.family.edit_layers(cfg.num_layers),
+            "layer_tensors": cfg.family.layer_tensors(), "global_tensors": cfg.family.global_tensors(),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -698,10 +699,27 @@ fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {
         cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, cfg.max_positions
     );
     println!("parameters {params} in {} tensors, dtypes {dtypes:?}, {} file(s)", ckpt.names().count(), files.len());
-    println!("positions  {}", cfg.rope_theta.map_or("learned".into(), |t| format!("rotary, theta {t}")));
+    let positions = match &cfg.rope {
+        None => "learned".to_string(),
+        Some(model::RopeConfig { theta, scaling: None }) => format!("rotary, theta {theta}"),
+        Some(model::RopeConfig { theta, scaling: Some(s) }) => format!("rotary, theta {theta}, scaled {s:?}"),
+    };
+    println!("positions  {positions}{}", cfg.sliding_window.map_or(String::new(), |w| format!("; attention window {w}")));
     println!("unembed    {}", if cfg.tied_embeddings { "tied to the embedding" } else { "separate" });
     println!("edit view  out = W·k, W [{}, {}]; stored {:?}", cfg.hidden_size, cfg.intermediate_size, f.mlp_out.orientation);
     println!("editable   {} .. {} (default edit layers {:?})", editable[0], editable[editable.len() - 1], f.edit_layers(cfg.num_layers));
+    println!("tensors    per layer (the family table; GGUF name, shape [out, in], stored orientation):");
+    let dims = cfg.dims();
+    let tables = [(f.layer_tensors(), 0), (f.global_tensors(), 1)];
+    for (list, global) in tables {
+        if global == 1 {
+            println!("           global:");
+        }
+        for p in list {
+            let bias = if p.bias { " + bias" } else { "" };
+            println!("           {:<52} {:<32} {:?} {:?}{bias}", p.name, p.gguf.unwrap_or("-"), p.view_shape(&dims), p.orientation);
+        }
+    }
     let _ = ckpt.tensor(&editable[0]).with_context(|| format!("{}: editable tensor missing", dir.display()))?;
     Ok(())
 }

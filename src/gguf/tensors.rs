@@ -1,22 +1,10 @@
 //! GGUF tensors → Hugging Face Llama tensors: names, shapes, dequantization
 //! and the rotary un-permutation of `q_proj`/`k_proj`.
 //!
-//! Name mapping (llama.cpp → Hugging Face):
-//!
-//! | GGUF                   | Hugging Face                                |
-//! |------------------------|---------------------------------------------|
-//! | `token_embd.weight`    | `model.embed_tokens.weight`                 |
-//! | `blk.N.attn_q.weight`  | `model.layers.N.self_attn.q_proj.weight`    |
-//! | `blk.N.attn_k.weight`  | `model.layers.N.self_attn.k_proj.weight`    |
-//! | `blk.N.attn_v.weight`  | `model.layers.N.self_attn.v_proj.weight`    |
-//! | `blk.N.attn_output.weight` | `model.layers.N.self_attn.o_proj.weight` |
-//! | `blk.N.attn_norm.weight` | `model.layers.N.input_layernorm.weight`   |
-//! | `blk.N.ffn_norm.weight`  | `model.layers.N.post_attention_layernorm.weight` |
-//! | `blk.N.ffn_gate.weight`  | `model.layers.N.mlp.gate_proj.weight`     |
-//! | `blk.N.ffn_up.weight`    | `model.layers.N.mlp.up_proj.weight`       |
-//! | `blk.N.ffn_down.weight`  | `model.layers.N.mlp.down_proj.weight`     |
-//! | `output_norm.weight`   | `model.norm.weight`                         |
-//! | `output.weight`        | `lm_head.weight` (absent: tied embeddings)  |
+//! Names and shapes come from the Llama family table (`model::families::llama`, shown by
+//! `factpatch inspect-model`): each tensor's Hugging Face name beside its GGUF name
+//! (`blk.N.ffn_down.weight` → `model.layers.N.mlp.down_proj.weight`, `output.weight` →
+//! `lm_head.weight`, absent when the embeddings are tied).
 //!
 //! GGUF lists dimensions fastest-first; candle's reader reverses them, so the
 //! shapes here are already PyTorch's `[out_features, in_features]`.
@@ -32,27 +20,17 @@ use candle_core::Device;
 use safetensors::{Dtype, View};
 
 use super::{Error, Hparams, OutDtype};
+use crate::model::{Dims, Family, Qkv, FAMILIES};
 
-/// Per-layer tensors: GGUF suffix, Hugging Face suffix.
-const LAYER_NAMES: [(&str, &str); 9] = [
-    ("attn_q", "self_attn.q_proj"),
-    ("attn_k", "self_attn.k_proj"),
-    ("attn_v", "self_attn.v_proj"),
-    ("attn_output", "self_attn.o_proj"),
-    ("attn_norm", "input_layernorm"),
-    ("ffn_norm", "post_attention_layernorm"),
-    ("ffn_gate", "mlp.gate_proj"),
-    ("ffn_up", "mlp.up_proj"),
-    ("ffn_down", "mlp.down_proj"),
-];
+/// The Llama family table, which names every tensor this importer reads.
+fn llama() -> &'static Family {
+    FAMILIES.iter().copied().find(|f| f.name == "llama").expect("the llama family is built in")
+}
 
-/// The GGUF name of a per-layer Llama tensor, by the table above:
+/// The GGUF name of a per-layer Llama tensor, by the family table:
 /// `model.layers.N.mlp.down_proj.weight` → `blk.N.ffn_down.weight`.
 pub fn llama_gguf_name(hf: &str) -> Option<String> {
-    let (layer, rest) = hf.strip_prefix("model.layers.")?.split_once('.')?;
-    let layer: usize = layer.parse().ok().filter(|l: &usize| l.to_string() == layer)?;
-    let hf_suffix = rest.strip_suffix(".weight")?;
-    LAYER_NAMES.iter().find(|(_, h)| *h == hf_suffix).map(|(gguf, _)| format!("blk.{layer}.{gguf}.weight"))
+    llama().layer_tensors().into_iter().find_map(|p| p.layer_of(hf).and_then(|l| p.gguf_at(l)))
 }
 
 /// One tensor ready to be written.
@@ -110,29 +88,11 @@ impl Weights {
 /// The expected Hugging Face name and shape of every GGUF tensor of a Llama
 /// model, keyed by GGUF name. `output.weight` is included but optional.
 fn expected(hp: &Hparams) -> BTreeMap<String, (String, Vec<usize>)> {
-    let (h, hd) = (hp.hidden, hp.head_dim());
-    let (q, kv, inter) = (hp.heads * hd, hp.kv_heads * hd, hp.intermediate);
-    let mut map = BTreeMap::new();
-    let mut add = |gguf: String, hf: String, shape: Vec<usize>| {
-        map.insert(gguf, (hf, shape));
-    };
-    add("token_embd.weight".into(), "model.embed_tokens.weight".into(), vec![hp.vocab_size, h]);
-    add("output_norm.weight".into(), "model.norm.weight".into(), vec![h]);
-    add("output.weight".into(), "lm_head.weight".into(), vec![hp.vocab_size, h]);
-    for layer in 0..hp.layers {
-        for (gguf, hf) in LAYER_NAMES {
-            let shape = match gguf {
-                "attn_q" => vec![q, h],
-                "attn_k" | "attn_v" => vec![kv, h],
-                "attn_output" => vec![h, q],
-                "attn_norm" | "ffn_norm" => vec![h],
-                "ffn_gate" | "ffn_up" => vec![inter, h],
-                _ => vec![h, inter], // ffn_down
-            };
-            add(format!("blk.{layer}.{gguf}.weight"), format!("model.layers.{layer}.{hf}.weight"), shape);
-        }
-    }
-    map
+    let dims = Dims { vocab: hp.vocab_size, hidden: hp.hidden, ff: hp.intermediate, heads: hp.heads, kv_heads: hp.kv_heads, head_dim: hp.head_dim(), positions: 0 };
+    let f = llama();
+    let globals = f.global_tensors().into_iter().map(|p| (p, 0));
+    let layers = (0..hp.layers).flat_map(|l| f.layer_tensors().into_iter().map(move |p| (p, l)));
+    globals.chain(layers).filter_map(|(p, l)| Some((p.gguf_at(l)?, (p.at(l), p.stored_shape(&dims))))).collect()
 }
 
 /// One tensor of a llama GGUF, as Hugging Face names and lays it out.
@@ -159,7 +119,7 @@ pub(super) fn map<'a>(path: &Path, content: &'a Content, hp: &Hparams) -> Result
     if let Some(extra) = names.iter().find(|n| !expected.contains_key(n.as_str())) {
         return Err(tensor_err(extra, "not part of a llama model".into()));
     }
-    if let Some(missing) = expected.keys().find(|k| k.as_str() != "output.weight" && !content.tensor_infos.contains_key(k.as_str())) {
+    if let Some(missing) = expected.keys().find(|k| Some(k.as_str()) != llama().unembed.gguf && !content.tensor_infos.contains_key(k.as_str())) {
         return Err(tensor_err(missing, "missing".into()));
     }
     names
@@ -170,9 +130,10 @@ pub(super) fn map<'a>(path: &Path, content: &'a Content, hp: &Hparams) -> Result
             if info.shape.dims() != shape.as_slice() {
                 return Err(tensor_err(name, format!("shape {:?}, expected {:?}", info.shape.dims(), shape)));
             }
-            let rotary_heads = match name {
-                n if n.ends_with(".attn_q.weight") => Some(hp.heads),
-                n if n.ends_with(".attn_k.weight") => Some(hp.kv_heads),
+            let Qkv::Separate { q, k, .. } = llama().block.qkv else { unreachable!("Llama's projections are separate") };
+            let rotary_heads = match &hf {
+                n if q.layer_of(n).is_some() => Some(hp.heads),
+                n if k.layer_of(n).is_some() => Some(hp.kv_heads),
                 _ => None,
             };
             Ok(Mapped { gguf: name, hf, shape, info, rotary_heads })
@@ -224,7 +185,7 @@ pub(super) fn convert<R: Read + Seek>(path: &Path, content: &Content, reader: &m
         };
         blobs.insert(m.hf, Blob { dtype: dtype_st, shape: m.shape, data: encode(&values, dtype) });
     }
-    let has_lm_head = blobs.contains_key("lm_head.weight");
+    let has_lm_head = blobs.contains_key(llama().unembed.name);
     Ok(Weights { blobs, has_lm_head })
 }
 
