@@ -710,10 +710,9 @@ fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {
     println!("editable   {} .. {} (default edit layers {:?})", editable[0], editable[editable.len() - 1], f.edit_layers(cfg.num_layers));
     println!("tensors    per layer (the family table; GGUF name, shape [out, in], stored orientation):");
     let dims = cfg.dims();
-    let tables = [(f.layer_tensors(), 0), (f.global_tensors(), 1)];
-    for (list, global) in tables {
-        if global == 1 {
-            println!("           global:");
+    for (heading, list) in [("", f.layer_tensors()), ("global:", f.global_tensors())] {
+        if !heading.is_empty() {
+            println!("           {heading}");
         }
         for p in list {
             let bias = if p.bias { " + bias" } else { "" };
