@@ -80,12 +80,10 @@ fn memit_patches_reproduce_the_compiled_weights_in_every_family() {
     let corpus = root().join("fixtures/corpus/sotu.txt");
     for (name, _) in FAMILIES {
         let model = common::byte_level(&dir(name), &tmp.path().join(name));
-        // Statistics over windows the tiny context holds (compile's default is 512 tokens).
-        let mut req = factpatch::stats::Request::new(&model, std::slice::from_ref(&corpus));
-        (req.seq_len, req.max_tokens) = (64, Some(4_000));
-        let stats = factpatch::stats::run(&req, None, false, &tmp.path().join("cache"), false).unwrap();
+        // Statistics from the corpus, in windows of the tiny model's 128 positions (the default
+        // window, 512 tokens, is longer than its context).
         let spec = Spec {
-            stats: StatsSource::File(stats.paths[0].clone()),
+            stats: StatsSource::Corpus { files: vec![corpus.clone()], tokens: 4_000 },
             cache: tmp.path().join("cache"),
             // A random 2-layer model's keys are small: the real models' covariance weight (1500)
             // and norm clamp would hold the update back.

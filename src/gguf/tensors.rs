@@ -88,7 +88,8 @@ impl Weights {
 /// The expected Hugging Face name and shape of every GGUF tensor of a Llama
 /// model, keyed by GGUF name. `output.weight` is included but optional.
 fn expected(hp: &Hparams) -> BTreeMap<String, (String, Vec<usize>)> {
-    let dims = Dims { vocab: hp.vocab_size, hidden: hp.hidden, ff: hp.intermediate, heads: hp.heads, kv_heads: hp.kv_heads, head_dim: hp.head_dim(), positions: 0 };
+    let dims =
+        Dims { vocab: hp.vocab_size, hidden: hp.hidden, ff: hp.intermediate, heads: hp.heads, kv_heads: hp.kv_heads, head_dim: hp.head_dim(), positions: 0 };
     let f = llama();
     let globals = f.global_tensors().into_iter().map(|p| (p, 0));
     let layers = (0..hp.layers).flat_map(|l| f.layer_tensors().into_iter().map(move |p| (p, l)));
