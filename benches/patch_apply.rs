@@ -51,11 +51,7 @@ fn synthetic(dir: &Path) {
 }
 
 fn model_dir(scratch: &Path) -> (PathBuf, &'static str) {
-    let candidates = [
-        std::env::var("FACTPATCH_BENCH_MODEL").unwrap_or_default(),
-        "fixtures/models/SmolLM2-135M-Instruct".into(),
-        "/work/wt-gguf/fixtures/models/SmolLM2-135M-Instruct".into(),
-    ];
+    let candidates = [std::env::var("FACTPATCH_BENCH_MODEL").unwrap_or_default(), "fixtures/models/SmolLM2-135M-Instruct".into()];
     for c in candidates.iter().filter(|c| !c.is_empty()) {
         if Path::new(c).join("config.json").is_file() {
             return (PathBuf::from(c), "real SmolLM2-135M-Instruct");

@@ -214,10 +214,31 @@ impl AtomicFile {
         Ok(AtomicFile { tmp, dest: dest.to_path_buf(), policy: policy.clone(), writer, placed: false })
     }
 
+    /// Where the file is being written for now.
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// The file being written, for positional writes and copies by the kernel; what was written
+    /// through [`Write`] is flushed first.
+    pub fn file(&mut self) -> io::Result<&File> {
+        let writer = self.writer.as_mut().expect("not yet committed");
+        writer.flush()?;
+        Ok(writer.get_ref())
+    }
+
     /// Flushes, syncs and renames into place.
-    pub fn commit(mut self) -> io::Result<()> {
+    pub fn commit(self) -> io::Result<()> {
+        self.commit_synced(true)
+    }
+
+    /// Flushes, syncs when `sync` (durable across a power loss, not only a crash of the
+    /// process) and renames into place.
+    pub fn commit_synced(mut self, sync: bool) -> io::Result<()> {
         let file = self.writer.take().expect("not yet committed").into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
+        if sync {
+            file.sync_all()?;
+        }
         drop(file);
         self.policy.place(&self.tmp, &self.dest)?;
         self.placed = true;

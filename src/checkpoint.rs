@@ -137,15 +137,30 @@ struct Shard {
 
 /// A file's size and modification time.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-struct Stamp {
+pub(crate) struct Stamp {
     len: u64,
     mtime: (i64, i64),
 }
 
 impl Stamp {
-    fn of(m: &std::fs::Metadata) -> Self {
+    /// The stamp of the open file `file` (at `path`).
+    pub(crate) fn of(file: &File, path: &Path) -> Result<Self> {
         use std::os::unix::fs::MetadataExt;
-        Stamp { len: m.len(), mtime: (m.mtime(), m.mtime_nsec()) }
+        let m = file.metadata().map_err(crate::io_err(path))?;
+        Ok(Stamp { len: m.len(), mtime: (m.mtime(), m.mtime_nsec()) })
+    }
+
+    /// Fails with [`Error::Changed`] when `file` (at `path`) no longer has this stamp.
+    pub(crate) fn check(&self, file: &File, path: &Path) -> Result<()> {
+        let now = Stamp::of(file, path)?;
+        if now == *self {
+            return Ok(());
+        }
+        let what = match now.len == self.len {
+            true => "modified".to_string(),
+            false => format!("{} bytes when opened, {} now", self.len, now.len),
+        };
+        Err(Error::Changed { path: path.to_path_buf(), what })
     }
 }
 
@@ -346,14 +361,10 @@ impl Checkpoint {
     /// [`Checkpoint::identity`] from the tensors' byte hashes, one for every tensor (a model
     /// with these tensors' names, dtypes and shapes and those bytes).
     pub fn identity_of(&self, hashes: &BTreeMap<String, blake3::Hash>) -> blake3::Hash {
-        let mut h = blake3::Hasher::new();
-        for name in self.index.keys() {
+        identity_from(self.index.keys().map(|name| {
             let t = self.lookup(name).expect("validated on open");
-            h.update(t.name.as_bytes());
-            h.update(format!("{:?}{:?}", t.dtype, t.shape).as_bytes());
-            h.update(hashes[name].as_bytes());
-        }
-        h.finalize()
+            (t.name, t.dtype, t.shape, &hashes[name])
+        }))
     }
 
     /// [`Checkpoint::tensor_hashes`], remembered per weight file in `cache` under the file's
@@ -361,32 +372,14 @@ impl Checkpoint {
     /// moves the change time, which no user can set back). A model is hashed once, not at every
     /// apply or statistics lookup. A cache that cannot be read or written only costs a rehash.
     pub fn tensor_hashes_cached(&self, names: &[&str], cache: &Path) -> Result<BTreeMap<String, blake3::Hash>> {
-        use std::os::unix::fs::MetadataExt;
         let mut out = BTreeMap::new();
         for (i, shard) in self.shards.iter().enumerate() {
             let wanted: Vec<&str> = names.iter().copied().filter(|n| self.index.get(*n) == Some(&i)).collect();
             if wanted.is_empty() {
                 continue;
             }
-            let m = shard.file.metadata().map_err(crate::io_err(&shard.path))?;
-            let place = std::fs::canonicalize(&shard.path).unwrap_or_else(|_| shard.path.clone());
-            let key = format!("{}|{}|{}|{}|{}.{}|{}.{}", place.display(), m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec());
-            let entry = cache.join(format!("{}.json", &blake3::hash(key.as_bytes()).to_hex()[..32]));
             let every: Vec<&str> = self.index.iter().filter(|(_, &s)| s == i).map(|(n, _)| n.as_str()).collect();
-            let remembered: Option<BTreeMap<String, blake3::Hash>> = crate::read_regular(&entry, crate::MAX_METADATA_BYTES)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<BTreeMap<String, String>>(&b).ok())
-                .and_then(|r| r.into_iter().map(|(n, h)| Some((n, blake3::Hash::from_hex(h).ok()?))).collect());
-            let all = match remembered {
-                Some(all) if every.iter().all(|n| all.contains_key(*n)) => all,
-                _ => {
-                    let all = self.tensor_hashes(&every)?;
-                    let text: BTreeMap<&str, String> = all.iter().map(|(n, h)| (n.as_str(), h.to_hex().to_string())).collect();
-                    let _ = std::fs::create_dir_all(cache)
-                        .and_then(|_| crate::atomic::write(&entry, &serde_json::to_vec(&text).expect("strings serialize"), &crate::atomic::Policy::rewrite()));
-                    all
-                }
-            };
+            let all = remembered_hashes(cache, &shard.path, &shard.file, "", &every, || self.tensor_hashes(&every))?;
             out.extend(wanted.into_iter().map(|n| (n.to_string(), all[n])));
         }
         Ok(out)
@@ -417,6 +410,50 @@ impl Checkpoint {
     }
 }
 
+/// The model identity ([`Checkpoint::identity`]) of tensors given as name, dtype, shape and
+/// the blake3 of their bytes, in name order.
+pub fn identity_from<'a>(tensors: impl IntoIterator<Item = (&'a str, Dtype, &'a [usize], &'a blake3::Hash)>) -> blake3::Hash {
+    let mut h = blake3::Hasher::new();
+    for (name, dtype, shape, hash) in tensors {
+        h.update(name.as_bytes());
+        h.update(format!("{dtype:?}{shape:?}").as_bytes());
+        h.update(hash.as_bytes());
+    }
+    h.finalize()
+}
+
+/// The tensor hashes `compute` gives for the weight file `path` (open as `file`; `every` names
+/// all its tensors), remembered in `cache` under the file's identity on disk (see
+/// [`Checkpoint::tensor_hashes_cached`]) and `kind`, which tells apart hashes of different
+/// readings of one file (empty for a safetensors file's bytes). A cache that cannot be read or
+/// written only costs a recomputation.
+pub(crate) fn remembered_hashes<E: From<crate::IoError>>(
+    cache: &Path,
+    path: &Path,
+    file: &File,
+    kind: &str,
+    every: &[&str],
+    compute: impl FnOnce() -> std::result::Result<BTreeMap<String, blake3::Hash>, E>,
+) -> std::result::Result<BTreeMap<String, blake3::Hash>, E> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata().map_err(crate::io_err(path))?;
+    let place = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let key = format!("{kind}{}|{}|{}|{}|{}.{}|{}.{}", place.display(), m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec());
+    let entry = cache.join(format!("{}.json", &blake3::hash(key.as_bytes()).to_hex()[..32]));
+    let remembered: Option<BTreeMap<String, blake3::Hash>> = crate::read_regular(&entry, crate::MAX_METADATA_BYTES)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<BTreeMap<String, String>>(&b).ok())
+        .and_then(|r| r.into_iter().map(|(n, h)| Some((n, blake3::Hash::from_hex(h).ok()?))).collect());
+    if let Some(all) = remembered.filter(|all| every.iter().all(|n| all.contains_key(*n))) {
+        return Ok(all);
+    }
+    let all = compute()?;
+    let text: BTreeMap<&str, String> = all.iter().map(|(n, h)| (n.as_str(), h.to_hex().to_string())).collect();
+    let _ = std::fs::create_dir_all(cache)
+        .and_then(|_| crate::atomic::write(&entry, &serde_json::to_vec(&text).expect("strings serialize"), &crate::atomic::Policy::rewrite()));
+    Ok(all)
+}
+
 /// Where tensor hashes are remembered by default: `hashes/` in factpatch's cache folder.
 pub fn default_hash_cache() -> PathBuf {
     crate::cache_root().join("hashes")
@@ -424,15 +461,7 @@ pub fn default_hash_cache() -> PathBuf {
 
 impl Shard {
     fn check_unchanged(&self) -> Result<()> {
-        let now = Stamp::of(&self.file.metadata().map_err(crate::io_err(&self.path))?);
-        if now == self.stamp {
-            return Ok(());
-        }
-        let what = match now.len == self.stamp.len {
-            true => "modified".to_string(),
-            false => format!("{} bytes when opened, {} now", self.stamp.len, now.len),
-        };
-        Err(Error::Changed { path: self.path.clone(), what })
+        self.stamp.check(&self.file, &self.path)
     }
 }
 
@@ -480,7 +509,7 @@ fn weight_files(dir: &Path) -> Result<Vec<String>> {
 
 fn map_shard(path: &Path) -> Result<Shard> {
     let (file, _) = crate::open_regular(path, u64::MAX)?;
-    let stamp = Stamp::of(&file.metadata().map_err(crate::io_err(path))?);
+    let stamp = Stamp::of(&file, path)?;
     // SAFETY: checkpoints are treated as immutable while open; factpatch never writes into a
     // base, and readers call `check_unchanged` around their reads to catch others who do.
     let mmap = unsafe { Mmap::map(&file) }.map_err(crate::io_err(path))?;

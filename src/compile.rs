@@ -100,6 +100,21 @@ impl Spec {
     }
 }
 
+/// The compile options every front end has (the CLI's flags, the Python `compile`) as
+/// hyperparameter overrides, in this order: RECT's k, the template seed, MEMIT's λ and the
+/// layers when given, then the `KEY=JSON` assignments of `sets`.
+pub fn overrides(rect_k: f64, seed: u64, mom2_weight: Option<f64>, layers: Option<&[usize]>, sets: &[String]) -> Vec<String> {
+    let mut overrides = vec![format!("rect_k={rect_k}"), format!("seed={seed}")];
+    if let Some(w) = mom2_weight {
+        overrides.push(format!("mom2_weight={w}"));
+    }
+    if let Some(layers) = layers {
+        overrides.push(format!("layers={layers:?}"));
+    }
+    overrides.extend(sets.iter().cloned());
+    overrides
+}
+
 /// The statistics a compile used.
 #[derive(Clone, Debug)]
 pub struct StatsUsed {
@@ -156,7 +171,7 @@ impl Compiler {
         let parents = Arc::new(Stack::load(&spec.on)?);
         // The parents must be for this model and start their chain (`formats/patch.md`, "Base model").
         let base_identity = parents.check_model(&base, Some(&crate::checkpoint::default_hash_cache()), false)?.identity;
-        let (preserved, stats) = statistics(spec, &hp, &base_identity)?;
+        let (preserved, stats) = statistics(spec, &hp, &base_identity, config.max_positions)?;
         let model = Model::from_checkpoint(config, &Overlay::new(&base, &parents)?, &model::default_device()?)?;
         let templates = edit::context_templates(&model, &tokenizer, &hp.templates, hp.seed)?;
         let mut compiler = Compiler {
@@ -233,8 +248,9 @@ fn original_mlp_out(base: &Checkpoint, config: &model::Config, layer: usize) -> 
 }
 
 /// The key statistics `hp` needs (none for KN, or ROME without the C⁻¹ direction), for the model
-/// of identity `base_identity` (hex).
-fn statistics(spec: &Spec, hp: &Hparams, base_identity: &str) -> Result<(Preserved, Option<StatsUsed>)> {
+/// of identity `base_identity` (hex) and `max_positions` positions: corpus windows are the
+/// statistics' default length, or the model's context where that is shorter.
+fn statistics(spec: &Spec, hp: &Hparams, base_identity: &str, max_positions: usize) -> Result<(Preserved, Option<StatsUsed>)> {
     if !hp.needs_stats() {
         return Ok((Preserved::default(), None));
     }
@@ -248,6 +264,7 @@ fn statistics(spec: &Spec, hp: &Hparams, base_identity: &str) -> Result<(Preserv
             let mut req = stats::Request::new(&spec.model, files);
             req.layers = Some(hp.layers.clone());
             req.max_tokens = Some(*tokens);
+            req.seq_len = req.seq_len.min(max_positions);
             let o = stats::find_or_compute(&req, &spec.cache, spec.progress)?;
             let used = StatsUsed { id: o.id, path: o.paths[0].clone(), tokens: o.stats.meta.tokens, cached: o.cached };
             (o.stats, used)

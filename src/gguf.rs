@@ -6,9 +6,12 @@
 //! The import is all-or-nothing: everything is written into a staging folder
 //! next to the destination and renamed into place only once complete.
 
+mod apply;
 mod meta;
 mod tensors;
 mod tokenizer;
+
+pub use apply::{apply, is_gguf, TouchedAs, DEFAULT_TOUCHED_AS};
 
 use std::fs;
 use std::io::BufReader;
@@ -18,6 +21,7 @@ use candle_core::quantized::gguf_file;
 use serde_json::{json, Value};
 
 use meta::Meta;
+pub use tensors::llama_gguf_name;
 
 /// Floating-point type of the weights written to `model.safetensors`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +87,15 @@ pub enum Error {
     /// Writing the output failed.
     #[error("{path}: cannot write: {reason}")]
     Write { path: PathBuf, reason: String },
+    /// The GGUF version is one `apply` does not write (it handles versions 2 and 3).
+    #[error("{path}: GGUF version {version} is not supported (versions 2 and 3 are)")]
+    UnsupportedVersion { path: PathBuf, version: u32 },
+    /// A patch does not fit the model or is refused, as for a model folder.
+    #[error(transparent)]
+    Apply(#[from] crate::apply::Error),
+    /// Reading the model or writing the output failed.
+    #[error(transparent)]
+    Io(#[from] crate::IoError),
 }
 
 /// Import `gguf` into a new Hugging Face model folder `out_dir`.
@@ -99,11 +112,7 @@ pub fn import(gguf: &Path, out_dir: &Path, dtype: OutDtype) -> Result<ImportSumm
     let mut reader = BufReader::new(file);
     let content = gguf_file::Content::read(&mut reader).map_err(|e| Error::Corrupt { path: gguf.to_path_buf(), reason: e.to_string() })?;
     let meta = Meta::new(gguf, &content.metadata);
-    let arch = meta.string("general.architecture")?;
-    if arch != "llama" {
-        return Err(Error::UnsupportedArchitecture { path: gguf.to_path_buf(), arch: arch.to_string() });
-    }
-    let hparams = Hparams::read(&meta)?;
+    let hparams = llama_hparams(gguf, &content)?;
     // Build the tokenizer before the (slow) weights so metadata errors surface first.
     let tok = tokenizer::build(&meta)?;
     if tok.vocab_size != hparams.vocab_size {
@@ -138,6 +147,16 @@ pub fn import(gguf: &Path, out_dir: &Path, dtype: OutDtype) -> Result<ImportSumm
         vocab_size: hparams.vocab_size,
         tie_word_embeddings,
     })
+}
+
+/// The dimensions of the llama model in `content` (read from `gguf`); another architecture is an error.
+fn llama_hparams(gguf: &Path, content: &gguf_file::Content) -> Result<Hparams, Error> {
+    let meta = Meta::new(gguf, &content.metadata);
+    let arch = meta.string("general.architecture")?;
+    if arch != "llama" {
+        return Err(Error::UnsupportedArchitecture { path: gguf.to_path_buf(), arch: arch.to_string() });
+    }
+    Hparams::read(&meta)
 }
 
 /// Model dimensions read from the `llama.*` metadata.

@@ -9,11 +9,13 @@ pub mod compile;
 pub mod edit;
 pub mod eval;
 pub mod experiment;
+pub mod export;
 pub mod gguf;
 pub mod model;
 pub mod patch;
 pub mod plot;
 pub mod rect;
+pub mod sigbus;
 pub mod sign;
 pub mod stats;
 pub mod tokenize;
@@ -22,11 +24,19 @@ use std::path::{Path, PathBuf};
 
 /// A file-system operation on `path` failed; every module's `Error` carries it as `Io`.
 #[derive(Debug, thiserror::Error)]
-#[error("{}: {source}", path.display())]
+#[error("{}: {}", path.display(), describe(source))]
 pub struct IoError {
     pub path: PathBuf,
     #[source]
     pub source: std::io::Error,
+}
+
+/// An I/O error in words; a read cut short says the file is shorter than it should be.
+fn describe(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => "the file ended early (truncated, or truncated while it was read)".into(),
+        _ => e.to_string(),
+    }
 }
 
 /// `map_err(io_err(path))`: names `path` in an I/O error.
@@ -113,10 +123,13 @@ pub fn tool_version() -> String {
 /// - candle's CPU pool gets one thread unless `CANDLE_NUM_THREADS` says otherwise. The matmuls
 ///   run on the system BLAS's threads, and candle's pool spins while it waits, taking cores from
 ///   them. A MEMIT compile on 2 cores took 4.9 s with one pool thread, 6.6 s with two.
+/// - a weight file truncated under its memory map gives one error line naming it, not a bus
+///   error ([`sigbus`]).
 /// - glibc keeps freed tensor buffers for reuse rather than handing them back to the kernel at
 ///   every free. Its defaults unmapped and re-faulted megabytes per op in the optimisation loop:
 ///   one CounterFact MEMIT fact took 7.2-8.0 s, and 5.9-6.2 s with the buffers kept.
 pub fn init_process() {
+    sigbus::install();
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
@@ -135,4 +148,34 @@ pub fn cache_root() -> PathBuf {
         Some(root) => root.into(),
         None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/factpatch"),
     }
+}
+
+/// The one-line message for an error and its causes, as the CLI prints it after `error: `:
+/// typed errors already quote their cause, so each cause is added only when it says something
+/// new, and every message is put on one line ([`one_line`]).
+pub fn error_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = String::new();
+    for cause in std::iter::successors(Some(e), |e| e.source()).map(|c| one_line(&c.to_string())) {
+        if !message.contains(&cause) {
+            message += if message.is_empty() { "" } else { ": " };
+            message += &cause;
+        }
+    }
+    message
+}
+
+/// `message` on one line: a captured backtrace (candle appends one to its errors when
+/// `RUST_BACKTRACE` is set) is dropped, other line breaks become spaces.
+pub fn one_line(message: &str) -> String {
+    let mut kept = Vec::new();
+    for line in message.lines().map(str::trim) {
+        let frame = line.split_once(": ").is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if frame || line.eq_ignore_ascii_case("stack backtrace:") {
+            break;
+        }
+        if !line.is_empty() {
+            kept.push(line);
+        }
+    }
+    kept.join(" ")
 }

@@ -7,7 +7,7 @@ use factpatch::edit::{request, target::Stop, Method};
 use factpatch::model::{self, Model, Sampling};
 use factpatch::patch::Patch;
 use factpatch::tokenize::Tokenizer;
-use factpatch::{apply, atomic, audit, eval, sign, stats};
+use factpatch::{apply, atomic, audit, eval, gguf, sign, stats};
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
@@ -110,10 +110,13 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Apply patches, in order, to a model: a new folder; the base is never modified.
+    /// Apply patches, in order, to a model: a new folder, or a new GGUF file for a GGUF model; the base is never modified.
     ///
     /// Example: factpatch apply --model fixtures/models/SmolLM2-135M-Instruct --patch eiffel.fpatch --out /tmp/edited
+    ///
+    /// Example: factpatch apply --model fixtures/models/SmolLM2-135M-Instruct.Q4_1.gguf --patch eiffel.fpatch --out /tmp/edited.gguf
     Apply {
+        /// A Hugging Face model folder, or a llama GGUF file (patches compiled on its `import-gguf` folder).
         #[arg(long)]
         model: PathBuf,
         #[arg(long, required = true, num_args = 1..)]
@@ -135,6 +138,8 @@ enum Command {
         /// public-key files.
         #[arg(long, num_args = 1..)]
         trusted: Vec<PathBuf>,
+        #[arg(long, value_enum, help = touched_as_help())]
+        touched_as: Option<gguf::TouchedAs>,
     },
     /// Make a signing key pair without a password: OUT.pub to share, OUT.key to keep.
     ///
@@ -282,6 +287,25 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Export a patch as a LoRA adapter: a PEFT folder (PEFT/transformers) or a llama.cpp LoRA GGUF file.
+    ///
+    /// Example: factpatch export eiffel.fpatch --format peft --out eiffel-lora
+    Export {
+        patch: PathBuf,
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// The adapter: a new folder (peft) or file (gguf-lora).
+        #[arg(long)]
+        out: PathBuf,
+        /// Export every tensor's rank-R truncated SVD; required for patches that are not low-rank
+        /// (RECT, KN, diff, merges that densified).
+        #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+        rank: Option<usize>,
+        /// The model the patch applies to, its parents applied: needed for RECT patches (the
+        /// mask depends on the weights); every tensor is then checked against it.
+        #[arg(long)]
+        model: Option<PathBuf>,
+    },
     /// What a patch changes: facts, tensors, sizes, relative changes.
     ///
     /// Example: factpatch audit eiffel.fpatch --model fixtures/models/SmolLM2-135M-Instruct --heatmap eiffel.png
@@ -398,14 +422,8 @@ impl StatsArgs {
 impl CompileArgs {
     /// The spec: the flags as hyperparameter overrides, then `--set` in order.
     fn spec(&self) -> Result<Spec> {
-        let mut overrides = vec![format!("rect_k={}", self.rect), format!("seed={}", self.seed)];
-        if let Some(w) = self.mom2_weight {
-            overrides.push(format!("mom2_weight={w}"));
-        }
-        if let Some(layers) = &self.layers {
-            overrides.push(format!("layers={:?}", stats::parse_layers(layers)?));
-        }
-        overrides.extend(self.set.iter().cloned());
+        let layers = self.layers.as_deref().map(stats::parse_layers).transpose()?;
+        let overrides = factpatch::compile::overrides(self.rect, self.seed, self.mom2_weight, layers.as_deref(), &self.set);
         Ok(self.stats.spec(&self.model, self.method, &self.on, overrides))
     }
 }
@@ -419,9 +437,27 @@ enum ScheduleKind {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    /// A Hugging Face PEFT folder: adapter_config.json, adapter_model.safetensors.
+    Peft,
+    /// A llama.cpp LoRA adapter GGUF file (Llama family).
+    GgufLora,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
 enum WeightDtype {
     F32,
     Bf16,
+}
+
+/// The help of `apply --touched-as`, naming the default.
+fn touched_as_help() -> String {
+    use clap::ValueEnum;
+    let default = gguf::DEFAULT_TOUCHED_AS.to_possible_value().expect("every value has a name");
+    format!(
+        "GGUF models only: store the changed tensors quantized again to their own type (own), or as 16- or 32-bit floats; untouched tensors keep their bytes [default: {}]",
+        default.get_name()
+    )
 }
 
 fn main() -> std::process::ExitCode {
@@ -435,34 +471,10 @@ fn main() -> std::process::ExitCode {
     match run(Cli::parse().command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            // Typed errors already quote their cause: print each cause only when it adds something.
-            let mut message = String::new();
-            for cause in e.chain().map(|c| one_line(&c.to_string())) {
-                if !message.contains(&cause) {
-                    message += if message.is_empty() { "" } else { ": " };
-                    message += &cause;
-                }
-            }
-            eprintln!("error: {message}");
+            eprintln!("error: {}", factpatch::error_line(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// `message` on one line: a captured backtrace (candle appends one to its errors when
-/// `RUST_BACKTRACE` is set) is dropped, other line breaks become spaces.
-fn one_line(message: &str) -> String {
-    let mut kept = Vec::new();
-    for line in message.lines().map(str::trim) {
-        let frame = line.split_once(": ").is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-        if frame || line.eq_ignore_ascii_case("stack backtrace:") {
-            break;
-        }
-        if !line.is_empty() {
-            kept.push(line);
-        }
-    }
-    kept.join(" ")
 }
 
 fn run(command: Command) -> Result<()> {
@@ -507,11 +519,17 @@ fn run(command: Command) -> Result<()> {
             println!("edited model {} (identity {})", s.output.display(), s.identity);
             Ok(())
         }
-        Command::Apply { model, patch, out, no_sync, trusted, allow_other_base, verify_output } => {
+        Command::Apply { model, patch, out, no_sync, trusted, allow_other_base, verify_output, touched_as } => {
             let trusted = (!trusted.is_empty()).then(|| sign::Trusted::read(&trusted)).transpose()?;
             let hash_cache = Some(factpatch::checkpoint::default_hash_cache());
             let options = apply::ApplyOptions { sync: !no_sync, hash_cache, trusted, allow_other_base, verify_output };
-            let s = apply::apply_with(&model, &patch, &out, &options)?;
+            let s = if gguf::is_gguf(&model) {
+                gguf::apply(&model, &patch, &out, &options, touched_as.unwrap_or(gguf::DEFAULT_TOUCHED_AS))?
+            } else if touched_as.is_some() {
+                anyhow::bail!("{}: --touched-as is for GGUF models only, and this is not a GGUF file", model.display());
+            } else {
+                apply::apply_with(&model, &patch, &out, &options)?
+            };
             let verified = if verify_output { ", verified from the written bytes" } else { "" };
             println!(
                 "applied {} patch(es), {} tensor(s) changed: {} (identity {}{verified})",
@@ -550,6 +568,27 @@ fn run(command: Command) -> Result<()> {
         Command::Diff { from, to, out } => {
             let s = apply::diff(&from, &to, &out)?;
             println!("{} tensor(s) differ: {} ({}, {} bytes)", s.tensors_changed, s.output.display(), s.id, s.bytes);
+            Ok(())
+        }
+        Command::Export { patch, format, out, rank, model } => {
+            let format = match format {
+                ExportFormat::Peft => factpatch::export::Format::Peft,
+                ExportFormat::GgufLora => factpatch::export::Format::GgufLora,
+            };
+            let s = factpatch::export::export(&patch, &out, &factpatch::export::Options { format, rank, model })?;
+            for t in &s.tensors {
+                let how = if t.exact { "exact" } else { "truncated SVD" };
+                println!("  {} → {}: rank {} ({how}), relative error {:.3e}", t.tensor, t.target, t.rank, t.relative_error);
+            }
+            println!(
+                "exported {} as {}: {} tensor(s), lora_alpha = r = {}, {} bytes → {}",
+                s.patch,
+                s.format,
+                s.tensors.len(),
+                s.alpha,
+                s.bytes,
+                s.output.display()
+            );
             Ok(())
         }
         Command::Audit { patch, model, heatmap, trusted, json } => {
@@ -647,6 +686,7 @@ fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {
         let v = serde_json::json!({
             "dir": dir, "config": cfg, "parameters": params, "tensors": ckpt.names().count(),
             "dtypes": dtypes, "files": files, "editable": editable, "edit_layers": cfg.family.edit_layers(cfg.num_layers),
+            "layer_tensors": cfg.family.layer_tensors(), "global_tensors": cfg.family.global_tensors(),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -659,10 +699,26 @@ fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {
         cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, cfg.max_positions
     );
     println!("parameters {params} in {} tensors, dtypes {dtypes:?}, {} file(s)", ckpt.names().count(), files.len());
-    println!("positions  {}", cfg.rope_theta.map_or("learned".into(), |t| format!("rotary, theta {t}")));
+    let positions = match &cfg.rope {
+        None => "learned".to_string(),
+        Some(model::RopeConfig { theta, scaling: None }) => format!("rotary, theta {theta}"),
+        Some(model::RopeConfig { theta, scaling: Some(s) }) => format!("rotary, theta {theta}, scaled {s:?}"),
+    };
+    println!("positions  {positions}{}", cfg.sliding_window.map_or(String::new(), |w| format!("; attention window {w}")));
     println!("unembed    {}", if cfg.tied_embeddings { "tied to the embedding" } else { "separate" });
     println!("edit view  out = W·k, W [{}, {}]; stored {:?}", cfg.hidden_size, cfg.intermediate_size, f.mlp_out.orientation);
     println!("editable   {} .. {} (default edit layers {:?})", editable[0], editable[editable.len() - 1], f.edit_layers(cfg.num_layers));
+    println!("tensors    per layer (the family table; GGUF name, shape [out, in], stored orientation):");
+    let dims = cfg.dims();
+    for (heading, list) in [("", f.layer_tensors()), ("global:", f.global_tensors())] {
+        if !heading.is_empty() {
+            println!("           {heading}");
+        }
+        for p in list {
+            let bias = if p.bias { " + bias" } else { "" };
+            println!("           {:<52} {:<32} {:?} {:?}{bias}", p.name, p.gguf.unwrap_or("-"), p.view_shape(&dims), p.orientation);
+        }
+    }
     let _ = ckpt.tensor(&editable[0]).with_context(|| format!("{}: editable tensor missing", dir.display()))?;
     Ok(())
 }
@@ -680,14 +736,7 @@ fn report_stats(o: &stats::Outcome) {
 /// Reads the requests, opens the compiler, compiles, writes the patch.
 fn compile(args: &CompileArgs, out: &Path) -> Result<()> {
     atomic::Policy::new().check(out).map_err(factpatch::io_err(out))?;
-    let mut requests = Vec::new();
-    for file in &args.requests {
-        requests.extend(request::read(file)?);
-    }
-    for fact in &args.fact {
-        requests.push(request::parse_fact(fact)?);
-    }
-    let requests = request::check(requests)?;
+    let requests = request::gather(&args.requests, &args.fact)?;
     let mut compiler = Compiler::open(&args.spec()?)?;
     if let Some(s) = &compiler.stats {
         let how = if s.cached { "found" } else { "computed" };

@@ -188,6 +188,9 @@ fn bad_inputs_fail_with_one_line_naming_the_culprit_and_write_nothing() {
     cli.fails(&["merge", lyon, nice, "--allow-override", "--out", &existing], &[&existing, "exists"]);
     cli.fails(&["diff", "--from", llama, "--to", gpt2, "--out", &out], &[llama, gpt2, "not the same architecture"]);
     cli.fails(&["diff", "--from", llama, "--to", llama, "--out", &existing], &[&existing, "exists"]);
+    cli.fails(&["export", &garbage, "--format", "peft", "--out", &out], &[&garbage, "not a factpatch patch"]);
+    cli.fails(&["export", lyon, "--format", "peft", "--rank", "17", "--out", &out], &[lyon, "--rank 17", "up_proj"]);
+    cli.fails(&["export", lyon, "--format", "gguf-lora", "--out", &existing], &[&existing, "exists"]);
 
     let mut names: Vec<String> = std::fs::read_dir(cli.out.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     names.sort();

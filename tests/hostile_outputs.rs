@@ -252,6 +252,20 @@ fn verbs(s: &Scene) -> Vec<Verb<'_>> {
             replaces: false,
         },
         Verb {
+            name: "export --format peft",
+            inputs: vec![p0.clone()],
+            file: "adapter",
+            args: Box::new(|out| with_out(&["export", p0.to_str().unwrap(), "--format", "peft"], out)),
+            replaces: false,
+        },
+        Verb {
+            name: "export --format gguf-lora",
+            inputs: vec![p0.clone()],
+            file: "adapter.gguf",
+            args: Box::new(|out| with_out(&["export", p0.to_str().unwrap(), "--format", "gguf-lora"], out)),
+            replaces: false,
+        },
+        Verb {
             name: "audit --heatmap",
             inputs: vec![p0.clone()],
             file: "heatmap.png",

@@ -10,7 +10,8 @@ mod writer;
 pub use diff::{diff, DiffSummary};
 pub use merge::{merge, merge_with, MergeOptions, MergeSummary};
 pub use overlay::Overlay;
-pub use stack::{product, standalone, ModelIdentity, Stack};
+pub use stack::{product, standalone, standalone_deltas, ModelIdentity, Stack};
+pub(crate) use writer::copy_range;
 pub use writer::{apply, apply_to, apply_with, ApplyOptions, ApplySummary};
 
 use crate::{checkpoint, patch};
@@ -70,6 +71,9 @@ pub enum Error {
     /// A RECT entry overlapping another patch cannot be merged without the base model.
     #[error("{patch}: tensor `{name}` uses RECT and is touched by several patches; merging it needs the base model")]
     NeedsModel { patch: PathBuf, name: String },
+    /// A RECT entry's delta was asked for without the base weights its mask depends on.
+    #[error("{patch}: tensor `{name}` uses RECT, whose mask depends on the base weights: give the model")]
+    NeedsBase { patch: PathBuf, name: String },
     /// Two checkpoints do not have the same tensors, dtypes and shapes.
     #[error("{from} → {to}: not the same architecture: {reason}")]
     Incompatible { from: PathBuf, to: PathBuf, reason: String },

@@ -101,20 +101,35 @@ impl Stack {
     /// one is given; a refusal is confirmed from the bytes first, since a cache entry can be stale
     /// or altered. Returns the identity it checked against.
     pub fn check_model(&self, ckpt: &Checkpoint, cache: Option<&Path>, allow_other_base: bool) -> Result<ModelIdentity> {
-        self.check_first_parent(None, allow_other_base)?;
         let from_bytes = || -> Result<ModelIdentity> {
             let names: Vec<&str> = ckpt.names().collect();
             let hashes = ckpt.tensor_hashes(&names)?;
             Ok(ModelIdentity { identity: ckpt.identity_of(&hashes).to_hex().to_string(), hashes: Some(hashes) })
         };
-        let mut id = match cache {
-            Some(cache) => ModelIdentity { identity: ckpt.identity_cached(cache)?.to_hex().to_string(), hashes: None },
-            None => from_bytes()?,
+        let cached = cache.map(|cache| move || Ok(ckpt.identity_cached(cache)?.to_hex().to_string()));
+        self.check_identity(ckpt.dir(), cached, from_bytes, allow_other_base)
+    }
+
+    /// [`Stack::check_model`] for any model format: the identity of the model at `model` comes
+    /// from `cached` (a tensor-hash cache) when given, else, or when that one is refused, from
+    /// `from_bytes`. Nothing is computed when the first patch's parent is refused anyway.
+    pub fn check_identity<E: From<Error>>(
+        &self,
+        model: &Path,
+        cached: Option<impl FnOnce() -> std::result::Result<String, E>>,
+        from_bytes: impl FnOnce() -> std::result::Result<ModelIdentity, E>,
+        allow_other_base: bool,
+    ) -> std::result::Result<ModelIdentity, E> {
+        self.check_first_parent(None, allow_other_base)?;
+        let (id, from_bytes) = match cached {
+            Some(cached) => (ModelIdentity { identity: cached()?, hashes: None }, Some(from_bytes)),
+            None => (from_bytes()?, None),
         };
-        if id.hashes.is_none() && self.check_base(ckpt.dir(), &id.identity, allow_other_base).is_err() {
-            id = from_bytes()?;
-        }
-        self.check_base(ckpt.dir(), &id.identity, allow_other_base)?;
+        let id = match from_bytes {
+            Some(from_bytes) if self.check_base(model, &id.identity, allow_other_base).is_err() => from_bytes()?,
+            _ => id,
+        };
+        self.check_base(model, &id.identity, allow_other_base)?;
         Ok(id)
     }
 
@@ -185,23 +200,39 @@ impl Stack {
         Ok(Cow::Owned(out))
     }
 
-    /// Verifies every patch against `ckpt` without writing anything: dtypes, shapes, base
-    /// hashes and finite payloads. A tensor touched by several patches is fully accumulated, since
-    /// later base hashes depend on earlier patches; a result that overflows is caught when written.
+    /// Verifies every patch against `ckpt` without writing anything: see [`Stack::verify_tensor`].
     pub fn verify(&self, ckpt: &Checkpoint) -> Result<()> {
-        for (name, list) in &self.touched {
+        for name in self.touched.keys() {
             let base = self.base(ckpt, name)?;
-            if let [(p, e)] = list[..] {
-                let (patch, entry) = (&self.patches[p], &self.patches[p].manifest().entries[e]);
-                check_layout(patch, entry, base.dtype, base.shape)?;
-                check_hash_streamed(patch, entry, base.bytes, &|r| ckpt.evict_range(&base, r))?;
-                patch.delta(e)?;
-            } else {
-                self.accumulate(&base)?;
-            }
+            self.verify_tensor(&base, &|r| ckpt.evict_range(&base, r))?;
             ckpt.evict(&base);
         }
         Ok(())
+    }
+
+    /// Verifies the patches touching `base` without writing anything: dtypes, shapes, base
+    /// hashes and finite payloads; `done` hears each byte range of `base` once hashed. A tensor
+    /// touched by several patches is fully accumulated, since later base hashes depend on
+    /// earlier patches; a result that overflows is caught when written.
+    pub fn verify_tensor(&self, base: &TensorRef, done: &dyn Fn(Range<usize>)) -> Result<()> {
+        match self.touched.get(base.name).map_or(&[][..], Vec::as_slice) {
+            &[(p, e)] => {
+                let (patch, entry) = (&self.patches[p], &self.patches[p].manifest().entries[e]);
+                check_layout(patch, entry, base.dtype, base.shape)?;
+                check_hash_streamed(patch, entry, base.bytes, done)?;
+                patch.delta(e)?;
+            }
+            _ => {
+                self.accumulate(base)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The accumulated f32 delta of every touched tensor of `ckpt` (see [`Stack::delta_for`]), by
+    /// name.
+    pub fn deltas(&self, ckpt: &Checkpoint) -> Result<Vec<(String, Vec<f32>)>> {
+        self.touched().map(|name| Ok((name.to_string(), self.delta_for(&self.base(ckpt, name)?)?))).collect()
     }
 
     pub(super) fn base<'a>(&self, ckpt: &'a Checkpoint, name: &str) -> Result<TensorRef<'a>> {
@@ -287,6 +318,20 @@ pub fn standalone(delta: &Delta, shape: &[usize]) -> Option<Vec<f32>> {
     let mut d = vec![0f32; shape.iter().product()];
     add_delta(&mut d, delta, shape, None);
     Some(d)
+}
+
+/// Every entry of `patch` as a full f32 delta without the model (see [`standalone`]), by name,
+/// within [`Patch::check_unbounded`]'s bounds. A RECT entry is an error: its mask depends on the
+/// base weights.
+pub fn standalone_deltas(patch: &Patch) -> Result<Vec<(String, Vec<f32>)>> {
+    patch.check_unbounded()?;
+    let entries = patch.manifest().entries.iter().enumerate();
+    entries
+        .map(|(i, e)| match standalone(&patch.delta(i)?, &e.shape) {
+            Some(d) => Ok((e.tensor.clone(), d)),
+            None => Err(Error::NeedsBase { patch: patch.path().to_path_buf(), name: e.tensor.clone() }),
+        })
+        .collect()
 }
 
 /// `U·Vᵀ` of one group, each element summed over the rank in order from +0, in f32.

@@ -29,6 +29,24 @@ impl Stack {
             }
         }
     }
+
+    /// Everything [`apply_with`] checks before it writes anything: the signatures (with
+    /// `options.trusted`), the base model and the first patch's parent when a patch records them
+    /// ([`Stack::check_model`]), then every touched tensor ([`Stack::verify`]). Returns every
+    /// tensor's hash of `ckpt` when the base model check computed them.
+    pub fn check(&self, ckpt: &Checkpoint, options: &ApplyOptions) -> Result<Option<BTreeMap<String, blake3::Hash>>> {
+        if let Some(trusted) = &options.trusted {
+            for p in self.patches() {
+                trusted.verify(p)?;
+            }
+        }
+        let hashes = match self.needs_identity(options.allow_other_base) {
+            true => self.check_model(ckpt, options.hash_cache.as_deref(), options.allow_other_base)?.hashes,
+            false => None,
+        };
+        self.verify(ckpt)?;
+        Ok(hashes)
+    }
 }
 
 /// Streams `base` with one patch's `delta` added to `sink`, chunk by chunk, with the same
@@ -132,16 +150,7 @@ pub fn apply_to(ckpt: &Checkpoint, patches: &[PathBuf], out: &Path, options: &Ap
     }
     let model = ckpt.dir();
     let stack = Stack::load(patches)?;
-    if let Some(trusted) = &options.trusted {
-        for p in stack.patches() {
-            trusted.verify(p)?;
-        }
-    }
-    let base = match stack.needs_identity(options.allow_other_base) {
-        true => stack.check_model(ckpt, options.hash_cache.as_deref(), options.allow_other_base)?.hashes,
-        false => None,
-    };
-    stack.verify(ckpt)?;
+    let base = stack.check(ckpt, options)?;
     // Never inside the model folder (it would copy itself), nor around it or a patch.
     let inputs = std::iter::once(model).chain(patches.iter().map(PathBuf::as_path));
     let dir = AtomicDir::create(out, &Policy::new().reading(inputs)).map_err(io_err(out))?;
@@ -188,7 +197,7 @@ pub fn apply_to(ckpt: &Checkpoint, patches: &[PathBuf], out: &Path, options: &Ap
 /// their places, recording their byte hashes in `hashes`. Returns the file's length.
 fn write_weights(ckpt: &Checkpoint, stack: &Stack, src: &Path, dest: &Path, hashes: &mut BTreeMap<String, blake3::Hash>) -> Result<u64> {
     use std::os::unix::fs::FileExt;
-    let mut input = File::open(src).map_err(io_err(src))?;
+    let input = File::open(src).map_err(io_err(src))?;
     let len = input.metadata().map_err(io_err(src))?.len();
     let out = File::create_new(dest).map_err(io_err(dest))?;
     let touched = ckpt.names_in(src).into_iter().filter(|n| stack.touched.contains_key(*n)).map(|n| ckpt.tensor(n)).collect::<checkpoint::Result<Vec<_>>>()?;
@@ -200,7 +209,7 @@ fn write_weights(ckpt: &Checkpoint, stack: &Stack, src: &Path, dest: &Path, hash
     }
     gaps.push((pos, len));
     std::thread::scope(|s| {
-        let copier = s.spawn(|| gaps.iter().try_for_each(|&(from, to)| copy_range(&mut input, src, &mut &out, dest, from, to)));
+        let copier = s.spawn(|| gaps.iter().try_for_each(|&(from, to)| copy_range(&input, src, &out, dest, from..to, from)));
         let streamed = touched.iter().try_for_each(|t| {
             let (mut h, mut at) = (blake3::Hasher::new(), t.offset as u64);
             ckpt.check_unchanged(t)?;
@@ -221,12 +230,15 @@ fn write_weights(ckpt: &Checkpoint, stack: &Stack, src: &Path, dest: &Path, hash
     Ok(len)
 }
 
-fn copy_range(input: &mut File, src: &Path, out: &mut &File, dest: &Path, from: u64, to: u64) -> Result<()> {
-    out.seek(SeekFrom::Start(from)).map_err(io_err(dest))?;
-    input.seek(SeekFrom::Start(from)).map_err(io_err(src))?;
-    let copied = std::io::copy(&mut std::io::Read::take(&*input, to - from), out).map_err(io_err(dest))?;
-    if copied != to - from {
-        return Err(io_err(src)(std::io::ErrorKind::UnexpectedEof.into()).into());
+/// Copies the bytes `range` of `input` (at `src`) into `out` (at `dest`) from offset `at`, by the
+/// kernel (`copy_file_range` where the filesystem has it). Moves both files' positions.
+pub(crate) fn copy_range(input: &File, src: &Path, out: &File, dest: &Path, range: Range<u64>, at: u64) -> std::result::Result<(), crate::IoError> {
+    let (mut input, mut out) = (input, out);
+    out.seek(SeekFrom::Start(at)).map_err(io_err(dest))?;
+    input.seek(SeekFrom::Start(range.start)).map_err(io_err(src))?;
+    let copied = std::io::copy(&mut std::io::Read::take(input, range.end - range.start), &mut out).map_err(io_err(dest))?;
+    if copied != range.end - range.start {
+        return Err(io_err(src)(std::io::ErrorKind::UnexpectedEof.into()));
     }
     Ok(())
 }

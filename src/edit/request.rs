@@ -168,6 +168,19 @@ pub fn read(path: &Path) -> Result<Vec<Request>> {
     check(requests)
 }
 
+/// The requests of `files` (see [`read`]) followed by `facts` (`PROMPT|SUBJECT|TARGET`, see
+/// [`parse_fact`]), checked together (see [`check`]): what `compile` edits.
+pub fn gather(files: &[PathBuf], facts: &[String]) -> Result<Vec<Request>> {
+    let mut requests = Vec::new();
+    for file in files {
+        requests.extend(read(file)?);
+    }
+    for fact in facts {
+        requests.push(parse_fact(fact)?);
+    }
+    check(requests)
+}
+
 /// Refuses empty sets and conflicting duplicates; drops exact duplicates.
 pub fn check(requests: Vec<Request>) -> Result<Vec<Request>> {
     if requests.is_empty() {

@@ -1,22 +1,10 @@
 //! GGUF tensors → Hugging Face Llama tensors: names, shapes, dequantization
 //! and the rotary un-permutation of `q_proj`/`k_proj`.
 //!
-//! Name mapping (llama.cpp → Hugging Face):
-//!
-//! | GGUF                   | Hugging Face                                |
-//! |------------------------|---------------------------------------------|
-//! | `token_embd.weight`    | `model.embed_tokens.weight`                 |
-//! | `blk.N.attn_q.weight`  | `model.layers.N.self_attn.q_proj.weight`    |
-//! | `blk.N.attn_k.weight`  | `model.layers.N.self_attn.k_proj.weight`    |
-//! | `blk.N.attn_v.weight`  | `model.layers.N.self_attn.v_proj.weight`    |
-//! | `blk.N.attn_output.weight` | `model.layers.N.self_attn.o_proj.weight` |
-//! | `blk.N.attn_norm.weight` | `model.layers.N.input_layernorm.weight`   |
-//! | `blk.N.ffn_norm.weight`  | `model.layers.N.post_attention_layernorm.weight` |
-//! | `blk.N.ffn_gate.weight`  | `model.layers.N.mlp.gate_proj.weight`     |
-//! | `blk.N.ffn_up.weight`    | `model.layers.N.mlp.up_proj.weight`       |
-//! | `blk.N.ffn_down.weight`  | `model.layers.N.mlp.down_proj.weight`     |
-//! | `output_norm.weight`   | `model.norm.weight`                         |
-//! | `output.weight`        | `lm_head.weight` (absent: tied embeddings)  |
+//! Names and shapes come from the Llama family table (`model::families::llama`, shown by
+//! `factpatch inspect-model`): each tensor's Hugging Face name beside its GGUF name
+//! (`blk.N.ffn_down.weight` → `model.layers.N.mlp.down_proj.weight`, `output.weight` →
+//! `lm_head.weight`, absent when the embeddings are tied).
 //!
 //! GGUF lists dimensions fastest-first; candle's reader reverses them, so the
 //! shapes here are already PyTorch's `[out_features, in_features]`.
@@ -26,24 +14,24 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Seek};
 use std::path::Path;
 
-use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::gguf_file::{Content, TensorInfo};
+use candle_core::quantized::QTensor;
 use candle_core::Device;
 use safetensors::{Dtype, View};
 
 use super::{Error, Hparams, OutDtype};
+use crate::model::{Dims, Family, Qkv, FAMILIES};
 
-/// Per-layer tensors: GGUF suffix, Hugging Face suffix.
-const LAYER_NAMES: [(&str, &str); 9] = [
-    ("attn_q", "self_attn.q_proj"),
-    ("attn_k", "self_attn.k_proj"),
-    ("attn_v", "self_attn.v_proj"),
-    ("attn_output", "self_attn.o_proj"),
-    ("attn_norm", "input_layernorm"),
-    ("ffn_norm", "post_attention_layernorm"),
-    ("ffn_gate", "mlp.gate_proj"),
-    ("ffn_up", "mlp.up_proj"),
-    ("ffn_down", "mlp.down_proj"),
-];
+/// The Llama family table, which names every tensor this importer reads.
+fn llama() -> &'static Family {
+    FAMILIES.iter().copied().find(|f| f.name == "llama").expect("the llama family is built in")
+}
+
+/// The GGUF name of a per-layer Llama tensor, by the family table:
+/// `model.layers.N.mlp.down_proj.weight` → `blk.N.ffn_down.weight`.
+pub fn llama_gguf_name(hf: &str) -> Option<String> {
+    llama().layer_tensors().into_iter().find_map(|p| p.layer_of(hf).and_then(|l| p.gguf_at(l)))
+}
 
 /// One tensor ready to be written.
 struct Blob {
@@ -100,77 +88,105 @@ impl Weights {
 /// The expected Hugging Face name and shape of every GGUF tensor of a Llama
 /// model, keyed by GGUF name. `output.weight` is included but optional.
 fn expected(hp: &Hparams) -> BTreeMap<String, (String, Vec<usize>)> {
-    let (h, hd) = (hp.hidden, hp.head_dim());
-    let (q, kv, inter) = (hp.heads * hd, hp.kv_heads * hd, hp.intermediate);
-    let mut map = BTreeMap::new();
-    let mut add = |gguf: String, hf: String, shape: Vec<usize>| {
-        map.insert(gguf, (hf, shape));
-    };
-    add("token_embd.weight".into(), "model.embed_tokens.weight".into(), vec![hp.vocab_size, h]);
-    add("output_norm.weight".into(), "model.norm.weight".into(), vec![h]);
-    add("output.weight".into(), "lm_head.weight".into(), vec![hp.vocab_size, h]);
-    for layer in 0..hp.layers {
-        for (gguf, hf) in LAYER_NAMES {
-            let shape = match gguf {
-                "attn_q" => vec![q, h],
-                "attn_k" | "attn_v" => vec![kv, h],
-                "attn_output" => vec![h, q],
-                "attn_norm" | "ffn_norm" => vec![h],
-                "ffn_gate" | "ffn_up" => vec![inter, h],
-                _ => vec![h, inter], // ffn_down
-            };
-            add(format!("blk.{layer}.{gguf}.weight"), format!("model.layers.{layer}.{hf}.weight"), shape);
-        }
-    }
-    map
+    let dims =
+        Dims { vocab: hp.vocab_size, hidden: hp.hidden, ff: hp.intermediate, heads: hp.heads, kv_heads: hp.kv_heads, head_dim: hp.head_dim(), positions: 0 };
+    let f = llama();
+    let globals = f.global_tensors().into_iter().map(|p| (p, 0));
+    let layers = (0..hp.layers).flat_map(|l| f.layer_tensors().into_iter().map(move |p| (p, l)));
+    globals.chain(layers).filter_map(|(p, l)| Some((p.gguf_at(l)?, (p.at(l), p.stored_shape(&dims))))).collect()
 }
 
-/// Read, dequantize, un-permute and convert every tensor of the GGUF.
-pub(super) fn convert<R: Read + Seek>(path: &Path, content: &Content, reader: &mut R, hp: &Hparams, dtype: OutDtype) -> Result<Weights, Error> {
+/// One tensor of a llama GGUF, as Hugging Face names and lays it out.
+pub(super) struct Mapped<'a> {
+    /// Its GGUF name.
+    pub(super) gguf: &'a str,
+    /// Its Hugging Face name.
+    pub(super) hf: String,
+    /// Its PyTorch shape (the same in both files).
+    pub(super) shape: Vec<usize>,
+    /// Type, shape and place in the GGUF file.
+    pub(super) info: &'a TensorInfo,
+    /// For `q_proj`/`k_proj`: the number of heads whose rows llama.cpp permuted.
+    rotary_heads: Option<usize>,
+}
+
+/// Every tensor of the GGUF, in GGUF name order, checked to be exactly a llama model's
+/// (`output.weight` optional) with the shapes `hp` implies.
+pub(super) fn map<'a>(path: &Path, content: &'a Content, hp: &Hparams) -> Result<Vec<Mapped<'a>>, Error> {
     let tensor_err = |name: &str, problem: String| Error::Tensor { path: path.to_path_buf(), name: name.to_string(), problem };
-    let expected = expected(hp);
+    let mut expected = expected(hp);
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     if let Some(extra) = names.iter().find(|n| !expected.contains_key(n.as_str())) {
         return Err(tensor_err(extra, "not part of a llama model".into()));
     }
-    if let Some(missing) = expected.keys().find(|k| k.as_str() != "output.weight" && !content.tensor_infos.contains_key(k.as_str())) {
+    if let Some(missing) = expected.keys().find(|k| Some(k.as_str()) != llama().unembed.gguf && !content.tensor_infos.contains_key(k.as_str())) {
         return Err(tensor_err(missing, "missing".into()));
     }
-    let mut blobs = BTreeMap::new();
-    for name in names {
-        let (hf, shape) = &expected[name.as_str()];
-        let info = &content.tensor_infos[name.as_str()];
-        if info.shape.dims() != shape.as_slice() {
-            return Err(tensor_err(name, format!("shape {:?}, expected {:?}", info.shape.dims(), shape)));
-        }
-        let corrupt = |e: candle_core::Error| Error::Corrupt { path: path.to_path_buf(), reason: format!("tensor `{name}`: {e}") };
-        let values = info
-            .read(reader, content.tensor_data_offset, &Device::Cpu)
-            .and_then(|q| q.dequantize(&Device::Cpu))
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(corrupt)?;
-        let values = if name.ends_with(".attn_q.weight") {
-            unpermute_rotary(&values, hp.heads, shape[1])
-        } else if name.ends_with(".attn_k.weight") {
-            unpermute_rotary(&values, hp.kv_heads, shape[1])
-        } else {
-            values
-        };
-        blobs.insert(
-            hf.clone(),
-            Blob {
-                dtype: match dtype {
-                    OutDtype::F32 => Dtype::F32,
-                    OutDtype::Bf16 => Dtype::BF16,
-                },
-                shape: shape.clone(),
-                data: encode(&values, dtype),
-            },
-        );
+    names
+        .into_iter()
+        .map(|name| {
+            let (hf, shape) = expected.remove(name.as_str()).expect("checked above");
+            let info = &content.tensor_infos[name.as_str()];
+            if info.shape.dims() != shape.as_slice() {
+                return Err(tensor_err(name, format!("shape {:?}, expected {:?}", info.shape.dims(), shape)));
+            }
+            let Qkv::Separate { q, k, .. } = llama().block.qkv else { unreachable!("Llama's projections are separate") };
+            let rotary_heads = match &hf {
+                n if q.layer_of(n).is_some() => Some(hp.heads),
+                n if k.layer_of(n).is_some() => Some(hp.kv_heads),
+                _ => None,
+            };
+            Ok(Mapped { gguf: name, hf, shape, info, rotary_heads })
+        })
+        .collect()
+}
+
+impl Mapped<'_> {
+    /// The tensor's values as Hugging Face has them: read from `reader` (the GGUF file, whose
+    /// tensor data starts at `data_offset`), dequantized to f32 and, for `q_proj`/`k_proj`,
+    /// un-permuted. What `import-gguf` writes, and what `apply` hashes and patches.
+    pub(super) fn hf_values<R: Read + Seek>(&self, path: &Path, reader: &mut R, data_offset: u64) -> Result<Vec<f32>, Error> {
+        let q = self.info.read(reader, data_offset, &Device::Cpu).map_err(|e| self.corrupt(path, e))?;
+        self.hf_values_of(path, q)
     }
-    let has_lm_head = blobs.contains_key("lm_head.weight");
+
+    /// [`Mapped::hf_values`] of `q`, this tensor's data in the GGUF's layout.
+    pub(super) fn hf_values_of(&self, path: &Path, q: QTensor) -> Result<Vec<f32>, Error> {
+        let values = q.dequantize(&Device::Cpu).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).map_err(|e| self.corrupt(path, e))?;
+        Ok(match self.rotary_heads {
+            Some(heads) => unpermute_rotary(&values, heads, self.shape[1]),
+            None => values,
+        })
+    }
+
+    /// An error about this tensor of the GGUF file at `path`.
+    fn corrupt(&self, path: &Path, e: candle_core::Error) -> Error {
+        Error::Corrupt { path: path.to_path_buf(), reason: format!("tensor `{}`: {e}", self.gguf) }
+    }
+
+    /// Hugging Face-ordered values back in the GGUF's row order (the inverse of the
+    /// un-permutation [`Mapped::hf_values`] applies).
+    pub(super) fn gguf_order(&self, values: Vec<f32>) -> Vec<f32> {
+        match self.rotary_heads {
+            Some(heads) => permute_rotary(&values, heads, self.shape[1]),
+            None => values,
+        }
+    }
+}
+
+/// Read, dequantize, un-permute and convert every tensor of the GGUF.
+pub(super) fn convert<R: Read + Seek>(path: &Path, content: &Content, reader: &mut R, hp: &Hparams, dtype: OutDtype) -> Result<Weights, Error> {
+    let mut blobs = BTreeMap::new();
+    for m in map(path, content, hp)? {
+        let values = m.hf_values(path, reader, content.tensor_data_offset)?;
+        let dtype_st = match dtype {
+            OutDtype::F32 => Dtype::F32,
+            OutDtype::Bf16 => Dtype::BF16,
+        };
+        blobs.insert(m.hf, Blob { dtype: dtype_st, shape: m.shape, data: encode(&values, dtype) });
+    }
+    let has_lm_head = blobs.contains_key(llama().unembed.name);
     Ok(Weights { blobs, has_lm_head })
 }
 
@@ -199,6 +215,25 @@ fn unpermute_rotary(values: &[f32], heads: usize, cols: usize) -> Vec<f32> {
     out
 }
 
+/// llama.cpp's rotary permutation, the inverse of [`unpermute_rotary`]: Hugging Face row
+/// `t * d/2 + i` of a head becomes GGUF row `2i + t`.
+fn permute_rotary(values: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+    let rows = values.len() / cols;
+    let head_dim = rows / heads;
+    let half = head_dim / 2;
+    let mut out = vec![0.0f32; values.len()];
+    for head in 0..heads {
+        for i in 0..half {
+            for t in 0..2 {
+                let src = (head * head_dim + t * half + i) * cols;
+                let dst = (head * head_dim + 2 * i + t) * cols;
+                out[dst..dst + cols].copy_from_slice(&values[src..src + cols]);
+            }
+        }
+    }
+    out
+}
+
 /// Little-endian bytes of `values` in the output type.
 fn encode(values: &[f32], dtype: OutDtype) -> Vec<u8> {
     match dtype {
@@ -212,9 +247,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn llama_names_map_to_gguf_names_by_the_table() {
+        assert_eq!(llama_gguf_name("model.layers.12.mlp.down_proj.weight").as_deref(), Some("blk.12.ffn_down.weight"));
+        assert_eq!(llama_gguf_name("model.layers.0.mlp.gate_proj.weight").as_deref(), Some("blk.0.ffn_gate.weight"));
+        for other in ["model.layers.04.mlp.down_proj.weight", "model.layers.+4.mlp.down_proj.weight", "model.layers.4.mlp.down_proj.bias", "lm_head.weight"] {
+            assert_eq!(llama_gguf_name(other), None, "{other}");
+        }
+    }
+
+    #[test]
     fn bf16_rounds_to_nearest_even() {
         // 1 + 2^-8 is a tie between 1.0 and 1 + 2^-7: rounds to the even 1.0.
         let bytes = encode(&[1.0 + 1.0 / 256.0], OutDtype::Bf16);
         assert_eq!(bytes, half::bf16::from_f32(1.0).to_le_bytes().to_vec());
+    }
+
+    #[test]
+    fn permute_inverts_unpermute() {
+        // 3 heads of dimension 4, 2 columns: every row distinct.
+        let values: Vec<f32> = (0..24).map(|v| v as f32).collect();
+        let hf = unpermute_rotary(&values, 3, 2);
+        assert_ne!(hf, values);
+        // Head 0's GGUF rows [x0, y0, x1, y1] are HF rows [x0, x1, y0, y1].
+        assert_eq!(&hf[..8], &[0.0, 1.0, 4.0, 5.0, 2.0, 3.0, 6.0, 7.0]);
+        assert_eq!(permute_rotary(&hf, 3, 2), values);
     }
 }

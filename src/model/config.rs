@@ -1,77 +1,11 @@
-//! A model's configuration: its family (which stored tensors are which, how they are
-//! oriented) and its dimensions, read from `config.json`.
+//! A model's configuration: its family and its dimensions, read from `config.json` by the
+//! family's serde struct, and the typed fields those structs are made of.
 
-use super::weights::Weights;
+use super::family::{Dims, Family};
 use super::{Error, Result, FAMILIES};
 use crate::checkpoint::{self, Tensors};
-use candle_core::Device;
+use serde::de::DeserializeOwned;
 use std::path::Path;
-
-/// How a stored projection matrix maps to the `[out, in]` view edits use (`out = W·k`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-pub enum Orientation {
-    /// Stored `[out, in]` (torch `nn.Linear`).
-    OutIn,
-    /// Stored `[in, out]` (GPT-2's `Conv1D`): the transpose of the edit view.
-    InOut,
-}
-
-/// A per-layer stored matrix: its name template (`{layer}` is replaced) and orientation.
-#[derive(Clone, Copy, Debug, serde::Serialize)]
-pub struct Projection {
-    pub name: &'static str,
-    pub orientation: Orientation,
-}
-
-impl Projection {
-    /// The stored tensor's name at `layer`.
-    pub fn at(&self, layer: usize) -> String {
-        self.name.replace("{layer}", &layer.to_string())
-    }
-}
-
-/// A model family described as data.
-#[derive(Debug, serde::Serialize)]
-pub struct Family {
-    pub name: &'static str,
-    /// `model_type` values in `config.json` that belong to this family.
-    pub model_types: &'static [&'static str],
-    pub embed: &'static str,
-    pub final_norm: &'static str,
-    /// The unembedding, when stored separately; otherwise the embedding is tied.
-    pub unembed: &'static str,
-    /// The MLP's input projections (for Llama, gate then up).
-    pub mlp_in: &'static [Projection],
-    /// The MLP's output projection: the matrix ROME and MEMIT edit. Its input is the "key".
-    pub mlp_out: Projection,
-    /// Layers MEMIT edits by default in a model that has them all (see [`Family::edit_layers`]).
-    pub default_edit_layers: [usize; 5],
-    /// The `config.json` key of the layer count.
-    pub layers_key: &'static str,
-    /// KN's integrated-gradient steps by default (the peers' setting for the family).
-    pub kn_steps: usize,
-    #[serde(skip)]
-    pub(super) load: fn(&serde_json::Value, &Path) -> Result<Config>,
-    #[serde(skip)]
-    pub(super) weights: fn(&Config, &dyn Tensors, &Device) -> Result<Weights>,
-}
-
-impl Family {
-    /// The layers MEMIT edits by default in a model of `num_layers` layers (ROME edits the
-    /// second of them, or the only one): [`Family::default_edit_layers`] when the model has
-    /// them all; in a shallower model, the same relative depths, each once: layer `l` becomes
-    /// `l·n / (last + 1)` for `n` layers and `last` the deepest default. A 2-layer Llama gets
-    /// `[0, 1]`, a 1-layer one `[0]`.
-    pub fn edit_layers(&self, num_layers: usize) -> Vec<usize> {
-        let last = *self.default_edit_layers.iter().max().expect("five layers");
-        if last < num_layers {
-            return self.default_edit_layers.to_vec();
-        }
-        let mut layers: Vec<usize> = self.default_edit_layers.iter().map(|&l| l * num_layers / (last + 1)).collect();
-        layers.dedup();
-        layers
-    }
-}
 
 /// Most layers a config may declare.
 pub const MAX_LAYERS: usize = 1 << 12;
@@ -94,8 +28,10 @@ pub struct Config {
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub norm_eps: f64,
-    /// RoPE base, for families that rotate positions.
-    pub rope_theta: Option<f64>,
+    /// Rotary embedding, for families that rotate queries and keys.
+    pub rope: Option<RopeConfig>,
+    /// Each query sees only the keys fewer than this many positions back (Mistral).
+    pub sliding_window: Option<usize>,
     pub max_positions: usize,
     pub tied_embeddings: bool,
     pub bos_token_id: Option<u32>,
@@ -116,7 +52,20 @@ impl Config {
             found: found.to_string(),
             supported: FAMILIES.iter().flat_map(|f| f.model_types.iter().copied()).collect::<Vec<_>>().join(", "),
         })?;
-        (family.load)(json, path)
+        (family.config)(json, path)
+    }
+
+    /// The dimensions stored tensors must have.
+    pub fn dims(&self) -> Dims {
+        Dims {
+            vocab: self.vocab_size,
+            hidden: self.hidden_size,
+            ff: self.intermediate_size,
+            heads: self.num_heads,
+            kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            positions: self.max_positions,
+        }
     }
 
     /// Checks the declared layer count against `tensors`: layer `num_layers - 1` must exist and
@@ -136,69 +85,110 @@ impl Config {
     }
 }
 
-/// Typed access to `config.json` fields, naming the file and key in errors.
-pub(crate) struct ConfigJson<'a> {
-    pub json: &'a serde_json::Value,
+/// Rotary position embedding: the base and an optional rescaling of its frequencies.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct RopeConfig {
+    pub theta: f64,
+    pub scaling: Option<RopeScaling>,
+}
+
+/// A rescaling of rotary frequencies.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub enum RopeScaling {
+    /// Llama 3.1's: long wavelengths divided by `factor`, short ones kept, a smooth band between.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_positions: usize },
+}
+
+/// One `config.json` value as read by a family's serde struct: absent (or null), of the type
+/// the struct wants, or of another type (kept so that `validate()` can name the key).
+#[derive(Clone, Debug, Default)]
+pub enum Field<T> {
+    #[default]
+    Absent,
+    Value(T),
+    Wrong,
+}
+
+impl<'de, T: DeserializeOwned> serde::Deserialize<'de> for Field<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        Ok(match v {
+            serde_json::Value::Null => Field::Absent,
+            v => serde_json::from_value(v).map_or(Field::Wrong, Field::Value),
+        })
+    }
+}
+
+/// Parses `json` into a family's serde struct (whose fields are [`Field`]s, so this fails only
+/// when `json` is not an object).
+pub(crate) fn parse<T: DeserializeOwned>(json: &serde_json::Value, path: &Path) -> Result<T> {
+    serde_json::from_value(json.clone()).map_err(|e| Error::Config {
+        path: path.to_path_buf(),
+        key: "config.json".into(),
+        problem: format!("is not a config: {e}"),
+    })
+}
+
+/// Checks [`Field`]s of one `config.json`, naming the file and key in errors.
+pub(crate) struct Keys<'a> {
     pub path: &'a Path,
 }
 
-impl ConfigJson<'_> {
-    fn err(&self, key: &str, problem: &str) -> Error {
-        Error::Config { path: self.path.to_path_buf(), key: key.to_string(), problem: problem.to_string() }
+impl Keys<'_> {
+    pub fn err(&self, key: &str, problem: impl Into<String>) -> Error {
+        Error::Config { path: self.path.to_path_buf(), key: key.to_string(), problem: problem.into() }
     }
 
     /// A positive integer of at most [`MAX_DIMENSION`].
-    pub fn usize(&self, key: &str) -> Result<usize> {
-        self.usize_at_most(key, MAX_DIMENSION)
+    pub fn usize(&self, key: &str, f: &Field<u64>) -> Result<usize> {
+        self.usize_at_most(key, f, MAX_DIMENSION)
     }
 
     /// A positive integer of at most `max`.
-    pub fn usize_at_most(&self, key: &str, max: usize) -> Result<usize> {
-        match self.json.get(key) {
-            None | Some(serde_json::Value::Null) => Err(self.err(key, "is missing")),
-            Some(v) => match v.as_u64() {
-                Some(n) if n > 0 && n <= max as u64 => Ok(n as usize),
-                Some(n) if n > 0 => Err(self.err(key, &format!("is {n}, more than the {max} supported"))),
-                _ => Err(self.err(key, "must be a positive integer")),
-            },
+    pub fn usize_at_most(&self, key: &str, f: &Field<u64>, max: usize) -> Result<usize> {
+        match f {
+            Field::Absent => Err(self.err(key, "is missing")),
+            Field::Value(n) if *n > 0 && *n <= max as u64 => Ok(*n as usize),
+            Field::Value(n) if *n > 0 => Err(self.err(key, format!("is {n}, more than the {max} supported"))),
+            _ => Err(self.err(key, "must be a positive integer")),
         }
     }
 
-    pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
-        self.usize_or_at_most(key, default, MAX_DIMENSION)
+    pub fn usize_or(&self, key: &str, f: &Field<u64>, default: usize) -> Result<usize> {
+        self.usize_or_at_most(key, f, default, MAX_DIMENSION)
     }
 
-    pub fn usize_or_at_most(&self, key: &str, default: usize, max: usize) -> Result<usize> {
-        match self.json.get(key) {
-            None | Some(serde_json::Value::Null) => Ok(default),
-            Some(_) => self.usize_at_most(key, max),
+    pub fn usize_or_at_most(&self, key: &str, f: &Field<u64>, default: usize, max: usize) -> Result<usize> {
+        match f {
+            Field::Absent => Ok(default),
+            _ => self.usize_at_most(key, f, max),
         }
     }
 
-    pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
-        match self.json.get(key) {
-            None | Some(serde_json::Value::Null) => Ok(default),
-            Some(v) => v.as_f64().filter(|x| x.is_finite() && *x > 0.0).ok_or_else(|| self.err(key, "must be a positive number")),
+    /// A positive, finite number, `default` when absent.
+    pub fn f64_or(&self, key: &str, f: &Field<f64>, default: f64) -> Result<f64> {
+        match f {
+            Field::Absent => Ok(default),
+            Field::Value(x) if x.is_finite() && *x > 0.0 => Ok(*x),
+            _ => Err(self.err(key, "must be a positive number")),
         }
     }
 
-    pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
-        match self.json.get(key) {
-            None | Some(serde_json::Value::Null) => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| self.err(key, "must be true or false")),
+    pub fn bool_or(&self, key: &str, f: &Field<bool>, default: bool) -> Result<bool> {
+        match f {
+            Field::Absent => Ok(default),
+            Field::Value(b) => Ok(*b),
+            Field::Wrong => Err(self.err(key, "must be true or false")),
         }
     }
 
-    pub fn str_or<'s>(&'s self, key: &str, default: &'s str) -> &'s str {
-        self.json.get(key).and_then(|v| v.as_str()).unwrap_or(default)
-    }
-
-    /// Token ids: an integer or a list of integers.
-    pub fn ids(&self, key: &str) -> Vec<u32> {
-        match self.json.get(key) {
-            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
-            Some(v) => v.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-            None => Vec::new(),
+    /// A string that must be one of `allowed` (the first when absent).
+    pub fn one_of<'s>(&self, key: &str, f: &'s Field<String>, allowed: &[&'s str]) -> Result<&'s str> {
+        match f {
+            Field::Absent => Ok(allowed[0]),
+            Field::Value(s) if allowed.contains(&s.as_str()) => Ok(s),
+            Field::Value(s) => Err(self.err(key, format!("is `{s}`, which is not supported (supported: {})", allowed.join(", ")))),
+            Field::Wrong => Err(self.err(key, "must be a string")),
         }
     }
 
@@ -209,5 +199,14 @@ impl ConfigJson<'_> {
         } else {
             Err(self.err(key, problem))
         }
+    }
+}
+
+/// Token ids: an integer or a list of integers (anything else reads as none).
+pub(crate) fn ids(f: &Field<serde_json::Value>) -> Vec<u32> {
+    match f {
+        Field::Value(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+        Field::Value(v) => v.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+        _ => Vec::new(),
     }
 }

@@ -213,7 +213,7 @@ impl Model {
     }
 
     /// Position ids `b × t`, row-major (counting real tokens only), and the additive attention
-    /// bias `[b, 1, t, past + t]` (causal, pads masked) for `batch` after `past` cached
+    /// bias `[b, 1, t, past + t]` (causal, pads masked, keys outside a sliding window masked) for `batch` after `past` cached
     /// positions. A sequence longer than the model's context is refused before the bias, which
     /// grows with its square, is allocated.
     fn positions_and_bias(&self, batch: &Batch, past: &[Vec<bool>]) -> Result<(Vec<u32>, Tensor)> {
@@ -235,7 +235,8 @@ impl Model {
                 positions.push(if real { seen } else { 0 } as u32);
                 seen += real as usize;
                 for (j, &k) in keys.iter().enumerate() {
-                    bias.push(if k && j <= p + i { 0f32 } else { f32::NEG_INFINITY });
+                    let in_window = self.config.sliding_window.is_none_or(|w| p + i < j + w);
+                    bias.push(if k && j <= p + i && in_window { 0f32 } else { f32::NEG_INFINITY });
                 }
             }
         }
@@ -255,6 +256,10 @@ impl Model {
         let split = |y: Tensor, heads: usize| y.reshape((b, t, heads, hd))?.transpose(1, 2);
         let mut q = split(block.q.forward(x)?, nh)?;
         let mut k = split(block.k.forward(x)?, nkv)?;
+        if let Some((q_norm, k_norm)) = &block.qk_norm {
+            q = q_norm.forward(&q)?;
+            k = k_norm.forward(&k)?;
+        }
         let mut v = split(block.v.forward(x)?, nkv)?;
         if let Some(angles) = angles {
             q = Rope::apply(&q.contiguous()?, angles)?;

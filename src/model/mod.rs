@@ -2,23 +2,24 @@
 //! with the interventions editing needs (capture keys and residuals, add vectors, stop early,
 //! differentiate with respect to an added vector), and generation with a KV cache.
 //!
-//! Each family lives in its own file and is described as data ([`Family`]): which stored tensors
-//! are the MLP projections, the final norm and the unembedding, and how each is oriented. The
-//! loaders turn every family into the same `Block` structure (`weights.rs`), so nothing
+//! Each family is a table in its own file (`families/`, types in `family.rs`): every stored
+//! tensor's name, GGUF name, orientation, shape and bias, and the block's optional parts. One
+//! loader reads every table into the same `Block` structure (`weights.rs`), so nothing
 //! downstream branches on the family.
 
 mod attention;
 mod config;
 mod device;
+mod families;
+mod family;
 mod forward;
 mod generate;
-mod gpt2;
-mod llama;
 pub mod ops;
 mod weights;
 
-pub use config::{Config, Family, Orientation, Projection, MAX_DIMENSION, MAX_LAYERS, MAX_POSITIONS};
+pub use config::{Config, RopeConfig, RopeScaling, MAX_DIMENSION, MAX_LAYERS, MAX_POSITIONS};
 pub use device::{default_device, device_name};
+pub use family::{BlockTable, Dim, Dims, Family, NormKind, Orientation, Projection, Qkv};
 pub use forward::{add_at, Addition, Batch, Hooks, KvCache, Site, Trace};
 pub use generate::{generate, Sampling};
 
@@ -51,7 +52,8 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// The supported families.
-pub static FAMILIES: &[&Family] = &[&llama::FAMILY, &gpt2::FAMILY];
+pub static FAMILIES: &[&Family] =
+    &[&families::llama::FAMILY, &families::gpt2::FAMILY, &families::mistral::FAMILY, &families::qwen2::FAMILY, &families::qwen3::FAMILY];
 
 /// A loaded model, weights in f32 on one device. Cloning is cheap: the clone shares the
 /// weight tensors, and replacing one in either (an edit) leaves the other as it was.
@@ -79,8 +81,8 @@ impl Model {
     /// Builds the model from an opened checkpoint, or one with patches overlaid.
     pub fn from_checkpoint(config: Config, ckpt: &dyn Tensors, device: &Device) -> Result<Self> {
         config.check_layers(ckpt)?;
-        let w = (config.family.weights)(&config, ckpt, device)?;
-        let rope = config.rope_theta.map(|theta| Rope::new(config.head_dim, theta));
+        let w = weights::load_weights(&config, ckpt, device)?;
+        let rope = config.rope.as_ref().map(|r| Rope::new(config.head_dim, r));
         Ok(Model { config, dir: ckpt.dir().to_path_buf(), device: device.clone(), w, rope })
     }
 

@@ -3,6 +3,7 @@
 //! primitive ops that do. Weight matmuls go through [`Linear`], whose backward pass computes
 //! the input gradient only: weights are frozen, and candle's own matmul would also compute theirs.
 
+use super::config::{RopeConfig, RopeScaling};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor, D};
 
@@ -189,8 +190,29 @@ pub struct RopeAngles {
 }
 
 impl Rope {
-    pub fn new(head_dim: usize, theta: f64) -> Self {
-        Rope { inv: (0..head_dim / 2).map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32).collect() }
+    /// The inverse frequencies of `head_dim` under `rope`, computed in f32 as transformers does.
+    pub fn new(head_dim: usize, rope: &RopeConfig) -> Self {
+        let base = (0..head_dim / 2).map(|i| (1.0 / rope.theta.powf(2.0 * i as f64 / head_dim as f64)) as f32);
+        let inv = match rope.scaling {
+            None => base.collect(),
+            Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_positions }) => {
+                let (factor, low, high, old) = (factor as f32, low_freq_factor as f32, high_freq_factor as f32, original_max_positions as f32);
+                let (low_wavelen, high_wavelen) = (old / low, old / high);
+                base.map(|f| {
+                    let wavelen = 2.0 * std::f32::consts::PI / f;
+                    if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (old / wavelen - low) / (high - low);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+            }
+        };
+        Rope { inv }
     }
 
     /// The angles of `positions` (`b × t`, row-major) in `dtype` on `device`.
@@ -223,7 +245,7 @@ impl Rope {
 }
 
 /// Activation functions of MLPs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum Activation {
     /// `x·σ(x)` (Llama's SwiGLU gate).
     Silu,

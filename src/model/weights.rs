@@ -1,7 +1,8 @@
-//! Loaded weights in the one structure every family shares: decoder blocks, embeddings,
-//! final norm and unembedding, and the helpers family loaders read stored tensors with.
+//! Loaded weights in the one structure every family shares (decoder blocks, embeddings, final
+//! norm and unembedding), read from a checkpoint by the family's table.
 
-use super::config::Orientation;
+use super::config::Config;
+use super::family::{Dims, NormKind, Orientation, Projection, Qkv};
 use super::ops::{Activation, Linear, Norm};
 use super::Result;
 use crate::checkpoint::Tensors;
@@ -12,6 +13,8 @@ use candle_core::{DType, Device, Tensor};
 pub(crate) struct Block {
     pub attn_norm: Norm,
     pub q: Linear,
+    /// Per-head norms of queries and keys (Qwen3).
+    pub qk_norm: Option<(Norm, Norm)>,
     pub k: Linear,
     pub v: Linear,
     pub o: Linear,
@@ -45,6 +48,7 @@ impl Block {
         Ok(Block {
             attn_norm: self.attn_norm.to_dtype(dt)?,
             q: self.q.to_dtype(dt)?,
+            qk_norm: self.qk_norm.as_ref().map(|(q, k)| Ok::<_, candle_core::Error>((q.to_dtype(dt)?, k.to_dtype(dt)?))).transpose()?,
             k: self.k.to_dtype(dt)?,
             v: self.v.to_dtype(dt)?,
             o: self.o.to_dtype(dt)?,
@@ -60,15 +64,95 @@ impl Block {
 }
 
 /// Loads a stored tensor as f32, checking its shape.
-pub(crate) fn load(ckpt: &dyn Tensors, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+fn load(ckpt: &dyn Tensors, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
     let t = ckpt.tensor_with_shape(name, shape)?;
     Ok(Tensor::from_vec(t.to_f32().into_owned(), shape, device)?)
 }
 
-/// Loads a projection in the `[out, in]` view given its stored orientation.
-pub(crate) fn load_proj(ckpt: &dyn Tensors, name: &str, out: usize, inp: usize, o: Orientation, device: &Device) -> Result<Tensor> {
-    Ok(match o {
-        Orientation::OutIn => load(ckpt, name, &[out, inp], device)?,
-        Orientation::InOut => load(ckpt, name, &[inp, out], device)?.t()?.contiguous()?,
-    })
+/// Reads a checkpoint by its family's table.
+struct Loader<'a> {
+    ckpt: &'a dyn Tensors,
+    dims: Dims,
+    cfg: &'a Config,
+    device: &'a Device,
+}
+
+impl Loader<'_> {
+    /// `p` at `layer` in the `[out, in]` view, with its bias.
+    fn linear(&self, p: &Projection, layer: usize) -> Result<Linear> {
+        let view = p.view_shape(&self.dims);
+        let weight = load(self.ckpt, &p.at(layer), &p.stored_shape(&self.dims), self.device)?;
+        let weight = match p.orientation {
+            Orientation::OutIn => weight,
+            Orientation::InOut => weight.t()?.contiguous()?,
+        };
+        let bias = p.bias_at(layer).map(|b| load(self.ckpt, &b, &view[..1], self.device)).transpose()?;
+        Ok(Linear { weight, bias })
+    }
+
+    fn norm(&self, p: &Projection, layer: usize) -> Result<Norm> {
+        let Linear { weight, bias } = self.linear(p, layer)?;
+        let eps = self.cfg.norm_eps;
+        Ok(match (self.cfg.family.norm, bias) {
+            (NormKind::Rms, None) => Norm::Rms { weight, eps },
+            (NormKind::Layer, Some(bias)) => Norm::Layer { weight, bias, eps },
+            _ => unreachable!("a family's norms have biases exactly when they are LayerNorms"),
+        })
+    }
+
+    fn block(&self, l: usize) -> Result<Block> {
+        let f = self.cfg.family;
+        let t = &f.block;
+        let (q, k, v) = match &t.qkv {
+            Qkv::Separate { q, k, v } => (self.linear(q, l)?, self.linear(k, l)?, self.linear(v, l)?),
+            Qkv::Fused(p) => {
+                let qkv = self.linear(p, l)?;
+                let sizes = [self.dims.heads, self.dims.kv_heads, self.dims.kv_heads].map(|h| h * self.dims.head_dim);
+                let part = |i: usize| -> Result<Linear> {
+                    let (start, len) = (sizes[..i].iter().sum(), sizes[i]);
+                    Ok(Linear {
+                        weight: qkv.weight.narrow(0, start, len)?.contiguous()?,
+                        bias: qkv.bias.as_ref().map(|b| b.narrow(0, start, len)).transpose()?,
+                    })
+                };
+                (part(0)?, part(1)?, part(2)?)
+            }
+        };
+        let mlp_in = match f.mlp_in {
+            [gate, up] => MlpIn::Gated { gate: self.linear(gate, l)?, up: self.linear(up, l)? },
+            [fc] => MlpIn::Plain(self.linear(fc, l)?),
+            _ => unreachable!("a family's MLP has one or two input projections"),
+        };
+        Ok(Block {
+            attn_norm: self.norm(&t.attn_norm, l)?,
+            q,
+            qk_norm: t.qk_norm.as_ref().map(|(qn, kn)| Ok::<_, super::Error>((self.norm(qn, l)?, self.norm(kn, l)?))).transpose()?,
+            k,
+            v,
+            o: self.linear(&t.o, l)?,
+            mlp_norm: self.norm(&t.mlp_norm, l)?,
+            mlp_in,
+            down: self.linear(&f.mlp_out, l)?,
+            act: f.activation,
+        })
+    }
+}
+
+/// Loads every tensor of `cfg`'s family table from `ckpt`, checking shapes against `cfg`.
+pub(crate) fn load_weights(cfg: &Config, ckpt: &dyn Tensors, device: &Device) -> Result<Weights> {
+    let f = cfg.family;
+    let ld = Loader { ckpt, dims: cfg.dims(), cfg, device };
+    let blocks = (0..cfg.num_layers).map(|l| ld.block(l)).collect::<Result<Vec<_>>>()?;
+    let global = |p: &Projection| -> Result<Tensor> { Ok(ld.linear(p, 0)?.weight) };
+    let embed = global(&f.embed)?;
+    // Tied models may still store a copy of the head; a separate head is used whenever present.
+    let unembed = if ckpt.contains(f.unembed.name) {
+        global(&f.unembed)?
+    } else if cfg.tied_embeddings {
+        embed.clone()
+    } else {
+        return Err(crate::checkpoint::Error::MissingTensor { dir: ckpt.dir().to_path_buf(), name: f.unembed.name.into() }.into());
+    };
+    let positions = f.positions.as_ref().map(global).transpose()?;
+    Ok(Weights { embed, positions, blocks, final_norm: ld.norm(&f.final_norm, 0)?, unembed })
 }

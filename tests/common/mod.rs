@@ -129,6 +129,13 @@ pub fn smollm2() -> PathBuf {
     dir
 }
 
+/// The verified SmolLM2 GGUF the folder is imported from; tells how to get it when missing.
+pub fn smollm2_gguf() -> PathBuf {
+    let path = root().join("fixtures/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(path.is_file(), "{} is missing: run `bash fixtures/setup.sh` first", path.display());
+    path
+}
+
 /// A reference tensor: shape and values as f64 (floats) or i64 (ids).
 pub struct Ref {
     pub shape: Vec<usize>,
@@ -188,9 +195,14 @@ fn byte_chars() -> Vec<char> {
 
 /// `fixtures/tiny-llama` with a byte-level tokenizer (ids 0-255 of its 512), at `dir`.
 pub fn byte_level_tiny_llama(dir: &Path) -> PathBuf {
+    byte_level(&root().join("fixtures/tiny-llama"), dir)
+}
+
+/// The tiny model at `src` (a vocabulary of at least 256) with a byte-level tokenizer, at `dir`.
+pub fn byte_level(src: &Path, dir: &Path) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(root().join("fixtures/tiny-llama").join(f), dir.join(f)).unwrap();
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
     }
     let vocab: serde_json::Map<String, serde_json::Value> = byte_chars().into_iter().enumerate().map(|(i, c)| (c.to_string(), i.into())).collect();
     let tok = serde_json::json!({

@@ -1,0 +1,166 @@
+//! Every family table against Hugging Face transformers (fixtures/families, made by
+//! `fixtures/reference.py --only families`): logits at every position of three prompts and of
+//! their right-padded batch, keys and residuals at both layers; a MEMIT patch on each tiny model,
+//! which reproduces the compiled weights bit for bit; and unsupported configs refused naming the
+//! file and key.
+
+mod common;
+
+use common::{ids, read_ref, root, Ref};
+use factpatch::compile::{Compiler, Spec, StatsSource};
+use factpatch::edit::{request, Method};
+use factpatch::model::{Batch, Hooks, Model};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Tiny model folder → the family table it must load with.
+const FAMILIES: [(&str, &str); 4] = [("tiny-llama3", "llama"), ("tiny-mistral", "mistral"), ("tiny-qwen2", "qwen2"), ("tiny-qwen3", "qwen3")];
+
+fn dir(name: &str) -> PathBuf {
+    root().join("fixtures/families").join(name)
+}
+
+/// Max |Δ| between `got` rows (one per position, the first `len`) and `want [.., len, width]` at row offset `at`.
+fn worst(got: &[Vec<f32>], want: &Ref, at: usize, len: usize) -> f64 {
+    let width = *want.shape.last().unwrap();
+    got.iter()
+        .take(len)
+        .enumerate()
+        .flat_map(|(t, row)| row.iter().zip(&want.f[(at + t) * width..][..width]).map(|(a, b)| (*a as f64 - b).abs()))
+        .fold(0.0, f64::max)
+}
+
+fn argmax<T: PartialOrd + Copy>(v: &[T]) -> usize {
+    (0..v.len()).fold(0, |b, i| if v[i] > v[b] { i } else { b })
+}
+
+fn check_logits(name: &str, what: &str, got: &[Vec<f32>], want: &Ref, at: usize, len: usize) {
+    let width = *want.shape.last().unwrap();
+    for (t, row) in got.iter().take(len).enumerate() {
+        assert_eq!(argmax(row), argmax(&want.f[(at + t) * width..][..width]), "{name} {what} position {t}: argmax differs");
+    }
+    let d = worst(got, want, at, len);
+    assert!(d <= 1e-4, "{name} {what}: max |Δlogit| = {d:e}");
+}
+
+#[test]
+fn every_family_matches_transformers() {
+    for (name, family) in FAMILIES {
+        let model = Model::load(&dir(name)).unwrap();
+        assert_eq!(model.config.family.name, family);
+        let refs: BTreeMap<String, Ref> = read_ref(&dir(name).join("reference.safetensors"));
+        let mut prompts = Vec::new();
+        for p in 0..3 {
+            let input = ids(&refs[&format!("p{p}.input_ids")]);
+            let hooks = Hooks { keys: vec![0, 1], residuals: vec![0, 1], ..Hooks::default() };
+            let trace = model.forward(&Batch::right_padded(std::slice::from_ref(&input)), &hooks, None).unwrap();
+            let logits: Vec<Vec<Vec<f32>>> = model.logits(&trace.hidden).unwrap().to_vec3().unwrap();
+            check_logits(name, &format!("p{p}"), &logits[0], &refs[&format!("p{p}.logits")], 0, input.len());
+            for l in 0..2 {
+                for (kind, got) in [("keys", &trace.keys[&l]), ("residual", &trace.residuals[&l])] {
+                    let got: Vec<Vec<Vec<f32>>> = got.to_vec3().unwrap();
+                    let d = worst(&got[0], &refs[&format!("p{p}.{kind}.{l}")], 0, input.len());
+                    assert!(d <= 1e-4, "{name} p{p} {kind} at layer {l}: max |Δ| = {d:e}");
+                }
+            }
+            prompts.push(input);
+        }
+        let batch = Batch::right_padded(&prompts);
+        assert_eq!(ids(&refs["batch.input_ids"]).len(), batch.len() * batch.seq_len());
+        let logits: Vec<Vec<Vec<f32>>> = model.logits(&model.forward(&batch, &Hooks::default(), None).unwrap().hidden).unwrap().to_vec3().unwrap();
+        for (row, p) in prompts.iter().enumerate() {
+            check_logits(name, &format!("batch row {row}"), &logits[row], &refs["batch.logits"], row * batch.seq_len(), p.len());
+        }
+    }
+}
+
+#[test]
+fn memit_patches_reproduce_the_compiled_weights_in_every_family() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = root().join("fixtures/corpus/sotu.txt");
+    for (name, _) in FAMILIES {
+        let model = common::byte_level(&dir(name), &tmp.path().join(name));
+        // Statistics from the corpus, in windows of the tiny model's 128 positions (the default
+        // window, 512 tokens, is longer than its context).
+        let spec = Spec {
+            stats: StatsSource::Corpus { files: vec![corpus.clone()], tokens: 4_000 },
+            cache: tmp.path().join("cache"),
+            // A random 2-layer model's keys are small: the real models' covariance weight (1500)
+            // and norm clamp would hold the update back.
+            overrides: vec!["mom2_weight=1".into(), "clamp_norm=1000".into(), "v_steps=60".into()],
+            ..Spec::new(&model, Method::Memit)
+        };
+        let compiler = Compiler::open(&spec).unwrap();
+        // A short prompt: Mistral's window of 4 must reach from its end to the subject.
+        let fact = request::parse_fact("{} in|Eiffel|Rome").unwrap();
+        let mut edited = compiler.clone();
+        let patch = edited.patch(std::slice::from_ref(&fact)).unwrap().patch;
+        // A random 2-layer model barely moves (see docs/families.md), but the update is real.
+        for &l in &compiler.hp.layers {
+            let delta = (edited.model.mlp_out_weight(l) - compiler.model.mlp_out_weight(l)).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(delta.to_scalar::<f32>().unwrap() > 0.0, "{name} layer {l}: MEMIT changed nothing");
+        }
+
+        let path = tmp.path().join(format!("{name}.fpatch"));
+        std::fs::write(&path, &patch.bytes).unwrap();
+        let out = tmp.path().join(format!("{name}-edited"));
+        factpatch::apply::apply(&model, &[path], &out).unwrap();
+        let applied = Model::load(&out).unwrap();
+        for &l in &compiler.hp.layers {
+            let a: Vec<f32> = applied.mlp_out_weight(l).flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = edited.model.mlp_out_weight(l).flatten_all().unwrap().to_vec1().unwrap();
+            assert!(a == b, "{name} layer {l}: the applied patch differs from the compiled weights");
+        }
+    }
+}
+
+/// A copy of `src`'s weights with its config edited; the error loading it.
+fn load_err(tmp: &Path, src: &str, edit: impl FnOnce(&mut serde_json::Value)) -> (PathBuf, String) {
+    let d = tempfile::tempdir_in(tmp).unwrap().keep();
+    std::fs::copy(dir(src).join("model.safetensors"), d.join("model.safetensors")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(dir(src).join("config.json")).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(d.join("config.json"), config.to_string()).unwrap();
+    let err = Model::load(&d).err().expect("loads").to_string();
+    (d.join("config.json"), err)
+}
+
+/// A change to a `config.json`.
+type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+
+#[test]
+fn unsupported_configs_name_the_file_and_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        ("tiny-qwen3", Box::new(|c| c["model_type"] = "qwen9".into()), "model_type `qwen9`"),
+        ("tiny-llama3", Box::new(|c| c["rope_parameters"]["rope_type"] = "yarn".into()), "`rope_parameters.rope_type` is `yarn`"),
+        ("tiny-llama3", Box::new(|c| c["rope_parameters"]["factor"] = "eight".into()), "`rope_parameters.factor` must be a positive number"),
+        (
+            "tiny-mistral",
+            Box::new(|c| {
+                c.as_object_mut().unwrap().remove("rope_parameters");
+                c["rope_scaling"] = serde_json::json!({"type": "dynamic", "factor": 2.0});
+            }),
+            "`rope_scaling.rope_type` is `dynamic`",
+        ),
+        ("tiny-qwen2", Box::new(|c| c["use_sliding_window"] = true.into()), "`use_sliding_window` is true"),
+        ("tiny-qwen3", Box::new(|c| c["hidden_act"] = "gelu".into()), "`hidden_act` is `gelu`"),
+        ("tiny-mistral", Box::new(|c| c["num_attention_heads"] = "four".into()), "`num_attention_heads` must be a positive integer"),
+        ("tiny-mistral", Box::new(|c| c["sliding_window"] = 0.into()), "`sliding_window` must be a positive integer"),
+    ];
+    for (src, edit, want) in cases {
+        let (path, err) = load_err(tmp.path(), src, edit);
+        assert!(err.contains(&path.display().to_string()) && err.contains(want), "{src}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+    // A tensor the table names but the checkpoint lacks: Llama weights under the Qwen3 table.
+    let (path, err) = load_err(tmp.path(), "tiny-llama3", |c| c["model_type"] = "qwen3".into());
+    let folder = path.parent().unwrap().display().to_string();
+    assert!(err.contains(&folder) && err.contains("model.layers.0.self_attn.q_norm.weight"), "{err}");
+}
+
+#[test]
+fn the_gguf_names_come_from_the_table() {
+    assert_eq!(factpatch::gguf::llama_gguf_name("model.layers.3.mlp.down_proj.weight").as_deref(), Some("blk.3.ffn_down.weight"));
+    assert_eq!(factpatch::gguf::llama_gguf_name("model.layers.3.self_attn.q_norm.weight"), None, "not in the Llama table");
+}
