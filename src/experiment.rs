@@ -4,8 +4,9 @@
 //! solve, for several N. Each RECT setting runs on its own copy of the model.
 //!
 //! Results are rows (setting, x, metric, value) in `results.csv`, rewritten atomically after
-//! every evaluation, with the edited weights saved beside them (`state/`), so an interrupted run
-//! resumes from its last completed evaluation. The plots are redrawn from the rows each time.
+//! every evaluation. The edited weights are saved beside them (`state/`) at every evaluation and
+//! at least every [`SAVE_EVERY`] edits, so an interrupted run resumes close to where it stopped.
+//! The plots are redrawn from the rows each time.
 
 use crate::atomic::Policy;
 use crate::compile::{self, Compiler};
@@ -52,9 +53,9 @@ impl From<eval::Error> for Error {
 /// How edits are made between evaluations.
 #[derive(Clone, Debug)]
 pub enum Schedule {
-    /// Facts one at a time, evaluated after each count of edits in `at` (ascending; the last
-    /// is the total).
-    Sequential { at: Vec<usize> },
+    /// Facts `batch` at a time (one solve per batch), evaluated after each count of edits in
+    /// `at` (ascending, multiples of `batch`; the last is the total).
+    Sequential { at: Vec<usize>, batch: usize },
     /// For each size N, the first N facts in one batch, on a fresh model.
     Batch { sizes: Vec<usize> },
 }
@@ -102,21 +103,36 @@ fn x_label(schedule: &Schedule) -> &'static str {
     }
 }
 
+/// A sequential run saves its state at least this often (in edits), besides every evaluation.
+pub const SAVE_EVERY: usize = 10;
+
 impl Schedule {
-    /// Sequential, `edits` in all, evaluated after every `every` (and after the last).
+    /// Sequential, one fact at a time, `edits` in all, evaluated after every `every` (and after
+    /// the last).
     pub fn every(edits: usize, every: usize) -> Self {
         let mut at: Vec<usize> = (1..=edits).filter(|i| every > 0 && i % every == 0).collect();
         if edits > 0 && at.last() != Some(&edits) {
             at.push(edits);
         }
-        Schedule::Sequential { at }
+        Schedule::Sequential { at, batch: 1 }
+    }
+
+    /// The same schedule with `batch` facts edited in each solve (sequential only).
+    pub fn in_batches(self, batch: usize) -> Self {
+        match self {
+            Schedule::Sequential { at, .. } => Schedule::Sequential { at, batch },
+            batch_schedule => batch_schedule,
+        }
     }
 }
 
 /// Runs (or resumes) the experiment; returns every row.
 pub fn run(setup: &Setup, schedule: &Schedule) -> Result<Vec<Row>> {
     let needed = match schedule {
-        Schedule::Sequential { at } if !at.is_empty() && at[0] > 0 && at.windows(2).all(|w| w[0] < w[1]) => at[at.len() - 1],
+        Schedule::Sequential { at, batch } if *batch > 0 && at.iter().any(|a| a % batch != 0) => {
+            return Err(Error::Plan(format!("edits are made {batch} at a time: evaluate after multiples of {batch} (--at, --every, --edits)")))
+        }
+        Schedule::Sequential { at, .. } if !at.is_empty() && at[0] > 0 && at.windows(2).all(|w| w[0] < w[1]) => at[at.len() - 1],
         Schedule::Batch { sizes } if !sizes.is_empty() && !sizes.contains(&0) => *sizes.iter().max().expect("non-empty"),
         _ => return Err(Error::Plan("nothing to run: give positive numbers of edits (ascending) and batch sizes".into())),
     };
@@ -136,7 +152,7 @@ pub fn run(setup: &Setup, schedule: &Schedule) -> Result<Vec<Row>> {
         compiler.hp.rect_k = k;
         let setting = setting_name(k);
         match schedule {
-            Schedule::Sequential { at } => ctx.sequential(compiler, &setting, at, &mut rows)?,
+            Schedule::Sequential { at, batch } => ctx.sequential(compiler, &setting, at, *batch, &mut rows)?,
             Schedule::Batch { sizes } => ctx.batch(&compiler, &setting, sizes, &mut rows)?,
         }
     }
@@ -160,33 +176,50 @@ impl Context<'_> {
         &self.setup.compiler.model
     }
 
-    fn sequential(&self, mut compiler: Compiler, setting: &str, at: &[usize], rows: &mut Vec<Row>) -> Result<()> {
+    fn sequential(&self, mut compiler: Compiler, setting: &str, at: &[usize], batch: usize, rows: &mut Vec<Row>) -> Result<()> {
         let edits = at[at.len() - 1];
-        let done = rows.iter().filter(|r| r.setting == setting).map(|r| r.x).max();
-        if done.is_none() {
+        let measured = |rows: &[Row], x: usize| rows.iter().any(|r| r.setting == setting && r.x == x);
+        if !rows.iter().any(|r| r.setting == setting) {
             // Every setting starts from the same unedited model: measure it once.
             let unedited: Vec<(String, f64)> =
                 rows.iter().filter(|r| r.x == 0).take_while(|r| r.setting == rows[0].setting).map(|r| (r.metric.clone(), r.value)).collect();
             let m = if unedited.is_empty() { self.measure(None, 0)? } else { unedited };
             self.record(rows, setting, 0, m, X_EDITS)?;
         }
-        let done = done.unwrap_or(0);
+        let c = &mut compiler;
+        let mut done = self.restore(&mut c.model, &mut c.preserved, setting, &c.hp)?;
+        // Every evaluation before the saved state is in the results (the one at the state itself
+        // may not be: the run can stop between saving and measuring).
+        let last = rows.iter().filter(|r| r.setting == setting).map(|r| r.x).max().unwrap_or(0);
+        if last > done || at.iter().any(|&a| a < done && !measured(rows, a)) {
+            let path = self.state_path(setting);
+            let problem =
+                format!("holds the state after {done} edits, which does not match the results (evaluated up to {last} edits); delete the folder to start over");
+            return Err(Error::State { path, problem });
+        }
+        if at.contains(&done) && !measured(rows, done) {
+            let m = self.measure(Some(&compiler.model), done)?;
+            self.record(rows, setting, done, m, X_EDITS)?;
+        }
         if done >= edits {
             return Ok(());
         }
-        if done > 0 {
-            let c = &mut compiler;
-            self.restore(&mut c.model, &mut c.preserved, setting, done, &c.hp)?;
-        }
         let bar = progress(setting, edits as u64, done as u64);
-        for i in done..edits {
-            compiler.edit(std::slice::from_ref(&self.requests[i]))?;
-            bar.inc(1);
-            if at.contains(&(i + 1)) {
+        let mut saved = done;
+        while done < edits {
+            let n = batch.min(edits - done);
+            compiler.edit(&self.requests[done..done + n])?;
+            done += n;
+            bar.inc(n as u64);
+            let evaluate = at.contains(&done);
+            if evaluate || done - saved >= SAVE_EVERY {
+                self.save(&compiler.model, &compiler.preserved, setting, done, &compiler.hp)?;
+                saved = done;
+            }
+            if evaluate {
                 bar.suspend(|| -> Result<()> {
-                    let m = self.measure(Some(&compiler.model), i + 1)?;
-                    self.save(&compiler.model, &compiler.preserved, setting, i + 1, &compiler.hp)?;
-                    self.record(rows, setting, i + 1, m, X_EDITS)
+                    let m = self.measure(Some(&compiler.model), done)?;
+                    self.record(rows, setting, done, m, X_EDITS)
                 })?;
             }
         }
@@ -260,22 +293,30 @@ impl Context<'_> {
             .map(|(n, v, s)| (n.clone(), view(safetensors::Dtype::F32, s, bytemuck::cast_slice(v))))
             .chain(keys.iter().map(|(n, v, s)| (n.clone(), view(safetensors::Dtype::F64, s, bytemuck::cast_slice(v)))))
             .collect();
-        let meta = BTreeMap::from([("edits".to_string(), edits.to_string())]);
+        // One metadata key: safetensors writes its metadata map in no fixed order.
+        let state = serde_json::json!({ "edits": edits, "setting": setting }).to_string();
+        let meta = BTreeMap::from([("state".to_string(), state)]);
         let bytes =
             safetensors::tensor::serialize(views, Some(meta.into_iter().collect())).map_err(|e| Error::State { path: path.clone(), problem: e.to_string() })?;
         crate::atomic::write(&path, &bytes, &self.policy).map_err(|e| state_err(&path, e))
     }
 
-    /// Loads the weights saved after `edits` edits into `model`, the earlier keys into `preserved`.
-    fn restore(&self, model: &mut Model, preserved: &mut Preserved, setting: &str, edits: usize, hp: &Hparams) -> Result<()> {
+    /// Loads the saved weights into `model` and the earlier keys into `preserved`; returns the
+    /// number of edits they hold (0 when nothing was saved).
+    fn restore(&self, model: &mut Model, preserved: &mut Preserved, setting: &str, hp: &Hparams) -> Result<usize> {
         let path = self.state_path(setting);
-        let bad = |problem: String| Error::State { path: path.clone(), problem };
-        let bytes = crate::read_regular(&path, crate::MAX_DATA_BYTES).map_err(|e| bad(format!("cannot resume from {edits} edits: {}", e.source)))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
-        let saved = meta.metadata().as_ref().and_then(|m| m.get("edits")).cloned().unwrap_or_default();
-        if saved != edits.to_string() {
-            return Err(bad(format!("holds the state after {saved} edits, the results end at {edits}; delete the folder to start over")));
+        if !path.exists() {
+            return Ok(0);
         }
+        let bad = |problem: String| Error::State { path: path.clone(), problem };
+        let bytes = crate::read_regular(&path, crate::MAX_DATA_BYTES).map_err(|e| bad(format!("cannot resume: {}", e.source)))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let state: serde_json::Value = meta.metadata().as_ref().and_then(|m| m.get("state")).and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default();
+        let saved = state["setting"].as_str().unwrap_or_default();
+        if saved != setting {
+            return Err(bad(format!("holds the state of setting `{saved}`, not `{setting}`; delete the folder to start over")));
+        }
+        let edits = state["edits"].as_u64().ok_or_else(|| bad("no count of edits in its metadata; delete the folder to start over".into()))? as usize;
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
         for &l in &hp.layers {
             let t = st.tensor(&format!("layer.{l}")).map_err(|e| bad(e.to_string()))?;
@@ -290,7 +331,7 @@ impl Context<'_> {
                 preserved.remember(l, &k);
             }
         }
-        Ok(())
+        Ok(edits)
     }
 }
 

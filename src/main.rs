@@ -251,6 +251,9 @@ enum Command {
         /// Sequential: evaluate after these numbers of edits instead, e.g. 1,10,100 (the last is the total).
         #[arg(long, value_delimiter = ',', conflicts_with_all = ["edits", "every"])]
         at: Vec<usize>,
+        /// Sequential: facts edited together in one solve (the evaluation points are multiples of it).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
         /// Batch: the batch sizes, comma-separated.
         #[arg(long, default_value = "1,10,50,100")]
         sizes: String,
@@ -627,10 +630,10 @@ fn run(command: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::Experiment { schedule, model, requests, method, edits, every, at, sizes, rect, general, limit, seed, seq_len, set, stats, out } => {
+        Command::Experiment { schedule, model, requests, method, edits, every, at, batch, sizes, rect, general, limit, seed, seq_len, set, stats, out } => {
             let schedule = match schedule {
-                ScheduleKind::Sequential if !at.is_empty() => factpatch::experiment::Schedule::Sequential { at },
-                ScheduleKind::Sequential => factpatch::experiment::Schedule::every(edits, every),
+                ScheduleKind::Sequential if at.is_empty() => factpatch::experiment::Schedule::every(edits, every).in_batches(batch),
+                ScheduleKind::Sequential => factpatch::experiment::Schedule::Sequential { at, batch },
                 ScheduleKind::Batch => factpatch::experiment::Schedule::Batch {
                     sizes: sizes.split(',').map(|x| x.trim().parse().with_context(|| format!("--sizes: `{x}` is not a count"))).collect::<Result<_>>()?,
                 },

@@ -52,13 +52,42 @@ fn sequential_runs_resume_to_the_same_results() {
     let csv = |d: &Path| std::fs::read_to_string(d.join("results.csv")).unwrap();
     assert_eq!(csv(&resumed), csv(&whole));
 
+    // Stopped after saving the state but before measuring: the evaluation is made on resuming.
+    let without = |rows: &str| csv(&whole).lines().filter(|l| !l.starts_with(rows)).map(|l| format!("{l}\n")).collect::<String>();
+    std::fs::write(resumed.join("results.csv"), without("k=40,2,")).unwrap();
+    experiment::run(&setup(&resumed, Method::Memit, &[100.0, 40.0]), &Schedule::every(2, 1)).unwrap();
+    assert_eq!(csv(&resumed), csv(&whole));
+
     // A state that does not match the results is refused, not silently used.
-    let state = resumed.join("state/k=40.safetensors");
-    std::fs::copy(resumed.join("state/none.safetensors"), &state).unwrap();
-    std::fs::write(resumed.join("results.csv"), csv(&whole).lines().filter(|l| !(l.starts_with("k=40,2,"))).map(|l| format!("{l}\n")).collect::<String>())
-        .unwrap();
+    std::fs::write(resumed.join("results.csv"), without("k=40,1,")).unwrap();
     let e = experiment::run(&setup(&resumed, Method::Memit, &[100.0, 40.0]), &Schedule::every(2, 1)).unwrap_err().to_string();
     assert!(e.contains("k=40.safetensors") && e.contains("after 2 edits"), "{e}");
+    let state = resumed.join("state/k=40.safetensors");
+    std::fs::copy(resumed.join("state/none.safetensors"), &state).unwrap();
+    std::fs::write(resumed.join("results.csv"), csv(&whole)).unwrap();
+    let e = experiment::run(&setup(&resumed, Method::Memit, &[100.0, 40.0]), &Schedule::every(2, 1)).unwrap_err().to_string();
+    assert!(e.contains("k=40.safetensors") && e.contains("setting `none`"), "{e}");
+}
+
+#[test]
+fn batched_sequential_runs_edit_each_batch_in_one_solve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("batched");
+    let s = setup(&out, Method::Memit, &[100.0]);
+    experiment::run(&s, &Schedule::Sequential { at: vec![2], batch: 2 }).unwrap();
+    let mut direct = s.compiler.clone();
+    direct.hp.rect_k = 100.0;
+    direct.edit(&s.requests[..2]).unwrap();
+    let saved = candle_core::safetensors::load(out.join("state/none.safetensors"), &candle_core::Device::Cpu).unwrap();
+    for &l in &s.compiler.hp.layers {
+        let (a, b) = (
+            saved[&format!("layer.{l}")].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            direct.model.mlp_out_weight(l).flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert!(a == b, "layer {l}: the batched run differs from one solve of both facts");
+    }
+    let e = experiment::run(&s, &Schedule::Sequential { at: vec![1, 2], batch: 2 }).unwrap_err().to_string();
+    assert!(e.contains("multiples of 2"), "{e}");
 }
 
 #[test]
@@ -76,7 +105,7 @@ fn alphaedit_runs_resume_with_the_keys_they_kept() {
 #[test]
 fn evaluation_points_of_a_sequential_run() {
     let at = |s: Schedule| match s {
-        Schedule::Sequential { at } => at,
+        Schedule::Sequential { at, .. } => at,
         Schedule::Batch { .. } => unreachable!(),
     };
     assert_eq!(at(Schedule::every(5, 2)), vec![2, 4, 5]);
