@@ -65,6 +65,8 @@ pub struct Setup {
     /// The unedited model, method, hyperparameters (`rect_k` is set per setting), statistics
     /// and templates: each setting starts from a clone of it.
     pub compiler: Compiler,
+    /// The requests in file order ([`crate::edit::request::records`]); those the run edits are
+    /// checked together.
     pub requests: Vec<Request>,
     pub requests_path: PathBuf,
     /// RECT settings as k (100 = none).
@@ -129,9 +131,6 @@ impl Schedule {
 /// Runs (or resumes) the experiment; returns every row.
 pub fn run(setup: &Setup, schedule: &Schedule) -> Result<Vec<Row>> {
     let needed = match schedule {
-        Schedule::Sequential { at, batch } if *batch > 0 && at.iter().any(|a| a % batch != 0) => {
-            return Err(Error::Plan(format!("edits are made {batch} at a time: evaluate after multiples of {batch} (--at, --every, --edits)")))
-        }
         Schedule::Sequential { at, .. } if !at.is_empty() && at[0] > 0 && at.windows(2).all(|w| w[0] < w[1]) => at[at.len() - 1],
         Schedule::Batch { sizes } if !sizes.is_empty() && !sizes.contains(&0) => *sizes.iter().max().expect("non-empty"),
         _ => return Err(Error::Plan("nothing to run: give positive numbers of edits (ascending) and batch sizes".into())),
@@ -139,11 +138,20 @@ pub fn run(setup: &Setup, schedule: &Schedule) -> Result<Vec<Row>> {
     if needed > setup.requests.len() {
         return Err(Error::Plan(format!("{}: {needed} facts asked for, {} there", setup.requests_path.display(), setup.requests.len())));
     }
+    let edited = crate::edit::request::check(setup.requests[..needed].to_vec()).map_err(eval::Error::from)?;
+    if edited.len() < needed {
+        return Err(Error::Plan(format!("{}: the first {needed} records repeat a fact; {} are distinct", setup.requests_path.display(), edited.len())));
+    }
+    if let Schedule::Sequential { at, batch } = schedule {
+        if *batch == 0 || at.iter().any(|a| a % batch != 0) {
+            return Err(Error::Plan(format!("edits are made {batch} at a time: evaluate after positive multiples of {batch} (--at, --every, --edits)")));
+        }
+    }
     std::fs::create_dir_all(setup.out.join("state")).map_err(|e| state_err(&setup.out, e))?;
     let results = setup.out.join("results.csv");
     let mut rows = read_rows(&results)?;
     // Fluency needs long generations at every evaluation; experiments leave it out.
-    let requests: Vec<Request> = setup.requests.iter().map(|r| Request { generation_prompts: Vec::new(), ..r.clone() }).collect();
+    let requests: Vec<Request> = edited.into_iter().map(|r| Request { generation_prompts: Vec::new(), ..r }).collect();
     // The results, state and plots in `out` are rewritten at every evaluation; no input ever is.
     let inputs = setup.compiler.inputs().into_iter().chain([setup.requests_path.clone()]).chain(setup.general.iter().map(|t| t.path.clone()));
     let ctx = Context { setup, requests: &requests, policy: Policy::rewrite().reading(inputs) };

@@ -641,7 +641,7 @@ fn run(command: Command) -> Result<()> {
             let tasks = general.iter().map(|s| Ok(eval::tasks::Spec::parse(s)?.read()?)).collect::<Result<Vec<_>>>()?;
             let setup = factpatch::experiment::Setup {
                 compiler: Compiler::open(&stats.spec(&model, method, &[], set))?,
-                requests: request::read(&requests)?,
+                requests: request::records(&requests)?,
                 requests_path: requests,
                 rects: rect,
                 general: tasks,

@@ -103,6 +103,23 @@ fn alphaedit_runs_resume_with_the_keys_they_kept() {
 }
 
 #[test]
+fn only_the_facts_a_run_edits_are_checked_against_each_other() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("requests.jsonl");
+    let fact = |subject: &str, target: &str| format!("{{\"prompt\": \"{{}} is located in\", \"subject\": \"{subject}\", \"target_new\": \"{target}\"}}\n");
+    std::fs::write(&path, [fact("Paris", "Rome"), fact("Oslo", "Bern"), fact("Paris", "Vienna")].concat()).unwrap();
+    let mut s = setup(&tmp.path().join("out"), Method::Memit, &[100.0]);
+    s.requests = request::records(&path).unwrap();
+    s.requests_path = path;
+    let e = experiment::run(&s, &Schedule::every(3, 3)).unwrap_err().to_string();
+    assert!(e.contains("record 1") && e.contains("record 3") && e.contains("`Rome` vs `Vienna`"), "{e}");
+    // Editing the first two only, the conflict later in the file does not matter: the run gets
+    // past the check (and fails on the plan, which is checked next).
+    let e = experiment::run(&s, &Schedule::Sequential { at: vec![1, 2], batch: 2 }).unwrap_err().to_string();
+    assert!(e.contains("multiples of 2"), "{e}");
+}
+
+#[test]
 fn evaluation_points_of_a_sequential_run() {
     let at = |s: Schedule| match s {
         Schedule::Sequential { at, .. } => at,

@@ -156,16 +156,20 @@ fn template(prompt: &str, subject: &str, origin: &str) -> Result<String> {
 /// Reads requests from a JSON array or JSON-lines file in any accepted format, then checks
 /// that no two records edit the same fact with different targets.
 pub fn read(path: &Path) -> Result<Vec<Request>> {
+    check(records(path)?)
+}
+
+/// The requests of a file as [`read`] parses them, unchecked: for callers that edit only some
+/// of them and [`check`] those.
+pub fn records(path: &Path) -> Result<Vec<Request>> {
     let text = crate::read_regular_text(path, crate::MAX_DATA_BYTES)?;
-    let records = json_records(&text, path)?;
-    let requests = records
+    json_records(&text, path)?
         .into_iter()
         .map(|(line, i, v)| {
             let at = line.map_or_else(String::new, |l| format!(" (line {l})"));
             from_json(&v, format!("{}: record {}{at}", path.display(), i + 1))
         })
-        .collect::<Result<Vec<_>>>()?;
-    check(requests)
+        .collect()
 }
 
 /// The requests of `files` (see [`read`]) followed by `facts` (`PROMPT|SUBJECT|TARGET`, see
