@@ -338,7 +338,7 @@ pub fn heatmap(patch: &Path, model: &Path, png: &Path) -> Result<Vec<String>> {
 /// `family` names it as an MLP projection.
 fn axes(family: &str, tensor: &str) -> Option<(&'static str, &'static str)> {
     let f = FAMILIES.iter().find(|f| f.name == family)?;
-    let p = f.mlp_in.iter().chain([&f.mlp_out]).find(|p| {
+    let p = f.mlp_in.projections().into_iter().chain([&f.mlp_out]).find(|p| {
         let (pre, post) = p.name.split_once("{layer}").unwrap_or((p.name, ""));
         tensor.strip_prefix(pre).and_then(|t| t.strip_suffix(post)).is_some_and(|l| l.parse::<usize>().is_ok())
     })?;

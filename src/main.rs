@@ -704,8 +704,11 @@ fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {
     println!("parameters {params} in {} tensors, dtypes {dtypes:?}, {} file(s)", ckpt.names().count(), files.len());
     let positions = match &cfg.rope {
         None => "learned".to_string(),
-        Some(model::RopeConfig { theta, scaling: None }) => format!("rotary, theta {theta}"),
-        Some(model::RopeConfig { theta, scaling: Some(s) }) => format!("rotary, theta {theta}, scaled {s:?}"),
+        Some(r) => {
+            let scaled = r.scaling.map_or(String::new(), |s| format!(", scaled {s:?}"));
+            let part = if r.rotary_dim < cfg.head_dim { format!(", first {} of {} dimensions per head", r.rotary_dim, cfg.head_dim) } else { String::new() };
+            format!("rotary, theta {}{scaled}{part}", r.theta)
+        }
     };
     println!("positions  {positions}{}", cfg.sliding_window.map_or(String::new(), |w| format!("; attention window {w}")));
     println!("unembed    {}", if cfg.tied_embeddings { "tied to the embedding" } else { "separate" });

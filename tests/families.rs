@@ -14,7 +14,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Tiny model folder → the family table it must load with.
-const FAMILIES: [(&str, &str); 4] = [("tiny-llama3", "llama"), ("tiny-mistral", "mistral"), ("tiny-qwen2", "qwen2"), ("tiny-qwen3", "qwen3")];
+const FAMILIES: [(&str, &str); 5] =
+    [("tiny-llama3", "llama"), ("tiny-mistral", "mistral"), ("tiny-qwen2", "qwen2"), ("tiny-qwen3", "qwen3"), ("tiny-phi3", "phi3")];
 
 fn dir(name: &str) -> PathBuf {
     root().join("fixtures/families").join(name)
@@ -147,6 +148,8 @@ fn unsupported_configs_name_the_file_and_key() {
         ("tiny-qwen3", Box::new(|c| c["hidden_act"] = "gelu".into()), "`hidden_act` is `gelu`"),
         ("tiny-mistral", Box::new(|c| c["num_attention_heads"] = "four".into()), "`num_attention_heads` must be a positive integer"),
         ("tiny-mistral", Box::new(|c| c["sliding_window"] = 0.into()), "`sliding_window` must be a positive integer"),
+        ("tiny-phi3", Box::new(|c| c["rope_parameters"]["partial_rotary_factor"] = 1.5.into()), "`rope_parameters.partial_rotary_factor` must rotate"),
+        ("tiny-phi3", Box::new(|c| c["rope_parameters"]["rope_type"] = "longrope".into()), "`rope_parameters.rope_type` is `longrope`"),
     ];
     for (src, edit, want) in cases {
         let (path, err) = load_err(tmp.path(), src, edit);

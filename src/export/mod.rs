@@ -194,7 +194,7 @@ fn family(p: &Patch) -> Result<&'static Family> {
 
 /// How a stored tensor of `family` is oriented, if it is one of its MLP projections.
 fn orientation(family: &Family, name: &str) -> Option<Orientation> {
-    family.mlp_in.iter().chain([&family.mlp_out]).find(|p| p.layer_of(name).is_some()).map(|p| p.orientation)
+    family.mlp_in.projections().into_iter().chain([&family.mlp_out]).find(|p| p.layer_of(name).is_some()).map(|p| p.orientation)
 }
 
 /// Every entry of the stack's one patch as a LoRA pair, in the patch's order. Everything that

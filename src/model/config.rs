@@ -85,11 +85,14 @@ impl Config {
     }
 }
 
-/// Rotary position embedding: the base and an optional rescaling of its frequencies.
+/// Rotary position embedding: the base, an optional rescaling of its frequencies, and how many
+/// of each head's dimensions are rotated (the first ones; the rest pass through).
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
 pub struct RopeConfig {
     pub theta: f64,
     pub scaling: Option<RopeScaling>,
+    /// Dimensions rotated per head: `head_dim`, or fewer (`partial_rotary_factor` < 1, Phi-4-mini).
+    pub rotary_dim: usize,
 }
 
 /// A rescaling of rotary frequencies.

@@ -34,6 +34,8 @@ pub enum Dim {
     Positions,
     /// Queries, keys and values stacked (a fused projection's output).
     Qkv,
+    /// A gated MLP's gate and up projections stacked (`2 · Ff`).
+    GateUp,
 }
 
 /// The dimensions tensors are checked against: a [`Config`]'s, or a GGUF file's.
@@ -59,6 +61,7 @@ impl Dims {
             Dim::HeadDim => self.head_dim,
             Dim::Positions => self.positions,
             Dim::Qkv => (self.heads + 2 * self.kv_heads) * self.head_dim,
+            Dim::GateUp => 2 * self.ff,
         }
     }
 }
@@ -142,6 +145,28 @@ pub enum Qkv {
     Fused(Projection),
 }
 
+/// The MLP's input projections.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub enum MlpInputs {
+    /// `act(gate·x) ⊙ (up·x)`.
+    Gated { gate: Projection, up: Projection },
+    /// A gated MLP whose gate and up projections are one matrix, the gate's rows first (Phi-3's
+    /// `gate_up_proj`).
+    FusedGated(Projection),
+    /// `act(fc·x)`.
+    Plain(Projection),
+}
+
+impl MlpInputs {
+    /// The stored projections.
+    pub fn projections(&self) -> Vec<&Projection> {
+        match self {
+            MlpInputs::Gated { gate, up } => vec![gate, up],
+            MlpInputs::FusedGated(p) | MlpInputs::Plain(p) => vec![p],
+        }
+    }
+}
+
 /// The normalisation layers of a family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum NormKind {
@@ -179,8 +204,8 @@ pub struct Family {
     pub norm: NormKind,
     /// The MLP's activation (of the gate, in a gated MLP).
     pub activation: Activation,
-    /// The MLP's input projections: gate then up (a gated MLP, `act(gate·x) ⊙ up·x`), or one.
-    pub mlp_in: &'static [Projection],
+    /// The MLP's input projections.
+    pub mlp_in: MlpInputs,
     /// The MLP's output projection: the matrix ROME and MEMIT edit. Its input is the "key".
     pub mlp_out: Projection,
     /// Layers MEMIT edits by default in a model that has them all (see [`Family::edit_layers`]).
@@ -222,7 +247,7 @@ impl Family {
             t.extend([q, k]);
         }
         t.extend([&b.o, &b.mlp_norm]);
-        t.extend(self.mlp_in);
+        t.extend(self.mlp_in.projections());
         t.push(&self.mlp_out);
         t
     }

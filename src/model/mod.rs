@@ -52,8 +52,14 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// The supported families.
-pub static FAMILIES: &[&Family] =
-    &[&families::llama::FAMILY, &families::gpt2::FAMILY, &families::mistral::FAMILY, &families::qwen2::FAMILY, &families::qwen3::FAMILY];
+pub static FAMILIES: &[&Family] = &[
+    &families::llama::FAMILY,
+    &families::gpt2::FAMILY,
+    &families::mistral::FAMILY,
+    &families::qwen2::FAMILY,
+    &families::qwen3::FAMILY,
+    &families::phi3::FAMILY,
+];
 
 /// A loaded model, weights in f32 on one device. Cloning is cheap: the clone shares the
 /// weight tensors, and replacing one in either (an edit) leaves the other as it was.
@@ -82,7 +88,7 @@ impl Model {
     pub fn from_checkpoint(config: Config, ckpt: &dyn Tensors, device: &Device) -> Result<Self> {
         config.check_layers(ckpt)?;
         let w = weights::load_weights(&config, ckpt, device)?;
-        let rope = config.rope.as_ref().map(|r| Rope::new(config.head_dim, r));
+        let rope = config.rope.as_ref().map(Rope::new);
         Ok(Model { config, dir: ckpt.dir().to_path_buf(), device: device.clone(), w, rope })
     }
 

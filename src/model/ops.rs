@@ -183,16 +183,18 @@ pub struct Rope {
     inv: Vec<f32>,
 }
 
-/// The cosines and sines of one pass's positions, `[b, 1, t, head_dim]` each.
+/// The cosines and sines of one pass's positions, `[b, 1, t, rotary_dim]` each.
 pub struct RopeAngles {
     cos: Tensor,
     sin: Tensor,
 }
 
 impl Rope {
-    /// The inverse frequencies of `head_dim` under `rope`, computed in f32 as transformers does.
-    pub fn new(head_dim: usize, rope: &RopeConfig) -> Self {
-        let base = (0..head_dim / 2).map(|i| (1.0 / rope.theta.powf(2.0 * i as f64 / head_dim as f64)) as f32);
+    /// The inverse frequencies of the rotated dimensions under `rope`, computed in f32 as
+    /// transformers does.
+    pub fn new(rope: &RopeConfig) -> Self {
+        let dim = rope.rotary_dim;
+        let base = (0..dim / 2).map(|i| (1.0 / rope.theta.powf(2.0 * i as f64 / dim as f64)) as f32);
         let inv = match rope.scaling {
             None => base.collect(),
             Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_positions }) => {
@@ -233,14 +235,22 @@ impl Rope {
         Ok(RopeAngles { cos: table(cos)?, sin: table(sin)? })
     }
 
-    /// Rotates `x [b, heads, t, head_dim]` by the angles of its positions.
+    /// Rotates `x [b, heads, t, head_dim]` by the angles of its positions: all of each head,
+    /// or its first rotated dimensions (the rest pass through).
     pub fn apply(x: &Tensor, angles: &RopeAngles) -> Result<Tensor> {
         let (_, _, _, hd) = x.dims4()?;
         let (cos, sin) = (&angles.cos, &angles.sin);
-        let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
-        let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
+        let rd = cos.dim(D::Minus1)?;
+        let rot = if rd < hd { x.narrow(D::Minus1, 0, rd)? } else { x.clone() };
+        let x1 = rot.narrow(D::Minus1, 0, rd / 2)?;
+        let x2 = rot.narrow(D::Minus1, rd / 2, rd / 2)?;
         let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+        let out = (rot.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?;
+        if rd < hd {
+            Tensor::cat(&[&out, &x.narrow(D::Minus1, rd, hd - rd)?], D::Minus1)
+        } else {
+            Ok(out)
+        }
     }
 }
 

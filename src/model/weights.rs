@@ -2,7 +2,7 @@
 //! norm and unembedding), read from a checkpoint by the family's table.
 
 use super::config::Config;
-use super::family::{Dims, NormKind, Orientation, Projection, Qkv};
+use super::family::{Dims, MlpInputs, NormKind, Orientation, Projection, Qkv};
 use super::ops::{Activation, Linear, Norm};
 use super::Result;
 use crate::checkpoint::Tensors;
@@ -106,22 +106,18 @@ impl Loader<'_> {
         let (q, k, v) = match &t.qkv {
             Qkv::Separate { q, k, v } => (self.linear(q, l)?, self.linear(k, l)?, self.linear(v, l)?),
             Qkv::Fused(p) => {
-                let qkv = self.linear(p, l)?;
                 let sizes = [self.dims.heads, self.dims.kv_heads, self.dims.kv_heads].map(|h| h * self.dims.head_dim);
-                let part = |i: usize| -> Result<Linear> {
-                    let (start, len) = (sizes[..i].iter().sum(), sizes[i]);
-                    Ok(Linear {
-                        weight: qkv.weight.narrow(0, start, len)?.contiguous()?,
-                        bias: qkv.bias.as_ref().map(|b| b.narrow(0, start, len)).transpose()?,
-                    })
-                };
-                (part(0)?, part(1)?, part(2)?)
+                let [q, k, v] = split_rows(&self.linear(p, l)?, &sizes)?;
+                (q, k, v)
             }
         };
-        let mlp_in = match f.mlp_in {
-            [gate, up] => MlpIn::Gated { gate: self.linear(gate, l)?, up: self.linear(up, l)? },
-            [fc] => MlpIn::Plain(self.linear(fc, l)?),
-            _ => unreachable!("a family's MLP has one or two input projections"),
+        let mlp_in = match &f.mlp_in {
+            MlpInputs::Gated { gate, up } => MlpIn::Gated { gate: self.linear(gate, l)?, up: self.linear(up, l)? },
+            MlpInputs::FusedGated(p) => {
+                let [gate, up] = split_rows(&self.linear(p, l)?, &[self.dims.ff; 2])?;
+                MlpIn::Gated { gate, up }
+            }
+            MlpInputs::Plain(fc) => MlpIn::Plain(self.linear(fc, l)?),
         };
         Ok(Block {
             attn_norm: self.norm(&t.attn_norm, l)?,
@@ -136,6 +132,23 @@ impl Loader<'_> {
             act: f.activation,
         })
     }
+}
+
+/// A fused projection's parts: consecutive blocks of `sizes` output rows (and bias entries).
+fn split_rows<const N: usize>(fused: &Linear, sizes: &[usize; N]) -> Result<[Linear; N]> {
+    let mut start = 0;
+    let parts = sizes.map(|len| {
+        let part = (|| -> candle_core::Result<Linear> {
+            Ok(Linear { weight: fused.weight.narrow(0, start, len)?.contiguous()?, bias: fused.bias.as_ref().map(|b| b.narrow(0, start, len)).transpose()? })
+        })();
+        start += len;
+        part
+    });
+    let mut out = Vec::with_capacity(N);
+    for p in parts {
+        out.push(p?);
+    }
+    Ok(out.try_into().unwrap_or_else(|_| unreachable!("N parts")))
 }
 
 /// Loads every tensor of `cfg`'s family table from `ckpt`, checking shapes against `cfg`.

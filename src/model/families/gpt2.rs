@@ -2,7 +2,7 @@
 //! unembedding, and `Conv1D` weights stored `[in, out]`.
 
 use super::super::config::{ids, parse, Config, Field, Keys, MAX_LAYERS, MAX_POSITIONS};
-use super::super::family::{BlockTable, Dim, Family, NormKind, Projection, Qkv};
+use super::super::family::{BlockTable, Dim, Family, MlpInputs, NormKind, Projection, Qkv};
 use super::super::ops::Activation;
 use super::super::Result;
 use std::path::Path;
@@ -35,7 +35,7 @@ pub static FAMILY: Family = Family {
     },
     norm: NormKind::Layer,
     activation: Activation::GeluTanh,
-    mlp_in: &[conv1d("transformer.h.{layer}.mlp.c_fc.weight", &[Ff, Hidden])],
+    mlp_in: MlpInputs::Plain(conv1d("transformer.h.{layer}.mlp.c_fc.weight", &[Ff, Hidden])),
     mlp_out: conv1d("transformer.h.{layer}.mlp.c_proj.weight", &[Hidden, Ff]),
     default_edit_layers: [3, 4, 5, 6, 7],
     layers_key: "n_layer",

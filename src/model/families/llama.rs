@@ -2,7 +2,7 @@
 //! RMSNorm, rotary positions, grouped-query attention, SwiGLU MLP, tied or separate unembedding.
 
 use super::super::config::{parse, Config, Field, Keys};
-use super::super::family::{BlockTable, Dim, Family, NormKind, Projection, Qkv};
+use super::super::family::{BlockTable, Dim, Family, MlpInputs, NormKind, Projection, Qkv};
 use super::super::ops::Activation;
 use super::super::Result;
 use super::LlamaJson;
@@ -20,7 +20,7 @@ pub static FAMILY: Family = Family {
     block: BLOCK,
     norm: NormKind::Rms,
     activation: Activation::Silu,
-    mlp_in: &MLP_IN,
+    mlp_in: MLP_IN,
     mlp_out: MLP_OUT,
     default_edit_layers: [4, 5, 6, 7, 8],
     layers_key: "num_hidden_layers",
@@ -41,10 +41,10 @@ pub(crate) const BLOCK: BlockTable = BlockTable {
     mlp_norm: Projection::vector("model.layers.{layer}.post_attention_layernorm.weight", Some("blk.{layer}.ffn_norm.weight"), &[Hidden]),
 };
 
-pub(crate) const MLP_IN: [Projection; 2] = [
-    Projection::linear("model.layers.{layer}.mlp.gate_proj.weight", Some("blk.{layer}.ffn_gate.weight"), &[Ff, Hidden]),
-    Projection::linear("model.layers.{layer}.mlp.up_proj.weight", Some("blk.{layer}.ffn_up.weight"), &[Ff, Hidden]),
-];
+pub(crate) const MLP_IN: MlpInputs = MlpInputs::Gated {
+    gate: Projection::linear("model.layers.{layer}.mlp.gate_proj.weight", Some("blk.{layer}.ffn_gate.weight"), &[Ff, Hidden]),
+    up: Projection::linear("model.layers.{layer}.mlp.up_proj.weight", Some("blk.{layer}.ffn_up.weight"), &[Ff, Hidden]),
+};
 
 pub(crate) const MLP_OUT: Projection = Projection::linear("model.layers.{layer}.mlp.down_proj.weight", Some("blk.{layer}.ffn_down.weight"), &[Hidden, Ff]);
 

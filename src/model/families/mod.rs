@@ -1,9 +1,10 @@
 //! The family tables, one file each, and the `config.json` struct the Llama-style families
-//! (Llama, Mistral, Qwen2, Qwen3) share; each family's `validate` adds its own checks.
+//! (Llama, Mistral, Qwen2, Qwen3, Phi-3) share; each family's `validate` adds its own checks.
 
 pub mod gpt2;
 pub mod llama;
 pub mod mistral;
+pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
 
@@ -32,6 +33,8 @@ pub(crate) struct LlamaJson {
     pub rope_scaling: Field<Map<String, Value>>,
     /// transformers ≥ 5: the rope type, its parameters and `rope_theta`.
     pub rope_parameters: Field<Map<String, Value>>,
+    /// The share of each head's dimensions rotated (Phi-3 family; also in `rope_parameters`).
+    pub partial_rotary_factor: Field<f64>,
     pub sliding_window: Field<u64>,
     pub use_sliding_window: Field<bool>,
     pub max_position_embeddings: Field<u64>,
@@ -51,7 +54,6 @@ impl LlamaJson {
         let num_kv_heads = k.usize_or("num_key_value_heads", &self.num_key_value_heads, num_heads)?;
         k.require("num_key_value_heads", num_heads % num_kv_heads == 0, "must divide num_attention_heads")?;
         let head_dim = k.usize_or("head_dim", &self.head_dim, hidden_size / num_heads)?;
-        k.require("head_dim", head_dim % 2 == 0, "must be even for rotary embeddings")?;
         Ok(Config {
             family,
             vocab_size: k.usize("vocab_size", &self.vocab_size)?,
@@ -62,7 +64,7 @@ impl LlamaJson {
             num_kv_heads,
             head_dim,
             norm_eps: k.f64_or("rms_norm_eps", &self.rms_norm_eps, 1e-6)?,
-            rope: Some(self.rope(k)?),
+            rope: Some(self.rope(k, head_dim)?),
             sliding_window,
             max_positions: k.usize_or_at_most("max_position_embeddings", &self.max_position_embeddings, 2048, MAX_POSITIONS)?,
             tied_embeddings: k.bool_or("tie_word_embeddings", &self.tie_word_embeddings, false)?,
@@ -72,8 +74,9 @@ impl LlamaJson {
     }
 
     /// The rotary embedding: `rope_parameters` (transformers ≥ 5) or `rope_scaling` with
-    /// `rope_theta` (earlier), of type `default` or `llama3`.
-    fn rope(&self, k: &Keys) -> Result<RopeConfig> {
+    /// `rope_theta` (earlier), of type `default` or `llama3`, over all of `head_dim` or the share
+    /// `partial_rotary_factor` of it.
+    fn rope(&self, k: &Keys, head_dim: usize) -> Result<RopeConfig> {
         let (key, section) = match (&self.rope_parameters, &self.rope_scaling) {
             (Field::Value(m), _) => ("rope_parameters", Some(m)),
             (Field::Wrong, _) => return Err(k.err("rope_parameters", "must be an object")),
@@ -96,9 +99,17 @@ impl LlamaJson {
             Some(t) => t,
             None => k.f64_or("rope_theta", &self.rope_theta, 10_000.0)?,
         };
-        if number("partial_rotary_factor")?.is_some_and(|f| f != 1.0) {
-            return Err(k.err(&format!("{key}.partial_rotary_factor"), "is not 1, but partial rotary embeddings are not supported"));
-        }
+        let (factor_key, factor) = match number("partial_rotary_factor")? {
+            Some(f) => (format!("{key}.partial_rotary_factor"), f),
+            None => ("partial_rotary_factor".to_string(), k.f64_or("partial_rotary_factor", &self.partial_rotary_factor, 1.0)?),
+        };
+        // As transformers: the rotated dimensions are `int(head_dim · factor)`.
+        let rotary_dim = (head_dim as f64 * factor) as usize;
+        k.require(
+            &factor_key,
+            factor <= 1.0 && rotary_dim > 0 && rotary_dim.is_multiple_of(2),
+            "must rotate an even, non-zero number of each head's dimensions, at most all",
+        )?;
         let kind = section.get("rope_type").or_else(|| section.get("type"));
         let scaling = match kind.map(|v| v.as_str().ok_or_else(|| k.err(&format!("{key}.rope_type"), "must be a string"))).transpose()? {
             None | Some("default") => None,
@@ -116,6 +127,6 @@ impl LlamaJson {
         if let Some(RopeScaling::Llama3 { low_freq_factor, high_freq_factor, .. }) = scaling {
             k.require(&format!("{key}.high_freq_factor"), high_freq_factor > low_freq_factor, "must exceed low_freq_factor")?;
         }
-        Ok(RopeConfig { theta, scaling })
+        Ok(RopeConfig { theta, scaling, rotary_dim })
     }
 }
