@@ -2,10 +2,10 @@
 //! one projection and the MLP's gate and up projections in another, a sliding window where the
 //! config sets one, and rotary embeddings over part of each head (`partial_rotary_factor`).
 
-use super::super::config::{parse, Config, Keys, MAX_POSITIONS};
+use super::super::config::Config;
 use super::super::family::{BlockTable, Dim, Family, MlpInputs, Projection, Qkv};
 use super::super::Result;
-use super::{llama, LlamaJson};
+use super::{llama, mistral};
 use std::path::Path;
 
 pub static FAMILY: Family = Family {
@@ -26,9 +26,5 @@ pub static FAMILY: Family = Family {
 };
 
 fn config(json: &serde_json::Value, path: &Path) -> Result<Config> {
-    let c: LlamaJson = parse(json, path)?;
-    let k = Keys { path };
-    k.require("attention_bias", !k.bool_or("attention_bias", &c.attention_bias, false)?, "is true, but attention biases are not supported")?;
-    let window = k.usize_or_at_most("sliding_window", &c.sliding_window, MAX_POSITIONS, MAX_POSITIONS)?;
-    c.config(&FAMILY, &k, Some(window))
+    mistral::windowed(&FAMILY, json, path)
 }
