@@ -72,21 +72,13 @@ pub fn merge_with(patches: &[PathBuf], out: &Path, options: &MergeOptions) -> Re
             check_layout(&stack.patches[p], &stack.patches[p].manifest().entries[e], entry.dtype, &entry.shape)?;
         }
         let decoded: Vec<Delta> = list.iter().map(|&(p, e)| stack.patches[p].delta(e)).collect::<patch::Result<_>>()?;
-        let delta = if decoded.len() == 1 {
-            decoded.into_iter().next().expect("one")
-        } else if decoded.iter().all(|d| matches!(d, Delta::LowRank(_))) {
-            Delta::LowRank(decoded.into_iter().flat_map(|d| if let Delta::LowRank(g) = d { g } else { Vec::new() }).collect())
-        } else if let Some(c) = &ckpt {
-            Delta::explicit(stack.delta_for(&stack.base(c, name)?)?)
-        } else {
-            let mut d = vec![0f32; entry.shape.iter().product()];
-            for (&(p, _), delta) in list.iter().zip(&decoded) {
-                if matches!(delta, Delta::LowRankRect { .. }) {
-                    return Err(Error::NeedsModel { patch: stack.patches[p].path().to_path_buf(), name: name.clone() });
-                }
-                add_delta(&mut d, delta, &entry.shape, None);
-            }
-            Delta::explicit(d)
+        let rect = list.iter().zip(&decoded).find(|(_, d)| matches!(d, Delta::LowRankRect { .. }));
+        let delta = match (rect, &ckpt) {
+            // Its implicit mask is against the same base tensor either way.
+            (Some(_), _) if decoded.len() == 1 => decoded.into_iter().next().expect("one"),
+            (Some(_), Some(c)) => Delta::explicit(stack.delta_for(&stack.base(c, name)?)?),
+            (Some((&(p, _), _)), None) => return Err(Error::NeedsModel { patch: stack.patches[p].path().to_path_buf(), name: name.clone() }),
+            (None, _) => smallest(decoded, &entry.shape),
         };
         deltas.push((base, delta));
     }
@@ -104,6 +96,24 @@ pub fn merge_with(patches: &[PathBuf], out: &Path, options: &MergeOptions) -> Re
     let encoded = patch::encode(manifest, deltas)?;
     crate::atomic::write(out, &encoded.bytes, &crate::atomic::Policy::new()).map_err(io_err(out))?;
     Ok(MergeSummary { output: out.to_path_buf(), id: encoded.id, bytes: encoded.bytes.len() as u64, overridden: conflicts })
+}
+
+/// The smallest exact encoding of the contributions `decoded` (none RECT) of one tensor: their
+/// explicit sum `D` (sparse or dense, whichever is smaller), or, when every one is plain
+/// low-rank, their groups concatenated if that payload is no larger (`formats/patch.md`, "Merging").
+/// Both apply as the contributions do, bit for bit.
+fn smallest(decoded: Vec<Delta>, shape: &[usize]) -> Delta {
+    let mut d = vec![0f32; shape.iter().product()];
+    decoded.iter().for_each(|delta| add_delta(&mut d, delta, shape, None));
+    let explicit = Delta::explicit(d);
+    if !decoded.iter().all(|d| matches!(d, Delta::LowRank(_))) {
+        return explicit;
+    }
+    let groups = Delta::LowRank(decoded.into_iter().flat_map(|d| if let Delta::LowRank(g) = d { g } else { Vec::new() }).collect());
+    match (groups.payload_len(shape), explicit.payload_len(shape)) {
+        (Some(g), Some(e)) if g <= e => groups,
+        _ => explicit,
+    }
 }
 
 /// The base model every patch that records one records, or why there is none.
