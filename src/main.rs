@@ -166,7 +166,7 @@ enum Command {
         #[arg(long, required = true, num_args = 1..)]
         trusted: Vec<PathBuf>,
     },
-    /// Merge a stack of patches into one equivalent patch.
+    /// Merge a stack of patches into one equivalent patch, each tensor in its smallest exact encoding.
     ///
     /// Example: factpatch merge a.fpatch b.fpatch --out ab.fpatch
     Merge {

@@ -197,6 +197,13 @@ pub enum Delta {
 }
 
 impl Delta {
+    /// The bytes of the payload [`encode`] writes for this delta of a tensor of `shape` (its
+    /// `raw_len`), or `None` where the format cannot hold it (low-rank factors beyond
+    /// [`MAX_FACTOR_VALUES`]).
+    pub fn payload_len(&self, shape: &[usize]) -> Option<u64> {
+        expected_raw_len(shape, &encoding(shape, self)).ok()
+    }
+
     /// The smallest exact explicit encoding of a full f32 delta: sparse or dense.
     pub fn explicit(values: Vec<f32>) -> Delta {
         let nnz = values.iter().filter(|v| **v != 0.0).count();
@@ -269,7 +276,8 @@ pub fn encode(mut manifest: Manifest, mut deltas: Vec<(BaseTensor, Delta)>) -> R
     let mut frames = Vec::with_capacity(deltas.len());
     for (base, delta) in &deltas {
         check_delta(base, delta)?;
-        let (encoding, raw) = encode_payload(base, delta);
+        let (encoding, raw) = encode_payload(&base.shape, delta);
+        expected_raw_len(&base.shape, &encoding).map_err(|reason| Error::InvalidDelta { name: base.name.clone(), reason })?;
         let frame = compress(&raw);
         manifest.entries.push(Entry {
             tensor: base.name.clone(),
@@ -389,15 +397,30 @@ fn check_factors(base: &BaseTensor, f: &Factors) -> Result<()> {
     }
 }
 
-fn encode_payload(base: &BaseTensor, delta: &Delta) -> (Encoding, Vec<u8>) {
+/// How `delta` is written for a tensor of `shape`: its kind, with the smallest value dtype that
+/// holds every value exactly.
+fn encoding(shape: &[usize], delta: &Delta) -> Encoding {
     match delta {
-        Delta::Dense(v) => {
-            let vdtype = smallest_vdtype(v.iter().copied());
-            (Encoding::Dense { vdtype }, vdtype.encode(v))
-        }
+        Delta::Dense(v) => Encoding::Dense { vdtype: smallest_vdtype(v.iter().copied()) },
         Delta::Sparse { indices, values } => {
-            let vdtype = smallest_vdtype(values.iter().copied());
-            let index = if numel(&base.shape) as u64 <= u32::MAX as u64 { IndexWidth::U32 } else { IndexWidth::U64 };
+            let index = if numel(shape) as u64 <= u32::MAX as u64 { IndexWidth::U32 } else { IndexWidth::U64 };
+            Encoding::Sparse { vdtype: smallest_vdtype(values.iter().copied()), nnz: indices.len() as u64, index }
+        }
+        Delta::LowRank(groups) => Encoding::LowRank {
+            vdtype: smallest_vdtype(groups.iter().flat_map(|f| f.u.iter().chain(&f.v)).copied()),
+            ranks: groups.iter().map(|f| f.rank as u32).collect(),
+        },
+        Delta::LowRankRect { factors, k, eps } => {
+            Encoding::LowRankRect { vdtype: smallest_vdtype(factors.u.iter().chain(&factors.v).copied()), rank: factors.rank as u32, k: *k, eps: *eps }
+        }
+    }
+}
+
+fn encode_payload(shape: &[usize], delta: &Delta) -> (Encoding, Vec<u8>) {
+    let encoding = encoding(shape, delta);
+    let raw = match (delta, &encoding) {
+        (Delta::Dense(v), Encoding::Dense { vdtype }) => vdtype.encode(v),
+        (Delta::Sparse { indices, values }, Encoding::Sparse { vdtype, index, .. }) => {
             let mut raw = Vec::new();
             let mut prev = 0;
             for &i in indices {
@@ -409,20 +432,19 @@ fn encode_payload(base: &BaseTensor, delta: &Delta) -> (Encoding, Vec<u8>) {
                 }
             }
             raw.extend_from_slice(&vdtype.encode(values));
-            (Encoding::Sparse { vdtype, nnz: indices.len() as u64, index }, raw)
+            raw
         }
-        Delta::LowRank(groups) => {
-            let vdtype = smallest_vdtype(groups.iter().flat_map(|f| f.u.iter().chain(&f.v)).copied());
-            let raw = groups.iter().flat_map(|f| [vdtype.encode(&f.u), vdtype.encode(&f.v)]).flatten().collect();
-            (Encoding::LowRank { vdtype, ranks: groups.iter().map(|f| f.rank as u32).collect() }, raw)
+        (Delta::LowRank(groups), Encoding::LowRank { vdtype, .. }) => {
+            groups.iter().flat_map(|f| [vdtype.encode(&f.u), vdtype.encode(&f.v)]).flatten().collect()
         }
-        Delta::LowRankRect { factors, k, eps } => {
-            let vdtype = smallest_vdtype(factors.u.iter().chain(&factors.v).copied());
+        (Delta::LowRankRect { factors, .. }, Encoding::LowRankRect { vdtype, .. }) => {
             let mut raw = vdtype.encode(&factors.u);
             raw.extend_from_slice(&vdtype.encode(&factors.v));
-            (Encoding::LowRankRect { vdtype, rank: factors.rank as u32, k: *k, eps: *eps }, raw)
+            raw
         }
-    }
+        _ => unreachable!("encoding() keeps the delta's kind"),
+    };
+    (encoding, raw)
 }
 
 /// A patch read from disk: hash verified, manifest validated; payloads decoded on demand.
@@ -563,25 +585,25 @@ fn declared_len(mframe: &[u8]) -> Option<u64> {
     m.entries.iter().try_fold((HEADER + TRAILER + mframe.len()) as u64, |acc, e| acc.checked_add(e.zlen))
 }
 
-/// The payload length an entry's encoding and shape imply, or why it is impossible.
-fn expected_raw_len(e: &Entry) -> std::result::Result<u64, String> {
-    if e.shape.is_empty() || e.shape.len() > MAX_DIMS {
-        return Err(format!("shape {:?} must have 1 to {MAX_DIMS} dimensions", e.shape));
+/// The payload length an encoding implies for a tensor of `shape`, or why it is impossible.
+fn expected_raw_len(shape: &[usize], encoding: &Encoding) -> std::result::Result<u64, String> {
+    if shape.is_empty() || shape.len() > MAX_DIMS {
+        return Err(format!("shape {shape:?} must have 1 to {MAX_DIMS} dimensions"));
     }
-    let n = e.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64)).filter(|&n| n <= MAX_ELEMENTS);
-    let n = n.ok_or_else(|| format!("shape {:?} is absurdly large", e.shape))?;
+    let n = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64)).filter(|&n| n <= MAX_ELEMENTS);
+    let n = n.ok_or_else(|| format!("shape {shape:?} is absurdly large"))?;
     // The values of low-rank factors of total rank `r`: (R + C)·r, bounded.
-    let factor_values = |r: u64| match e.shape[..] {
+    let factor_values = |r: u64| match shape[..] {
         [rows, cols] => match (rows as u64 + cols as u64).checked_mul(r) {
             Some(v) if v <= MAX_FACTOR_VALUES => Ok(v),
             v => {
                 let v = v.map_or("more than 2^64".to_string(), |v| v.to_string());
-                Err(format!("low-rank factors of total rank {r} for shape {:?} hold {v} values, more than the {MAX_FACTOR_VALUES} allowed", e.shape))
+                Err(format!("low-rank factors of total rank {r} for shape {shape:?} hold {v} values, more than the {MAX_FACTOR_VALUES} allowed"))
             }
         },
-        _ => Err(format!("low-rank encoding needs a 2-D tensor, shape is {:?}", e.shape)),
+        _ => Err(format!("low-rank encoding needs a 2-D tensor, shape is {shape:?}")),
     };
-    let len = match &e.encoding {
+    let len = match encoding {
         Encoding::Dense { vdtype } => Some(n * vdtype.size() as u64),
         Encoding::Sparse { vdtype, nnz, index } => {
             if *nnz > n {
@@ -632,7 +654,7 @@ fn validate(m: &Manifest, path: &Path, payload_start: usize, payload_end: usize)
                 return Err(bad(format!("entries not sorted: `{prev}` before `{}`", e.tensor)));
             }
         }
-        let expected = expected_raw_len(e).map_err(|r| bad(format!("tensor `{}`: {r}", e.tensor)))?;
+        let expected = expected_raw_len(&e.shape, &e.encoding).map_err(|r| bad(format!("tensor `{}`: {r}", e.tensor)))?;
         if e.raw_len != expected {
             return Err(bad(format!("tensor `{}`: raw_len {} but encoding implies {expected}", e.tensor, e.raw_len)));
         }

@@ -4,7 +4,7 @@ use super::stack::{add_delta, check_layout, Stack};
 use super::{Error, Result};
 use crate::checkpoint::Checkpoint;
 use crate::io_err;
-use crate::patch::{self, BaseTensor, Delta, Edit, Manifest, Method, Patch};
+use crate::patch::{self, BaseTensor, Delta, Edit, Encoding, Manifest, Method, Patch};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -71,22 +71,13 @@ pub fn merge_with(patches: &[PathBuf], out: &Path, options: &MergeOptions) -> Re
         for &(p, e) in &list[1..] {
             check_layout(&stack.patches[p], &stack.patches[p].manifest().entries[e], entry.dtype, &entry.shape)?;
         }
-        let decoded: Vec<Delta> = list.iter().map(|&(p, e)| stack.patches[p].delta(e)).collect::<patch::Result<_>>()?;
-        let delta = if decoded.len() == 1 {
-            decoded.into_iter().next().expect("one")
-        } else if decoded.iter().all(|d| matches!(d, Delta::LowRank(_))) {
-            Delta::LowRank(decoded.into_iter().flat_map(|d| if let Delta::LowRank(g) = d { g } else { Vec::new() }).collect())
-        } else if let Some(c) = &ckpt {
-            Delta::explicit(stack.delta_for(&stack.base(c, name)?)?)
-        } else {
-            let mut d = vec![0f32; entry.shape.iter().product()];
-            for (&(p, _), delta) in list.iter().zip(&decoded) {
-                if matches!(delta, Delta::LowRankRect { .. }) {
-                    return Err(Error::NeedsModel { patch: stack.patches[p].path().to_path_buf(), name: name.clone() });
-                }
-                add_delta(&mut d, delta, &entry.shape, None);
-            }
-            Delta::explicit(d)
+        let rect = list.iter().find(|&&(p, e)| matches!(stack.patches[p].manifest().entries[e].encoding, Encoding::LowRankRect { .. }));
+        let delta = match (rect, &ckpt) {
+            // Its implicit mask is against the same base tensor either way.
+            (Some(&(p, e)), _) if list.len() == 1 => stack.patches[p].delta(e)?,
+            (Some(_), Some(c)) => Delta::explicit(stack.delta_for(&stack.base(c, name)?)?),
+            (Some(&(p, _)), None) => return Err(Error::NeedsModel { patch: stack.patches[p].path().to_path_buf(), name: name.clone() }),
+            (None, _) => smallest(list.iter().map(|&(p, e)| stack.patches[p].delta(e)), &entry.shape)?,
         };
         deltas.push((base, delta));
     }
@@ -104,6 +95,32 @@ pub fn merge_with(patches: &[PathBuf], out: &Path, options: &MergeOptions) -> Re
     let encoded = patch::encode(manifest, deltas)?;
     crate::atomic::write(out, &encoded.bytes, &crate::atomic::Policy::new()).map_err(io_err(out))?;
     Ok(MergeSummary { output: out.to_path_buf(), id: encoded.id, bytes: encoded.bytes.len() as u64, overridden: conflicts })
+}
+
+/// The smallest exact encoding of one tensor's `deltas` (none RECT), decoded one at a time:
+/// their explicit sum `D` (sparse or dense, whichever is smaller), or, when every one is plain
+/// low-rank, their groups concatenated if that payload is no larger (`formats/patch.md`,
+/// "Merging"). Both apply as the deltas do, bit for bit.
+fn smallest(deltas: impl Iterator<Item = patch::Result<Delta>>, shape: &[usize]) -> Result<Delta> {
+    let mut d = vec![0f32; shape.iter().product()];
+    // The groups so far, while every delta is plain low-rank.
+    let mut groups = Some(Vec::new());
+    for delta in deltas {
+        let delta = delta?;
+        add_delta(&mut d, &delta, shape, None);
+        groups = match (groups, delta) {
+            (Some(mut g), Delta::LowRank(more)) => {
+                g.extend(more);
+                Some(g)
+            }
+            _ => None,
+        };
+    }
+    let explicit = Delta::explicit(d);
+    Ok(match groups.map(Delta::LowRank) {
+        Some(g) if g.payload_len(shape).zip(explicit.payload_len(shape)).is_some_and(|(g, e)| g <= e) => g,
+        _ => explicit,
+    })
 }
 
 /// The base model every patch that records one records, or why there is none.

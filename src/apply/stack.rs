@@ -4,7 +4,7 @@
 
 use super::{Error, Result};
 use crate::checkpoint::{Checkpoint, Dtype, TensorRef};
-use crate::patch::{self, Delta, Entry, Factors, Patch};
+use crate::patch::{self, Delta, Encoding, Entry, Factors, Patch};
 use crate::rect;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -150,7 +150,9 @@ impl Stack {
     }
 
     /// The base values `W₀` as f32 and the accumulated delta `D` (see [`Stack::delta_for`]).
-    /// For one patch on an F32 checkpoint, `W₀` is the map itself and `D` the only buffer.
+    /// For one patch on an F32 checkpoint, `W₀` is the map itself and `D` the only buffer. The
+    /// tensor as a later patch saw it is hashed chunk by chunk as it is materialised, and kept
+    /// whole only for a RECT mask, so memory does not grow with the number of patches.
     pub(super) fn accumulate<'a>(&self, base: &TensorRef<'a>) -> Result<(Cow<'a, [f32]>, Vec<f32>)> {
         let list = self.touched.get(base.name).map_or(&[][..], Vec::as_slice);
         let w0 = base.to_f32();
@@ -159,24 +161,30 @@ impl Stack {
             let patch = &self.patches[p];
             let entry = &patch.manifest().entries[e];
             check_layout(patch, entry, base.dtype, base.shape)?;
-            let current = (k > 0).then(|| {
-                let mut c = Vec::with_capacity(base.bytes.len());
+            let rect = matches!(entry.encoding, Encoding::LowRankRect { .. });
+            // The tensor as this patch saw it, as f32: needed for a RECT mask only.
+            let mut seen = Vec::new();
+            if k == 0 {
+                check_hash(patch, entry, base.bytes)?;
+            } else {
+                let mut h = blake3::Hasher::new();
                 materialize(base, &w0, &d, patch, &mut |chunk| {
-                    c.extend_from_slice(chunk);
+                    h.update(chunk);
+                    if rect {
+                        seen.extend(base.dtype.decode(chunk));
+                    }
                     Ok(())
-                })
-                .map(|_| c)
-            });
-            let current = current.transpose()?;
-            check_hash(patch, entry, current.as_deref().unwrap_or(base.bytes))?;
+                })?;
+                check_found(patch, entry, h.finalize())?;
+            }
             let delta = patch.delta(e)?;
-            match &current {
-                None if matches!(delta, Delta::LowRankRect { .. }) => d = rect_contribution(&delta, base.shape, &w0),
-                None => {
+            match k {
+                0 if rect => d = rect_contribution(&delta, base.shape, &w0),
+                0 => {
                     d = vec![0.0; w0.len()];
                     add_delta(&mut d, &delta, base.shape, None);
                 }
-                Some(c) => add_delta(&mut d, &delta, base.shape, Some(&base.dtype.decode(c))),
+                _ => add_delta(&mut d, &delta, base.shape, Some(&seen)),
             }
         }
         if d.is_empty() {
@@ -270,7 +278,12 @@ fn check_hash_streamed(patch: &Patch, entry: &Entry, bytes: &[u8], done: &dyn Fn
         h.update(&bytes[start..end]);
         done(start..end);
     }
-    let found = h.finalize().to_hex().to_string();
+    check_found(patch, entry, h.finalize())
+}
+
+/// The tensor `entry` patches must hash to its `base_blake3`; `found` is what it hashes to.
+fn check_found(patch: &Patch, entry: &Entry, found: blake3::Hash) -> Result<()> {
+    let found = found.to_hex().to_string();
     if found == entry.base_blake3 {
         return Ok(());
     }
