@@ -274,7 +274,7 @@ fn apply_refuses_another_base_unless_allowed() {
 }
 
 #[test]
-fn the_reported_identity_comes_from_bytes_not_a_poisoned_hash_cache() {
+fn verify_output_reports_the_identity_of_the_bytes_whatever_the_hash_cache_holds() {
     let (t, base, ckpt) = tiny_model();
     let cache = t.path().join("cache");
     let p = write_patch(&t.path().join("p.fp"), &ckpt, &[], made_for(&base, None), vec![(UP0, up0(1))]);
@@ -303,5 +303,17 @@ fn the_reported_identity_comes_from_bytes_not_a_poisoned_hash_cache() {
     }
     // The library reports the same with the poisoned cache, verified or not.
     let options = ApplyOptions { hash_cache: Some(cache.join("hashes")), verify_output: true, ..Default::default() };
-    assert_eq!(apply::apply_with(&base, &[p], &t.path().join("lib"), &options).unwrap().identity, right);
+    assert_eq!(apply::apply_with(&base, &[p.clone()], &t.path().join("lib"), &options).unwrap().identity, right);
+
+    // A patch that records no base leaves the cache unchecked: the copied tensors' hashes come
+    // from it (as `cp`, apply does not read them), so the printed identity is the poisoned one,
+    // while the bytes are right; --verify-output hashes them from the base and reports the truth.
+    let anonymous = write_patch(&t.path().join("anonymous.fp"), &ckpt, &[], manifest("rome"), vec![(UP0, up0(1))]);
+    let out = t.path().join("fast");
+    let stdout = cli_ok(&cache, &["apply", "--model", s(&base), "--patch", s(&anonymous), "--out", s(&out)]);
+    assert_eq!(identity(&out), right);
+    assert_ne!(printed_identity(&stdout), right, "the copied tensors' hashes came from the cache");
+    let out = t.path().join("checked");
+    let stdout = cli_ok(&cache, &["apply", "--model", s(&base), "--patch", s(&anonymous), "--out", s(&out), "--verify-output"]);
+    assert_eq!(printed_identity(&stdout), right, "{stdout}");
 }

@@ -103,8 +103,9 @@ pub struct ApplyOptions {
     /// fsync every output file before the rename, so that not even a power loss leaves a
     /// partly written model under the final name (`cp` does not). On by default.
     pub sync: bool,
-    /// Where the base's tensor hashes are remembered (`Checkpoint::tensor_hashes_cached`), for
-    /// the base model check only: the output's identity is always computed from bytes.
+    /// Where the base's tensor hashes are remembered (`Checkpoint::tensor_hashes_cached`): for
+    /// the base model check, and for the untouched tensors' part of the output's identity
+    /// unless `verify_output` is set (then computed from the bytes).
     pub hash_cache: Option<PathBuf>,
     /// When given, every patch must carry a signature by one of these keys (`PATCH.minisig`),
     /// checked over the bytes that are applied.
@@ -112,8 +113,8 @@ pub struct ApplyOptions {
     /// Accept a model other than the patches' recorded base (or one that already has the first
     /// patch's parent applied); every touched tensor's hash is still checked.
     pub allow_other_base: bool,
-    /// Once written, read the output's weights back and check that their identity, computed from
-    /// the bytes, is the one reported.
+    /// Compute the output's identity from the base's bytes (never the cache), then, once written,
+    /// read the output's weights back and check that their identity is the one reported.
     pub verify_output: bool,
 }
 
@@ -131,8 +132,8 @@ pub fn apply(model: &Path, patches: &[PathBuf], out: &Path) -> Result<ApplySumma
 /// Applies `patches` in order to the model at `model`, writing a new model folder at `out`.
 /// Everything is verified before anything is written (the base model, the parent chain, every
 /// touched tensor); the output appears only when complete. The untouched tensors are copied by
-/// the kernel while another thread hashes them from the base's bytes (never from a cache), so
-/// the output's identity costs no second pass.
+/// the kernel while another thread hashes them from the base's bytes (or finds their hashes in
+/// the cache), so the output's identity costs no second pass.
 pub fn apply_with(model: &Path, patches: &[PathBuf], out: &Path, options: &ApplyOptions) -> Result<ApplySummary> {
     if out.exists() {
         return Err(Error::OutputExists(out.to_path_buf()));
@@ -156,9 +157,10 @@ pub fn apply_to(ckpt: &Checkpoint, patches: &[PathBuf], out: &Path, options: &Ap
     let dir = AtomicDir::create(out, &Policy::new().reading(inputs)).map_err(io_err(out))?;
     let untouched: Vec<&str> = ckpt.names().filter(|n| !stack.touched.contains_key(*n)).collect();
     let (copied, written) = std::thread::scope(|s| {
-        let hashing = s.spawn(|| match &base {
-            Some(all) => Ok(untouched.iter().map(|n| (n.to_string(), all[*n])).collect()),
-            None => ckpt.tensor_hashes(&untouched),
+        let hashing = s.spawn(|| match (&base, &options.hash_cache) {
+            (Some(all), _) => Ok(untouched.iter().map(|n| (n.to_string(), all[*n])).collect()),
+            (None, Some(cache)) if !options.verify_output => ckpt.tensor_hashes_cached(&untouched, cache),
+            (None, _) => ckpt.tensor_hashes(&untouched),
         });
         let written = (|| {
             let (mut bytes, mut hashes) = (0, BTreeMap::new());
