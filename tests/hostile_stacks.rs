@@ -303,7 +303,7 @@ fn verify_output_reports_the_identity_of_the_bytes_whatever_the_hash_cache_holds
     }
     // The library reports the same with the poisoned cache, verified or not.
     let options = ApplyOptions { hash_cache: Some(cache.join("hashes")), verify_output: true, ..Default::default() };
-    assert_eq!(apply::apply_with(&base, &[p.clone()], &t.path().join("lib"), &options).unwrap().identity, right);
+    assert_eq!(apply::apply_with(&base, std::slice::from_ref(&p), &t.path().join("lib"), &options).unwrap().identity, right);
 
     // A patch that records no base leaves the cache unchecked: the copied tensors' hashes come
     // from it (as `cp`, apply does not read them), so the printed identity is the poisoned one,
