@@ -2,15 +2,18 @@
 //! time (or all facts in one batch), each with RECT off and at 40%, and the CounterFact scores
 //! of the edited model (probability comparison: new target more probable than the true one).
 //!
-//! Run: `cargo bench --bench compile` (after `fixtures/setup.sh`); `FACTPATCH_BENCH_FACTS=N`
-//! sets how many records of `fixtures/data/edit/counterfact-rome-300.json` (default 10),
+//! Run: `cargo bench --bench compile` (after `fixtures/setup.sh`); `FACTPATCH_BENCH_REQUESTS`
+//! names the requests file (default `fixtures/data/edit/counterfact-rome-300.json`),
+//! `FACTPATCH_BENCH_FACTS=N` how many of its records (default 10; `all` for every one),
 //! `FACTPATCH_BENCH_RUNS` which runs: methods (`rome`, `memit`, `emmet`, `alphaedit`, `encore`,
 //! `kn`), a `-batch` suffix for one batch of N, then `:KEY=VALUE` hyperparameter overrides
 //! (default `rome,memit,memit:early_stop=mpes,encore,memit-batch`), and
-//! `FACTPATCH_BENCH_RECT` the RECT settings (default `none,40`).
+//! `FACTPATCH_BENCH_RECT` the RECT settings (default `none,40`). The `capped` column counts the
+//! facts whose target optimisation stopped at its step cap; each of them, and each fact whose edit
+//! does not take (efficacy 0), is listed on stderr with its steps and final loss.
 
 use factpatch::compile::{Compiler, Spec, StatsSource};
-use factpatch::edit::{request, target, Method};
+use factpatch::edit::{request, target, target::Stop, Method};
 use factpatch::model::Model;
 use factpatch::tokenize::Tokenizer;
 use std::path::Path;
@@ -41,8 +44,13 @@ fn main() {
     factpatch::init_process();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = root.join("fixtures/models/SmolLM2-135M-Instruct");
-    let n: usize = std::env::var("FACTPATCH_BENCH_FACTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
-    let reqs = request::read(&root.join("fixtures/data/edit/counterfact-rome-300.json")).unwrap();
+    let file = std::env::var("FACTPATCH_BENCH_REQUESTS").map_or_else(|_| root.join("fixtures/data/edit/counterfact-rome-300.json"), |p| root.join(p));
+    let reqs = request::read(&file).unwrap_or_else(|e| panic!("{e}"));
+    let n = match std::env::var("FACTPATCH_BENCH_FACTS").as_deref() {
+        Ok("all") => reqs.len(),
+        Ok(v) => v.parse::<usize>().unwrap_or_else(|e| panic!("FACTPATCH_BENCH_FACTS: `{v}`: {e}")).min(reqs.len()),
+        Err(_) => 10.min(reqs.len()),
+    };
     let reqs = &reqs[..n];
     let spec = |method: Method, rect: f64, sets: &[String]| Spec {
         overrides: std::iter::once(format!("rect_k={rect}")).chain(sets.iter().cloned()).collect(),
@@ -54,12 +62,13 @@ fn main() {
     let (base, tok) = (&unedited.model, &unedited.tokenizer);
     let pre = scores(base, tok, reqs);
     println!(
-        "{n} CounterFact records; unedited: efficacy {:.2}, paraphrase {:.2}, neighbourhood {:.2}",
+        "{n} records of {}; unedited: efficacy {:.2}, paraphrase {:.2}, neighbourhood {:.2}",
+        file.display(),
         pre[0] / n as f64,
         pre[1] / n as f64,
         pre[2] / n as f64
     );
-    println!("\n| method | RECT k | batch | s/fact | steps | efficacy | paraphrase | neighbourhood |\n|---|---|---|---|---|---|---|---|");
+    println!("\n| method | RECT k | batch | s/fact | steps | capped | efficacy | paraphrase | neighbourhood |\n|---|---|---|---|---|---|---|---|---|");
     // FACTPATCH_BENCH_RUNS picks and orders the runs, e.g. `memit-batch,memit:early_stop=mpes,rome`.
     let runs = std::env::var("FACTPATCH_BENCH_RUNS").unwrap_or_else(|_| "rome,memit,memit:early_stop=mpes,encore,memit-batch".into());
     let runs: Vec<(Method, usize, Vec<String>)> = runs
@@ -84,21 +93,29 @@ fn main() {
                     compiler.preserved.nullspace(l, tau).unwrap();
                 }
             }
-            let (mut seconds, mut steps, mut s) = (0.0, 0, [0.0; 3]);
+            let (mut seconds, mut steps, mut capped, mut s) = (0.0, 0, 0, [0.0; 3]);
             for group in reqs.chunks(batch) {
                 let mut c = compiler.clone();
                 let t = Instant::now();
                 let (_, reports) = c.edit(group).unwrap();
                 seconds += t.elapsed().as_secs_f64();
                 steps += reports.iter().map(|r| r.steps).sum::<usize>();
-                let g = scores(&c.model, tok, group);
-                (0..3).for_each(|i| s[i] += g[i]);
+                for (r, report) in group.iter().zip(&reports) {
+                    let g = scores(&c.model, tok, std::slice::from_ref(r));
+                    (0..3).for_each(|i| s[i] += g[i]);
+                    let taken = g[0] > 0.0;
+                    capped += (report.stop == Some(Stop::StepCap)) as usize;
+                    if report.stop == Some(Stop::StepCap) || !taken {
+                        let why = if taken { "step cap" } else { "edit not taken" };
+                        eprintln!("  {method:?} {}: {} → {}: {why}, {} steps, loss {:.3}", r.origin, r.subject, r.target_new, report.steps, report.loss);
+                    }
+                }
             }
             let k = if rect < 100.0 { format!("{rect}") } else { "none".into() };
             let f = n as f64;
             let name = [format!("{method:?}")].into_iter().chain(sets.iter().cloned()).collect::<Vec<_>>().join(" ");
             let steps = steps as f64 / f;
-            println!("| {name} | {k} | {batch} | {:.2} | {steps:.1} | {:.2} | {:.2} | {:.2} |", seconds / f, s[0] / f, s[1] / f, s[2] / f);
+            println!("| {name} | {k} | {batch} | {:.2} | {steps:.1} | {capped} | {:.2} | {:.2} | {:.2} |", seconds / f, s[0] / f, s[1] / f, s[2] / f);
         }
     }
 }
