@@ -106,16 +106,16 @@ impl Loader<'_> {
         let (q, k, v) = match &t.qkv {
             Qkv::Separate { q, k, v } => (self.linear(q, l)?, self.linear(k, l)?, self.linear(v, l)?),
             Qkv::Fused(p) => {
-                let sizes = [self.dims.heads, self.dims.kv_heads, self.dims.kv_heads].map(|h| h * self.dims.head_dim);
-                let [q, k, v] = split_rows(&self.linear(p, l)?, &sizes)?;
-                (q, k, v)
+                let qkv = self.linear(p, l)?;
+                let (q, kv) = (self.dims.heads * self.dims.head_dim, self.dims.kv_heads * self.dims.head_dim);
+                (rows(&qkv, 0, q)?, rows(&qkv, q, kv)?, rows(&qkv, q + kv, kv)?)
             }
         };
         let mlp_in = match &f.mlp_in {
             MlpInputs::Gated { gate, up } => MlpIn::Gated { gate: self.linear(gate, l)?, up: self.linear(up, l)? },
             MlpInputs::FusedGated(p) => {
-                let [gate, up] = split_rows(&self.linear(p, l)?, &[self.dims.ff; 2])?;
-                MlpIn::Gated { gate, up }
+                let (gate_up, ff) = (self.linear(p, l)?, self.dims.ff);
+                MlpIn::Gated { gate: rows(&gate_up, 0, ff)?, up: rows(&gate_up, ff, ff)? }
             }
             MlpInputs::Plain(fc) => MlpIn::Plain(self.linear(fc, l)?),
         };
@@ -134,21 +134,9 @@ impl Loader<'_> {
     }
 }
 
-/// A fused projection's parts: consecutive blocks of `sizes` output rows (and bias entries).
-fn split_rows<const N: usize>(fused: &Linear, sizes: &[usize; N]) -> Result<[Linear; N]> {
-    let mut start = 0;
-    let parts = sizes.map(|len| {
-        let part = (|| -> candle_core::Result<Linear> {
-            Ok(Linear { weight: fused.weight.narrow(0, start, len)?.contiguous()?, bias: fused.bias.as_ref().map(|b| b.narrow(0, start, len)).transpose()? })
-        })();
-        start += len;
-        part
-    });
-    let mut out = Vec::with_capacity(N);
-    for p in parts {
-        out.push(p?);
-    }
-    Ok(out.try_into().unwrap_or_else(|_| unreachable!("N parts")))
+/// `len` output rows of a fused projection from row `start`, with their bias entries.
+fn rows(fused: &Linear, start: usize, len: usize) -> Result<Linear> {
+    Ok(Linear { weight: fused.weight.narrow(0, start, len)?.contiguous()?, bias: fused.bias.as_ref().map(|b| b.narrow(0, start, len)).transpose()? })
 }
 
 /// Loads every tensor of `cfg`'s family table from `ckpt`, checking shapes against `cfg`.
