@@ -754,11 +754,13 @@ fn compile(args: &CompileArgs, out: &Path) -> Result<()> {
         let (fact, steps, loss) = (format!("{} → {}", r.subject, r.target_new), r.steps, r.loss);
         match (r.neurons, r.stop) {
             (Some(n), _) => println!("  {fact}: {n} neurons ({steps} integrated-gradient steps), new target NLL {loss:.3}"),
-            (None, Some(Stop::Converged)) => println!("  {fact}: converged after {steps} steps (loss below 0.05), loss {loss:.3}"),
+            (None, Some(Stop::Converged)) => {
+                println!("  {fact}: converged after {steps} steps (every target token likely, or most probable with the loss below 0.05), loss {loss:.3}")
+            }
             (None, Some(Stop::MostProbable)) => {
                 println!("  {fact}: stopped early after {steps} steps (new target most probable on every prompt), loss {loss:.3}")
             }
-            (None, _) => println!("  {fact}: {steps} steps (the step cap, not converged), loss {loss:.3}"),
+            (None, _) => println!("  {fact}: NOT converged: stopped at the step cap ({steps} steps), loss {loss:.3}"),
         }
     }
     let on = model::device_name(compiler.model.device());

@@ -1,6 +1,7 @@
 //! compile on the real model: an edit changes the fact and leaves others alone, patches are
 //! reproducible to the byte (and unchanged by the new options at their defaults), MPES stops at
-//! the first step its criterion holds, ENCORE keeps the keys of its parents' facts, and bad
+//! the first step its criterion holds, a hard fact converges past the old step cap, the hard
+//! facts are facts the model knows, ENCORE keeps the keys of its parents' facts, and bad
 //! requests are refused with the record named.
 
 mod common;
@@ -210,10 +211,10 @@ fn sequential_patches_chain_through_the_cli() {
     assert!(greedy(&edited, &tok, "The Colosseum is located in the city of").contains("London"));
 }
 
-/// Whether, with `delta` added to the residual stream after `layer` at the subject's last token,
-/// every target token is the most probable one on every rewriting prompt: a plain pass over each
-/// whole prompt, not the optimisation's.
-fn most_probable(model: &Model, prompts: &FactPrompts, layer: usize, delta: &[f64]) -> bool {
+/// With `delta` added to the residual stream after `layer` at the subject's last token, the
+/// logits at each target token of each rewriting prompt, with the token's id: a plain pass over
+/// each whole prompt, not the optimisation's.
+fn target_logits(model: &Model, prompts: &FactPrompts, layer: usize, delta: &[f64]) -> Vec<(Vec<f32>, u32)> {
     let rewriting = &prompts.rewriting;
     let batch = Batch::right_padded(&rewriting.iter().map(|p| p.ids.clone()).collect::<Vec<_>>());
     let delta = candle_core::Tensor::from_vec(delta.iter().map(|&x| x as f32).collect::<Vec<_>>(), delta.len(), model.device()).unwrap();
@@ -223,7 +224,21 @@ fn most_probable(model: &Model, prompts: &FactPrompts, layer: usize, delta: &[f6
     let wanted: Vec<(usize, usize, u32)> = rewriting.iter().enumerate().flat_map(|(i, p)| p.targets.iter().map(move |&(pos, id)| (i, pos, id))).collect();
     let positions: Vec<(usize, usize)> = wanted.iter().map(|&(i, pos, _)| (i, pos)).collect();
     let logits: Vec<Vec<f32>> = model.logits(&target::rows(&hidden, &positions).unwrap()).unwrap().to_vec2().unwrap();
-    logits.iter().zip(&wanted).all(|(row, &(_, _, id))| row.iter().all(|&x| x <= row[id as usize]))
+    logits.into_iter().zip(wanted).map(|(row, (_, _, id))| (row, id)).collect()
+}
+
+/// Whether every target token is the most probable one on every rewriting prompt (see [`target_logits`]).
+fn most_probable(model: &Model, prompts: &FactPrompts, layer: usize, delta: &[f64]) -> bool {
+    target_logits(model, prompts, layer, delta).iter().all(|(row, id)| row.iter().all(|&x| x <= row[*id as usize]))
+}
+
+/// The largest NLL of a target token on a rewriting prompt (see [`target_logits`]), in f64.
+fn worst_token_nll(model: &Model, prompts: &FactPrompts, layer: usize, delta: &[f64]) -> f64 {
+    let nll = |(row, id): &(Vec<f32>, u32)| {
+        let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+        max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln() - row[*id as usize] as f64
+    };
+    target_logits(model, prompts, layer, delta).iter().map(nll).fold(0.0, f64::max)
 }
 
 #[test]
@@ -239,7 +254,7 @@ fn mpes_stops_at_the_first_step_where_the_new_target_is_most_probable() {
     assert!(stopped.steps >= 1 && stopped.steps < hp.v_steps, "stopped after {} steps", stopped.steps);
     // The same optimisation capped one step earlier ends on the vector the step before had.
     let mut capped = hp.clone();
-    capped.v_steps = stopped.steps - 1;
+    (capped.v_steps, capped.v_extend) = (stopped.steps - 1, 1);
     let before = optimize(&capped);
     assert_eq!((before.stop, before.steps), (Stop::StepCap, stopped.steps - 1));
     assert!(most_probable(model, &prompts, layer, &stopped.delta), "the criterion does not hold where MPES stopped (step {})", stopped.steps);
@@ -274,4 +289,49 @@ fn encore_keeps_the_keys_of_the_facts_its_parents_edited() {
         Some(patch.id.as_str())
     );
     assert!(prefers_new(&on.model, &on.tokenizer, &records[1]) && prefers_new(&on.model, &on.tokenizer, &records[0]), "the edits did not both take");
+}
+
+/// Probability of the whole continuation `target` after `prompt`: the product of its tokens'.
+fn sequence_probability(model: &Model, tok: &Tokenizer, prompt: &str, target: &str) -> f64 {
+    let t = tok.ids(&request::continuation(target)).unwrap();
+    (target::target_logprob(model, &[tok.ids(prompt).unwrap()], &t).unwrap()[0] * t.len() as f64).exp()
+}
+
+#[test]
+fn hard_facts_are_known_to_the_model_and_their_new_targets_are_several_tokens() {
+    let records = request::read(&root().join("fixtures/data/edit/hard-facts.json")).unwrap();
+    let dir = smollm2();
+    let (model, tok) = (Model::load(&dir).unwrap(), Tokenizer::open(&dir).unwrap());
+    let mut bad = Vec::new();
+    for r in &records {
+        let p = sequence_probability(&model, &tok, &r.filled(), r.target_true.as_deref().unwrap());
+        let n = tok.ids(&r.target_text()).unwrap().len();
+        if p <= 0.5 || n < 2 {
+            bad.push(format!("{}: P(true) {p:.3}, new target {n} tokens", r.origin));
+        }
+    }
+    assert!(bad.is_empty(), "{bad:#?}");
+}
+
+#[test]
+fn a_hard_fact_converges_past_the_old_step_cap() {
+    let records = request::read(&root().join("fixtures/data/edit/hard-facts.json")).unwrap();
+    let r = records.iter().find(|r| r.subject == "Germany").unwrap();
+    let compiler = Compiler::open(&smollm2_spec(Method::Memit, &[])).unwrap();
+    let (model, hp) = (&compiler.model, &compiler.hp);
+    let layer = *hp.layers.iter().max().unwrap();
+    let prompts = factpatch::edit::optimisation_prompts(&compiler.tokenizer, r, &compiler.templates).unwrap();
+    let optimize = |hp: &factpatch::edit::Hparams| target::optimize(model, std::slice::from_ref(&prompts), Edit::Residual(layer), hp).unwrap().remove(0);
+    // Without the adaptive cap (as before it existed), 25 steps leave it far from the goal.
+    let mut fixed = hp.clone();
+    fixed.v_extend = 1;
+    let before = optimize(&fixed);
+    assert_eq!((before.stop, before.steps), (Stop::StepCap, 25), "loss {}", before.loss);
+    assert!(worst_token_nll(model, &prompts, layer, &before.delta) > 0.5);
+    // With it, the optimisation goes on until every target token is likely on every prompt.
+    let after = optimize(hp);
+    assert_eq!(after.stop, Stop::Converged, "{} steps, loss {}", after.steps, after.loss);
+    assert!(after.steps > 25 && after.steps <= 100, "{} steps", after.steps);
+    let worst = worst_token_nll(model, &prompts, layer, &after.delta);
+    assert!(worst < 0.05, "a target token's NLL is {worst} where the optimisation stopped");
 }

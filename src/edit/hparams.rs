@@ -70,6 +70,14 @@ pub enum ValueNorm {
     Anchored,
 }
 
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+
 impl EarlyStop {
     fn is_none(&self) -> bool {
         *self == EarlyStop::None
@@ -91,6 +99,12 @@ pub struct Hparams {
     pub layers: Vec<usize>,
     /// Target-vector optimisation: Adam steps, learning rate, weight decay, norm clamp, KL factor.
     pub v_steps: usize,
+    /// The adaptive step cap: a fact that has not converged after `v_steps` steps keeps going, up
+    /// to `v_extend`·`v_steps` steps in all (1: no extension, as before the option existed; 4 at
+    /// the defaults, 100 steps). Facts that converge within `v_steps` are unaffected. Recorded
+    /// only when not 1.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub v_extend: usize,
     pub v_lr: f64,
     pub v_weight_decay: f64,
     pub clamp_norm: f64,
@@ -155,6 +169,7 @@ impl Hparams {
                 Method::Kn => (0..config.num_layers).collect(),
             },
             v_steps: 25,
+            v_extend: if method.optimises_targets() { 4 } else { 1 },
             v_lr: 0.5,
             // ENCORE's published settings hold the target vectors closer to where they start.
             v_weight_decay: if encore { 0.5 } else { 1e-3 },
@@ -194,6 +209,7 @@ impl Hparams {
         if let Some(map) = json.as_object_mut() {
             if self.method.optimises_targets() {
                 map.entry("early_stop").or_insert("none".into());
+                map.entry("v_extend").or_insert(1.into());
             }
             if self.method.memit_schedule() {
                 map.entry("value_norm").or_insert("none".into());
@@ -235,6 +251,9 @@ impl Hparams {
             if kn.steps == 0 || !(0.0..=1.0).contains(&kn.threshold) || !(0.0..=1.0).contains(&kn.share) {
                 return Err(Error::Hparams(format!("KN: steps {} must be > 0, threshold {} and share {} in [0, 1]", kn.steps, kn.threshold, kn.share)));
             }
+        }
+        if self.v_extend == 0 {
+            return Err(Error::Hparams("v_extend must be at least 1 (1: no steps past v_steps)".into()));
         }
         if self.early_stop != EarlyStop::None && !self.method.optimises_targets() {
             return Err(Error::Hparams(format!("early_stop applies to methods that optimise target vectors, not {:?}", self.method)));

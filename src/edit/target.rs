@@ -63,16 +63,20 @@ pub enum Edit {
     Residual(usize),
 }
 
+/// The loss, and each target token's NLL, a fact converges below.
+const GOAL: f64 = 5e-2;
+
 /// Why a fact's target optimisation stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Stop {
-    /// The loss fell below 0.05.
+    /// Every target token's NLL fell below 0.05 on every rewriting prompt, or the loss did with
+    /// every target token the most probable one.
     Converged,
     /// Most-probable early stopping: the new target became the most probable continuation on
     /// every rewriting prompt.
     MostProbable,
-    /// The step cap (`v_steps`) was reached.
+    /// The adaptive step cap (`v_extend`·`v_steps`) was reached without converging.
     StepCap,
 }
 
@@ -104,13 +108,21 @@ pub struct FactPrompts {
 /// Optimises, for each fact, a vector δ added at the subject's last token (at `edit`) of every
 /// one of its prompts so that the rewriting prompts predict their targets: mean target NLL +
 /// `kl_factor`·KL(now ‖ before) on the essence prompt + `weight_decay`·‖δ‖/‖init‖², Adam, ‖δ‖
-/// clamped to `clamp_norm`·‖init‖, stopping a fact once its loss is below 0.05 or, with
-/// `early_stop = mpes`, at the first step where every target token is the most probable token
-/// (ties included) on every rewriting prompt, given the prompt and the target tokens before it
-/// (MPES, Gupta et al. 2025, arXiv:2502.01636: the paper checks the single next token; a
-/// multi-token target must win at each of its positions). The criterion is checked on the same
-/// pass as the loss, before the step's update, so a fact already most probable keeps δ = 0.
-/// Either way at most `v_steps` steps are taken.
+/// clamped to `clamp_norm`·‖init‖. The stop rule looks at every target token of every rewriting
+/// prompt, given the prompt and the target tokens before it. A fact has converged once every one
+/// has an NLL below 0.05, or once its loss is below 0.05 (the peers' rule, which averages over
+/// the tokens) and every one is the most probable token (ties included): the mean can hide a
+/// token that still loses, typically after the bare prompt, and the KL and norm terms can hold
+/// the loss above 0.05 when every token is reached. With `early_stop = mpes` it also stops at the
+/// first step where every target token is the most probable one (MPES, Gupta et al. 2025,
+/// arXiv:2502.01636: the paper checks the single next token; a multi-token target must win at
+/// each of its positions). The criteria are checked on the same pass as the loss, before the
+/// step's update, so a fact already most probable keeps δ = 0. A fact not stopped after
+/// `v_steps` steps keeps going, up to `v_extend`·`v_steps` steps in all (the adaptive cap: more
+/// steps only for the facts that need them), and those steps follow a loss whose NLL term weighs
+/// each target token by its share of the fact's NLL, so they go to the tokens still far from the
+/// goal (typically the first token after the bare prompt, one rewriting prompt among many in the
+/// mean).
 ///
 /// Facts are independent (separate sequences, separate rows of δ, element-wise Adam), so they
 /// run together in one batch; a finished fact's row is frozen. Nothing before the subject's last
@@ -186,7 +198,8 @@ pub fn optimize(model: &Model, facts: &[FactPrompts], edit: Edit, hp: &Hparams) 
     let mut done: Vec<Option<Stopped>> = vec![None; nf];
     let mut last_loss = vec![f64::NAN; nf];
     let mpes = hp.early_stop == EarlyStop::Mpes;
-    for step in 0..hp.v_steps {
+    let cap = hp.v_steps * hp.v_extend;
+    for step in 0..cap {
         let x = model::add_at(&resume, &at, &delta.as_tensor().index_select(&row_fact, 0)?)?;
         let hidden = if layer + 1 < model.config.num_layers {
             let hooks = Hooks { resume: Some((layer + 1, x)), ..Hooks::default() };
@@ -196,14 +209,14 @@ pub fn optimize(model: &Model, facts: &[FactPrompts], edit: Edit, hp: &Hparams) 
         };
         let lp = ops::log_softmax(&model.logits(&rows(&hidden, &wanted)?)?)?;
         let target_lp = lp.narrow(0, 0, n)?.gather(&ids, 1)?;
-        // MPES: facts all of whose target tokens are the most probable ones.
-        let mut most_probable = vec![mpes; nf];
-        if mpes {
-            let best: Vec<f32> = lp.narrow(0, 0, n)?.max_keepdim(1)?.squeeze(1)?.to_vec1()?;
-            let own: Vec<f32> = target_lp.squeeze(1)?.to_vec1()?;
-            for ((b, o), &f) in best.iter().zip(&own).zip(&target_owner) {
-                most_probable[f] &= o >= b;
-            }
+        // Facts all of whose target tokens are likely (NLL below the goal), and all of whose
+        // target tokens are the most probable ones.
+        let own: Vec<f32> = target_lp.squeeze(1)?.to_vec1()?;
+        let best: Vec<f32> = lp.narrow(0, 0, n)?.max_keepdim(1)?.squeeze(1)?.to_vec1()?;
+        let (mut likely, mut most_probable) = (vec![true; nf], vec![true; nf]);
+        for ((b, o), &f) in best.iter().zip(&own).zip(&target_owner) {
+            likely[f] &= -(*o as f64) < GOAL;
+            most_probable[f] &= o >= b;
         }
         let picked = (target_lp.squeeze(1)? * &weight)?;
         let nll = by_fact.matmul(&picked.unsqueeze(1)?)?.squeeze(1)?.neg()?;
@@ -211,13 +224,14 @@ pub fn optimize(model: &Model, facts: &[FactPrompts], edit: Edit, hp: &Hparams) 
         let kl = (now.exp()? * (&now - &anchor)?)?.sum(1)?;
         // ‖δ‖ with a zero-safe gradient (δ starts at 0, where √ has none).
         let norm = (delta.as_tensor().sqr()?.sum(1)? + 1e-24)?.sqrt()?;
-        let losses = ((nll + (kl * hp.kl_factor)?)? + (norm * &decay)?)?;
+        let penalties = ((kl * hp.kl_factor)? + (norm * &decay)?)?;
+        let losses = (nll + &penalties)?;
         let values: Vec<f32> = losses.to_vec1()?;
         let current: Vec<f32> = delta.as_tensor().flatten_all()?.to_vec1()?;
         let mut active = vec![0f32; nf];
         for f in 0..nf {
             last_loss[f] = values[f] as f64;
-            let stop = match ((values[f] as f64) < 5e-2, most_probable[f]) {
+            let stop = match ((values[f] as f64) < GOAL && most_probable[f] || likely[f], mpes && most_probable[f]) {
                 (true, _) => Some(Stop::Converged),
                 (false, true) => Some(Stop::MostProbable),
                 (false, false) => None,
@@ -230,6 +244,17 @@ pub fn optimize(model: &Model, facts: &[FactPrompts], edit: Edit, hp: &Hparams) 
         if done.iter().all(Option::is_some) {
             break;
         }
+        // Past `v_steps`, the steps go to the target tokens still far from the goal: each fact's
+        // NLL term weighs its tokens by their share of the fact's NLL.
+        let losses = if step < hp.v_steps {
+            losses
+        } else {
+            let mut total = vec![0f64; nf];
+            own.iter().zip(&target_owner).for_each(|(o, &f)| total[f] -= *o as f64);
+            let focus: Vec<f32> = own.iter().zip(&target_owner).map(|(o, &f)| (-(*o as f64) / total[f].max(f64::MIN_POSITIVE)) as f32).collect();
+            let picked = (target_lp.squeeze(1)? * Tensor::from_vec(focus, n, dev)?)?;
+            (by_fact.matmul(&picked.unsqueeze(1)?)?.squeeze(1)?.neg()? + &penalties)?
+        };
         let loss = (losses * Tensor::from_vec(active, nf, dev)?)?.sum_all()?;
         adam.backward_step(&loss)?;
         // Finished facts keep their δ (Adam's momentum would move them); the rest are clamped.
@@ -254,7 +279,7 @@ pub fn optimize(model: &Model, facts: &[FactPrompts], edit: Edit, hp: &Hparams) 
         .map(|f| {
             let (steps, loss, row, stop) = match &done[f] {
                 Some(s) => (s.step, s.loss, s.delta.clone(), s.stop),
-                None => (hp.v_steps, last_loss[f], finals[f * d..(f + 1) * d].to_vec(), Stop::StepCap),
+                None => (cap, last_loss[f], finals[f * d..(f + 1) * d].to_vec(), Stop::StepCap),
             };
             let delta = row.iter().map(|&x| x as f64).collect();
             Target { delta, init: inits[f].clone(), key: keys[f].clone(), value: outputs[f].clone(), steps, loss, stop }
