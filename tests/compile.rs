@@ -85,10 +85,11 @@ fn emmet_alphaedit_and_encore_edit_counterfact_records_one_after_another() {
         for (i, r) in records[..2].iter().enumerate() {
             c.edit(std::slice::from_ref(r)).unwrap();
             assert!(prefers_new(&c.model, &c.tokenizer, r), "{method:?}, {}: new target not preferred after the edit", r.origin);
-            // AlphaEdit and ENCORE keep every edited fact's keys for the edits after it.
+            // AlphaEdit and ENCORE keep every edited fact's keys (two a fact: the template
+            // average and the raw prompt's) for the edits after it.
             let kept: Vec<usize> = c.preserved.earlier().values().map(|k| k.ncols()).collect();
             match method {
-                Method::AlphaEdit | Method::Encore => assert_eq!(kept, vec![i + 1; c.hp.layers.len()]),
+                Method::AlphaEdit | Method::Encore => assert_eq!(kept, vec![2 * (i + 1); c.hp.layers.len()]),
                 _ => assert!(kept.is_empty()),
             }
         }
@@ -281,9 +282,9 @@ fn encore_keeps_the_keys_of_the_facts_its_parents_edited() {
     spec.on = vec![first];
     let mut on = Compiler::open(&spec).unwrap();
     let kept = |c: &Compiler| c.preserved.earlier().values().map(|k| k.ncols()).collect::<Vec<_>>();
-    assert_eq!(kept(&on), vec![1; on.hp.layers.len()], "the parent's fact is preserved");
+    assert_eq!(kept(&on), vec![2; on.hp.layers.len()], "the parent's fact is preserved (its two keys)");
     let second = on.patch(&records[1..2]).unwrap().patch;
-    assert_eq!(kept(&on), vec![2; on.hp.layers.len()]);
+    assert_eq!(kept(&on), vec![4; on.hp.layers.len()]);
     assert_eq!(
         factpatch::patch::Patch::from_bytes(second.bytes.clone(), Path::new("second.fpatch")).unwrap().manifest().parent.as_deref(),
         Some(patch.id.as_str())
@@ -334,4 +335,18 @@ fn a_hard_fact_converges_past_the_old_step_cap() {
     assert!(after.steps > 25 && after.steps <= 100, "{} steps", after.steps);
     let worst = worst_token_nll(model, &prompts, layer, &after.delta);
     assert!(worst < 0.05, "a target token's NLL is {worst} where the optimisation stopped");
+}
+
+#[test]
+fn memit_takes_a_fact_whose_subject_is_the_prompts_first_token() {
+    // "Germany" is the first token of every prompt it is scored on (SmolLM2 adds no BOS): its key
+    // there sees no context, unlike the template average. MEMIT maps both keys to the target.
+    let records = request::read(&root().join("fixtures/data/edit/hard-facts.json")).unwrap();
+    let r = records.iter().find(|r| r.subject == "Germany").unwrap();
+    let mut compiler = Compiler::open(&smollm2_spec(Method::Memit, &["rect_k=100"])).unwrap();
+    assert_eq!(compiler.tokenizer.ids(&r.subject).unwrap().len(), 1);
+    assert!(r.filled().starts_with(&r.subject) && r.paraphrases.iter().all(|p| p.starts_with(&r.subject)));
+    let patch = compiler.patch(std::slice::from_ref(r)).unwrap().patch;
+    assert_eq!(factpatch::patch::Patch::from_bytes(patch.bytes, Path::new("germany.fpatch")).unwrap().manifest().edits.len(), 1);
+    assert!(prefers_new(&compiler.model, &compiler.tokenizer, r), "the edit did not take on the raw prompt");
 }

@@ -251,3 +251,23 @@ fn anchored_value_matches_dense_reference() {
     let err = solve::anchored_delta(&Array2::zeros((3, 4)), &Array1::zeros(5), &Array1::zeros(3), &Array1::zeros(3)).unwrap_err();
     assert!(err.to_string().contains("do not fit"), "{err}");
 }
+
+#[test]
+fn merging_equal_columns_keeps_the_update_at_a_lower_rank() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let r = random(&mut rng, 6, 3);
+    // MEMIT with two keys a fact (the template average and the raw prompt's key) mapped to the same residual.
+    let r2 = ndarray::concatenate![ndarray::Axis(1), r, r];
+    let k = random(&mut rng, 9, 6);
+    let c = second_moment(&mut rng, 9);
+    let (u, v) = solve::memit(&r2, &k, &c, 2.0).unwrap();
+    let dense = u.dot(&v.t());
+    let (u, v) = solve::merge_equal_columns(u, v);
+    assert_eq!((u.ncols(), v.ncols()), (3, 3), "six columns of three distinct residuals merge into three");
+    let err = max_abs(&(u.dot(&v.t()) - &dense)) / max_abs(&dense);
+    assert!(err < 1e-12, "merged update differs: relative error {err:e}");
+    // Distinct columns are left alone.
+    let (u1, v1) = (random(&mut rng, 6, 4), random(&mut rng, 9, 4));
+    let (u2, v2) = solve::merge_equal_columns(u1.clone(), v1.clone());
+    assert_eq!((u2, v2), (u1, v1));
+}

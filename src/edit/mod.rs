@@ -283,12 +283,16 @@ fn memit(
     for (i, &layer) in layers.iter().enumerate() {
         let hooks = Hooks { keys: vec![layer], stop_after: Some(layer), ..Hooks::default() };
         let keys = average_keys(&target::rows(&keyed.forward(model, hooks, layer)?.keys[&layer], &keyed.at)?, templates)?;
-        let k = stack(&keys.into_iter().map(|(mean, _)| mean).collect::<Vec<_>>());
+        // Two keys a fact: the template average and the raw prompt's own key, both mapped to the
+        // fact's residual (columns `j` and `n + j`).
+        let (means, raws): (Vec<_>, Vec<_>) = keys.into_iter().unzip();
+        let k = stack(&means.into_iter().chain(raws).collect::<Vec<_>>());
         // What the last edited layer holds now, for each raw prompt.
         let hooks = Hooks { residuals: vec![last], stop_after: Some(last), ..Hooks::default() };
         let now: Vec<Vec<f64>> = target::rows(&raw.forward(model, hooks, layer)?.residuals[&last], &raw.at)?.to_dtype(DType::F64)?.to_vec2()?;
         let now: Vec<Array1<f64>> = now.into_iter().map(Array1::from).collect();
         let r = (stack(&targets) - stack(&now)) / (layers.len() - i) as f64;
+        let r = ndarray::concatenate![ndarray::Axis(1), r, r];
         let (u, v) = match hp.method {
             Method::Emmet => solve::emmet(&r, &k, preserved.second_moment(layer)?, hp.mom2_weight, hp.required(hp.emmet_lambda, "emmet_lambda")?)?,
             Method::AlphaEdit => {
@@ -307,6 +311,7 @@ fn memit(
             }
             _ => solve::memit(&r, &k, preserved.second_moment(layer)?, hp.mom2_weight)?,
         };
+        let (u, v) = solve::merge_equal_columns(u, v);
         updates.push(commit(model, layer, &u, &v, hp.rect_k)?);
     }
     Ok((updates, reports))

@@ -106,8 +106,9 @@ impl Preserved {
             return Ok(());
         }
         for &layer in layers {
-            let keys: Vec<Array1<f64>> = request_keys(model, tok, requests, templates, layer)?.into_iter().map(|(mean, _)| mean).collect();
-            self.remember(layer, &stack(&keys));
+            // Both keys a fact, as MEMIT's schedule solves with them.
+            let (means, raws): (Vec<Array1<f64>>, Vec<Array1<f64>>) = request_keys(model, tok, requests, templates, layer)?.into_iter().unzip();
+            self.remember(layer, &stack(&means.into_iter().chain(raws).collect::<Vec<_>>()));
         }
         Ok(())
     }

@@ -87,6 +87,24 @@ pub fn emmet(r: &Array2<f64>, k: &Array2<f64>, c: &Array2<f64>, lambda: f64, mu:
     Ok((ut.t().to_owned(), v))
 }
 
+/// `ΔW = U Vᵀ` with the columns of `U` that are equal merged into one (their `V` columns summed):
+/// the same update at a lower stored rank.
+pub fn merge_equal_columns(u: Array2<f64>, v: Array2<f64>) -> (Array2<f64>, Array2<f64>) {
+    let mut kept: Vec<usize> = Vec::new();
+    let mut sums: Vec<Array1<f64>> = Vec::new();
+    for j in 0..u.ncols() {
+        match kept.iter().position(|&i| u.column(i) == u.column(j)) {
+            Some(at) => sums[at] += &v.column(j),
+            None => {
+                kept.push(j);
+                sums.push(v.column(j).to_owned());
+            }
+        }
+    }
+    let v = Array2::from_shape_fn((v.nrows(), kept.len()), |(i, j)| sums[j][i]);
+    (u.select(Axis(1), &kept), v)
+}
+
 /// AlphaEdit's projector onto the null space of the key second moment: `P = Û Ûᵀ` over the
 /// eigenvectors of `C` whose eigenvalues are below `tau`.
 pub fn nullspace(c: &Array2<f64>, tau: f64) -> Result<Array2<f64>> {

@@ -6,7 +6,6 @@ use crate::edit::request::Request;
 use crate::model::{self, ops, Batch, Hooks, KvCache, Model};
 use crate::tokenize::{self, Tokenizer};
 use candle_core::{DType, IndexOp, Tensor, Var};
-use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 
 /// A tokenized prompt with the position of the subject's last token and, for rewriting
 /// prompts, the teacher-forced target tokens `(position, id)`.
@@ -132,114 +131,98 @@ pub fn optimize(model: &Model, facts: &[FactPrompts], edit: Edit, hp: &Hparams) 
     let layer = match edit {
         Edit::MlpOut(l) | Edit::Residual(l) => l,
     };
-    let dev = model.device();
     let nf = facts.len();
     // Rows: each fact's rewriting prompts, then its essence prompt.
     let mut all: Vec<&Prompt> = Vec::new();
-    let mut row_fact: Vec<u32> = Vec::new();
-    let mut first_row = Vec::new();
-    let mut essence_rows = Vec::new();
-    for (f, fp) in facts.iter().enumerate() {
-        first_row.push(all.len());
+    let mut fact_rows = Vec::new();
+    for fp in facts {
+        let first = all.len();
         all.extend(fp.rewriting.iter());
-        essence_rows.push((all.len(), 0));
         all.push(&fp.essence);
-        row_fact.extend(std::iter::repeat_n(f as u32, fp.rewriting.len() + 1));
+        fact_rows.push(first..all.len());
     }
     let prefixes: Vec<Vec<u32>> = all.iter().map(|p| p.ids[..p.lookup].to_vec()).collect();
-    let suffix = Batch::right_padded(&all.iter().map(|p| p.ids[p.lookup..].to_vec()).collect::<Vec<_>>());
+    let suffixes: Vec<Vec<u32>> = all.iter().map(|p| p.ids[p.lookup..].to_vec()).collect();
     let mut prefix_cache = KvCache::default();
     if prefixes.iter().any(|p| !p.is_empty()) {
         model.forward(&Batch::left_padded(&prefixes), &Hooks::default(), Some(&mut prefix_cache))?;
     }
-    // In suffix coordinates the subject's last token is position 0 of every row.
-    let at: Vec<_> = (0..all.len()).map(|i| (i, 0)).collect();
-    let (mut target_rows, mut target_ids, mut target_weight) = (Vec::new(), Vec::new(), Vec::new());
-    let mut target_fact = vec![0f32; 0];
-    let mut target_owner = Vec::new();
-    for (f, fp) in facts.iter().enumerate() {
-        for (i, p) in fp.rewriting.iter().enumerate() {
-            for &(pos, id) in &p.targets {
-                target_rows.push((first_row[f] + i, pos - p.lookup));
-                target_ids.push(id);
-                target_weight.push((1.0 / (p.targets.len() * fp.rewriting.len()) as f64) as f32);
-                target_fact.extend((0..nf).map(|g| (g == f) as u8 as f32));
-                target_owner.push(f);
-            }
-        }
-    }
-    let n = target_rows.len();
 
     // The unedited pass: the resume state after `layer`, the values at the edit point, the KL anchors.
     let hooks = Hooks { keys: vec![layer], residuals: vec![layer], mlp_outputs: vec![layer], ..Hooks::default() };
-    let base = model.forward(&suffix, &hooks, Some(&mut prefix_cache.clone()))?;
+    let base = model.forward(&Batch::right_padded(&suffixes), &hooks, Some(&mut prefix_cache.clone()))?;
     let resume = base.residuals[&layer].detach();
     let source = match edit {
         Edit::MlpOut(_) => &base.mlp_outputs[&layer],
         Edit::Residual(_) => &resume,
     };
-    let raw_rows = |x: &Tensor| -> Result<Vec<Vec<f64>>> { first_row.iter().map(|&r| Ok(x.i((r, 0))?.to_dtype(DType::F64)?.to_vec1()?)).collect() };
+    let raw_rows = |x: &Tensor| -> Result<Vec<Vec<f64>>> { fact_rows.iter().map(|r| Ok(x.i((r.start, 0))?.to_dtype(DType::F64)?.to_vec1()?)).collect() };
     let inits = raw_rows(source)?;
     let (keys, outputs) = (raw_rows(&base.keys[&layer])?, raw_rows(&base.mlp_outputs[&layer])?);
     let init_norms: Vec<f64> = inits.iter().map(|v| v.iter().map(|x| x * x).sum::<f64>().sqrt()).collect();
-    let anchor = ops::log_softmax(&model.logits(&rows(&base.hidden, &essence_rows)?)?)?.detach();
+    let essence: Vec<_> = fact_rows.iter().map(|r| (r.end - 1, 0)).collect();
+    let anchor = ops::log_softmax(&model.logits(&rows(&base.hidden, &essence)?)?)?.detach();
+    let all = Rows { facts, fact_rows: &fact_rows, suffixes: &suffixes, cache: &prefix_cache, resume: &resume, anchor: &anchor, init_norms: &init_norms, hp };
 
     let d = model.config.hidden_size;
-    let delta = Var::zeros((nf, d), DType::F32, dev)?;
-    let mut adam = AdamW::new(vec![delta.clone()], ParamsAdamW { lr: hp.v_lr, weight_decay: 0.0, ..Default::default() })?;
-    let row_fact = Tensor::from_vec(row_fact, all.len(), dev)?;
-    let ids = Tensor::from_vec(target_ids, (n, 1), dev)?;
-    let weight = Tensor::from_vec(target_weight, n, dev)?;
-    // [facts, target rows]: sums each fact's weighted target log-probabilities.
-    let by_fact = Tensor::from_vec(target_fact, (n, nf), dev)?.t()?.contiguous()?;
-    let decay = Tensor::from_vec(init_norms.iter().map(|v| (hp.v_weight_decay / (v * v)) as f32).collect::<Vec<_>>(), nf, dev)?;
-    let mut wanted = target_rows.clone();
-    wanted.extend(&essence_rows);
+    let mut adam = Adam::new(nf * d, hp.v_lr);
     let mut done: Vec<Option<Stopped>> = vec![None; nf];
     let mut last_loss = vec![f64::NAN; nf];
     let mpes = hp.early_stop == EarlyStop::Mpes;
     let cap = hp.v_steps * hp.v_extend;
+    let mut work: Option<Working> = None;
     for step in 0..cap {
-        let x = model::add_at(&resume, &at, &delta.as_tensor().index_select(&row_fact, 0)?)?;
+        // Only the facts still optimised run: a fact that stopped leaves the batch.
+        let active: Vec<usize> = (0..nf).filter(|&f| done[f].is_none()).collect();
+        if work.as_ref().is_none_or(|w| w.facts != active) {
+            work = Some(all.working(model, active)?);
+        }
+        let w = work.as_ref().expect("just set");
+        let delta = Var::from_tensor(&Tensor::from_vec(
+            w.facts.iter().flat_map(|&f| adam.theta[f * d..(f + 1) * d].iter().copied()).collect(),
+            (w.facts.len(), d),
+            model.device(),
+        )?)?;
+        let x = model::add_at(&w.resume, &w.at, &delta.as_tensor().index_select(&w.row_fact, 0)?)?;
         let hidden = if layer + 1 < model.config.num_layers {
             let hooks = Hooks { resume: Some((layer + 1, x)), ..Hooks::default() };
-            model.forward(&suffix, &hooks, Some(&mut prefix_cache.clone()))?.hidden
+            model.forward(&w.suffix, &hooks, Some(&mut w.cache.clone()))?.hidden
         } else {
             x
         };
-        let lp = ops::log_softmax(&model.logits(&rows(&hidden, &wanted)?)?)?;
-        let target_lp = lp.narrow(0, 0, n)?.gather(&ids, 1)?;
+        let n = w.ids.dims()[0];
+        let lp = ops::log_softmax(&model.logits(&rows(&hidden, &w.wanted)?)?)?;
+        let target_lp = lp.narrow(0, 0, n)?.gather(&w.ids, 1)?;
         // Facts all of whose target tokens are likely (NLL below the goal), and all of whose
         // target tokens are the most probable ones.
         let own: Vec<f32> = target_lp.squeeze(1)?.to_vec1()?;
         let best: Vec<f32> = lp.narrow(0, 0, n)?.max_keepdim(1)?.squeeze(1)?.to_vec1()?;
-        let (mut likely, mut most_probable) = (vec![true; nf], vec![true; nf]);
-        for ((b, o), &f) in best.iter().zip(&own).zip(&target_owner) {
+        let (mut likely, mut most_probable) = (vec![true; w.facts.len()], vec![true; w.facts.len()]);
+        for ((b, o), &f) in best.iter().zip(&own).zip(&w.owner) {
             likely[f] &= -(*o as f64) < GOAL;
             most_probable[f] &= o >= b;
         }
-        let picked = (target_lp.squeeze(1)? * &weight)?;
-        let nll = by_fact.matmul(&picked.unsqueeze(1)?)?.squeeze(1)?.neg()?;
-        let now = lp.narrow(0, n, nf)?;
-        let kl = (now.exp()? * (&now - &anchor)?)?.sum(1)?;
+        let picked = (target_lp.squeeze(1)? * &w.weight)?;
+        let nll = w.by_fact.matmul(&picked.unsqueeze(1)?)?.squeeze(1)?.neg()?;
+        let now = lp.narrow(0, n, w.facts.len())?;
+        let kl = (now.exp()? * (&now - &w.anchor)?)?.sum(1)?;
         // ‖δ‖ with a zero-safe gradient (δ starts at 0, where √ has none).
         let norm = (delta.as_tensor().sqr()?.sum(1)? + 1e-24)?.sqrt()?;
-        let penalties = ((kl * hp.kl_factor)? + (norm * &decay)?)?;
+        let penalties = ((kl * hp.kl_factor)? + (norm * &w.decay)?)?;
         let losses = (nll + &penalties)?;
         let values: Vec<f32> = losses.to_vec1()?;
-        let current: Vec<f32> = delta.as_tensor().flatten_all()?.to_vec1()?;
-        let mut active = vec![0f32; nf];
-        for f in 0..nf {
-            last_loss[f] = values[f] as f64;
-            let stop = match ((values[f] as f64) < GOAL && most_probable[f] || likely[f], mpes && most_probable[f]) {
+        let mut still = vec![0f32; w.facts.len()];
+        for (j, &f) in w.facts.iter().enumerate() {
+            last_loss[f] = values[j] as f64;
+            let stop = match ((values[j] as f64) < GOAL && most_probable[j] || likely[j], mpes && most_probable[j]) {
                 (true, _) => Some(Stop::Converged),
                 (false, true) => Some(Stop::MostProbable),
                 (false, false) => None,
             };
-            if let (None, Some(stop)) = (&done[f], stop) {
-                done[f] = Some(Stopped { step, loss: values[f] as f64, delta: current[f * d..(f + 1) * d].to_vec(), stop });
+            match stop {
+                Some(stop) => done[f] = Some(Stopped { step, loss: values[j] as f64, delta: adam.theta[f * d..(f + 1) * d].to_vec(), stop }),
+                None => still[j] = 1.0,
             }
-            active[f] = done[f].is_none() as u8 as f32;
         }
         if done.iter().all(Option::is_some) {
             break;
@@ -249,42 +232,164 @@ pub fn optimize(model: &Model, facts: &[FactPrompts], edit: Edit, hp: &Hparams) 
         let losses = if step < hp.v_steps {
             losses
         } else {
-            let mut total = vec![0f64; nf];
-            own.iter().zip(&target_owner).for_each(|(o, &f)| total[f] -= *o as f64);
-            let focus: Vec<f32> = own.iter().zip(&target_owner).map(|(o, &f)| (-(*o as f64) / total[f].max(f64::MIN_POSITIVE)) as f32).collect();
-            let picked = (target_lp.squeeze(1)? * Tensor::from_vec(focus, n, dev)?)?;
-            (by_fact.matmul(&picked.unsqueeze(1)?)?.squeeze(1)?.neg()? + &penalties)?
+            let mut total = vec![0f64; w.facts.len()];
+            own.iter().zip(&w.owner).for_each(|(o, &f)| total[f] -= *o as f64);
+            let focus: Vec<f32> = own.iter().zip(&w.owner).map(|(o, &f)| (-(*o as f64) / total[f].max(f64::MIN_POSITIVE)) as f32).collect();
+            let picked = (target_lp.squeeze(1)? * Tensor::from_vec(focus, n, model.device())?)?;
+            (w.by_fact.matmul(&picked.unsqueeze(1)?)?.squeeze(1)?.neg()? + &penalties)?
         };
-        let loss = (losses * Tensor::from_vec(active, nf, dev)?)?.sum_all()?;
-        adam.backward_step(&loss)?;
-        // Finished facts keep their δ (Adam's momentum would move them); the rest are clamped.
-        let mut next: Vec<f32> = delta.as_tensor().flatten_all()?.to_vec1()?;
-        for f in 0..nf {
-            let row = &mut next[f * d..(f + 1) * d];
-            match &done[f] {
-                Some(stopped) => row.copy_from_slice(&stopped.delta),
-                None => {
-                    let norm = row.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt();
-                    let max = hp.clamp_norm * init_norms[f];
-                    if norm > max {
-                        row.iter_mut().for_each(|x| *x = (*x as f64 * max / norm) as f32);
-                    }
-                }
+        let loss = (losses * Tensor::from_vec(still, w.facts.len(), model.device())?)?.sum_all()?;
+        let grads = loss.backward()?;
+        let grad: Vec<f32> = grads.get(delta.as_tensor()).expect("δ is in the graph").flatten_all()?.to_vec1()?;
+        // Facts stopped at this step keep their δ; the rest take the step and are clamped.
+        adam.tick();
+        for (j, &f) in w.facts.iter().enumerate().filter(|&(_, &f)| done[f].is_none()) {
+            adam.step(f * d..(f + 1) * d, &grad[j * d..(j + 1) * d]);
+            let row = &mut adam.theta[f * d..(f + 1) * d];
+            let norm = row.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt();
+            let max = hp.clamp_norm * init_norms[f];
+            if norm > max {
+                row.iter_mut().for_each(|x| *x = (*x as f64 * max / norm) as f32);
             }
         }
-        delta.set(&Tensor::from_vec(next, (nf, d), dev)?)?;
     }
-    let finals: Vec<f32> = delta.as_tensor().flatten_all()?.to_vec1()?;
     Ok((0..nf)
         .map(|f| {
             let (steps, loss, row, stop) = match &done[f] {
                 Some(s) => (s.step, s.loss, s.delta.clone(), s.stop),
-                None => (cap, last_loss[f], finals[f * d..(f + 1) * d].to_vec(), Stop::StepCap),
+                None => (cap, last_loss[f], adam.theta[f * d..(f + 1) * d].to_vec(), Stop::StepCap),
             };
             let delta = row.iter().map(|&x| x as f64).collect();
             Target { delta, init: inits[f].clone(), key: keys[f].clone(), value: outputs[f].clone(), steps, loss, stop }
         })
         .collect())
+}
+
+/// Everything [`optimize`] knows of every fact, from which the batch of the facts still being
+/// optimised is cut.
+struct Rows<'a> {
+    facts: &'a [FactPrompts],
+    /// Each fact's rows (its rewriting prompts, then its essence prompt).
+    fact_rows: &'a [std::ops::Range<usize>],
+    /// Each row from the subject's last token on.
+    suffixes: &'a [Vec<u32>],
+    /// The rows' prefixes, cached (empty when no row has one).
+    cache: &'a KvCache,
+    /// The unedited residual stream after the edited layer `[rows, suffix, hidden]`.
+    resume: &'a Tensor,
+    /// Each fact's unedited next-token log-probabilities after its essence prompt.
+    anchor: &'a Tensor,
+    init_norms: &'a [f64],
+    hp: &'a Hparams,
+}
+
+/// The batch of the facts still being optimised (`facts`, ascending), in its own row numbers.
+struct Working {
+    facts: Vec<usize>,
+    suffix: Batch,
+    cache: KvCache,
+    resume: Tensor,
+    /// Every row's subject's last token (position 0 of its suffix), and each row's fact.
+    at: Vec<(usize, usize)>,
+    row_fact: Tensor,
+    /// The target-token rows, then each fact's essence row.
+    wanted: Vec<(usize, usize)>,
+    /// Each target token's id `[n, 1]`, weight in its fact's mean `[n]`, fact (local) and the
+    /// `[facts, n]` indicator that sums each fact's tokens.
+    ids: Tensor,
+    weight: Tensor,
+    owner: Vec<usize>,
+    by_fact: Tensor,
+    anchor: Tensor,
+    decay: Tensor,
+}
+
+impl Rows<'_> {
+    fn working(&self, model: &Model, facts: Vec<usize>) -> Result<Working> {
+        let dev = model.device();
+        let rows: Vec<usize> = facts.iter().flat_map(|&f| self.fact_rows[f].clone()).collect();
+        let suffix = Batch::right_padded(&rows.iter().map(|&r| self.suffixes[r].clone()).collect::<Vec<_>>());
+        let cache = if self.cache.is_empty() { KvCache::default() } else { self.cache.select(&rows)? };
+        let picked = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), dev)?;
+        let resume = self.resume.index_select(&picked, 0)?.narrow(1, 0, suffix.seq_len())?;
+        let (mut wanted, mut ids, mut weight, mut owner) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut row_fact, mut essence) = (Vec::new(), Vec::new());
+        let mut first = 0;
+        for (j, &f) in facts.iter().enumerate() {
+            let fp = &self.facts[f];
+            for (i, p) in fp.rewriting.iter().enumerate() {
+                for &(pos, id) in &p.targets {
+                    wanted.push((first + i, pos - p.lookup));
+                    ids.push(id);
+                    weight.push((1.0 / (p.targets.len() * fp.rewriting.len()) as f64) as f32);
+                    owner.push(j);
+                }
+            }
+            row_fact.extend(std::iter::repeat_n(j as u32, fp.rewriting.len() + 1));
+            essence.push((first + fp.rewriting.len(), 0));
+            first += fp.rewriting.len() + 1;
+        }
+        let n = ids.len();
+        let indicator: Vec<f32> = (0..facts.len()).flat_map(|j| owner.iter().map(move |&o| (o == j) as u8 as f32)).collect();
+        wanted.extend(essence);
+        let chosen = Tensor::from_vec(facts.iter().map(|&f| f as u32).collect::<Vec<_>>(), facts.len(), dev)?;
+        let decay: Vec<f32> = facts.iter().map(|&f| (self.hp.v_weight_decay / (self.init_norms[f] * self.init_norms[f])) as f32).collect();
+        Ok(Working {
+            suffix,
+            cache,
+            resume,
+            at: (0..rows.len()).map(|i| (i, 0)).collect(),
+            row_fact: Tensor::from_vec(row_fact, rows.len(), dev)?,
+            wanted,
+            ids: Tensor::from_vec(ids, (n, 1), dev)?,
+            weight: Tensor::from_vec(weight, n, dev)?,
+            owner,
+            by_fact: Tensor::from_vec(indicator, (facts.len(), n), dev)?,
+            anchor: self.anchor.index_select(&chosen, 0)?,
+            decay: Tensor::from_vec(decay, facts.len(), dev)?,
+            facts,
+        })
+    }
+}
+
+/// Adam (no weight decay) over the rows of δ, kept on the host so that a fact's row can leave the
+/// batch while the others go on; the arithmetic is candle-nn's `AdamW` at weight decay 0, step for
+/// step, with one step count for all rows.
+struct Adam {
+    theta: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    lr: f64,
+    t: i32,
+}
+
+impl Adam {
+    const BETA1: f64 = 0.9;
+    const BETA2: f64 = 0.999;
+    const EPS: f64 = 1e-8;
+
+    fn new(len: usize, lr: f64) -> Self {
+        Adam { theta: vec![0.0; len], m: vec![0.0; len], v: vec![0.0; len], lr, t: 0 }
+    }
+
+    /// Counts one step of the whole batch (the bias corrections follow it).
+    fn tick(&mut self) {
+        self.t += 1;
+    }
+
+    /// Updates the elements `range` with their gradient `g`.
+    fn step(&mut self, range: std::ops::Range<usize>, g: &[f32]) {
+        let (b1, b2) = (Self::BETA1 as f32, Self::BETA2 as f32);
+        let scale_m = (1.0 / (1.0 - Self::BETA1.powi(self.t))) as f32;
+        let scale_v = (1.0 / (1.0 - Self::BETA2.powi(self.t))) as f32;
+        let (lr, eps) = (self.lr as f32, Self::EPS as f32);
+        for (i, &g) in range.zip(g) {
+            self.m[i] = self.m[i] * b1 + g * (1.0 - Self::BETA1) as f32;
+            self.v[i] = self.v[i] * b2 + g * g * (1.0 - Self::BETA2) as f32;
+            let step = (self.m[i] * scale_m) / ((self.v[i] * scale_v).sqrt() + eps);
+            self.theta[i] -= step * lr;
+        }
+    }
 }
 
 /// A fact whose optimisation stopped: at which step, its loss there, δ then, and why.

@@ -105,6 +105,11 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// Whether the cache holds no sequences (no pass has filled it).
+    pub fn is_empty(&self) -> bool {
+        self.mask.is_empty()
+    }
+
     /// The cache of sequences `rows` (repeats allowed), in that order: one cached prefix
     /// continued several ways in one batch.
     pub fn select(&self, rows: &[usize]) -> Result<Self> {
