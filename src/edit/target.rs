@@ -57,7 +57,8 @@ pub fn keys(model: &Model, prompts: &[Prompt], layers: &[usize]) -> Result<Vec<T
 /// Where a target vector is added, and what it is measured against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Edit {
-    /// ROME: added to layer `l`'s MLP output; the target is the MLP output.
+    /// ROME, and MEMIT where a norm follows the MLP: added to layer `l`'s MLP output (the down
+    /// projection's, before any post-MLP norm); the target is that output.
     MlpOut(usize),
     /// MEMIT: added to layer `l`'s residual output; the target is the residual stream.
     Residual(usize),
@@ -187,7 +188,11 @@ pub fn optimize(model: &Model, facts: &[FactPrompts], edit: Edit, hp: &Hparams) 
     let mut last_loss = vec![f64::NAN; nf];
     let mpes = hp.early_stop == EarlyStop::Mpes;
     for step in 0..hp.v_steps {
-        let x = model::add_at(&resume, &at, &delta.as_tensor().index_select(&row_fact, 0)?)?;
+        let rows_delta = delta.as_tensor().index_select(&row_fact, 0)?;
+        let x = match edit {
+            Edit::MlpOut(_) => model.add_to_mlp_output(layer, &resume, &base.mlp_outputs[&layer], &at, &rows_delta)?,
+            Edit::Residual(_) => model::add_at(&resume, &at, &rows_delta)?,
+        };
         let hidden = if layer + 1 < model.config.num_layers {
             let hooks = Hooks { resume: Some((layer + 1, x)), ..Hooks::default() };
             model.forward(&suffix, &hooks, Some(&mut prefix_cache.clone()))?.hidden
