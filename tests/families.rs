@@ -8,7 +8,8 @@ mod common;
 
 use common::{ids, read_ref, root, Ref};
 use factpatch::compile::{Compiler, Spec, StatsSource};
-use factpatch::edit::{request, Method};
+use factpatch::edit::target::{self, Edit};
+use factpatch::edit::{optimisation_prompts, request, Method};
 use factpatch::model::{Addition, Batch, Hooks, Model, Site};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -140,12 +141,12 @@ fn load_err(tmp: &Path, src: &str, edit: impl FnOnce(&mut serde_json::Value)) ->
 }
 
 /// A change to a `config.json`.
-type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+type ConfigEdit = Box<dyn FnOnce(&mut serde_json::Value)>;
 
 #[test]
 fn unsupported_configs_name_the_file_and_key() {
     let tmp = tempfile::tempdir().unwrap();
-    let cases: Vec<(&str, Edit, &str)> = vec![
+    let cases: Vec<(&str, ConfigEdit, &str)> = vec![
         ("tiny-qwen3", Box::new(|c| c["model_type"] = "qwen9".into()), "model_type `qwen9`"),
         ("tiny-llama3", Box::new(|c| c["rope_parameters"]["rope_type"] = "yarn".into()), "`rope_parameters.rope_type` is `yarn`"),
         ("tiny-llama3", Box::new(|c| c["rope_parameters"]["factor"] = "eight".into()), "`rope_parameters.factor` must be a positive number"),
@@ -251,5 +252,41 @@ fn an_mlp_output_addition_reaches_the_residual_as_the_forward_pass_adds_it() {
             let moved: f32 = (&full.residuals[&layer] - &base.residuals[&layer]).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
             assert!(gap <= 1e-5 && moved > 1e-2, "{name} layer {layer}: |shortcut − pass| = {gap:e}, the addition moved the residual by {moved:e}");
         }
+    }
+}
+
+#[test]
+fn memit_lands_its_target_at_the_family_edit_point() {
+    // The target is optimised at the last edited layer's residual output, or, where a norm follows
+    // the MLP (Gemma), at its down projection's output; the patch (RECT off) must move that value
+    // for the raw prompt most of the way to the target (the solve fits the template-averaged key).
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = root().join("fixtures/corpus/sotu.txt");
+    for (name, _) in FAMILIES {
+        let model = common::byte_level(&dir(name), &tmp.path().join(name));
+        let spec = Spec {
+            stats: StatsSource::Corpus { files: vec![corpus.clone()], tokens: 4_000 },
+            cache: tmp.path().join("cache"),
+            overrides: vec!["mom2_weight=1".into(), "clamp_norm=1000".into(), "v_steps=60".into(), "rect_k=100".into()],
+            ..Spec::new(&model, Method::Memit)
+        };
+        let compiler = Compiler::open(&spec).unwrap();
+        let fact = request::parse_fact("{} in|Eiffel|Rome").unwrap();
+        let last = *compiler.hp.layers.iter().max().unwrap();
+        let at_mlp = !compiler.model.config.family.mlp_joins_residual();
+        assert_eq!(at_mlp, name.starts_with("tiny-gemma"), "{name}");
+        let edit = if at_mlp { Edit::MlpOut(last) } else { Edit::Residual(last) };
+        let prompts = optimisation_prompts(&compiler.tokenizer, &fact, &compiler.templates).unwrap();
+        let t = target::optimize(&compiler.model, &[prompts], edit, &compiler.hp).unwrap().remove(0);
+        let mut edited = compiler.clone();
+        edited.patch(std::slice::from_ref(&fact)).unwrap();
+        let raw = target::prompt(&compiler.tokenizer, "{} in", "Eiffel", None, &fact).unwrap();
+        let hooks = Hooks { residuals: vec![last], mlp_outputs: vec![last], ..Hooks::default() };
+        let trace = edited.model.forward(&Batch::right_padded(std::slice::from_ref(&raw.ids)), &hooks, None).unwrap();
+        let now = if at_mlp { &trace.mlp_outputs[&last] } else { &trace.residuals[&last] };
+        let now: Vec<f32> = now.get(0).unwrap().get(raw.lookup).unwrap().to_vec1().unwrap();
+        let gap = now.iter().zip(t.init.iter().zip(&t.delta)).map(|(v, (h, d))| (*v as f64 - h - d).powi(2)).sum::<f64>().sqrt();
+        let norm = t.delta.iter().map(|d| d * d).sum::<f64>().sqrt();
+        assert!(norm > 0.0 && gap < 0.4 * norm, "{name}: ‖after − target‖ = {gap:.4}, ‖δ‖ = {norm:.4}");
     }
 }
