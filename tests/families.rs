@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Tiny model folder → the family table it must load with.
-const FAMILIES: [(&str, &str); 7] = [
+const FAMILIES: [(&str, &str); 8] = [
     ("tiny-llama3", "llama"),
     ("tiny-mistral", "mistral"),
     ("tiny-qwen2", "qwen2"),
@@ -23,6 +23,7 @@ const FAMILIES: [(&str, &str); 7] = [
     ("tiny-phi3", "phi3"),
     ("tiny-gemma2", "gemma2"),
     ("tiny-gemma3", "gemma3_text"),
+    ("tiny-gemma3-multimodal", "gemma3"),
 ];
 
 fn dir(name: &str) -> PathBuf {
@@ -174,6 +175,12 @@ fn unsupported_configs_name_the_file_and_key() {
             "tiny-gemma3",
             Box::new(|c| c["rope_parameters"]["full_attention"]["rope_type"] = "yarn".into()),
             "`rope_parameters.full_attention.rope_type` is `yarn`",
+        ),
+        ("tiny-gemma3-multimodal", Box::new(|c| c["text_config"] = serde_json::Value::Null), "`text_config` is missing"),
+        (
+            "tiny-gemma3-multimodal",
+            Box::new(|c| c["text_config"]["attn_logit_softcapping"] = 50.0.into()),
+            "`text_config.attn_logit_softcapping` is set, but Gemma 3",
         ),
         ("tiny-gemma3", Box::new(|c| c["rope_parameters"]["sliding_attention"] = 3.into()), "`rope_parameters.sliding_attention` must be an object"),
         (

@@ -61,6 +61,7 @@ pub static FAMILIES: &[&Family] = &[
     &families::phi3::FAMILY,
     &families::gemma2::FAMILY,
     &families::gemma3::FAMILY,
+    &families::gemma3::MULTIMODAL,
 ];
 
 /// A loaded model, weights in f32 on one device. Cloning is cheap: the clone shares the
