@@ -265,9 +265,8 @@ impl Model {
                 seen += real as usize;
             }
         }
-        let window = self.config.sliding_window;
         let full = full.then(|| self.bias(batch, past, None)).transpose()?;
-        let sliding = if sliding { Some(self.bias(batch, past, window)?) } else { None };
+        let sliding = sliding.then(|| self.bias(batch, past, self.config.sliding_window)).transpose()?;
         Ok((positions, full, sliding))
     }
 
