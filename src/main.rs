@@ -710,7 +710,21 @@ fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {
             format!("rotary, theta {}{scaled}{part}", r.theta)
         }
     };
-    println!("positions  {positions}{}", cfg.sliding_window.map_or(String::new(), |w| format!("; attention window {w}")));
+    let sliding = (0..cfg.num_layers).filter(|&l| cfg.is_sliding(l)).count();
+    let window = cfg.sliding_window.map_or(String::new(), |w| match sliding {
+        n if n == cfg.num_layers => format!("; attention window {w}"),
+        n => format!("; attention window {w} in {n} of {} layers", cfg.num_layers),
+    });
+    let local = cfg.local_rope.map_or(String::new(), |r| format!("; windowed layers rotary, theta {}", r.theta));
+    println!("positions  {positions}{window}{local}");
+    let cap = |what: &str, c: Option<f64>| c.map_or(String::new(), |c| format!(", {what} soft-capped at {c}"));
+    println!(
+        "scaling    attention logits ×{:.6}{}{}{}",
+        cfg.attn_scale,
+        cap("attention logits", cfg.attn_softcap),
+        cap("output logits", cfg.final_softcap),
+        if f.scaled_embedding { ", embeddings ×√hidden" } else { "" }
+    );
     println!("unembed    {}", if cfg.tied_embeddings { "tied to the embedding" } else { "separate" });
     println!("edit view  out = W·k, W [{}, {}]; stored {:?}", cfg.hidden_size, cfg.intermediate_size, f.mlp_out.orientation);
     println!("editable   {} .. {} (default edit layers {:?})", editable[0], editable[editable.len() - 1], f.edit_layers(cfg.num_layers));

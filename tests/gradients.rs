@@ -1,6 +1,7 @@
 //! Gradients with respect to an added vector match central finite differences, through every
-//! op the forward pass uses (both families: RMSNorm/RoPE/GQA/SwiGLU and LayerNorm/GELU/learned
-//! positions), with padding; and no gradient is computed for frozen weights.
+//! op the forward pass uses (RMSNorm/RoPE/GQA/SwiGLU, LayerNorm/GELU/learned positions, and
+//! Gemma's post-norms, soft-capping, per-layer windows and rotary bases), with padding; and no
+//! gradient is computed for frozen weights.
 
 use candle_core::{DType, IndexOp, Tensor, Var};
 use factpatch::model::{ops, Addition, Batch, Hooks, Model, Site};
@@ -25,7 +26,8 @@ fn check(dir: &str) {
     let model = Model::load(&dir).unwrap().to_dtype(DType::F64).unwrap();
     let d = model.config.hidden_size;
     let last = model.config.num_layers - 1;
-    for (site, layer) in [(Site::Residual, 0), (Site::MlpOut, 0), (Site::Residual, last)] {
+    // MlpOut at the last layer: MEMIT's edit point where a norm follows the MLP (Gemma).
+    for (site, layer) in [(Site::Residual, 0), (Site::MlpOut, 0), (Site::Residual, last), (Site::MlpOut, last)] {
         let init: Vec<f64> = (0..d).map(|i| ((i * 37 % 11) as f64 - 5.0) * 0.02).collect();
         let var = Var::from_vec(init.clone(), d, model.device()).unwrap();
         let l = loss(&model, var.as_tensor(), site, layer).unwrap();
@@ -57,4 +59,14 @@ fn llama_gradients_match_finite_differences() {
 #[test]
 fn gpt2_gradients_match_finite_differences() {
     check("fixtures/tiny-gpt2");
+}
+
+#[test]
+fn gemma2_gradients_match_finite_differences() {
+    check("fixtures/families/tiny-gemma2");
+}
+
+#[test]
+fn gemma3_gradients_match_finite_differences() {
+    check("fixtures/families/tiny-gemma3");
 }

@@ -246,7 +246,11 @@ fn report(req: &Request, t: &target::Target) -> FactReport {
 }
 
 /// MEMIT's schedule (targets at the last edited layer, the residual spread over the layers in
-/// order), solved by MEMIT's, EMMET's, AlphaEdit's or ENCORE's closed form.
+/// order), solved by MEMIT's, EMMET's, AlphaEdit's or ENCORE's closed form. Where a norm stands
+/// between the MLP and the residual stream (Gemma's `post_feedforward_layernorm`), a residual
+/// change does not split linearly into MLP output changes: the target is then the last edited
+/// layer's down-projection output, and each layer in order takes its share of what that output
+/// still lacks, re-measured after the layers before it changed (docs/families.md).
 fn memit(
     model: &mut Model,
     tok: &Tokenizer,
@@ -256,19 +260,24 @@ fn memit(
     preserved: &mut Preserved,
 ) -> Result<(Vec<LayerUpdate>, Vec<FactReport>)> {
     let last = *hp.layers.iter().max().expect("checked non-empty");
+    let (edit, hooks_at_last) = if model.config.family.mlp_joins_residual() {
+        (Edit::Residual(last), Hooks { residuals: vec![last], stop_after: Some(last), ..Hooks::default() })
+    } else {
+        (Edit::MlpOut(last), Hooks { mlp_outputs: vec![last], stop_after: Some(last), ..Hooks::default() })
+    };
     let mut targets = Vec::new();
     let mut reports = Vec::new();
     // Facts are optimised together, a bounded number at a time.
     for chunk in requests.chunks(TARGET_BATCH) {
         let prompts = chunk.iter().map(|r| optimisation_prompts(tok, r, templates)).collect::<Result<Vec<_>>>()?;
-        for (req, t) in chunk.iter().zip(target::optimize(model, &prompts, Edit::Residual(last), hp)?) {
+        for (req, t) in chunk.iter().zip(target::optimize(model, &prompts, edit, hp)?) {
             reports.push(report(req, &t));
             let delta = Array1::from(t.delta);
             let delta = match hp.value_norm {
                 ValueNorm::Anchored => solve::anchored_delta(preserved.original(last)?, &Array1::from(t.key), &Array1::from(t.value), &delta)?,
                 ValueNorm::None => delta,
             };
-            // z = h + δ at the last edited layer.
+            // z = h + δ at the last edited layer (h its residual or MLP output).
             targets.push(Array1::from(t.init) + delta);
         }
     }
@@ -288,8 +297,12 @@ fn memit(
         let (means, raws): (Vec<_>, Vec<_>) = keys.into_iter().unzip();
         let k = stack(&means.into_iter().chain(raws).collect::<Vec<_>>());
         // What the last edited layer holds now, for each raw prompt.
-        let hooks = Hooks { residuals: vec![last], stop_after: Some(last), ..Hooks::default() };
-        let now: Vec<Vec<f64>> = target::rows(&raw.forward(model, hooks, layer)?.residuals[&last], &raw.at)?.to_dtype(DType::F64)?.to_vec2()?;
+        let trace = raw.forward(model, hooks_at_last.clone(), layer)?;
+        let now = match edit {
+            Edit::Residual(_) => &trace.residuals[&last],
+            Edit::MlpOut(_) => &trace.mlp_outputs[&last],
+        };
+        let now: Vec<Vec<f64>> = target::rows(now, &raw.at)?.to_dtype(DType::F64)?.to_vec2()?;
         let now: Vec<Array1<f64>> = now.into_iter().map(Array1::from).collect();
         let r = (stack(&targets) - stack(&now)) / (layers.len() - i) as f64;
         let r = ndarray::concatenate![ndarray::Axis(1), r, r];

@@ -56,7 +56,8 @@ pub fn keys(model: &Model, prompts: &[Prompt], layers: &[usize]) -> Result<Vec<T
 /// Where a target vector is added, and what it is measured against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Edit {
-    /// ROME: added to layer `l`'s MLP output; the target is the MLP output.
+    /// ROME, and MEMIT where a norm follows the MLP: added to layer `l`'s MLP output (the down
+    /// projection's, before any post-MLP norm); the target is that output.
     MlpOut(usize),
     /// MEMIT: added to layer `l`'s residual output; the target is the residual stream.
     Residual(usize),
@@ -162,7 +163,17 @@ pub fn optimize(model: &Model, facts: &[FactPrompts], edit: Edit, hp: &Hparams) 
     let init_norms: Vec<f64> = inits.iter().map(|v| v.iter().map(|x| x * x).sum::<f64>().sqrt()).collect();
     let essence: Vec<_> = fact_rows.iter().map(|r| (r.end - 1, 0)).collect();
     let anchor = ops::log_softmax(&model.logits(&rows(&base.hidden, &essence)?)?)?.detach();
-    let all = Rows { facts, fact_rows: &fact_rows, suffixes: &suffixes, cache: &prefix_cache, resume: &resume, anchor: &anchor, init_norms: &init_norms, hp };
+    let all = Rows {
+        facts,
+        fact_rows: &fact_rows,
+        suffixes: &suffixes,
+        cache: &prefix_cache,
+        resume: &resume,
+        mlp_out: &base.mlp_outputs[&layer],
+        anchor: &anchor,
+        init_norms: &init_norms,
+        hp,
+    };
 
     let d = model.config.hidden_size;
     let mut adam = Adam::new(nf * d, hp.v_lr);
@@ -183,7 +194,11 @@ pub fn optimize(model: &Model, facts: &[FactPrompts], edit: Edit, hp: &Hparams) 
             (w.facts.len(), d),
             model.device(),
         )?)?;
-        let x = model::add_at(&w.resume, &w.at, &delta.as_tensor().index_select(&w.row_fact, 0)?)?;
+        let rows_delta = delta.as_tensor().index_select(&w.row_fact, 0)?;
+        let x = match edit {
+            Edit::MlpOut(_) => model.add_to_mlp_output(layer, &w.resume, &w.mlp_out, &w.at, &rows_delta)?,
+            Edit::Residual(_) => model::add_at(&w.resume, &w.at, &rows_delta)?,
+        };
         let hidden = if layer + 1 < model.config.num_layers {
             let hooks = Hooks { resume: Some((layer + 1, x)), ..Hooks::default() };
             model.forward(&w.suffix, &hooks, Some(&mut w.cache.clone()))?.hidden
@@ -275,8 +290,9 @@ struct Rows<'a> {
     suffixes: &'a [Vec<u32>],
     /// The rows' prefixes, cached (empty when no row has one).
     cache: &'a KvCache,
-    /// The unedited residual stream after the edited layer `[rows, suffix, hidden]`.
+    /// The unedited residual stream and MLP output of the edited layer `[rows, suffix, hidden]`.
     resume: &'a Tensor,
+    mlp_out: &'a Tensor,
     /// Each fact's unedited next-token log-probabilities after its essence prompt.
     anchor: &'a Tensor,
     init_norms: &'a [f64],
@@ -289,6 +305,7 @@ struct Working {
     suffix: Batch,
     cache: KvCache,
     resume: Tensor,
+    mlp_out: Tensor,
     /// Every row's subject's last token (position 0 of its suffix), and each row's fact.
     at: Vec<(usize, usize)>,
     row_fact: Tensor,
@@ -311,7 +328,8 @@ impl Rows<'_> {
         let suffix = Batch::right_padded(&rows.iter().map(|&r| self.suffixes[r].clone()).collect::<Vec<_>>());
         let cache = if self.cache.is_empty() { KvCache::default() } else { self.cache.select(&rows)? };
         let picked = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), dev)?;
-        let resume = self.resume.index_select(&picked, 0)?.narrow(1, 0, suffix.seq_len())?;
+        let cut = |x: &Tensor| x.index_select(&picked, 0)?.narrow(1, 0, suffix.seq_len());
+        let (resume, mlp_out) = (cut(self.resume)?, cut(self.mlp_out)?);
         let (mut wanted, mut ids, mut weight, mut owner) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut row_fact, mut essence) = (Vec::new(), Vec::new());
         let mut first = 0;
@@ -338,6 +356,7 @@ impl Rows<'_> {
             suffix,
             cache,
             resume,
+            mlp_out,
             at: (0..rows.len()).map(|i| (i, 0)).collect(),
             row_fact: Tensor::from_vec(row_fact, rows.len(), dev)?,
             wanted,

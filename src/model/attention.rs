@@ -1,4 +1,4 @@
-//! Attention for inference on the CPU: `softmax(q·kᵀ/√d + bias)·v` computed a tile of queries
+//! Attention for inference on the CPU: `softmax(cap(scale·q·kᵀ) + bias)·v` computed a tile of queries
 //! at a time, so the `[batch, heads, queries, keys]` scores never exist as one tensor and keys
 //! no query of a tile can see (the causal future, left padding) are skipped. Forward only:
 //! callers use it when no gradient can flow, as with candle-nn's fused kernels.
@@ -16,15 +16,15 @@ pub fn supports(q: &Tensor) -> bool {
 }
 
 /// `q [b, heads, t, d]`, `k`/`v [b, kv_heads, s, d]` (query head `h` reads kv head
-/// `h / (heads / kv_heads)`), `bias [b, 1, t, s]` additive (0 or −∞, at least one 0 per row)
+/// `h / (heads / kv_heads)`), `bias [b, 1, t, s]` additive (0 or −∞, at least one 0 per row),
+/// the logits `scale·q·kᵀ` soft-capped to `c·tanh(x/c)` where `softcap` is `c`
 /// → `[b, t, heads · d]`.
-pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f32, softcap: Option<f32>) -> Result<Tensor> {
     let (b, heads, t, d) = q.dims4()?;
     let (_, kv_heads, s, _) = k.dims4()?;
     let flat = |x: &Tensor| x.contiguous()?.flatten_all()?.to_vec1::<f32>();
     let (qv, kv, vv, bias) = (flat(q)?, flat(k)?, flat(v)?, flat(bias)?);
     let rep = heads / kv_heads;
-    let scale = 1.0 / (d as f32).sqrt();
     let width = heads * d;
     let mut out = vec![0f32; b * t * width];
     out.par_chunks_mut(t * width)
@@ -47,6 +47,9 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tenso
                 let (k, v) = (&kv[(kvh + from) * d..(kvh + to) * d], &vv[(kvh + from) * d..(kvh + to) * d]);
                 // scores = scale · q · kᵀ
                 matmul(&mut scores, (n, 1), q, (d, 1), k, (1, d), (rows, n, d), scale);
+                if let Some(c) = softcap {
+                    scores.iter_mut().for_each(|x| *x = (*x / c).tanh() * c);
+                }
                 for (sr, br) in scores.chunks_exact_mut(n).zip(bias.chunks_exact(s)) {
                     softmax_row(sr, &br[from..to]);
                 }
@@ -117,7 +120,14 @@ mod tests {
     use super::*;
 
     /// Attention by definition, one query at a time, in f64.
-    fn naive(q: &[f32], k: &[f32], v: &[f32], bias: &[f32], (b, heads, kv_heads, t, s, d): (usize, usize, usize, usize, usize, usize)) -> Vec<f32> {
+    fn naive(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        bias: &[f32],
+        (b, heads, kv_heads, t, s, d): (usize, usize, usize, usize, usize, usize),
+        softcap: Option<f64>,
+    ) -> Vec<f32> {
         let mut out = vec![0f32; b * t * heads * d];
         for (seq, h, i) in (0..b).flat_map(|x| (0..heads).flat_map(move |h| (0..t).map(move |i| (x, h, i)))) {
             let kvh = seq * kv_heads + h / (heads / kv_heads);
@@ -125,7 +135,8 @@ mod tests {
             let logits: Vec<f64> = (0..s)
                 .map(|j| {
                     let kj = &k[(kvh * s + j) * d..][..d];
-                    qi.iter().zip(kj).map(|(a, b)| (a * b) as f64).sum::<f64>() / (d as f64).sqrt() + bias[(seq * t + i) * s + j] as f64
+                    let x = qi.iter().zip(kj).map(|(a, b)| (a * b) as f64).sum::<f64>() / (d as f64).sqrt();
+                    softcap.map_or(x, |c| (x / c).tanh() * c) + bias[(seq * t + i) * s + j] as f64
                 })
                 .collect();
             let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -140,7 +151,7 @@ mod tests {
     }
 
     #[test]
-    fn equals_the_definition_with_gqa_padding_and_a_cached_prefix() {
+    fn equals_the_definition_with_gqa_padding_a_cached_prefix_and_softcapping() {
         // Two sequences, 70 new queries after 5 cached keys (tiles of 64 + 6); the second
         // sequence has 3 left pads, which no query may see.
         let (b, heads, kv_heads, t, p, d) = (2, 6, 2, 70, 5, 8);
@@ -155,17 +166,22 @@ mod tests {
             }
         }
         let dev = Device::Cpu;
-        let got = attend(
-            &Tensor::from_vec(q.clone(), (b, heads, t, d), &dev).unwrap(),
-            &Tensor::from_vec(k.clone(), (b, kv_heads, s, d), &dev).unwrap(),
-            &Tensor::from_vec(v.clone(), (b, kv_heads, s, d), &dev).unwrap(),
-            &Tensor::from_vec(bias.clone(), (b, 1, t, s), &dev).unwrap(),
-        )
-        .unwrap();
-        assert_eq!(got.dims(), &[b, t, heads * d]);
-        let want = naive(&q, &k, &v, &bias, (b, heads, kv_heads, t, s, d));
-        let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(err < 1e-5, "max |Δ| = {err}");
+        // Plain, and with logits soft-capped at 0.7 (they reach ±2.8 here).
+        for softcap in [None, Some(0.7)] {
+            let got = attend(
+                &Tensor::from_vec(q.clone(), (b, heads, t, d), &dev).unwrap(),
+                &Tensor::from_vec(k.clone(), (b, kv_heads, s, d), &dev).unwrap(),
+                &Tensor::from_vec(v.clone(), (b, kv_heads, s, d), &dev).unwrap(),
+                &Tensor::from_vec(bias.clone(), (b, 1, t, s), &dev).unwrap(),
+                1.0 / (d as f32).sqrt(),
+                softcap.map(|c| c as f32),
+            )
+            .unwrap();
+            assert_eq!(got.dims(), &[b, t, heads * d]);
+            let want = naive(&q, &k, &v, &bias, (b, heads, kv_heads, t, s, d), softcap);
+            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err < 1e-5, "softcap {softcap:?}: max |Δ| = {err}");
+        }
     }
 }

@@ -30,8 +30,19 @@ pub struct Config {
     pub norm_eps: f64,
     /// Rotary embedding, for families that rotate queries and keys.
     pub rope: Option<RopeConfig>,
-    /// Each query sees only the keys fewer than this many positions back (Mistral).
+    /// The rotary embedding of the sliding-window layers, where it differs from `rope` (Gemma 3).
+    pub local_rope: Option<RopeConfig>,
+    /// Each query sees only the keys fewer than this many positions back (Mistral), in every layer
+    /// but `full_attention_layers`.
     pub sliding_window: Option<usize>,
+    /// Layers that see every earlier key despite `sliding_window` (Gemma's global layers).
+    pub full_attention_layers: Vec<usize>,
+    /// Attention logits are `q·k` times this (`1/√head_dim`, or Gemma's `query_pre_attn_scalar^-½`).
+    pub attn_scale: f64,
+    /// Attention logits become `c·tanh(x/c)` (Gemma 2's `attn_logit_softcapping`).
+    pub attn_softcap: Option<f64>,
+    /// Output logits become `c·tanh(x/c)` (Gemma's `final_logit_softcapping`).
+    pub final_softcap: Option<f64>,
     pub max_positions: usize,
     pub tied_embeddings: bool,
     pub bos_token_id: Option<u32>,
@@ -68,6 +79,11 @@ impl Config {
         }
     }
 
+    /// Whether `layer` attends within `sliding_window` only.
+    pub fn is_sliding(&self, layer: usize) -> bool {
+        self.sliding_window.is_some() && !self.full_attention_layers.contains(&layer)
+    }
+
     /// Checks the declared layer count against `tensors`: layer `num_layers - 1` must exist and
     /// layer `num_layers` must not (each located by its MLP output projection).
     pub fn check_layers(&self, tensors: &dyn Tensors) -> Result<()> {
@@ -100,6 +116,8 @@ pub struct RopeConfig {
 pub enum RopeScaling {
     /// Llama 3.1's: long wavelengths divided by `factor`, short ones kept, a smooth band between.
     Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_positions: usize },
+    /// Every frequency divided by `factor` (positions interpolated; Gemma 3's global layers).
+    Linear { factor: f64 },
 }
 
 /// One `config.json` value as read by a family's serde struct: absent (or null), of the type

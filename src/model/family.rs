@@ -172,12 +172,15 @@ impl MlpInputs {
 pub enum NormKind {
     /// `x / sqrt(mean(x²) + eps) · w`.
     Rms,
+    /// `x / sqrt(mean(x²) + eps) · (1 + w)` (Gemma; `1 + w` formed in f32 on load, as transformers does).
+    RmsPlusOne,
     /// `(x − mean) / sqrt(var + eps) · w + b`, the bias stored beside the weight.
     Layer,
 }
 
-/// One decoder block's tensors and optional parts: `x += o(attn(attn_norm(x)))`, then
-/// `x += mlp_out(act(mlp_in(mlp_norm(x))))`.
+/// One decoder block's tensors and optional parts: `x += post_attn_norm(o(attn(attn_norm(x))))`,
+/// then `x += post_mlp_norm(mlp_out(act(mlp_in(mlp_norm(x)))))`, each post-norm only where the
+/// table has one.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct BlockTable {
     pub attn_norm: Projection,
@@ -185,7 +188,11 @@ pub struct BlockTable {
     /// Per-head norms of queries and keys before rotary embedding (Qwen3).
     pub qk_norm: Option<(Projection, Projection)>,
     pub o: Projection,
+    /// A norm of the attention output before the residual sum (Gemma's `post_attention_layernorm`).
+    pub post_attn_norm: Option<Projection>,
     pub mlp_norm: Projection,
+    /// A norm of the MLP output before the residual sum (Gemma's `post_feedforward_layernorm`).
+    pub post_mlp_norm: Option<Projection>,
 }
 
 /// A model family described as data.
@@ -195,6 +202,8 @@ pub struct Family {
     /// `model_type` values in `config.json` that belong to this family.
     pub model_types: &'static [&'static str],
     pub embed: Projection,
+    /// Input embeddings are multiplied by √hidden_size (Gemma).
+    pub scaled_embedding: bool,
     /// Learned absolute positions (GPT-2); families without rotate queries and keys.
     pub positions: Option<Projection>,
     pub final_norm: Projection,
@@ -235,6 +244,13 @@ impl Family {
         layers
     }
 
+    /// Whether the MLP output joins the residual stream as it is (no `post_mlp_norm`), so that a
+    /// residual change splits linearly into MLP output changes across layers: MEMIT's target is
+    /// then the residual stream; otherwise it is the down projection's output (docs/families.md).
+    pub fn mlp_joins_residual(&self) -> bool {
+        self.block.post_mlp_norm.is_none()
+    }
+
     /// Every per-layer tensor, in block order.
     pub fn layer_tensors(&self) -> Vec<&Projection> {
         let b = &self.block;
@@ -246,9 +262,12 @@ impl Family {
         if let Some((q, k)) = &b.qk_norm {
             t.extend([q, k]);
         }
-        t.extend([&b.o, &b.mlp_norm]);
+        t.push(&b.o);
+        t.extend(&b.post_attn_norm);
+        t.push(&b.mlp_norm);
         t.extend(self.mlp_in.projections());
         t.push(&self.mlp_out);
+        t.extend(&b.post_mlp_norm);
         t
     }
 

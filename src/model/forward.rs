@@ -1,7 +1,7 @@
 //! The forward pass: batches, the hooks that capture or change activations, the KV cache for
 //! incremental decoding, and the blocks run over a batch.
 
-use super::ops::{self, Linear, Rope, RopeAngles};
+use super::ops::{self, Linear, Norm, Rope, RopeAngles};
 use super::weights::{Block, MlpIn};
 use super::{attention, Error, Model, Result};
 use candle_core::{Module, Tensor};
@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 pub enum Site {
     /// Added to the MLP key, the input of the output projection (where KN attributes).
     Key,
-    /// Added to the MLP's output, before the residual sum (ROME's edit point).
+    /// Added to the MLP's output, the down projection's, before any post-MLP norm and the
+    /// residual sum (ROME's edit point).
     MlpOut,
     /// Added to the block's output, the residual stream (MEMIT's edit point).
     Residual,
@@ -36,7 +37,7 @@ pub struct Hooks {
     pub keys: Vec<usize>,
     /// Layers whose block outputs (residual stream) are captured.
     pub residuals: Vec<usize>,
-    /// Layers whose MLP outputs are captured.
+    /// Layers whose MLP outputs (the down projection's, before any post-MLP norm) are captured.
     pub mlp_outputs: Vec<usize>,
     /// Start at this layer from this residual stream `[batch, seq, hidden]` instead of the
     /// embeddings (what earlier layers computed, reused).
@@ -52,7 +53,7 @@ pub struct Trace {
     pub keys: BTreeMap<usize, Tensor>,
     /// Layer → block outputs `[batch, seq, hidden]`.
     pub residuals: BTreeMap<usize, Tensor>,
-    /// Layer → MLP outputs `[batch, seq, hidden]`.
+    /// Layer → MLP outputs (before any post-MLP norm) `[batch, seq, hidden]`.
     pub mlp_outputs: BTreeMap<usize, Tensor>,
     /// The residual stream after the last layer run, before the final norm `[batch, seq, hidden]`.
     pub hidden: Tensor,
@@ -153,8 +154,13 @@ impl Model {
             }
         }
         let past_mask = cache.as_deref().map(|c| c.mask.clone()).unwrap_or_else(|| vec![Vec::new(); b]);
-        let (positions, bias) = self.positions_and_bias(batch, &past_mask)?;
-        let angles = self.rope.as_ref().map(|r| r.angles(&positions, (b, t), self.dtype(), &self.device)).transpose()?;
+        let layers = first..=last;
+        let sliding = layers.clone().any(|l| cfg.is_sliding(l));
+        let full = layers.clone().any(|l| !cfg.is_sliding(l));
+        let (positions, full_bias, sliding_bias) = self.positions_and_bias(batch, &past_mask, full, sliding)?;
+        let angles = |rope: Option<&Rope>| rope.map(|r| r.angles(&positions, (b, t), self.dtype(), &self.device)).transpose();
+        let global_angles = angles(self.rope.as_ref())?;
+        let local_angles = if sliding { angles(self.local_rope.as_ref())? } else { None };
 
         let flat_ids: Vec<u32> = batch.ids.iter().flatten().copied().collect();
         if let Some(&bad) = flat_ids.iter().find(|&&i| i as usize >= cfg.vocab_size) {
@@ -167,7 +173,11 @@ impl Model {
             Some((_, hidden)) => hidden.clone(),
             None => {
                 let ids = Tensor::from_vec(flat_ids, b * t, &self.device)?;
-                let x = self.w.embed.index_select(&ids, 0)?.reshape((b, t, cfg.hidden_size))?;
+                let mut x = self.w.embed.index_select(&ids, 0)?.reshape((b, t, cfg.hidden_size))?;
+                if cfg.family.scaled_embedding {
+                    // As transformers: the scale rounded to the weights' dtype.
+                    x = (x * (cfg.hidden_size as f64).sqrt() as f32 as f64)?;
+                }
                 match &self.w.positions {
                     Some(pos) => {
                         let at = Tensor::from_vec(positions.clone(), b * t, &self.device)?;
@@ -181,8 +191,13 @@ impl Model {
         let mut trace = Trace { keys: BTreeMap::new(), residuals: BTreeMap::new(), mlp_outputs: BTreeMap::new(), hidden: x.clone() };
         for (l, block) in self.w.blocks.iter().enumerate().take(last + 1).skip(first) {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.kv[l]);
-            let attn = self.attention(block, &block.attn_norm.forward(&x)?, angles.as_ref(), &bias, layer_cache)?;
-            x = (x + attn)?;
+            let (bias, angles) = match (cfg.is_sliding(l), &sliding_bias, &full_bias) {
+                (true, Some(bias), _) => (bias, local_angles.as_ref().or(global_angles.as_ref())),
+                (false, _, Some(bias)) => (bias, global_angles.as_ref()),
+                _ => unreachable!("the biases of the layers run are built"),
+            };
+            let attn = self.attention(block, &block.attn_norm.forward(&x)?, angles, bias, layer_cache)?;
+            x = (x + post_norm(&block.post_attn_norm, attn)?)?;
             let h = block.mlp_norm.forward(&x)?;
             let key = match &block.mlp_in {
                 MlpIn::Gated { gate, up } => block.act.gated(&gate.forward(&h)?, &up.forward(&h)?)?,
@@ -197,7 +212,7 @@ impl Model {
             if hooks.mlp_outputs.contains(&l) {
                 trace.mlp_outputs.insert(l, mlp.clone());
             }
-            x = add_vectors((x + mlp)?, hooks, l, Site::Residual)?;
+            x = add_vectors((x + post_norm(&block.post_mlp_norm, mlp)?)?, hooks, l, Site::Residual)?;
             if hooks.residuals.contains(&l) {
                 trace.residuals.insert(l, x.clone());
             }
@@ -211,19 +226,35 @@ impl Model {
         Ok(trace)
     }
 
-    /// Next-token logits from residual-stream states `[.., hidden]`: final norm, then unembedding.
+    /// Next-token logits from residual-stream states `[.., hidden]`: final norm, unembedding, and
+    /// the family's soft-capping.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let head = Linear { weight: self.w.unembed.clone(), bias: None };
-        Ok(head.forward(&self.w.final_norm.forward(hidden)?)?)
+        let logits = head.forward(&self.w.final_norm.forward(hidden)?)?;
+        Ok(match self.config.final_softcap {
+            Some(c) => ops::softcap(&logits, c)?,
+            None => logits,
+        })
+    }
+
+    /// The residual stream after `layer` with `delta` added to its MLP output at `at` (as
+    /// [`Site::MlpOut`] would), from an unedited pass's `residual` and `mlp` output there: the
+    /// sum where the MLP output joins the residual as it is, through the post-MLP norm otherwise.
+    /// Differentiable in `delta`.
+    pub fn add_to_mlp_output(&self, layer: usize, residual: &Tensor, mlp: &Tensor, at: &[(usize, usize)], delta: &Tensor) -> Result<Tensor> {
+        match &self.w.blocks[layer].post_mlp_norm {
+            None => add_at(residual, at, delta),
+            Some(norm) => Ok(((residual - norm.forward(mlp)?)? + norm.forward(&add_at(mlp, at, delta)?)?)?),
+        }
     }
 
     /// Position ids `b × t`, row-major (counting real tokens only), and the additive attention
-    /// bias `[b, 1, t, past + t]` (causal, pads masked, keys outside a sliding window masked) for `batch` after `past` cached
-    /// positions. A sequence longer than the model's context is refused before the bias, which
+    /// biases `[b, 1, t, past + t]` (causal, pads masked) for `batch` after `past` cached
+    /// positions: of full attention and of the sliding window (keys outside it masked too), each
+    /// where asked for. A sequence longer than the model's context is refused before a bias, which
     /// grows with its square, is allocated.
-    fn positions_and_bias(&self, batch: &Batch, past: &[Vec<bool>]) -> Result<(Vec<u32>, Tensor)> {
+    fn positions_and_bias(&self, batch: &Batch, past: &[Vec<bool>], full: bool, sliding: bool) -> Result<(Vec<u32>, Option<Tensor>, Option<Tensor>)> {
         let (b, t) = (batch.len(), batch.seq_len());
-        let p = past.first().map_or(0, Vec::len);
         if batch.mask.iter().any(|row| row.len() != t) {
             return Err(Error::Input("batch rows differ in length".into()));
         }
@@ -232,15 +263,29 @@ impl Model {
             return Err(Error::Input(format!("sequence of {longest} tokens exceeds the model's {} positions", self.config.max_positions)));
         }
         let mut positions = Vec::with_capacity(b * t);
+        for (row, past_row) in batch.mask.iter().zip(past) {
+            let mut seen = past_row.iter().filter(|&&m| m).count();
+            for &real in row {
+                positions.push(if real { seen } else { 0 } as u32);
+                seen += real as usize;
+            }
+        }
+        let full = full.then(|| self.bias(batch, past, None)).transpose()?;
+        let sliding = sliding.then(|| self.bias(batch, past, self.config.sliding_window)).transpose()?;
+        Ok((positions, full, sliding))
+    }
+
+    /// The additive attention bias `[b, 1, t, past + t]` of `batch` after `past`: causal, pads
+    /// masked, and keys `window` or more positions back masked.
+    fn bias(&self, batch: &Batch, past: &[Vec<bool>], window: Option<usize>) -> Result<Tensor> {
+        let (b, t) = (batch.len(), batch.seq_len());
+        let p = past.first().map_or(0, Vec::len);
         let mut bias = Vec::with_capacity(b * t * (p + t));
         for (row, past_row) in batch.mask.iter().zip(past) {
             let keys: Vec<bool> = past_row.iter().chain(row).copied().collect();
-            let mut seen = past_row.iter().filter(|&&m| m).count();
-            for (i, &real) in row.iter().enumerate() {
-                positions.push(if real { seen } else { 0 } as u32);
-                seen += real as usize;
+            for i in 0..row.len() {
                 for (j, &k) in keys.iter().enumerate() {
-                    let in_window = self.config.sliding_window.is_none_or(|w| p + i < j + w);
+                    let in_window = window.is_none_or(|w| p + i < j + w);
                     bias.push(if k && j <= p + i && in_window { 0f32 } else { f32::NEG_INFINITY });
                 }
             }
@@ -251,7 +296,7 @@ impl Model {
                 chunk[p + qi % t] = 0.0;
             }
         }
-        Ok((positions, Tensor::from_vec(bias, (b, 1, t, p + t), &self.device)?.to_dtype(self.dtype())?))
+        Ok(Tensor::from_vec(bias, (b, 1, t, p + t), &self.device)?.to_dtype(self.dtype())?)
     }
 
     fn attention(&self, block: &Block, x: &Tensor, angles: Option<&RopeAngles>, bias: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
@@ -278,7 +323,8 @@ impl Model {
             *slot = Some((k.clone(), v.clone()));
         }
         if ![&q, &k, &v].iter().any(|y| y.track_op()) && attention::supports(&q) {
-            return Ok(block.o.forward(&attention::attend(&q, &k, &v, bias)?)?);
+            let softcap = cfg.attn_softcap.map(|c| c as f32);
+            return Ok(block.o.forward(&attention::attend(&q, &k, &v, bias, cfg.attn_scale as f32, softcap)?)?);
         }
         let rep = nh / nkv;
         let repeat = |y: Tensor| -> candle_core::Result<Tensor> {
@@ -289,10 +335,22 @@ impl Model {
             y.unsqueeze(2)?.broadcast_as((b, h, rep, s, d))?.reshape((b, h * rep, s, d))
         };
         let (k, v) = (repeat(k)?.contiguous()?, repeat(v)?.contiguous()?);
-        let scores = (q.contiguous()?.matmul(&k.t()?)? / (hd as f64).sqrt())?.broadcast_add(bias)?;
+        let mut scores = (q.contiguous()?.matmul(&k.t()?)? * cfg.attn_scale)?;
+        if let Some(c) = cfg.attn_softcap {
+            scores = ops::softcap(&scores, c)?;
+        }
+        let scores = scores.broadcast_add(bias)?;
         let probs = ops::softmax(&scores)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         Ok(block.o.forward(&out)?)
+    }
+}
+
+/// `x` through the block's post-norm, where it has one.
+fn post_norm(norm: &Option<Norm>, x: Tensor) -> candle_core::Result<Tensor> {
+    match norm {
+        Some(n) => n.forward(&x),
+        None => Ok(x),
     }
 }
 

@@ -59,6 +59,9 @@ pub static FAMILIES: &[&Family] = &[
     &families::qwen2::FAMILY,
     &families::qwen3::FAMILY,
     &families::phi3::FAMILY,
+    &families::gemma2::FAMILY,
+    &families::gemma3::FAMILY,
+    &families::gemma3::MULTIMODAL,
 ];
 
 /// A loaded model, weights in f32 on one device. Cloning is cheap: the clone shares the
@@ -70,6 +73,8 @@ pub struct Model {
     device: Device,
     w: Weights,
     rope: Option<Rope>,
+    /// The sliding-window layers' rotary embedding, where it differs from `rope`.
+    local_rope: Option<Rope>,
 }
 
 impl Model {
@@ -89,7 +94,8 @@ impl Model {
         config.check_layers(ckpt)?;
         let w = weights::load_weights(&config, ckpt, device)?;
         let rope = config.rope.as_ref().map(Rope::new);
-        Ok(Model { config, dir: ckpt.dir().to_path_buf(), device: device.clone(), w, rope })
+        let local_rope = config.local_rope.as_ref().map(Rope::new);
+        Ok(Model { config, dir: ckpt.dir().to_path_buf(), device: device.clone(), w, rope, local_rope })
     }
 
     pub fn dir(&self) -> &Path {
@@ -111,6 +117,7 @@ impl Model {
                 unembed: w.unembed.to_dtype(dtype)?,
             },
             rope: self.rope.clone(),
+            local_rope: self.local_rope.clone(),
         })
     }
 

@@ -138,6 +138,11 @@ pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
     shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
 }
 
+/// `c·tanh(x/c)`: values squashed smoothly into `(−c, c)` (Gemma's soft-capping), differentiable.
+pub fn softcap(x: &Tensor, c: f64) -> Result<Tensor> {
+    (x / c)?.tanh()? * c
+}
+
 /// Normalisation layers, as their families define them.
 #[derive(Clone, Debug)]
 pub enum Norm {
@@ -197,6 +202,7 @@ impl Rope {
         let base = (0..dim / 2).map(|i| (1.0 / rope.theta.powf(2.0 * i as f64 / dim as f64)) as f32);
         let inv = match rope.scaling {
             None => base.collect(),
+            Some(RopeScaling::Linear { factor }) => base.map(|f| f / factor as f32).collect(),
             Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_positions }) => {
                 let (factor, low, high, old) = (factor as f32, low_freq_factor as f32, high_freq_factor as f32, original_max_positions as f32);
                 let (low_wavelen, high_wavelen) = (old / low, old / high);

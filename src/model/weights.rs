@@ -18,7 +18,11 @@ pub(crate) struct Block {
     pub k: Linear,
     pub v: Linear,
     pub o: Linear,
+    /// Norm of the attention output before the residual sum (Gemma).
+    pub post_attn_norm: Option<Norm>,
     pub mlp_norm: Norm,
+    /// Norm of the MLP output before the residual sum (Gemma).
+    pub post_mlp_norm: Option<Norm>,
     /// Gate (if gated) and up projections, or the single input projection.
     pub mlp_in: MlpIn,
     pub down: Linear,
@@ -52,7 +56,9 @@ impl Block {
             k: self.k.to_dtype(dt)?,
             v: self.v.to_dtype(dt)?,
             o: self.o.to_dtype(dt)?,
+            post_attn_norm: self.post_attn_norm.as_ref().map(|n| n.to_dtype(dt)).transpose()?,
             mlp_norm: self.mlp_norm.to_dtype(dt)?,
+            post_mlp_norm: self.post_mlp_norm.as_ref().map(|n| n.to_dtype(dt)).transpose()?,
             mlp_in: match &self.mlp_in {
                 MlpIn::Gated { gate, up } => MlpIn::Gated { gate: gate.to_dtype(dt)?, up: up.to_dtype(dt)? },
                 MlpIn::Plain(fc) => MlpIn::Plain(fc.to_dtype(dt)?),
@@ -95,6 +101,7 @@ impl Loader<'_> {
         let eps = self.cfg.norm_eps;
         Ok(match (self.cfg.family.norm, bias) {
             (NormKind::Rms, None) => Norm::Rms { weight, eps },
+            (NormKind::RmsPlusOne, None) => Norm::Rms { weight: (weight + 1.0)?, eps },
             (NormKind::Layer, Some(bias)) => Norm::Layer { weight, bias, eps },
             _ => unreachable!("a family's norms have biases exactly when they are LayerNorms"),
         })
@@ -126,7 +133,9 @@ impl Loader<'_> {
             k,
             v,
             o: self.linear(&t.o, l)?,
+            post_attn_norm: t.post_attn_norm.as_ref().map(|p| self.norm(p, l)).transpose()?,
             mlp_norm: self.norm(&t.mlp_norm, l)?,
+            post_mlp_norm: t.post_mlp_norm.as_ref().map(|p| self.norm(p, l)).transpose()?,
             mlp_in,
             down: self.linear(&f.mlp_out, l)?,
             act: f.activation,

@@ -14,6 +14,7 @@ pub static FAMILY: Family = Family {
     name: "llama",
     model_types: &["llama"],
     embed: Projection::linear("model.embed_tokens.weight", Some("token_embd.weight"), &[Vocab, Hidden]),
+    scaled_embedding: false,
     positions: None,
     final_norm: Projection::vector("model.norm.weight", Some("output_norm.weight"), &[Hidden]),
     unembed: Projection::linear("lm_head.weight", Some("output.weight"), &[Vocab, Hidden]),
@@ -38,7 +39,9 @@ pub(crate) const BLOCK: BlockTable = BlockTable {
     },
     qk_norm: None,
     o: Projection::linear("model.layers.{layer}.self_attn.o_proj.weight", Some("blk.{layer}.attn_output.weight"), &[Hidden, Queries]),
+    post_attn_norm: None,
     mlp_norm: Projection::vector("model.layers.{layer}.post_attention_layernorm.weight", Some("blk.{layer}.ffn_norm.weight"), &[Hidden]),
+    post_mlp_norm: None,
 };
 
 pub(crate) const MLP_IN: MlpInputs = MlpInputs::Gated {
