@@ -350,3 +350,25 @@ fn memit_takes_a_fact_whose_subject_is_the_prompts_first_token() {
     assert_eq!(factpatch::patch::Patch::from_bytes(patch.bytes, Path::new("germany.fpatch")).unwrap().manifest().edits.len(), 1);
     assert!(prefers_new(&compiler.model, &compiler.tokenizer, r), "the edit did not take on the raw prompt");
 }
+
+#[test]
+fn facts_optimised_together_stop_as_they_would_alone() {
+    // Facts stop at different steps, and a stopped fact leaves the batch: the others must go on
+    // exactly as they would alone (same steps, same vector up to f32 rounding of other shapes).
+    let records = request::read(&root().join("fixtures/data/edit/counterfact-rome-300.json")).unwrap();
+    let compiler = Compiler::open(&smollm2_spec(Method::Memit, &[])).unwrap();
+    let (model, hp) = (&compiler.model, &compiler.hp);
+    let layer = *hp.layers.iter().max().unwrap();
+    let prompts: Vec<FactPrompts> =
+        records[..3].iter().map(|r| factpatch::edit::optimisation_prompts(&compiler.tokenizer, r, &compiler.templates).unwrap()).collect();
+    let together = target::optimize(model, &prompts, Edit::Residual(layer), hp).unwrap();
+    let steps: Vec<usize> = together.iter().map(|t| t.steps).collect();
+    assert!(steps.iter().any(|&s| s != steps[0]), "the facts stop at the same step ({steps:?}): nothing leaves the batch");
+    for (p, t) in prompts.iter().zip(&together) {
+        let alone = target::optimize(model, std::slice::from_ref(p), Edit::Residual(layer), hp).unwrap().remove(0);
+        assert_eq!((alone.steps, alone.stop), (t.steps, t.stop));
+        let scale = alone.delta.iter().fold(0f64, |m, x| m.max(x.abs()));
+        let diff = alone.delta.iter().zip(&t.delta).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff <= 1e-4 * scale, "δ differs by {diff} (scale {scale})");
+    }
+}
