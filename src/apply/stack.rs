@@ -370,16 +370,31 @@ pub(super) fn materialize(base: &TensorRef, w0: &[f32], d: &[f32], patch: &Patch
 pub(super) fn materialize_chunk(base: &TensorRef, start: usize, w0: &[f32], d: &[f32], patch: &Patch) -> Result<Vec<u8>> {
     let s = base.dtype.size();
     let mut out = base.bytes[start * s..(start + w0.len()) * s].to_vec();
-    for (i, (&w, &d)) in w0.iter().zip(d).enumerate() {
-        if d != 0.0 {
-            let v = base.dtype.round(w + d);
-            if !v.is_finite() {
-                return Err(Error::NonFinite { patch: patch.path().to_path_buf(), name: base.name.to_string(), index: start + i });
-            }
-            base.dtype.put(v, &mut out[i * s..(i + 1) * s]);
-        }
+    let finite = match base.dtype {
+        Dtype::F32 => blend(&mut out, w0, d, |v| (v.to_le_bytes(), v.is_finite())),
+        Dtype::F16 => blend(&mut out, w0, d, |v| (half::f16::from_f32(v).to_le_bytes(), half::f16::from_f32(v).is_finite())),
+        Dtype::BF16 => blend(&mut out, w0, d, |v| (half::bf16::from_f32(v).to_le_bytes(), half::bf16::from_f32(v).is_finite())),
+    };
+    if !finite {
+        let i = w0.iter().zip(d).position(|(&w, &d)| d != 0.0 && !base.dtype.round(w + d).is_finite()).expect("an element is not finite");
+        return Err(Error::NonFinite { patch: patch.path().to_path_buf(), name: base.name.to_string(), index: start + i });
     }
     Ok(out)
+}
+
+/// Overwrites the `N`-byte elements of `out` where `d` is not ±0 with `encode(w0 + d)` (its
+/// bytes, rounded to nearest-even, and whether finite), selecting without a branch per element
+/// (a RECT mask keeps elements in no predictable pattern). Whether every value written is finite.
+fn blend<const N: usize>(out: &mut [u8], w0: &[f32], d: &[f32], encode: impl Fn(f32) -> ([u8; N], bool)) -> bool {
+    let mut finite = true;
+    for ((o, &w), &d) in out.chunks_exact_mut(N).zip(w0).zip(d) {
+        let (new, ok) = encode(w + d);
+        let keep = d == 0.0;
+        finite &= keep | ok;
+        let o: &mut [u8; N] = o.try_into().expect("N bytes");
+        *o = if keep { *o } else { new };
+    }
+    finite
 }
 
 /// Adds one entry's contributions at the flat elements `start..start + d.len()` to `d`, a
@@ -400,22 +415,24 @@ pub(super) fn add_chunk(d: &mut [f32], delta: &Delta, shape: &[usize], start: us
 }
 
 /// Adds `U·Vᵀ` at the flat elements `start..` to `d`, each element summed over the rank in
-/// order from +0.
+/// order from +0 (a row at a time, one rank component after another, so that it vectorizes).
 fn add_product(d: &mut [f32], f: &Factors, shape: &[usize], start: usize) {
     let (cols, r) = (shape[1], f.rank);
     let (mut q, mut rest) = (start, d);
+    let mut sum = Vec::with_capacity(cols.min(rest.len()));
     while !rest.is_empty() {
         let (i, j0) = (q / cols, q % cols);
         let (row, tail) = rest.split_at_mut((cols - j0).min(rest.len()));
-        let u = &f.u[i * r..(i + 1) * r];
-        for (j, d) in (j0..).zip(row.iter_mut()) {
-            let v = &f.v[j * r..(j + 1) * r];
-            let mut o = 0f32;
-            for t in 0..r {
-                o += u[t] * v[t];
+        let v = &f.v[j0 * r..(j0 + row.len()) * r];
+        sum.clear();
+        sum.resize(row.len(), 0f32);
+        for (t, &u) in f.u[i * r..(i + 1) * r].iter().enumerate() {
+            match r {
+                1 => sum.iter_mut().zip(v).for_each(|(o, &v)| *o += u * v),
+                _ => sum.iter_mut().zip(v[t..].iter().step_by(r)).for_each(|(o, &v)| *o += u * v),
             }
-            *d += o;
         }
+        row.iter_mut().zip(&sum).for_each(|(d, o)| *d += o);
         q += row.len();
         rest = tail;
     }
