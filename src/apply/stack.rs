@@ -437,3 +437,67 @@ fn add_product(d: &mut [f32], f: &Factors, shape: &[usize], start: usize) {
         rest = tail;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::patch::{BaseTensor, Manifest, Method, ModelInfo};
+
+    /// A one-entry dense patch of `d` against `base`, read back.
+    fn dense_patch(base: &TensorRef, d: &[f32]) -> Patch {
+        let manifest = Manifest::new(ModelInfo { name: "t".into(), family: "llama".into() }, Method { name: "test".into(), hyperparameters: BTreeMap::new() });
+        let encoded = patch::encode(manifest, vec![(BaseTensor::of(base), Delta::Dense(d.to_vec()))]).unwrap();
+        Patch::from_bytes(encoded.bytes, Path::new("t.fpatch")).unwrap()
+    }
+
+    #[test]
+    fn materialize_rounds_sums_where_the_delta_is_not_zero_and_names_the_first_overflow() {
+        // Untouched where d is ±0 (the -0 weight and the infinite one kept as stored).
+        let raw = [1.0f32, -0.0, 60000.0, 2.0, f32::INFINITY, 0.3];
+        let d = [0.5f32, 0.0, 0.0, -0.0, 0.0, 1e-3];
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+            let bytes = dtype.encode(&raw);
+            let shape = [raw.len()];
+            let base = TensorRef { name: "w", dtype, shape: &shape, bytes: &bytes, path: Path::new("w.safetensors"), offset: 0 };
+            let w0 = dtype.decode(&bytes);
+            let patch = dense_patch(&base, &d);
+            let got = materialize_chunk(&base, 0, &w0, &d, &patch).unwrap();
+            let mut want = bytes.clone();
+            let s = dtype.size();
+            for i in [0, 5] {
+                dtype.put(w0[i] + d[i], &mut want[i * s..(i + 1) * s]);
+            }
+            assert_eq!(got, want, "{dtype:?}");
+            // 60000 + 10000 overflows f16 only; the index counts from the chunk's start.
+            let over = [0.0f32, 0.0, 10000.0, 0.0, 0.0, 0.0];
+            match (dtype, materialize_chunk(&base, 0, &w0, &over, &patch)) {
+                (Dtype::F16, Err(Error::NonFinite { index, .. })) => assert_eq!(index, 2),
+                (Dtype::F16, other) => panic!("f16 overflow not refused: {other:?}"),
+                (_, r) => assert!(r.is_ok(), "{dtype:?}"),
+            }
+            let err = materialize_chunk(&base, 2, &w0[2..], &[0.0, f32::INFINITY, 0.0, 0.0], &patch).unwrap_err();
+            assert!(matches!(err, Error::NonFinite { index: 3, .. }), "{err}");
+        }
+    }
+
+    #[test]
+    fn products_sum_the_rank_in_order_from_zero() {
+        let (rows, cols, r) = (5, 7, 3);
+        let x = |k: usize| ((k * 7919 % 101) as f32 - 50.0) * 0.013;
+        let f = Factors { rank: r, u: (0..rows * r).map(x).collect(), v: (0..cols * r).map(|k| x(k + 500)).collect() };
+        let got = product(&f, &[rows, cols]);
+        for i in 0..rows {
+            for j in 0..cols {
+                let mut o = 0f32;
+                for t in 0..r {
+                    o += f.u[i * r + t] * f.v[j * r + t];
+                }
+                assert_eq!(got[i * cols + j].to_bits(), o.to_bits(), "({i}, {j})");
+            }
+        }
+        // From an offset inside a row, added to what is there.
+        let mut d = vec![1.0f32; 9];
+        add_chunk(&mut d, &Delta::LowRank(vec![f.clone()]), &[rows, cols], 4);
+        assert!(d.iter().zip(&got[4..13]).all(|(d, g)| *d == 1.0 + g));
+    }
+}
