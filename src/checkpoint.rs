@@ -50,6 +50,14 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// `values` as little-endian f32 bytes: their own memory on a little-endian machine.
+pub fn f32_bytes(values: &[f32]) -> Cow<'_, [u8]> {
+    match cfg!(target_endian = "little") {
+        true => Cow::Borrowed(bytemuck::cast_slice(values)),
+        false => Cow::Owned(Dtype::F32.encode(values)),
+    }
+}
+
 /// Floating-point storage types of checkpoint tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -61,6 +69,7 @@ pub enum Dtype {
 
 impl Dtype {
     /// Bytes per element.
+    #[inline]
     pub fn size(self) -> usize {
         match self {
             Dtype::F32 => 4,
@@ -70,10 +79,17 @@ impl Dtype {
 
     /// Little-endian bytes to f32 values (exact for every dtype).
     pub fn decode(self, bytes: &[u8]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(bytes.len() / self.size());
+        self.decode_into(bytes, &mut out);
+        out
+    }
+
+    /// [`Dtype::decode`], appended to `out`.
+    pub fn decode_into(self, bytes: &[u8], out: &mut Vec<f32>) {
         match self {
-            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+            Dtype::F16 => out.extend(bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())),
+            Dtype::BF16 => out.extend(bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())),
         }
     }
 
@@ -87,6 +103,7 @@ impl Dtype {
     }
 
     /// Writes `v`, rounded to nearest-even, into `out` (exactly [`Dtype::size`] bytes).
+    #[inline]
     pub fn put(self, v: f32, out: &mut [u8]) {
         match self {
             Dtype::F32 => out.copy_from_slice(&v.to_le_bytes()),
@@ -96,6 +113,7 @@ impl Dtype {
     }
 
     /// `v` rounded to nearest-even in this dtype, as f32.
+    #[inline]
     pub fn round(self, v: f32) -> f32 {
         match self {
             Dtype::F32 => v,

@@ -19,6 +19,7 @@ pub mod sigbus;
 pub mod sign;
 pub mod stats;
 pub mod tokenize;
+pub mod trace;
 
 use std::path::{Path, PathBuf};
 

@@ -7,7 +7,7 @@ use factpatch::edit::{request, target::Stop, Method};
 use factpatch::model::{self, Model, Sampling};
 use factpatch::patch::Patch;
 use factpatch::tokenize::Tokenizer;
-use factpatch::{apply, atomic, audit, eval, gguf, sign, stats};
+use factpatch::{apply, atomic, audit, eval, gguf, sign, stats, trace};
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
@@ -309,6 +309,30 @@ enum Command {
         #[arg(long)]
         model: Option<PathBuf>,
     },
+    /// Causal tracing (as in the ROME paper): which layers and tokens carry a fact the model knows.
+    ///
+    /// Example: factpatch trace --model fixtures/models/SmolLM2-135M-Instruct --fact '{} is located in the city of|The Eiffel Tower|Paris' --out eiffel-trace.png
+    Trace {
+        #[arg(long)]
+        model: PathBuf,
+        /// The fact: 'PROMPT|SUBJECT|TARGET' (PROMPT with {} for the subject; TARGET the answer the model gives).
+        #[arg(long)]
+        fact: String,
+        /// Noise draws averaged over.
+        #[arg(long, default_value_t = 10)]
+        samples: usize,
+        /// The noise's standard deviation, in standard deviations of the token embeddings.
+        #[arg(long, default_value_t = 3.0)]
+        noise: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Draw the heatmaps (tokens × layers, one per kind) into this PNG.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Replace an existing --out.
+        #[arg(long)]
+        force: bool,
+    },
     /// What a patch changes: facts, tensors, sizes, relative changes.
     ///
     /// Example: factpatch audit eiffel.fpatch --model fixtures/models/SmolLM2-135M-Instruct --heatmap eiffel.png
@@ -592,6 +616,29 @@ fn run(command: Command) -> Result<()> {
                 s.bytes,
                 s.output.display()
             );
+            Ok(())
+        }
+        Command::Trace { model, fact, samples, noise, seed, out, force } => {
+            let req = request::parse_fact(&fact)?;
+            let policy = atomic::Policy::force(force).reading([&model]);
+            if let Some(png) = &out {
+                policy.check(png).map_err(factpatch::io_err(png))?;
+            }
+            let (m, tok) = (Model::load(&model)?, Tokenizer::open(&model)?);
+            let t = trace::trace(&m, &tok, &req.prompt, &req.subject, &req.target_new, trace::Options { samples, noise_scale: noise, seed })?;
+            println!("P({:?}): clean {:.4}, corrupted {:.4} (noise σ {:.4}, {samples} draws)", t.answer, t.clean, t.corrupted, t.noise);
+            for (kind, layers) in trace::Kind::ALL.iter().zip(&t.restored) {
+                println!("restoring the {} (P(answer) by layer 0..{}):", kind.name(), layers.len() - 1);
+                for (p, label) in t.labels().iter().enumerate() {
+                    let row: Vec<String> = layers.iter().map(|l| format!("{:.2}", l[p])).collect();
+                    let best = (0..layers.len()).max_by(|&a, &b| layers[a][p].total_cmp(&layers[b][p])).unwrap_or(0);
+                    println!("  {label:>16} best layer {best:>2} ({:.3}): {}", layers[best][p], row.join(" "));
+                }
+            }
+            if let Some(png) = out {
+                t.draw(&format!("{} → {}", req.filled(), req.target_new), &png, &policy)?;
+                eprintln!("heatmaps: {}", png.display());
+            }
             Ok(())
         }
         Command::Audit { patch, model, heatmap, trusted, json } => {

@@ -30,11 +30,13 @@ pub fn keep_count(k: f64, n: usize) -> usize {
 }
 
 /// The relative-change score of one element.
+#[inline]
 pub fn score(delta: f32, w: f32, eps: f32) -> f32 {
     delta.abs() / w.abs().max(eps)
 }
 
 /// The order key of an element: its score's bits (for non-negative floats, bit order is value order).
+#[inline]
 pub fn key(delta: f32, w: f32, eps: f32) -> u32 {
     score(delta, w, eps).to_bits()
 }
@@ -50,9 +52,10 @@ pub struct Cut {
 }
 
 impl Cut {
-    /// The cut that keeps [`keep_count`]`(k, n)` of the `n` keys `keys` visits in flat order
-    /// (it is called twice, and must visit the same keys each time); `None` when all stay.
-    pub fn find(n: usize, k: f64, mut keys: impl FnMut(&mut dyn FnMut(u32))) -> Option<Cut> {
+    /// The cut that keeps [`keep_count`]`(k, n)` of the `n` keys `keys` visits in flat order, a
+    /// slice at a time (it is called twice, and must visit the same keys each time); `None`
+    /// when all stay.
+    pub fn find(n: usize, k: f64, mut keys: impl FnMut(&mut dyn FnMut(&[u32]))) -> Option<Cut> {
         let keep = keep_count(k, n);
         if keep == n {
             return None;
@@ -61,19 +64,16 @@ impl Cut {
             return Some(Cut { threshold: u32::MAX, ties: 0 });
         }
         let mut hist = vec![0usize; 1 << 16];
-        keys(&mut |b| hist[(b >> 16) as usize] += 1);
+        keys(&mut |ks| ks.iter().for_each(|&b| hist[(b >> 16) as usize] += 1));
         let (high, rank) = descend(&hist, keep);
         hist.fill(0);
-        keys(&mut |b| {
-            if b >> 16 == high {
-                hist[(b & 0xffff) as usize] += 1;
-            }
-        });
+        keys(&mut |ks| ks.iter().filter(|&&b| b >> 16 == high).for_each(|&b| hist[(b & 0xffff) as usize] += 1));
         let (low, ties) = descend(&hist, rank);
         Some(Cut { threshold: high << 16 | low, ties })
     }
 
     /// Whether the next key, in flat order, is kept: call it once per element, in order.
+    #[inline]
     pub fn keeps(&mut self, key: u32) -> bool {
         match key.cmp(&self.threshold) {
             Ordering::Greater => true,
@@ -84,19 +84,46 @@ impl Cut {
             _ => false,
         }
     }
+
+    /// Zeroes the elements of `delta` that are not kept, `keys` theirs: the next ones in flat
+    /// order. [`Cut::keeps`] without a branch on the (unpredictable) outcome, only on a tie.
+    pub fn zero(&mut self, delta: &mut [f32], keys: &[u32]) {
+        for (d, &key) in delta.iter_mut().zip(keys) {
+            let mut kept = key > self.threshold;
+            if key == self.threshold {
+                kept = self.keeps(key);
+            }
+            // +0 where not kept, by a bit mask.
+            *d = f32::from_bits(d.to_bits() & u32::from(kept).wrapping_neg());
+        }
+    }
 }
+
+/// The keys of `delta` against `w` (same lengths), into `out` (cleared first).
+pub fn keys(delta: &[f32], w: &[f32], eps: f32, out: &mut Vec<u32>) {
+    out.clear();
+    out.extend(delta.iter().zip(w).map(|(&d, &w)| key(d, w, eps)));
+}
+
+/// Elements whose keys [`mask`] holds at a time.
+const STEP: usize = 1 << 14;
 
 /// Zeroes every element of `delta` outside the top-`k`% by [`score`] against `w`
 /// (same lengths; `k` a percentage), ties going to the lower flat index.
 pub fn mask(delta: &mut [f32], w: &[f32], k: f64, eps: f32) {
     debug_assert_eq!(delta.len(), w.len());
-    let Some(mut cut) = Cut::find(delta.len(), k, |visit| delta.iter().zip(w).for_each(|(&d, &w)| visit(key(d, w, eps)))) else {
+    let mut ks = Vec::with_capacity(STEP);
+    let Some(mut cut) = Cut::find(delta.len(), k, |visit| {
+        for (d, w) in delta.chunks(STEP).zip(w.chunks(STEP)) {
+            keys(d, w, eps, &mut ks);
+            visit(&ks);
+        }
+    }) else {
         return;
     };
-    for (d, &w) in delta.iter_mut().zip(w) {
-        if !cut.keeps(key(*d, w, eps)) {
-            *d = 0.0;
-        }
+    for (d, w) in delta.chunks_mut(STEP).zip(w.chunks(STEP)) {
+        keys(d, w, eps, &mut ks);
+        cut.zero(d, &ks);
     }
 }
 

@@ -370,16 +370,31 @@ pub(super) fn materialize(base: &TensorRef, w0: &[f32], d: &[f32], patch: &Patch
 pub(super) fn materialize_chunk(base: &TensorRef, start: usize, w0: &[f32], d: &[f32], patch: &Patch) -> Result<Vec<u8>> {
     let s = base.dtype.size();
     let mut out = base.bytes[start * s..(start + w0.len()) * s].to_vec();
-    for (i, (&w, &d)) in w0.iter().zip(d).enumerate() {
-        if d != 0.0 {
-            let v = base.dtype.round(w + d);
-            if !v.is_finite() {
-                return Err(Error::NonFinite { patch: patch.path().to_path_buf(), name: base.name.to_string(), index: start + i });
-            }
-            base.dtype.put(v, &mut out[i * s..(i + 1) * s]);
-        }
+    let finite = match base.dtype {
+        Dtype::F32 => blend(&mut out, w0, d, |v| (v.to_le_bytes(), v.is_finite())),
+        Dtype::F16 => blend(&mut out, w0, d, |v| (half::f16::from_f32(v).to_le_bytes(), half::f16::from_f32(v).is_finite())),
+        Dtype::BF16 => blend(&mut out, w0, d, |v| (half::bf16::from_f32(v).to_le_bytes(), half::bf16::from_f32(v).is_finite())),
+    };
+    if !finite {
+        let i = w0.iter().zip(d).position(|(&w, &d)| d != 0.0 && !base.dtype.round(w + d).is_finite()).expect("an element is not finite");
+        return Err(Error::NonFinite { patch: patch.path().to_path_buf(), name: base.name.to_string(), index: start + i });
     }
     Ok(out)
+}
+
+/// Overwrites the `N`-byte elements of `out` where `d` is not ±0 with `encode(w0 + d)` (its
+/// bytes, rounded to nearest-even, and whether finite), selecting without a branch per element
+/// (a RECT mask keeps elements in no predictable pattern). Whether every value written is finite.
+fn blend<const N: usize>(out: &mut [u8], w0: &[f32], d: &[f32], encode: impl Fn(f32) -> ([u8; N], bool)) -> bool {
+    let mut finite = true;
+    for ((o, &w), &d) in out.chunks_exact_mut(N).zip(w0).zip(d) {
+        let (new, ok) = encode(w + d);
+        let keep = d == 0.0;
+        finite &= keep | ok;
+        let o: &mut [u8; N] = o.try_into().expect("N bytes");
+        *o = if keep { *o } else { new };
+    }
+    finite
 }
 
 /// Adds one entry's contributions at the flat elements `start..start + d.len()` to `d`, a
@@ -400,23 +415,89 @@ pub(super) fn add_chunk(d: &mut [f32], delta: &Delta, shape: &[usize], start: us
 }
 
 /// Adds `U·Vᵀ` at the flat elements `start..` to `d`, each element summed over the rank in
-/// order from +0.
+/// order from +0 (a row at a time, one rank component after another, so that it vectorizes).
 fn add_product(d: &mut [f32], f: &Factors, shape: &[usize], start: usize) {
     let (cols, r) = (shape[1], f.rank);
     let (mut q, mut rest) = (start, d);
+    let mut sum = Vec::with_capacity(cols.min(rest.len()));
     while !rest.is_empty() {
         let (i, j0) = (q / cols, q % cols);
         let (row, tail) = rest.split_at_mut((cols - j0).min(rest.len()));
-        let u = &f.u[i * r..(i + 1) * r];
-        for (j, d) in (j0..).zip(row.iter_mut()) {
-            let v = &f.v[j * r..(j + 1) * r];
-            let mut o = 0f32;
-            for t in 0..r {
-                o += u[t] * v[t];
+        let v = &f.v[j0 * r..(j0 + row.len()) * r];
+        sum.clear();
+        sum.resize(row.len(), 0f32);
+        for (t, &u) in f.u[i * r..(i + 1) * r].iter().enumerate() {
+            match r {
+                1 => sum.iter_mut().zip(v).for_each(|(o, &v)| *o += u * v),
+                _ => sum.iter_mut().zip(v[t..].iter().step_by(r)).for_each(|(o, &v)| *o += u * v),
             }
-            *d += o;
         }
+        row.iter_mut().zip(&sum).for_each(|(d, o)| *d += o);
         q += row.len();
         rest = tail;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::patch::{BaseTensor, Manifest, Method, ModelInfo};
+
+    /// A one-entry dense patch of `d` against `base`, read back.
+    fn dense_patch(base: &TensorRef, d: &[f32]) -> Patch {
+        let manifest = Manifest::new(ModelInfo { name: "t".into(), family: "llama".into() }, Method { name: "test".into(), hyperparameters: BTreeMap::new() });
+        let encoded = patch::encode(manifest, vec![(BaseTensor::of(base), Delta::Dense(d.to_vec()))]).unwrap();
+        Patch::from_bytes(encoded.bytes, Path::new("t.fpatch")).unwrap()
+    }
+
+    #[test]
+    fn materialize_rounds_sums_where_the_delta_is_not_zero_and_names_the_first_overflow() {
+        // Untouched where d is ±0 (the -0 weight and the infinite one kept as stored).
+        let raw = [1.0f32, -0.0, 60000.0, 2.0, f32::INFINITY, 0.3];
+        let d = [0.5f32, 0.0, 0.0, -0.0, 0.0, 1e-3];
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+            let bytes = dtype.encode(&raw);
+            let shape = [raw.len()];
+            let base = TensorRef { name: "w", dtype, shape: &shape, bytes: &bytes, path: Path::new("w.safetensors"), offset: 0 };
+            let w0 = dtype.decode(&bytes);
+            let patch = dense_patch(&base, &d);
+            let got = materialize_chunk(&base, 0, &w0, &d, &patch).unwrap();
+            let mut want = bytes.clone();
+            let s = dtype.size();
+            for i in [0, 5] {
+                dtype.put(w0[i] + d[i], &mut want[i * s..(i + 1) * s]);
+            }
+            assert_eq!(got, want, "{dtype:?}");
+            // 60000 + 10000 overflows f16 only; the index counts from the chunk's start.
+            let over = [0.0f32, 0.0, 10000.0, 0.0, 0.0, 0.0];
+            match (dtype, materialize_chunk(&base, 0, &w0, &over, &patch)) {
+                (Dtype::F16, Err(Error::NonFinite { index, .. })) => assert_eq!(index, 2),
+                (Dtype::F16, other) => panic!("f16 overflow not refused: {other:?}"),
+                (_, r) => assert!(r.is_ok(), "{dtype:?}"),
+            }
+            let err = materialize_chunk(&base, 2, &w0[2..], &[0.0, f32::INFINITY, 0.0, 0.0], &patch).unwrap_err();
+            assert!(matches!(err, Error::NonFinite { index: 3, .. }), "{err}");
+        }
+    }
+
+    #[test]
+    fn products_sum_the_rank_in_order_from_zero() {
+        let (rows, cols, r) = (5, 7, 3);
+        let x = |k: usize| ((k * 7919 % 101) as f32 - 50.0) * 0.013;
+        let f = Factors { rank: r, u: (0..rows * r).map(x).collect(), v: (0..cols * r).map(|k| x(k + 500)).collect() };
+        let got = product(&f, &[rows, cols]);
+        for i in 0..rows {
+            for j in 0..cols {
+                let mut o = 0f32;
+                for t in 0..r {
+                    o += f.u[i * r + t] * f.v[j * r + t];
+                }
+                assert_eq!(got[i * cols + j].to_bits(), o.to_bits(), "({i}, {j})");
+            }
+        }
+        // From an offset inside a row, added to what is there.
+        let mut d = vec![1.0f32; 9];
+        add_chunk(&mut d, &Delta::LowRank(vec![f.clone()]), &[rows, cols], 4);
+        assert!(d.iter().zip(&got[4..13]).all(|(d, g)| *d == 1.0 + g));
     }
 }

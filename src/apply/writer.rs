@@ -19,7 +19,7 @@ impl Stack {
     /// chunks, once [`Stack::verify`] has passed. A tensor one patch touches is computed chunk
     /// by chunk and never held whole; `done` hears which byte ranges of `base` have been read
     /// for the last time in a pass. A tensor several patches touch is accumulated in memory.
-    fn stream_verified(&self, base: &TensorRef, done: &dyn Fn(Range<usize>), sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
+    pub(crate) fn stream_verified(&self, base: &TensorRef, done: &dyn Fn(Range<usize>), sink: &mut dyn FnMut(&[u8]) -> Result<()>) -> Result<()> {
         match self.touched[base.name][..] {
             [(p, e)] => stream_one(base, &self.patches[p].delta(e)?, &self.patches[p], done, sink),
             ref list => {
@@ -57,28 +57,31 @@ fn stream_one(base: &TensorRef, delta: &Delta, patch: &Patch, done: &dyn Fn(Rang
     let s = base.dtype.size();
     let n = base.bytes.len() / s;
     let chunks = || (0..n).step_by(CHUNK).map(move |a| a..(a + CHUNK).min(n));
-    // The delta's unmasked chunk into `d`; the base's values there returned.
-    let fill = |r: &Range<usize>, d: &mut Vec<f32>| {
+    // The delta's unmasked chunk into `d`, the base's values there into `w`.
+    let fill = |r: &Range<usize>, d: &mut Vec<f32>, w: &mut Vec<f32>| {
         d.clear();
         d.resize(r.len(), 0.0);
         add_chunk(d, delta, base.shape, r.start);
-        base.dtype.decode(&base.bytes[r.start * s..r.end * s])
+        w.clear();
+        base.dtype.decode_into(&base.bytes[r.start * s..r.end * s], w);
     };
-    let mut d = Vec::with_capacity(CHUNK);
+    let (mut d, mut w, mut keys) = (Vec::with_capacity(CHUNK), Vec::with_capacity(CHUNK), Vec::with_capacity(CHUNK));
     let mut cut = match delta {
         Delta::LowRankRect { k, eps, .. } => rect::Cut::find(n, *k, |visit| {
             for r in chunks() {
-                let w = fill(&r, &mut d);
-                d.iter().zip(&w).for_each(|(&d, &w)| visit(rect::key(d, w, *eps)));
+                fill(&r, &mut d, &mut w);
+                rect::keys(&d, &w, *eps, &mut keys);
+                visit(&keys);
                 done(r.start * s..r.end * s);
             }
         }),
         _ => None,
     };
     for r in chunks() {
-        let w = fill(&r, &mut d);
+        fill(&r, &mut d, &mut w);
         if let (Some(cut), Delta::LowRankRect { eps, .. }) = (&mut cut, delta) {
-            d.iter_mut().zip(&w).filter(|(d, &w)| !cut.keeps(rect::key(**d, w, *eps))).for_each(|(d, _)| *d = 0.0);
+            rect::keys(&d, &w, *eps, &mut keys);
+            cut.zero(&mut d, &keys);
         }
         sink(&materialize_chunk(base, r.start, &w, &d, patch)?)?;
         done(r.start * s..r.end * s);

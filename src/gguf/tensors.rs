@@ -148,11 +148,11 @@ impl Mapped<'_> {
     /// un-permuted. What `import-gguf` writes, and what `apply` hashes and patches.
     pub(super) fn hf_values<R: Read + Seek>(&self, path: &Path, reader: &mut R, data_offset: u64) -> Result<Vec<f32>, Error> {
         let q = self.info.read(reader, data_offset, &Device::Cpu).map_err(|e| self.corrupt(path, e))?;
-        self.hf_values_of(path, q)
+        self.hf_values_of(path, &q)
     }
 
     /// [`Mapped::hf_values`] of `q`, this tensor's data in the GGUF's layout.
-    pub(super) fn hf_values_of(&self, path: &Path, q: QTensor) -> Result<Vec<f32>, Error> {
+    pub(super) fn hf_values_of(&self, path: &Path, q: &QTensor) -> Result<Vec<f32>, Error> {
         let values = q.dequantize(&Device::Cpu).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).map_err(|e| self.corrupt(path, e))?;
         Ok(match self.rotary_heads {
             Some(heads) => unpermute_rotary(&values, heads, self.shape[1]),

@@ -10,6 +10,11 @@ use std::collections::BTreeMap;
 /// Where an added vector enters a layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Site {
+    /// Added to the token embeddings (layer 0 only; after any embedding scale and position
+    /// embeddings), where causal tracing adds its noise.
+    Embedding,
+    /// Added to the attention's output (after any post-attention norm), before the residual sum.
+    AttnOut,
     /// Added to the MLP key, the input of the output projection (where KN attributes).
     Key,
     /// Added to the MLP's output, the down projection's, before any post-MLP norm and the
@@ -39,6 +44,8 @@ pub struct Hooks {
     pub residuals: Vec<usize>,
     /// Layers whose MLP outputs (the down projection's, before any post-MLP norm) are captured.
     pub mlp_outputs: Vec<usize>,
+    /// Layers whose attention outputs (as they join the residual stream) are captured.
+    pub attn_outputs: Vec<usize>,
     /// Start at this layer from this residual stream `[batch, seq, hidden]` instead of the
     /// embeddings (what earlier layers computed, reused).
     pub resume: Option<(usize, Tensor)>,
@@ -55,6 +62,8 @@ pub struct Trace {
     pub residuals: BTreeMap<usize, Tensor>,
     /// Layer → MLP outputs (before any post-MLP norm) `[batch, seq, hidden]`.
     pub mlp_outputs: BTreeMap<usize, Tensor>,
+    /// Layer → attention outputs `[batch, seq, hidden]`.
+    pub attn_outputs: BTreeMap<usize, Tensor>,
     /// The residual stream after the last layer run, before the final norm `[batch, seq, hidden]`.
     pub hidden: Tensor,
 }
@@ -139,7 +148,8 @@ impl Model {
             return Err(Error::Input(format!("layer {last} out of range: the model has {} layers", cfg.num_layers)));
         }
         let first = hooks.resume.as_ref().map_or(0, |(l, _)| *l);
-        let hooked = hooks.keys.iter().chain(&hooks.residuals).chain(&hooks.mlp_outputs).chain(hooks.additions.iter().map(|a| &a.layer));
+        let hooked =
+            hooks.keys.iter().chain(&hooks.residuals).chain(&hooks.mlp_outputs).chain(&hooks.attn_outputs).chain(hooks.additions.iter().map(|a| &a.layer));
         for l in hooked {
             if *l > last || *l < first {
                 return Err(Error::Input(format!("hook at layer {l} but the pass runs layers {first}..={last}")));
@@ -166,7 +176,7 @@ impl Model {
         if let Some(&bad) = flat_ids.iter().find(|&&i| i as usize >= cfg.vocab_size) {
             return Err(Error::Input(format!("token id {bad} out of range (vocabulary {})", cfg.vocab_size)));
         }
-        let mut x = match &hooks.resume {
+        let x = match &hooks.resume {
             Some((_, hidden)) if hidden.dims() != [b, t, cfg.hidden_size] => {
                 return Err(Error::Input(format!("resume state {:?} does not fit the batch [{b}, {t}]", hidden.dims())));
             }
@@ -187,8 +197,13 @@ impl Model {
                 }
             }
         };
+        if hooks.additions.iter().any(|a| a.site == Site::Embedding && (a.layer != 0 || first != 0)) {
+            return Err(Error::Input("an addition to the embeddings must be at layer 0, in a pass that starts there".into()));
+        }
+        let mut x = add_vectors(x, hooks, 0, Site::Embedding)?;
 
-        let mut trace = Trace { keys: BTreeMap::new(), residuals: BTreeMap::new(), mlp_outputs: BTreeMap::new(), hidden: x.clone() };
+        let mut trace =
+            Trace { keys: BTreeMap::new(), residuals: BTreeMap::new(), mlp_outputs: BTreeMap::new(), attn_outputs: BTreeMap::new(), hidden: x.clone() };
         for (l, block) in self.w.blocks.iter().enumerate().take(last + 1).skip(first) {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.kv[l]);
             let (bias, angles) = match (cfg.is_sliding(l), &sliding_bias, &full_bias) {
@@ -197,7 +212,11 @@ impl Model {
                 _ => unreachable!("the biases of the layers run are built"),
             };
             let normed = block.attn_norm.forward(&x)?;
-            let attn = post_norm(&block.post_attn_norm, self.attention(block, &normed, angles, bias, layer_cache)?)?;
+            let attn = self.attention(block, &normed, angles, bias, layer_cache)?;
+            let attn = add_vectors(post_norm(&block.post_attn_norm, attn)?, hooks, l, Site::AttnOut)?;
+            if hooks.attn_outputs.contains(&l) {
+                trace.attn_outputs.insert(l, attn.clone());
+            }
             // The MLP reads the block's input beside attention (a parallel block), or the sum after it.
             let after_attn = (&x + attn)?;
             let h = match (&block.mlp_norm, cfg.parallel_residual) {

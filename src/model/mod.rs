@@ -141,6 +141,16 @@ impl Model {
         Ok(self.w.embed.get(id as usize)?)
     }
 
+    /// The standard deviation of the input embeddings' elements, over the whole vocabulary and
+    /// after any embedding scale: the unit of causal tracing's noise.
+    pub fn embedding_std(&self) -> Result<f64> {
+        let e = self.w.embed.to_dtype(DType::F32)?;
+        let mean = e.mean_all()?;
+        let var: f32 = e.broadcast_sub(&mean)?.sqr()?.mean_all()?.to_scalar()?;
+        let scale = if self.config.family.scaled_embedding { (self.config.hidden_size as f64).sqrt() } else { 1.0 };
+        Ok((var as f64).sqrt() * scale)
+    }
+
     /// The edit view `[out, in]` of layer `layer`'s MLP output projection.
     pub fn mlp_out_weight(&self, layer: usize) -> &Tensor {
         &self.w.blocks[layer].down.weight

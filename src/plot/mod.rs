@@ -1,7 +1,7 @@
 //! PNG charts: for experiments, a metric against the number of edits, one line per setting,
-//! and grouped bars; for audits, heatmaps of |ΔW/W|. Drawn with plotters into memory with an
-//! embedded font (DejaVu Sans, see `DejaVuSans-LICENSE.txt`), so no system font is needed,
-//! and written atomically.
+//! and grouped bars; for audits, heatmaps of |ΔW/W|; for causal traces, labelled grids. Drawn
+//! with plotters into memory with an embedded font (DejaVu Sans, see `DejaVuSans-LICENSE.txt`),
+//! so no system font is needed, and written atomically.
 
 use crate::atomic::Policy;
 use plotters::prelude::*;
@@ -230,6 +230,75 @@ pub fn heatmap(path: &Path, title: &str, notes: &[String], matrices: &[Matrix]) 
         }
         colour_bar(&root.clone().shrink(((width - BAR.0) as i32, top as i32), (BAR.0 as i32, BAR.1 as i32)))
     })
+}
+
+/// One panel of [`grid`]: `values[row][col]`, each row labelled.
+#[derive(Clone, Debug)]
+pub struct Grid {
+    pub title: String,
+    pub row_labels: Vec<String>,
+    pub x_label: String,
+    pub values: Vec<Vec<f64>>,
+}
+
+/// Panels of labelled cells, one above the other (e.g. tokens × layers), coloured on one linear scale
+/// from 0 to the largest value of all panels (viridis: dark low, yellow high), under `title` and
+/// one line per note, with the scale's swatches at the bottom. Written as `policy` allows.
+pub fn grid(path: &Path, title: &str, notes: &[String], scale_label: &str, panels: &[Grid], policy: &Policy) -> Result<()> {
+    const CELL: (usize, usize) = (22, 24);
+    const LABELS: usize = 150; // row labels
+    let top = 48 + 22 * notes.len();
+    let rows = panels.iter().map(|p| p.values.len()).max().unwrap_or(0);
+    let cols = panels.iter().flat_map(|p| p.values.iter().map(Vec::len)).max().unwrap_or(0);
+    let panel_w = LABELS + cols * CELL.0 + 24;
+    let panel_h = 30 + rows * CELL.1 + 50;
+    let width = (panel_w + 40).max(700);
+    let height = top + panel_h * panels.len() + 60;
+    let max = panels.iter().flat_map(|p| p.values.iter().flatten()).fold(0f64, |m, &v| m.max(v));
+    let shade = |v: f64| viridis(if max > 0.0 { v / max } else { 0.0 });
+    render(path, (width as u32, height as u32), policy, |root| {
+        root.draw_text(title, &text(22), (16, 12))?;
+        for (i, note) in notes.iter().enumerate() {
+            root.draw_text(note, &text(14), (16, 44 + 22 * i as i32))?;
+        }
+        for (k, p) in panels.iter().enumerate() {
+            let x0 = 16;
+            let y0 = (top + k * panel_h) as i32;
+            root.draw_text(&p.title, &text(16), (x0 + LABELS as i32, y0))?;
+            for (r, row) in p.values.iter().enumerate() {
+                let y = y0 + 30 + (r * CELL.1) as i32;
+                root.draw_text(&p.row_labels[r], &text(13), (x0, y + 5))?;
+                for (c, &v) in row.iter().enumerate() {
+                    let x = x0 + (LABELS + c * CELL.0) as i32;
+                    root.draw(&Rectangle::new([(x, y), (x + CELL.0 as i32 - 1, y + CELL.1 as i32 - 1)], shade(v).filled()))?;
+                }
+            }
+            let y = y0 + 30 + (rows * CELL.1) as i32;
+            for c in (0..cols).step_by(5) {
+                root.draw_text(&c.to_string(), &text(12), (x0 + (LABELS + c * CELL.0) as i32 + 4, y + 4))?;
+            }
+            root.draw_text(&p.x_label, &text(14), (x0 + LABELS as i32, y + 24))?;
+        }
+        // The colour scale: ten swatches from 0 to the maximum.
+        let y = (top + panel_h * panels.len() + 16) as i32;
+        root.draw_text(&format!("{scale_label}: 0"), &text(14), (16, y + 2))?;
+        for i in 0..10 {
+            let x = 200 + 30 * i;
+            root.draw(&Rectangle::new([(x, y), (x + 29, y + 18)], viridis(i as f64 / 9.0).filled()))?;
+        }
+        root.draw_text(&format!("{max:.3}"), &text(14), (200 + 30 * 10 + 8, y + 2))?;
+        Ok(())
+    })
+}
+
+/// Viridis at `t` in [0, 1], interpolated between its decade anchors.
+fn viridis(t: f64) -> RGBColor {
+    let t = t.clamp(0.0, 1.0) * (DECADES.len() - 1) as f64;
+    let i = (t.floor() as usize).min(DECADES.len() - 2);
+    let f = t - i as f64;
+    let mix = |a: u8, b: u8| (a as f64 + (b as f64 - a as f64) * f).round() as u8;
+    let (a, b) = (DECADES[i], DECADES[i + 1]);
+    RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
 }
 
 /// A `rows × cols` panel's size in pixels and its sampling step, (width, height, step): every
