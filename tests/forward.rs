@@ -140,7 +140,9 @@ fn smollm2_greedy_generation_knows_its_facts() {
 /// of 4 reaching across the cached prefix included.
 #[test]
 fn cached_prefix_and_suffix_equal_the_full_pass() {
-    for name in ["tiny-llama", "tiny-gpt2", "families/tiny-mistral", "families/tiny-gemma2", "families/tiny-gemma3"] {
+    for name in
+        ["tiny-llama", "tiny-gpt2", "families/tiny-mistral", "families/tiny-gemma2", "families/tiny-gemma3", "families/tiny-gpt-neox", "families/tiny-gptj"]
+    {
         let model = Model::load(&root().join("fixtures").join(name)).unwrap();
         let seqs: Vec<Vec<u32>> = vec![vec![5, 17, 42, 99, 7, 3, 250], vec![11, 12, 13, 200], vec![9, 8, 7]];
         let split = [3, 0, 2];

@@ -1,6 +1,7 @@
 //! Gradients with respect to an added vector match central finite differences, through every
 //! op the forward pass uses (RMSNorm/RoPE/GQA/SwiGLU, LayerNorm/GELU/learned positions, and
-//! Gemma's post-norms, soft-capping, per-layer windows and rotary bases), with padding; and no
+//! Gemma's post-norms, soft-capping, per-layer windows and rotary bases, GPT-NeoX's and GPT-J's parallel
+//! blocks, partial and interleaved rotary, erf GELU), with padding; and no
 //! gradient is computed for frozen weights.
 
 use candle_core::{DType, IndexOp, Tensor, Var};
@@ -69,4 +70,15 @@ fn gemma2_gradients_match_finite_differences() {
 #[test]
 fn gemma3_gradients_match_finite_differences() {
     check("fixtures/families/tiny-gemma3");
+}
+
+#[test]
+fn gpt_neox_gradients_match_finite_differences() {
+    check("fixtures/families/tiny-gpt-neox");
+    check("fixtures/families/tiny-gpt-neox-sequential");
+}
+
+#[test]
+fn gptj_gradients_match_finite_differences() {
+    check("fixtures/families/tiny-gptj");
 }

@@ -43,6 +43,9 @@ pub struct Config {
     pub attn_softcap: Option<f64>,
     /// Output logits become `c·tanh(x/c)` (Gemma's `final_logit_softcapping`).
     pub final_softcap: Option<f64>,
+    /// Attention and MLP read the block's input side by side: `x + attn(ln1(x)) + mlp(ln2(x))`
+    /// (GPT-J; GPT-NeoX's `use_parallel_residual`).
+    pub parallel_residual: bool,
     pub max_positions: usize,
     pub tied_embeddings: bool,
     pub bos_token_id: Option<u32>,

@@ -4,7 +4,7 @@
 //! `families/` (docs/families.md says how to add one).
 
 use super::config::Config;
-use super::ops::Activation;
+use super::ops::{Activation, RotaryLayout};
 use super::Result;
 use serde::Serialize;
 use std::path::Path;
@@ -143,6 +143,9 @@ pub enum Qkv {
     Separate { q: Projection, k: Projection, v: Projection },
     /// One projection whose output rows are queries, then keys, then values (GPT-2's `c_attn`).
     Fused(Projection),
+    /// One projection whose output rows are, head by head, the head's query, key and value
+    /// (`[heads, 3, head_dim]`: GPT-NeoX's `query_key_value`).
+    FusedPerHead(Projection),
 }
 
 /// The MLP's input projections.
@@ -180,7 +183,8 @@ pub enum NormKind {
 
 /// One decoder block's tensors and optional parts: `x += post_attn_norm(o(attn(attn_norm(x))))`,
 /// then `x += post_mlp_norm(mlp_out(act(mlp_in(mlp_norm(x)))))`, each post-norm only where the
-/// table has one.
+/// table has one. In a parallel block ([`Config::parallel_residual`](super::Config)) the MLP reads
+/// the block's input instead: `x + attn(..) + mlp(mlp_norm(x))`.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct BlockTable {
     pub attn_norm: Projection,
@@ -190,7 +194,9 @@ pub struct BlockTable {
     pub o: Projection,
     /// A norm of the attention output before the residual sum (Gemma's `post_attention_layernorm`).
     pub post_attn_norm: Option<Projection>,
-    pub mlp_norm: Projection,
+    /// The MLP's input norm; none where the MLP reads the attention norm's output (GPT-J's one
+    /// `ln_1`, in a parallel block).
+    pub mlp_norm: Option<Projection>,
     /// A norm of the MLP output before the residual sum (Gemma's `post_feedforward_layernorm`).
     pub post_mlp_norm: Option<Projection>,
 }
@@ -207,10 +213,13 @@ pub struct Family {
     /// Learned absolute positions (GPT-2); families without rotate queries and keys.
     pub positions: Option<Projection>,
     pub final_norm: Projection,
-    /// The unembedding, when stored; otherwise the embedding, if the config ties them.
+    /// The unembedding (with its bias where the table has one: GPT-J's), when stored; otherwise
+    /// the embedding, if the config ties them.
     pub unembed: Projection,
     pub block: BlockTable,
     pub norm: NormKind,
+    /// How rotary embeddings pair each head's dimensions.
+    pub rotary: RotaryLayout,
     /// The MLP's activation (of the gate, in a gated MLP).
     pub activation: Activation,
     /// The MLP's input projections.
@@ -257,14 +266,14 @@ impl Family {
         let mut t = vec![&b.attn_norm];
         match &b.qkv {
             Qkv::Separate { q, k, v } => t.extend([q, k, v]),
-            Qkv::Fused(qkv) => t.push(qkv),
+            Qkv::Fused(qkv) | Qkv::FusedPerHead(qkv) => t.push(qkv),
         }
         if let Some((q, k)) = &b.qk_norm {
             t.extend([q, k]);
         }
         t.push(&b.o);
         t.extend(&b.post_attn_norm);
-        t.push(&b.mlp_norm);
+        t.extend(&b.mlp_norm);
         t.extend(self.mlp_in.projections());
         t.push(&self.mlp_out);
         t.extend(&b.post_mlp_norm);

@@ -1,7 +1,7 @@
 //! The forward pass: batches, the hooks that capture or change activations, the KV cache for
 //! incremental decoding, and the blocks run over a batch.
 
-use super::ops::{self, Linear, Norm, Rope, RopeAngles};
+use super::ops::{self, Norm, Rope, RopeAngles};
 use super::weights::{Block, MlpIn};
 use super::{attention, Error, Model, Result};
 use candle_core::{Module, Tensor};
@@ -211,13 +211,20 @@ impl Model {
                 (false, _, Some(bias)) => (bias, global_angles.as_ref()),
                 _ => unreachable!("the biases of the layers run are built"),
             };
-            let attn = self.attention(block, &block.attn_norm.forward(&x)?, angles, bias, layer_cache)?;
+            let normed = block.attn_norm.forward(&x)?;
+            let attn = self.attention(block, &normed, angles, bias, layer_cache)?;
             let attn = add_vectors(post_norm(&block.post_attn_norm, attn)?, hooks, l, Site::AttnOut)?;
             if hooks.attn_outputs.contains(&l) {
                 trace.attn_outputs.insert(l, attn.clone());
             }
-            x = (x + attn)?;
-            let h = block.mlp_norm.forward(&x)?;
+            // The MLP reads the block's input beside attention (a parallel block), or the sum after it.
+            let after_attn = (&x + attn)?;
+            let h = match (&block.mlp_norm, cfg.parallel_residual) {
+                (None, _) => normed,
+                (Some(norm), true) => norm.forward(&x)?,
+                (Some(norm), false) => norm.forward(&after_attn)?,
+            };
+            x = after_attn;
             let key = match &block.mlp_in {
                 MlpIn::Gated { gate, up } => block.act.gated(&gate.forward(&h)?, &up.forward(&h)?)?,
                 MlpIn::Plain(fc) => block.act.apply(&fc.forward(&h)?)?,
@@ -248,8 +255,7 @@ impl Model {
     /// Next-token logits from residual-stream states `[.., hidden]`: final norm, unembedding, and
     /// the family's soft-capping.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let head = Linear { weight: self.w.unembed.clone(), bias: None };
-        let logits = head.forward(&self.w.final_norm.forward(hidden)?)?;
+        let logits = self.w.unembed.forward(&self.w.final_norm.forward(hidden)?)?;
         Ok(match self.config.final_softcap {
             Some(c) => ops::softcap(&logits, c)?,
             None => logits,

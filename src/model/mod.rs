@@ -62,6 +62,8 @@ pub static FAMILIES: &[&Family] = &[
     &families::gemma2::FAMILY,
     &families::gemma3::FAMILY,
     &families::gemma3::MULTIMODAL,
+    &families::gpt_neox::FAMILY,
+    &families::gptj::FAMILY,
 ];
 
 /// A loaded model, weights in f32 on one device. Cloning is cheap: the clone shares the
@@ -93,8 +95,9 @@ impl Model {
     pub fn from_checkpoint(config: Config, ckpt: &dyn Tensors, device: &Device) -> Result<Self> {
         config.check_layers(ckpt)?;
         let w = weights::load_weights(&config, ckpt, device)?;
-        let rope = config.rope.as_ref().map(Rope::new);
-        let local_rope = config.local_rope.as_ref().map(Rope::new);
+        let layout = config.family.rotary;
+        let rope = config.rope.as_ref().map(|r| Rope::new(r, layout));
+        let local_rope = config.local_rope.as_ref().map(|r| Rope::new(r, layout));
         Ok(Model { config, dir: ckpt.dir().to_path_buf(), device: device.clone(), w, rope, local_rope })
     }
 

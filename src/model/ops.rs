@@ -179,25 +179,36 @@ impl Module for Norm {
     }
 }
 
-/// Rotary position embedding (the half-split layout Hugging Face Llama uses). The angles are
-/// computed for the positions a pass uses, so nothing is allocated per position of the
-/// model's context.
-#[derive(Clone, Debug)]
-pub struct Rope {
-    /// The inverse frequencies, `head_dim / 2` of them.
-    inv: Vec<f32>,
+/// Which of a head's rotated dimensions turn together as a pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum RotaryLayout {
+    /// Dimension `i` with `i + rotary_dim/2` (`rotate_half`: Llama, GPT-NeoX).
+    HalfSplit,
+    /// Dimension `2i` with `2i + 1` (`rotate_every_two`: GPT-J).
+    Interleaved,
 }
 
-/// The cosines and sines of one pass's positions, `[b, 1, t, rotary_dim]` each.
+/// Rotary position embedding. The angles are computed for the positions a pass uses, so nothing
+/// is allocated per position of the model's context.
+#[derive(Clone, Debug)]
+pub struct Rope {
+    /// The inverse frequencies, `rotary_dim / 2` of them.
+    inv: Vec<f32>,
+    layout: RotaryLayout,
+}
+
+/// The cosines and sines of one pass's positions, `[b, 1, t, rotary_dim]` each, in the layout's
+/// order of dimensions.
 pub struct RopeAngles {
     cos: Tensor,
     sin: Tensor,
+    layout: RotaryLayout,
 }
 
 impl Rope {
     /// The inverse frequencies of the rotated dimensions under `rope`, computed in f32 as
-    /// transformers does.
-    pub fn new(rope: &RopeConfig) -> Self {
+    /// transformers does, paired as `layout` says.
+    pub fn new(rope: &RopeConfig, layout: RotaryLayout) -> Self {
         let dim = rope.rotary_dim;
         let base = (0..dim / 2).map(|i| (1.0 / rope.theta.powf(2.0 * i as f64 / dim as f64)) as f32);
         let inv = match rope.scaling {
@@ -220,25 +231,28 @@ impl Rope {
                 .collect()
             }
         };
-        Rope { inv }
+        Rope { inv, layout }
     }
 
     /// The angles of `positions` (`b × t`, row-major) in `dtype` on `device`.
     pub fn angles(&self, positions: &[u32], (b, t): (usize, usize), dtype: DType, device: &candle_core::Device) -> Result<RopeAngles> {
         let hd = 2 * self.inv.len();
         let (mut cos, mut sin) = (Vec::with_capacity(positions.len() * hd), Vec::with_capacity(positions.len() * hd));
+        // Each frequency twice: the halves repeated (half-split), or each one repeated (interleaved).
+        let order: Vec<f32> = match self.layout {
+            RotaryLayout::HalfSplit => self.inv.iter().chain(&self.inv).copied().collect(),
+            RotaryLayout::Interleaved => self.inv.iter().flat_map(|&f| [f, f]).collect(),
+        };
         for &p in positions {
-            for _ in 0..2 {
-                for f in &self.inv {
-                    // HF computes the angle in f32: match it so logits agree to the last bits.
-                    let angle = (p as f32) * f;
-                    cos.push(angle.cos());
-                    sin.push(angle.sin());
-                }
+            for f in &order {
+                // HF computes the angle in f32: match it so logits agree to the last bits.
+                let angle = (p as f32) * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
             }
         }
         let table = |v: Vec<f32>| Tensor::from_vec(v, (b, 1, t, hd), device)?.to_dtype(dtype);
-        Ok(RopeAngles { cos: table(cos)?, sin: table(sin)? })
+        Ok(RopeAngles { cos: table(cos)?, sin: table(sin)?, layout: self.layout })
     }
 
     /// Rotates `x [b, heads, t, head_dim]` by the angles of its positions: all of each head,
@@ -248,9 +262,20 @@ impl Rope {
         let (cos, sin) = (&angles.cos, &angles.sin);
         let rd = cos.dim(D::Minus1)?;
         let rot = if rd < hd { x.narrow(D::Minus1, 0, rd)? } else { x.clone() };
-        let x1 = rot.narrow(D::Minus1, 0, rd / 2)?;
-        let x2 = rot.narrow(D::Minus1, rd / 2, rd / 2)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        // Each pair (x1, x2) becomes (−x2, x1).
+        let rotated = match angles.layout {
+            RotaryLayout::HalfSplit => {
+                let x1 = rot.narrow(D::Minus1, 0, rd / 2)?;
+                let x2 = rot.narrow(D::Minus1, rd / 2, rd / 2)?;
+                Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?
+            }
+            RotaryLayout::Interleaved => {
+                let (b, h, t, _) = rot.dims4()?;
+                let pairs = rot.reshape((b, h, t, rd / 2, 2))?;
+                let (x1, x2) = (pairs.narrow(D::Minus1, 0, 1)?, pairs.narrow(D::Minus1, 1, 1)?);
+                Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?.reshape((b, h, t, rd))?
+            }
+        };
         let out = (rot.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?;
         if rd < hd {
             Tensor::cat(&[&out, &x.narrow(D::Minus1, rd, hd - rd)?], D::Minus1)
@@ -267,6 +292,8 @@ pub enum Activation {
     Silu,
     /// GPT-2's tanh approximation of GELU ("gelu_new").
     GeluTanh,
+    /// GELU by the error function ("gelu": GPT-NeoX).
+    Gelu,
 }
 
 impl Activation {
@@ -274,6 +301,7 @@ impl Activation {
         match self {
             Activation::Silu => x.silu(),
             Activation::GeluTanh => x.gelu(),
+            Activation::Gelu => x.gelu_erf(),
         }
     }
 
@@ -293,6 +321,10 @@ impl Activation {
             Activation::Silu => x / (1.0 + (-x).exp()),
             Activation::GeluTanh => {
                 0.5 * x * (1.0 + (std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2 * x * (1.0 + 0.044715 * x * x)).tanh())
+            }
+            Activation::Gelu => {
+                let x = x as f64;
+                (0.5 * x * (1.0 + candle_core::cpu::erf::erf_f64(x * std::f64::consts::FRAC_1_SQRT_2))) as f32
             }
         }
     }

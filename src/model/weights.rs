@@ -20,7 +20,8 @@ pub(crate) struct Block {
     pub o: Linear,
     /// Norm of the attention output before the residual sum (Gemma).
     pub post_attn_norm: Option<Norm>,
-    pub mlp_norm: Norm,
+    /// The MLP's input norm; none where the MLP reads the attention norm's output (GPT-J).
+    pub mlp_norm: Option<Norm>,
     /// Norm of the MLP output before the residual sum (Gemma).
     pub post_mlp_norm: Option<Norm>,
     /// Gate (if gated) and up projections, or the single input projection.
@@ -44,7 +45,8 @@ pub(crate) struct Weights {
     pub positions: Option<Tensor>,
     pub blocks: Vec<Block>,
     pub final_norm: Norm,
-    pub unembed: Tensor,
+    /// The unembedding, with its bias where the family stores one (GPT-J).
+    pub unembed: Linear,
 }
 
 impl Block {
@@ -57,7 +59,7 @@ impl Block {
             v: self.v.to_dtype(dt)?,
             o: self.o.to_dtype(dt)?,
             post_attn_norm: self.post_attn_norm.as_ref().map(|n| n.to_dtype(dt)).transpose()?,
-            mlp_norm: self.mlp_norm.to_dtype(dt)?,
+            mlp_norm: self.mlp_norm.as_ref().map(|n| n.to_dtype(dt)).transpose()?,
             post_mlp_norm: self.post_mlp_norm.as_ref().map(|n| n.to_dtype(dt)).transpose()?,
             mlp_in: match &self.mlp_in {
                 MlpIn::Gated { gate, up } => MlpIn::Gated { gate: gate.to_dtype(dt)?, up: up.to_dtype(dt)? },
@@ -117,6 +119,11 @@ impl Loader<'_> {
                 let (q, kv) = (self.dims.heads * self.dims.head_dim, self.dims.kv_heads * self.dims.head_dim);
                 (rows(&qkv, 0, q)?, rows(&qkv, q, kv)?, rows(&qkv, q + kv, kv)?)
             }
+            Qkv::FusedPerHead(p) => {
+                let qkv = self.linear(p, l)?;
+                let part = |i| per_head_rows(&qkv, i, self.dims.heads, self.dims.head_dim);
+                (part(0)?, part(1)?, part(2)?)
+            }
         };
         let mlp_in = match &f.mlp_in {
             MlpInputs::Gated { gate, up } => MlpIn::Gated { gate: self.linear(gate, l)?, up: self.linear(up, l)? },
@@ -134,7 +141,7 @@ impl Loader<'_> {
             v,
             o: self.linear(&t.o, l)?,
             post_attn_norm: t.post_attn_norm.as_ref().map(|p| self.norm(p, l)).transpose()?,
-            mlp_norm: self.norm(&t.mlp_norm, l)?,
+            mlp_norm: t.mlp_norm.as_ref().map(|p| self.norm(p, l)).transpose()?,
             post_mlp_norm: t.post_mlp_norm.as_ref().map(|p| self.norm(p, l)).transpose()?,
             mlp_in,
             down: self.linear(&f.mlp_out, l)?,
@@ -148,6 +155,13 @@ fn rows(fused: &Linear, start: usize, len: usize) -> Result<Linear> {
     Ok(Linear { weight: fused.weight.narrow(0, start, len)?.contiguous()?, bias: fused.bias.as_ref().map(|b| b.narrow(0, start, len)).transpose()? })
 }
 
+/// Part `part` (0 queries, 1 keys, 2 values) of a projection whose rows are `[heads, 3, head_dim]`.
+fn per_head_rows(fused: &Linear, part: usize, heads: usize, head_dim: usize) -> Result<Linear> {
+    let idx: Vec<u32> = (0..heads).flat_map(|h| (0..head_dim).map(move |d| ((3 * h + part) * head_dim + d) as u32)).collect();
+    let idx = Tensor::from_vec(idx, heads * head_dim, fused.weight.device())?;
+    Ok(Linear { weight: fused.weight.index_select(&idx, 0)?, bias: fused.bias.as_ref().map(|b| b.index_select(&idx, 0)).transpose()? })
+}
+
 /// Loads every tensor of `cfg`'s family table from `ckpt`, checking shapes against `cfg`.
 pub(crate) fn load_weights(cfg: &Config, ckpt: &dyn Tensors, device: &Device) -> Result<Weights> {
     let f = cfg.family;
@@ -157,9 +171,9 @@ pub(crate) fn load_weights(cfg: &Config, ckpt: &dyn Tensors, device: &Device) ->
     let embed = global(&f.embed)?;
     // Tied models may still store a copy of the head; a separate head is used whenever present.
     let unembed = if ckpt.contains(f.unembed.name) {
-        global(&f.unembed)?
+        ld.linear(&f.unembed, 0)?
     } else if cfg.tied_embeddings {
-        embed.clone()
+        Linear { weight: embed.clone(), bias: None }
     } else {
         return Err(crate::checkpoint::Error::MissingTensor { dir: ckpt.dir().to_path_buf(), name: f.unembed.name.into() }.into());
     };

@@ -33,7 +33,7 @@ pub static FAMILY: Family = Family {
 pub(crate) const BLOCK: BlockTable = BlockTable {
     attn_norm: norm("model.layers.{layer}.input_layernorm.weight"),
     post_attn_norm: Some(norm("model.layers.{layer}.post_attention_layernorm.weight")),
-    mlp_norm: norm("model.layers.{layer}.pre_feedforward_layernorm.weight"),
+    mlp_norm: Some(norm("model.layers.{layer}.pre_feedforward_layernorm.weight")),
     post_mlp_norm: Some(norm("model.layers.{layer}.post_feedforward_layernorm.weight")),
     ..llama::BLOCK
 };

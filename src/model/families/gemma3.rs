@@ -44,7 +44,7 @@ pub static MULTIMODAL: Family = Family {
                 k: inner(k, "language_model.model.layers.{layer}.self_attn.k_proj.weight"),
                 v: inner(v, "language_model.model.layers.{layer}.self_attn.v_proj.weight"),
             },
-            Qkv::Fused(_) => panic!("Gemma's projections are separate"),
+            Qkv::Fused(_) | Qkv::FusedPerHead(_) => panic!("Gemma's projections are separate"),
         },
         qk_norm: match BLOCK.qk_norm {
             Some((q, k)) => Some((
@@ -55,8 +55,8 @@ pub static MULTIMODAL: Family = Family {
         },
         o: inner(BLOCK.o, "language_model.model.layers.{layer}.self_attn.o_proj.weight"),
         post_attn_norm: Some(inner(BLOCK.attn_norm, "language_model.model.layers.{layer}.post_attention_layernorm.weight")),
-        mlp_norm: inner(BLOCK.mlp_norm, "language_model.model.layers.{layer}.pre_feedforward_layernorm.weight"),
-        post_mlp_norm: Some(inner(BLOCK.mlp_norm, "language_model.model.layers.{layer}.post_feedforward_layernorm.weight")),
+        mlp_norm: Some(inner(BLOCK.attn_norm, "language_model.model.layers.{layer}.pre_feedforward_layernorm.weight")),
+        post_mlp_norm: Some(inner(BLOCK.attn_norm, "language_model.model.layers.{layer}.post_feedforward_layernorm.weight")),
     },
     mlp_in: match FAMILY.mlp_in {
         MlpInputs::Gated { gate, up } => MlpInputs::Gated {

@@ -3,7 +3,7 @@
 
 use super::super::config::{ids, parse, Config, Field, Keys, MAX_LAYERS, MAX_POSITIONS};
 use super::super::family::{BlockTable, Dim, Family, MlpInputs, NormKind, Projection, Qkv};
-use super::super::ops::Activation;
+use super::super::ops::{Activation, RotaryLayout};
 use super::super::Result;
 use std::path::Path;
 
@@ -33,10 +33,11 @@ pub static FAMILY: Family = Family {
         qk_norm: None,
         o: conv1d("transformer.h.{layer}.attn.c_proj.weight", &[Hidden, Hidden]),
         post_attn_norm: None,
-        mlp_norm: layer_norm("transformer.h.{layer}.ln_2.weight"),
+        mlp_norm: Some(layer_norm("transformer.h.{layer}.ln_2.weight")),
         post_mlp_norm: None,
     },
     norm: NormKind::Layer,
+    rotary: RotaryLayout::HalfSplit,
     activation: Activation::GeluTanh,
     mlp_in: MlpInputs::Plain(conv1d("transformer.h.{layer}.mlp.c_fc.weight", &[Ff, Hidden])),
     mlp_out: conv1d("transformer.h.{layer}.mlp.c_proj.weight", &[Hidden, Ff]),
@@ -94,6 +95,7 @@ fn config(json: &serde_json::Value, path: &Path) -> Result<Config> {
         attn_scale: 1.0 / ((hidden_size / num_heads) as f64).sqrt(),
         attn_softcap: None,
         final_softcap: None,
+        parallel_residual: false,
         max_positions: k.usize_or_at_most("n_positions", &c.n_positions, 1024, MAX_POSITIONS)?,
         tied_embeddings: true,
         bos_token_id: ids(&c.bos_token_id).first().copied(),

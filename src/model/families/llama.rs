@@ -3,7 +3,7 @@
 
 use super::super::config::{parse, Config, Field, Keys};
 use super::super::family::{BlockTable, Dim, Family, MlpInputs, NormKind, Projection, Qkv};
-use super::super::ops::Activation;
+use super::super::ops::{Activation, RotaryLayout};
 use super::super::Result;
 use super::LlamaJson;
 use std::path::Path;
@@ -20,6 +20,7 @@ pub static FAMILY: Family = Family {
     unembed: Projection::linear("lm_head.weight", Some("output.weight"), &[Vocab, Hidden]),
     block: BLOCK,
     norm: NormKind::Rms,
+    rotary: RotaryLayout::HalfSplit,
     activation: Activation::Silu,
     mlp_in: MLP_IN,
     mlp_out: MLP_OUT,
@@ -40,7 +41,7 @@ pub(crate) const BLOCK: BlockTable = BlockTable {
     qk_norm: None,
     o: Projection::linear("model.layers.{layer}.self_attn.o_proj.weight", Some("blk.{layer}.attn_output.weight"), &[Hidden, Queries]),
     post_attn_norm: None,
-    mlp_norm: Projection::vector("model.layers.{layer}.post_attention_layernorm.weight", Some("blk.{layer}.ffn_norm.weight"), &[Hidden]),
+    mlp_norm: Some(Projection::vector("model.layers.{layer}.post_attention_layernorm.weight", Some("blk.{layer}.ffn_norm.weight"), &[Hidden])),
     post_mlp_norm: None,
 };
 

@@ -4,6 +4,8 @@
 pub mod gemma2;
 pub mod gemma3;
 pub mod gpt2;
+pub mod gpt_neox;
+pub mod gptj;
 pub mod llama;
 pub mod mistral;
 pub mod phi3;
@@ -79,6 +81,7 @@ impl LlamaJson {
             attn_scale: 1.0 / (head_dim as f64).sqrt(),
             attn_softcap: None,
             final_softcap: None,
+            parallel_residual: false,
             max_positions: k.usize_or_at_most("max_position_embeddings", &self.max_position_embeddings, 2048, MAX_POSITIONS)?,
             tied_embeddings: k.bool_or("tie_word_embeddings", &self.tie_word_embeddings, false)?,
             bos_token_id: ids(&self.bos_token_id).first().copied(),

@@ -11,7 +11,7 @@ pub static FAMILY: Family = Family { name: "qwen2", model_types: &["qwen2"], blo
 
 const BLOCK: BlockTable = match llama::BLOCK.qkv {
     Qkv::Separate { q, k, v } => BlockTable { qkv: Qkv::Separate { q: q.with_bias(), k: k.with_bias(), v: v.with_bias() }, ..llama::BLOCK },
-    Qkv::Fused(_) => panic!("Llama's projections are separate"),
+    Qkv::Fused(_) | Qkv::FusedPerHead(_) => panic!("Llama's projections are separate"),
 };
 
 fn config(json: &serde_json::Value, path: &Path) -> Result<Config> {
