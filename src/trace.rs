@@ -119,9 +119,9 @@ pub fn trace(model: &Model, tok: &Tokenizer, template: &str, subject: &str, targ
     let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
     let normal = Normal::new(0.0, noise).map_err(|e| Error::Fact(format!("noise of {noise}: {e}")))?;
     let n_noisy = s * (last + 1 - first);
-    let draws: Vec<f32> = (0..n_noisy * d).map(|_| normal.sample(&mut rng) as f32).collect();
+    let draws = Tensor::from_vec((0..n_noisy * d).map(|_| normal.sample(&mut rng) as f32).collect::<Vec<_>>(), (n_noisy, d), dev)?;
     let at_subject: Vec<(usize, usize)> = (0..s).flat_map(|i| (first..=last).map(move |p| (i, p))).collect();
-    let corrupt_noise = Addition { layer: 0, site: Site::Embedding, at: at_subject, delta: Tensor::from_vec(draws.clone(), (n_noisy, d), dev)? };
+    let corrupt_noise = Addition { layer: 0, site: Site::Embedding, at: at_subject, delta: draws.clone() };
     let batch = Batch::right_padded(&vec![ids.clone(); s]);
     let corrupt = model.forward(&batch, &Hooks { additions: vec![corrupt_noise], ..hooks.clone() }, None)?;
     let p_clean = prob(&clean.hidden)?[0];
@@ -132,6 +132,14 @@ pub fn trace(model: &Model, tok: &Tokenizer, template: &str, subject: &str, targ
     let rows = Batch::right_padded(&vec![ids.clone(); s * t]);
     let repeat = Tensor::from_vec((0..s * t).map(|r| (r / t) as u32).collect::<Vec<_>>(), s * t, dev)?;
     let at: Vec<(usize, usize)> = (0..s * t).map(|r| (r, r % t)).collect();
+    // Passes restoring a state of layer 0 start from the embeddings: each row takes its draw's noise.
+    let nsub = last + 1 - first;
+    let row_noise = Addition {
+        layer: 0,
+        site: Site::Embedding,
+        at: (0..s * t).flat_map(|r| (first..=last).map(move |p| (r, p))).collect(),
+        delta: draws.reshape((s, nsub * d))?.index_select(&repeat, 0)?.reshape((s * t * nsub, d))?,
+    };
     let mut restored = Vec::new();
     for kind in Kind::ALL {
         let mut per_layer = Vec::new();
@@ -146,17 +154,7 @@ pub fn trace(model: &Model, tok: &Tokenizer, template: &str, subject: &str, targ
             let delta = gap.reshape((s * t, d))?;
             let restore = Addition { layer: l, site, at: at.clone(), delta };
             let hooks = match l {
-                0 => {
-                    let noise = Addition {
-                        layer: 0,
-                        site: Site::Embedding,
-                        at: (0..s * t).flat_map(|r| (first..=last).map(move |p| (r, p))).collect(),
-                        delta: Tensor::from_vec(draws.clone(), (s, (last + 1 - first) * d), dev)?
-                            .index_select(&repeat, 0)?
-                            .reshape((s * t * (last + 1 - first), d))?,
-                    };
-                    Hooks { additions: vec![noise, restore], ..Hooks::default() }
-                }
+                0 => Hooks { additions: vec![row_noise.clone(), restore], ..Hooks::default() },
                 _ => Hooks { resume: Some((l, corrupt.residuals[&(l - 1)].index_select(&repeat, 0)?)), additions: vec![restore], ..Hooks::default() },
             };
             let p = prob(&model.forward(&rows, &hooks, None)?.hidden)?;

@@ -201,6 +201,15 @@ fn key_prompts(tok: &Tokenizer, requests: &[Request], templates: &[Vec<String>])
         .collect()
 }
 
+/// The keys MEMIT's schedule solves with, two a fact: the template averages (columns `0..n`),
+/// then the raw prompts' own keys (columns `n..2n`), both mapped to the fact's residual. A
+/// subject that is its prompt's first token has a raw key that sees no context, far from the
+/// template average; fitting both makes the edit reach it.
+pub(crate) fn key_columns(keys: Vec<(Array1<f64>, Array1<f64>)>) -> Array2<f64> {
+    let (means, raws): (Vec<_>, Vec<_>) = keys.into_iter().unzip();
+    stack(&means.into_iter().chain(raws).collect::<Vec<_>>())
+}
+
 /// Keys `[requests × templates, d]` of [`key_prompts`] → per request, the template average of
 /// [`request_keys`] and the raw prompt's key.
 fn average_keys(keys: &Tensor, templates: &[Vec<String>]) -> Result<Vec<(Array1<f64>, Array1<f64>)>> {
@@ -292,10 +301,7 @@ fn memit(
     for (i, &layer) in layers.iter().enumerate() {
         let hooks = Hooks { keys: vec![layer], stop_after: Some(layer), ..Hooks::default() };
         let keys = average_keys(&target::rows(&keyed.forward(model, hooks, layer)?.keys[&layer], &keyed.at)?, templates)?;
-        // Two keys a fact: the template average and the raw prompt's own key, both mapped to the
-        // fact's residual (columns `j` and `n + j`).
-        let (means, raws): (Vec<_>, Vec<_>) = keys.into_iter().unzip();
-        let k = stack(&means.into_iter().chain(raws).collect::<Vec<_>>());
+        let k = key_columns(keys);
         // What the last edited layer holds now, for each raw prompt.
         let trace = raw.forward(model, hooks_at_last.clone(), layer)?;
         let now = match edit {

@@ -1,10 +1,10 @@
 //! What an update must preserve: the key second moments per layer, their null-space
 //! projectors (kept on disk beside the statistics they come from) and AlphaEdit's earlier keys.
 
-use super::{request::Request, request_keys, solve, stack, Error, Result};
+use super::{key_columns, request::Request, request_keys, solve, Error, Result};
 use crate::model::Model;
 use crate::tokenize::Tokenizer;
-use ndarray::{Array1, Array2};
+use ndarray::Array2;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -107,8 +107,7 @@ impl Preserved {
         }
         for &layer in layers {
             // Both keys a fact, as MEMIT's schedule solves with them.
-            let (means, raws): (Vec<Array1<f64>>, Vec<Array1<f64>>) = request_keys(model, tok, requests, templates, layer)?.into_iter().unzip();
-            self.remember(layer, &stack(&means.into_iter().chain(raws).collect::<Vec<_>>()));
+            self.remember(layer, &key_columns(request_keys(model, tok, requests, templates, layer)?));
         }
         Ok(())
     }

@@ -89,6 +89,11 @@ impl Projection {
         Projection { name, gguf, orientation: Orientation::OutIn, shape, bias: false }
     }
 
+    /// A LayerNorm over the hidden size: its weight, with its bias beside it (no GGUF name).
+    pub const fn layer_norm(name: &'static str) -> Self {
+        Projection::vector(name, None, &[Dim::Hidden]).with_bias()
+    }
+
     /// The same tensor with a bias stored beside it.
     pub const fn with_bias(self) -> Self {
         Projection { bias: true, ..self }

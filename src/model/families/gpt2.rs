@@ -14,26 +14,21 @@ const fn conv1d(name: &'static str, shape: &'static [Dim; 2]) -> Projection {
     Projection::linear(name, None, shape).stored_in_out().with_bias()
 }
 
-/// A LayerNorm's weight and bias.
-const fn layer_norm(name: &'static str) -> Projection {
-    Projection::vector(name, None, &[Hidden]).with_bias()
-}
-
 pub static FAMILY: Family = Family {
     name: "gpt2",
     model_types: &["gpt2"],
     embed: Projection::linear("transformer.wte.weight", None, &[Vocab, Hidden]),
     scaled_embedding: false,
     positions: Some(Projection::linear("transformer.wpe.weight", None, &[Positions, Hidden])),
-    final_norm: layer_norm("transformer.ln_f.weight"),
+    final_norm: Projection::layer_norm("transformer.ln_f.weight"),
     unembed: Projection::linear("lm_head.weight", None, &[Vocab, Hidden]),
     block: BlockTable {
-        attn_norm: layer_norm("transformer.h.{layer}.ln_1.weight"),
+        attn_norm: Projection::layer_norm("transformer.h.{layer}.ln_1.weight"),
         qkv: Qkv::Fused(conv1d("transformer.h.{layer}.attn.c_attn.weight", &[Fused, Hidden])),
         qk_norm: None,
         o: conv1d("transformer.h.{layer}.attn.c_proj.weight", &[Hidden, Hidden]),
         post_attn_norm: None,
-        mlp_norm: Some(layer_norm("transformer.h.{layer}.ln_2.weight")),
+        mlp_norm: Some(Projection::layer_norm("transformer.h.{layer}.ln_2.weight")),
         post_mlp_norm: None,
     },
     norm: NormKind::Layer,

@@ -18,26 +18,21 @@ const fn linear(name: &'static str, shape: &'static [Dim; 2]) -> Projection {
     Projection::linear(name, None, shape).with_bias()
 }
 
-/// A LayerNorm's weight and bias.
-const fn layer_norm(name: &'static str) -> Projection {
-    Projection::vector(name, None, &[Hidden]).with_bias()
-}
-
 pub static FAMILY: Family = Family {
     name: "gpt_neox",
     model_types: &["gpt_neox"],
     embed: Projection::linear("gpt_neox.embed_in.weight", None, &[Vocab, Hidden]),
     scaled_embedding: false,
     positions: None,
-    final_norm: layer_norm("gpt_neox.final_layer_norm.weight"),
+    final_norm: Projection::layer_norm("gpt_neox.final_layer_norm.weight"),
     unembed: Projection::linear("embed_out.weight", None, &[Vocab, Hidden]),
     block: BlockTable {
-        attn_norm: layer_norm("gpt_neox.layers.{layer}.input_layernorm.weight"),
+        attn_norm: Projection::layer_norm("gpt_neox.layers.{layer}.input_layernorm.weight"),
         qkv: Qkv::FusedPerHead(linear("gpt_neox.layers.{layer}.attention.query_key_value.weight", &[Fused, Hidden])),
         qk_norm: None,
         o: linear("gpt_neox.layers.{layer}.attention.dense.weight", &[Hidden, Hidden]),
         post_attn_norm: None,
-        mlp_norm: Some(layer_norm("gpt_neox.layers.{layer}.post_attention_layernorm.weight")),
+        mlp_norm: Some(Projection::layer_norm("gpt_neox.layers.{layer}.post_attention_layernorm.weight")),
         post_mlp_norm: None,
     },
     norm: NormKind::Layer,

@@ -11,11 +11,6 @@ use std::path::Path;
 
 use Dim::{Ff, Hidden, Vocab};
 
-/// A LayerNorm's weight and bias.
-const fn layer_norm(name: &'static str) -> Projection {
-    Projection::vector(name, None, &[Hidden]).with_bias()
-}
-
 /// An attention projection (no bias).
 const fn attn(name: &'static str) -> Projection {
     Projection::linear(name, None, &[Hidden, Hidden])
@@ -27,10 +22,10 @@ pub static FAMILY: Family = Family {
     embed: Projection::linear("transformer.wte.weight", None, &[Vocab, Hidden]),
     scaled_embedding: false,
     positions: None,
-    final_norm: layer_norm("transformer.ln_f.weight"),
+    final_norm: Projection::layer_norm("transformer.ln_f.weight"),
     unembed: Projection::linear("lm_head.weight", None, &[Vocab, Hidden]).with_bias(),
     block: BlockTable {
-        attn_norm: layer_norm("transformer.h.{layer}.ln_1.weight"),
+        attn_norm: Projection::layer_norm("transformer.h.{layer}.ln_1.weight"),
         qkv: Qkv::Separate {
             q: attn("transformer.h.{layer}.attn.q_proj.weight"),
             k: attn("transformer.h.{layer}.attn.k_proj.weight"),
