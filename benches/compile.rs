@@ -6,7 +6,7 @@
 //! names the requests file (default `fixtures/data/edit/counterfact-rome-300.json`),
 //! `FACTPATCH_BENCH_FACTS=N` how many of its records (default 10; `all` for every one),
 //! `FACTPATCH_BENCH_RUNS` which runs: methods (`rome`, `memit`, `emmet`, `alphaedit`, `encore`,
-//! `kn`), a `-batch` suffix for one batch of N, then `:KEY=VALUE` hyperparameter overrides
+//! `kn`, `mend` with `FACTPATCH_BENCH_EDITOR` naming the editor file), a `-batch` suffix for one batch of N, then `:KEY=VALUE` hyperparameter overrides
 //! (default `rome,memit,memit:early_stop=mpes,encore,memit-batch`), and
 //! `FACTPATCH_BENCH_RECT` the RECT settings (default `none,40`). The `capped` column counts the
 //! facts whose target optimisation stopped at its step cap; each of them, and each fact whose edit
@@ -56,6 +56,8 @@ fn main() {
         overrides: std::iter::once(format!("rect_k={rect}")).chain(sets.iter().cloned()).collect(),
         stats: StatsSource::Corpus { files: vec![root.join("fixtures/corpus/sotu.txt")], tokens: 100_000 },
         progress: true,
+        editor: (method == Method::Mend)
+            .then(|| root.join(std::env::var("FACTPATCH_BENCH_EDITOR").expect("mend needs FACTPATCH_BENCH_EDITOR: an editor file"))),
         ..Spec::new(&dir, method)
     };
     let unedited = Compiler::open(&spec(Method::Kn, 100.0, &[])).unwrap_or_else(|e| panic!("{e} (run fixtures/setup.sh first)"));

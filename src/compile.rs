@@ -29,6 +29,9 @@ pub enum Error {
     /// Encoding the patch.
     #[error(transparent)]
     Patch(#[from] crate::patch::Error),
+    /// Reading MEND's editor, or an editor that does not fit (boxed: its errors are large).
+    #[error(transparent)]
+    Mend(Box<crate::mend::Error>),
     /// The method needs key statistics and none were given or cached.
     #[error("{method:?} needs key statistics of layers {layers:?} and the cache {cache} has none for this model: add --corpus FILE (plain text or JSONL, e.g. fixtures/corpus/sotu.txt) to compute them once, or --stats FILE")]
     NoStats { method: Method, layers: Vec<usize>, cache: PathBuf },
@@ -37,6 +40,12 @@ pub enum Error {
 impl From<model::Error> for Error {
     fn from(e: model::Error) -> Self {
         Error::Edit(e.into())
+    }
+}
+
+impl From<crate::mend::Error> for Error {
+    fn from(e: crate::mend::Error) -> Self {
+        Error::Mend(Box::new(e))
     }
 }
 
@@ -81,6 +90,8 @@ pub struct Spec {
     pub stats: StatsSource,
     /// The statistics cache (AlphaEdit's projectors are kept there too).
     pub cache: PathBuf,
+    /// MEND's trained editor file (`formats/mend.md`).
+    pub editor: Option<PathBuf>,
     /// Show progress bars (statistics).
     pub progress: bool,
 }
@@ -95,6 +106,7 @@ impl Spec {
             overrides: Vec::new(),
             stats: StatsSource::Cached,
             cache: stats::default_cache_dir(),
+            editor: None,
             progress: false,
         }
     }
@@ -149,6 +161,8 @@ pub struct Compiler {
     /// Context templates, sampled once (as the peers do) and reused for every edit.
     pub templates: Vec<Vec<String>>,
     pub stats: Option<StatsUsed>,
+    /// MEND's editor and its file's id and path.
+    editor: Option<(Arc<crate::mend::Editor>, String, PathBuf)>,
     base: Arc<Checkpoint>,
     /// The base's identity, recorded in every patch.
     base_identity: String,
@@ -171,8 +185,10 @@ impl Compiler {
         let parents = Arc::new(Stack::load(&spec.on)?);
         // The parents must be for this model and start their chain (`formats/patch.md`, "Base model").
         let base_identity = parents.check_model(&base, Some(&crate::checkpoint::default_hash_cache()), false)?.identity;
+        let device = model::default_device()?;
+        let editor = editor(spec, &hp, &config, &device, &base_identity)?;
         let (preserved, stats) = statistics(spec, &hp, &base_identity, config.max_positions)?;
-        let model = Model::from_checkpoint(config, &Overlay::new(&base, &parents)?, &model::default_device()?)?;
+        let model = Model::from_checkpoint(config, &Overlay::new(&base, &parents)?, &device)?;
         let templates = edit::context_templates(&model, &tokenizer, &hp.templates, hp.seed)?;
         let mut compiler = Compiler {
             model,
@@ -181,6 +197,7 @@ impl Compiler {
             preserved,
             templates,
             stats,
+            editor,
             base,
             base_identity,
             parents,
@@ -203,7 +220,8 @@ impl Compiler {
 
     /// Edits `requests` into the in-memory model; returns the updates and per-fact reports.
     pub fn edit(&mut self, requests: &[Request]) -> Result<(Vec<LayerUpdate>, Vec<FactReport>)> {
-        Ok(edit::compile(&mut self.model, &self.tokenizer, requests, &self.hp, &mut self.preserved, &self.templates)?)
+        let editor = self.editor.as_ref().map(|(e, _, _)| e.as_ref());
+        Ok(edit::compile(&mut self.model, &self.tokenizer, requests, &self.hp, &mut self.preserved, &self.templates, editor)?)
     }
 
     /// Edits `requests` and encodes the updates as a patch against the model as it was opened
@@ -216,6 +234,7 @@ impl Compiler {
             model_name: self.model_name.clone(),
             base_model: Some(self.base_identity.clone()),
             stats_id: self.stats.as_ref().map(|s| s.id.clone()),
+            editor_id: self.editor.as_ref().map(|(_, id, _)| id.clone()),
             parent: self.parents.patches().last().map(|p| p.id().to_string()),
             reports: &reports,
         };
@@ -224,11 +243,43 @@ impl Compiler {
         Ok(Compiled { patch, reports, seconds })
     }
 
-    /// What it read: the model folder, the parent patches and the statistics file.
+    /// What it read: the model folder, the parent patches, the statistics file and the editor.
     pub fn inputs(&self) -> Vec<PathBuf> {
         let parents = self.parents.patches().iter().map(|p| p.path().to_path_buf());
-        std::iter::once(self.base.dir().to_path_buf()).chain(parents).chain(self.stats.iter().map(|s| s.path.clone())).collect()
+        let editor = self.editor.iter().map(|(_, _, path)| path.clone());
+        std::iter::once(self.base.dir().to_path_buf()).chain(parents).chain(self.stats.iter().map(|s| s.path.clone())).chain(editor).collect()
     }
+}
+
+/// MEND's editor, read and checked against the model (its identity `base_identity`, hex) and
+/// the hyperparameters' layers; none for the other methods, which refuse one.
+fn editor(
+    spec: &Spec,
+    hp: &Hparams,
+    cfg: &model::Config,
+    device: &candle_core::Device,
+    base_identity: &str,
+) -> Result<Option<(Arc<crate::mend::Editor>, String, PathBuf)>> {
+    let path = match (&spec.editor, spec.method) {
+        (None, Method::Mend) => return Err(edit::Error::NoEditor.into()),
+        (None, _) => return Ok(None),
+        (Some(path), Method::Mend) => path,
+        (Some(_), m) => return Err(edit::Error::Hparams(format!("--editor is MEND's; {m:?} takes none")).into()),
+    };
+    let f = crate::mend::read(path, device)?;
+    let problem = if f.meta.model != base_identity {
+        Some(format!("trained for the model {}, not {} ({base_identity})", f.meta.model, spec.model.display()))
+    } else if f.meta.layers != hp.layers {
+        Some(format!("edits layers {:?}, the hyperparameters ask for {:?}: pass --layers to match", f.meta.layers, hp.layers))
+    } else if (f.meta.d_in, f.meta.d_out) != (cfg.intermediate_size, cfg.hidden_size) {
+        Some(format!("edits [{}, {}] projections, the model's are [{}, {}]", f.meta.d_out, f.meta.d_in, cfg.hidden_size, cfg.intermediate_size))
+    } else {
+        None
+    };
+    if let Some(problem) = problem {
+        return Err(crate::mend::Error::Mismatch { path: path.clone(), problem }.into());
+    }
+    Ok(Some((Arc::new(f.editor), f.id, path.clone())))
 }
 
 /// Layer `layer`'s MLP output projection as `base` stores it, in the edit view `[out, in]`.

@@ -1,6 +1,7 @@
 //! factpatch: compile fact edits (ROME, MEMIT, EMMET, AlphaEdit, ENCORE, KN; then RECT) into small
 //! verifiable weight patches ([`compile`]), and apply, merge, diff, audit and evaluate them.
 
+mod adam;
 pub mod apply;
 pub mod atomic;
 pub mod audit;
@@ -11,6 +12,7 @@ pub mod eval;
 pub mod experiment;
 pub mod export;
 pub mod gguf;
+pub mod mend;
 pub mod model;
 pub mod patch;
 pub mod plot;

@@ -333,6 +333,13 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// MEND: train an editor network for a model (formats/mend.md), for `compile --method mend --editor FILE`.
+    ///
+    /// Example: factpatch mend train --model fixtures/models/SmolLM2-135M-Instruct --requests fixtures/data/edit/counterfact-easyedit-10k.json --steps 200 --out mend-run
+    Mend {
+        #[command(subcommand)]
+        action: MendAction,
+    },
     /// What a patch changes: facts, tensors, sizes, relative changes.
     ///
     /// Example: factpatch audit eiffel.fpatch --model fixtures/models/SmolLM2-135M-Instruct --heatmap eiffel.png
@@ -404,7 +411,7 @@ struct CompileArgs {
     stats: StatsArgs,
 }
 
-/// Where MEMIT's and ROME's key statistics come from.
+/// Where MEMIT's and ROME's key statistics, and MEND's editor, come from.
 #[derive(clap::Args)]
 struct StatsArgs {
     /// Key statistics file. Without it or --corpus, the cache's statistics for this model and
@@ -420,6 +427,9 @@ struct StatsArgs {
     /// Statistics cache, AlphaEdit projectors included (default: $FACTPATCH_CACHE/stats or ~/.cache/factpatch/stats).
     #[arg(long)]
     cache: Option<PathBuf>,
+    /// MEND's trained editor (`factpatch mend train`).
+    #[arg(long)]
+    editor: Option<PathBuf>,
 }
 
 impl StatsArgs {
@@ -441,6 +451,7 @@ impl StatsArgs {
             overrides,
             stats: self.source(),
             cache: self.cache.clone().unwrap_or_else(stats::default_cache_dir),
+            editor: self.editor.clone(),
             progress: true,
         }
     }
@@ -453,6 +464,45 @@ impl CompileArgs {
         let overrides = factpatch::compile::overrides(self.rect, self.seed, self.mom2_weight, layers.as_deref(), &self.set);
         Ok(self.stats.spec(&self.model, self.method, &self.on, overrides))
     }
+}
+
+#[derive(Subcommand)]
+enum MendAction {
+    /// Train (or resume training) an editor; the run folder --out ends with editor.safetensors,
+    /// training.csv and the training curves, and a rerun resumes from its checkpoint.
+    Train {
+        #[arg(long)]
+        model: PathBuf,
+        /// CounterFact-style records with paraphrases and neighbourhood prompts.
+        #[arg(long)]
+        requests: PathBuf,
+        /// Records trained on, 1-based and inclusive (default 1001-9500).
+        #[arg(long)]
+        train_records: Option<String>,
+        /// Records validated on, disjoint from the training ones (default 9501-9600).
+        #[arg(long)]
+        validation_records: Option<String>,
+        /// Request files held out: records about their subjects are neither trained nor validated on.
+        #[arg(long, num_args = 1..)]
+        exclude: Vec<PathBuf>,
+        /// Edited layers, e.g. 27-29 (default: the last three).
+        #[arg(long)]
+        layers: Option<String>,
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Edits per step.
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Steps between validations and checkpoints.
+        #[arg(long)]
+        validate_every: Option<usize>,
+        /// Override a training setting, KEY=JSON (e.g. lr=1e-4, shape.rank=512, seed=1); repeatable.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// The run folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -641,6 +691,39 @@ fn run(command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Mend {
+            action: MendAction::Train { model, requests, train_records, validation_records, exclude, layers, steps, batch, validate_every, set, out },
+        } => {
+            let config = model::Config::read(&model)?;
+            let mut training = factpatch::mend::Training::defaults(config.num_layers);
+            let range = |s: &str, flag: &str| -> Result<[usize; 2]> {
+                let (a, b) = s.split_once('-').with_context(|| format!("{flag}: expected FIRST-LAST, got `{s}`"))?;
+                Ok([a.trim().parse().with_context(|| format!("{flag}: `{a}`"))?, b.trim().parse().with_context(|| format!("{flag}: `{b}`"))?])
+            };
+            if let Some(r) = train_records {
+                training.train_records = range(&r, "--train-records")?;
+            }
+            if let Some(r) = validation_records {
+                training.validation_records = range(&r, "--validation-records")?;
+            }
+            if let Some(l) = layers {
+                training.layers = stats::parse_layers(&l)?;
+            }
+            training.steps = steps.unwrap_or(training.steps);
+            training.batch = batch.unwrap_or(training.batch);
+            training.validate_every = validate_every.unwrap_or(training.validate_every);
+            for assignment in &set {
+                training = factpatch::mend::Training::set(&training, assignment)?;
+            }
+            let summary = factpatch::mend::train(&factpatch::mend::TrainSpec { model, requests, exclude, out, training, progress: true })?;
+            println!("{} records trained on, {} validated on", summary.records[0], summary.records[1]);
+            if let Some([es, ps, ns]) = summary.validation {
+                println!("validation: efficacy {es:.3}, paraphrase {ps:.3}, neighbourhood {ns:.3}");
+            }
+            let from = if summary.resumed_from > 0 { format!(", resumed from step {}", summary.resumed_from) } else { String::new() };
+            println!("{} steps{from} in {:.0} s: editor {} ({})", summary.steps, summary.seconds, summary.editor.display(), summary.id);
+            Ok(())
+        }
         Command::Audit { patch, model, heatmap, trusted, json } => {
             let mut report = audit::report(&patch, model.as_deref())?;
             if !trusted.is_empty() {
@@ -821,7 +904,8 @@ fn compile(args: &CompileArgs, out: &Path) -> Result<()> {
             (None, Some(Stop::MostProbable)) => {
                 println!("  {fact}: stopped early after {steps} steps (new target most probable on every prompt), loss {loss:.3}")
             }
-            (None, _) => println!("  {fact}: NOT converged: stopped at the step cap ({steps} steps), loss {loss:.3}"),
+            (None, Some(Stop::StepCap)) => println!("  {fact}: NOT converged: stopped at the step cap ({steps} steps), loss {loss:.3}"),
+            (None, None) => println!("  {fact}: edited by the trained editor, new target NLL {loss:.3} after the edit"),
         }
     }
     let on = model::device_name(compiler.model.device());

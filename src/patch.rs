@@ -94,6 +94,9 @@ pub struct Manifest {
     pub overridden: Vec<Edit>,
     pub method: Method,
     pub stats_id: Option<String>,
+    /// MEND: the id of the editor file (`formats/mend.md`) that made the patch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub editor_id: Option<String>,
     pub rect_k: Option<f64>,
     pub metrics: BTreeMap<String, f64>,
     pub entries: Vec<Entry>,
@@ -248,6 +251,7 @@ impl Manifest {
             overridden: Vec::new(),
             method,
             stats_id: None,
+            editor_id: None,
             rect_k: None,
             metrics: BTreeMap::new(),
             entries: Vec::new(),

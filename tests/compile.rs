@@ -224,7 +224,7 @@ fn target_logits(model: &Model, prompts: &FactPrompts, layer: usize, delta: &[f6
     let hidden = model.forward(&batch, &hooks, None).unwrap().hidden;
     let wanted: Vec<(usize, usize, u32)> = rewriting.iter().enumerate().flat_map(|(i, p)| p.targets.iter().map(move |&(pos, id)| (i, pos, id))).collect();
     let positions: Vec<(usize, usize)> = wanted.iter().map(|&(i, pos, _)| (i, pos)).collect();
-    let logits: Vec<Vec<f32>> = model.logits(&target::rows(&hidden, &positions).unwrap()).unwrap().to_vec2().unwrap();
+    let logits: Vec<Vec<f32>> = model.logits(&factpatch::model::rows(&hidden, &positions).unwrap()).unwrap().to_vec2().unwrap();
     logits.into_iter().zip(wanted).map(|(row, (_, _, id))| (row, id)).collect()
 }
 

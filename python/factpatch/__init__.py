@@ -44,13 +44,14 @@ def compile(
     cache=None,
     sets=None,
     on=None,
+    editor=None,
 ):
     """Compiles fact edits into a patch written at `out`; returns its id (`fp1-…`).
 
     As `factpatch compile --model MODEL --fact … --requests … --out OUT` with the same options,
     and the same bytes: `fact` is one `'PROMPT|SUBJECT|TARGET'` string or a list of them,
     `requests` one request file or a list (formats/requests.md); `method` is memit, rome,
-    emmet, alphaedit or kn; `rect` the RECT percentage kept (None keeps the whole update);
+    emmet, alphaedit, encore, kn or mend (with `editor`, a file from `factpatch mend train`); `rect` the RECT percentage kept (None keeps the whole update);
     `layers` a list of layer indices (default: the family's). Key statistics come from the file
     `stats`, else from the `corpus` file(s) (computed once with `stats_tokens` tokens, then
     cached in `cache`, default `$FACTPATCH_CACHE/stats`), else from the cache. `sets` maps
@@ -73,6 +74,7 @@ def compile(
         None if cache is None else os.fspath(cache),
         assignments,
         _paths(on),
+        None if editor is None else os.fspath(editor),
     )
 
 

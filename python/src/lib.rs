@@ -157,7 +157,7 @@ fn apply_patches<'py>(py: Python<'py>, model_dir: PathBuf, patches: Vec<PathBuf>
 /// written to `out` (never replacing a file). Returns the patch id.
 #[pyfunction(name = "compile")]
 #[allow(clippy::too_many_arguments)]
-#[pyo3(signature = (model, out, facts, requests, method, rect, layers, seed, stats, corpus, stats_tokens, cache, sets, on))]
+#[pyo3(signature = (model, out, facts, requests, method, rect, layers, seed, stats, corpus, stats_tokens, cache, sets, on, editor))]
 fn compile_patch(
     py: Python<'_>,
     model: PathBuf,
@@ -174,9 +174,10 @@ fn compile_patch(
     cache: Option<PathBuf>,
     sets: Vec<String>,
     on: Vec<PathBuf>,
+    editor: Option<PathBuf>,
 ) -> PyResult<String> {
     let method: Method = serde_json::from_value(method.into())
-        .map_err(|_| PyValueError::new_err(format!("method `{method}` is not one of rome, memit, emmet, alphaedit, kn")))?;
+        .map_err(|_| PyValueError::new_err(format!("method `{method}` is not one of rome, memit, emmet, alphaedit, encore, kn, mend")))?;
     let rect_k = rect::parse_k(&rect.map_or("none".into(), |k| k.to_string())).map_err(PyValueError::new_err)?;
     let stats = match (stats, corpus.is_empty()) {
         (Some(path), _) => StatsSource::File(path),
@@ -190,6 +191,7 @@ fn compile_patch(
         overrides: compile::overrides(rect_k, seed, None, layers.as_deref(), &sets),
         stats,
         cache: cache.unwrap_or_else(factpatch::stats::default_cache_dir),
+        editor,
         progress: false,
     };
     py.detach(|| -> Result<String, Box<dyn std::error::Error + Send + Sync>> {

@@ -24,6 +24,8 @@ pub struct Provenance<'a> {
     /// The identity of the model compiled against, before any parent patch.
     pub base_model: Option<String>,
     pub stats_id: Option<String>,
+    /// MEND's editor file id.
+    pub editor_id: Option<String>,
     pub parent: Option<String>,
     pub reports: &'a [FactReport],
 }
@@ -79,6 +81,7 @@ pub fn encode_patch(
     manifest.base_model = prov.base_model.clone();
     manifest.parent = prov.parent.clone();
     manifest.stats_id = prov.stats_id.clone();
+    manifest.editor_id = prov.editor_id.clone();
     manifest.rect_k = Some(hp.rect_k);
     manifest.edits = requests
         .iter()

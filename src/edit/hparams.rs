@@ -25,12 +25,15 @@ pub enum Method {
     Encore,
     /// Knowledge neurons: attribution by integrated gradients, then embedding swaps (Dai et al. 2022).
     Kn,
+    /// A trained editor network maps the edit's fine-tuning gradient to a low-rank update
+    /// (MEND, Mitchell et al. 2022); needs an editor from `factpatch mend train`.
+    Mend,
 }
 
 impl Method {
-    /// Whether the method optimises target vectors (all but KN).
+    /// Whether the method optimises target vectors (all but KN and MEND).
     pub fn optimises_targets(self) -> bool {
-        self != Method::Kn
+        !matches!(self, Method::Kn | Method::Mend)
     }
 
     /// Whether the method follows MEMIT's schedule (targets at the last edited layer, then a
@@ -167,6 +170,7 @@ impl Hparams {
                 Method::Rome | Method::Emmet => vec![layers[1.min(layers.len() - 1)]],
                 Method::Memit | Method::AlphaEdit | Method::Encore => layers,
                 Method::Kn => (0..config.num_layers).collect(),
+                Method::Mend => (config.num_layers.saturating_sub(3)..config.num_layers).collect(),
             },
             v_steps: 25,
             v_extend: if method.optimises_targets() { 4 } else { 1 },
@@ -229,7 +233,7 @@ impl Hparams {
         match self.method {
             Method::Rome => self.mom2_adjustment,
             Method::Memit | Method::Emmet | Method::AlphaEdit | Method::Encore => true,
-            Method::Kn => false,
+            Method::Kn | Method::Mend => false,
         }
     }
 

@@ -1,5 +1,6 @@
 //! The edit compiler: requests → keys and target vectors on the model → a closed form (ROME,
-//! MEMIT, EMMET, AlphaEdit, ENCORE) or knowledge-neuron attribution (KN) → RECT. Updates are applied to
+//! MEMIT, EMMET, AlphaEdit, ENCORE), knowledge-neuron attribution (KN) or a trained editor
+//! network (MEND) → RECT. Updates are applied to
 //! the in-memory model as they are made (MEMIT reads each layer's keys after the layers before
 //! it changed), and returned as low-rank factors.
 
@@ -37,6 +38,9 @@ pub enum Error {
     /// Statistics for a layer are missing.
     #[error("no key statistics for layer {0}: compute them with `factpatch stats`")]
     MissingStats(usize),
+    /// MEND was asked for without an editor.
+    #[error("MEND needs a trained editor: pass --editor FILE (made by `factpatch mend train`)")]
+    NoEditor,
     /// Value anchoring has no original weights for the layer it reads.
     #[error("value_norm = anchored needs the original weights of layer {0}, which the compiler keeps when it opens the model")]
     MissingOriginal(usize),
@@ -106,7 +110,7 @@ pub fn context_templates(model: &Model, tok: &Tokenizer, groups: &[(usize, usize
 /// Compiles `requests` into updates and applies them to `model` (which ends up edited).
 /// `templates` come from [`context_templates`] with `hp.templates` and `hp.seed`; like the
 /// peers, a run samples them once and reuses them for every later edit.
-/// AlphaEdit adds the keys of the facts it edits to `preserved`.
+/// AlphaEdit adds the keys of the facts it edits to `preserved`. MEND uses `editor`.
 pub fn compile(
     model: &mut Model,
     tok: &Tokenizer,
@@ -114,6 +118,7 @@ pub fn compile(
     hp: &Hparams,
     preserved: &mut Preserved,
     templates: &[Vec<String>],
+    editor: Option<&crate::mend::Editor>,
 ) -> Result<(Vec<LayerUpdate>, Vec<FactReport>)> {
     hp.check(&model.config)?;
     check_lengths(model, tok, requests, templates)?;
@@ -131,6 +136,14 @@ pub fn compile(
                     Method::Rome => rome(model, tok, req, hp, templates, preserved)?,
                     _ => kn::edit(model, tok, req, hp, templates)?,
                 };
+                updates.append(&mut u);
+                reports.push(report);
+            }
+        }
+        Method::Mend => {
+            let editor = editor.ok_or(Error::NoEditor)?;
+            for req in requests {
+                let (mut u, report) = mend(model, tok, req, hp, editor)?;
                 updates.append(&mut u);
                 reports.push(report);
             }
@@ -250,6 +263,21 @@ fn rome(
     Ok((vec![update], report(req, &t)))
 }
 
+/// MEND: the editor's update from the gradient of the new target's NLL after the raw prompt,
+/// applied to every layer it edits (one rank per token of prompt and target). The report's loss
+/// is that NLL after the edit.
+fn mend(model: &mut Model, tok: &Tokenizer, req: &Request, hp: &Hparams, editor: &crate::mend::Editor) -> Result<(Vec<LayerUpdate>, FactReport)> {
+    let (prompt, target) = (tok.ids(&req.filled())?, target_ids(tok, req)?);
+    let seq = crate::mend::factors::Sequence::teacher_forced(prompt.clone(), &target);
+    let mut updates = Vec::new();
+    for (layer, u, v) in crate::mend::updates(model, editor, &seq)? {
+        updates.push(commit(model, layer, &u, &v, hp.rect_k)?);
+    }
+    let loss = -target::target_logprob(model, &[prompt], &target)?[0];
+    let report = FactReport { subject: req.subject.clone(), target_new: req.target_new.clone(), steps: 0, loss, stop: None, neurons: None };
+    Ok((updates, report))
+}
+
 fn report(req: &Request, t: &target::Target) -> FactReport {
     FactReport { subject: req.subject.clone(), target_new: req.target_new.clone(), steps: t.steps, loss: t.loss, stop: Some(t.stop), neurons: None }
 }
@@ -300,7 +328,7 @@ fn memit(
     let mut updates = Vec::new();
     for (i, &layer) in layers.iter().enumerate() {
         let hooks = Hooks { keys: vec![layer], stop_after: Some(layer), ..Hooks::default() };
-        let keys = average_keys(&target::rows(&keyed.forward(model, hooks, layer)?.keys[&layer], &keyed.at)?, templates)?;
+        let keys = average_keys(&model::rows(&keyed.forward(model, hooks, layer)?.keys[&layer], &keyed.at)?, templates)?;
         let k = key_columns(keys);
         // What the last edited layer holds now, for each raw prompt.
         let trace = raw.forward(model, hooks_at_last.clone(), layer)?;
@@ -308,7 +336,7 @@ fn memit(
             Edit::Residual(_) => &trace.residuals[&last],
             Edit::MlpOut(_) => &trace.mlp_outputs[&last],
         };
-        let now: Vec<Vec<f64>> = target::rows(now, &raw.at)?.to_dtype(DType::F64)?.to_vec2()?;
+        let now: Vec<Vec<f64>> = model::rows(now, &raw.at)?.to_dtype(DType::F64)?.to_vec2()?;
         let now: Vec<Array1<f64>> = now.into_iter().map(Array1::from).collect();
         let r = (stack(&targets) - stack(&now)) / (layers.len() - i) as f64;
         let r = ndarray::concatenate![ndarray::Axis(1), r, r];

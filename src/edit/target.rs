@@ -2,8 +2,9 @@
 //! there, and which residual change makes the model say the new target.
 
 use super::{EarlyStop, Error, Hparams, Result};
+use crate::adam::Adam;
 use crate::edit::request::Request;
-use crate::model::{self, ops, Batch, Hooks, KvCache, Model};
+use crate::model::{self, ops, rows, Batch, Hooks, KvCache, Model};
 use crate::tokenize::{self, Tokenizer};
 use candle_core::{DType, IndexOp, Tensor, Var};
 
@@ -35,14 +36,6 @@ pub fn prompt(tok: &Tokenizer, template: &str, subject: &str, target: Option<&[u
     Ok(Prompt { ids, lookup, targets })
 }
 
-/// Rows `(sequence, position)` of `x [b, t, d]` as `[n, d]`.
-pub fn rows(x: &Tensor, at: &[(usize, usize)]) -> Result<Tensor> {
-    let (_, t, d) = x.dims3()?;
-    let idx: Vec<u32> = at.iter().map(|&(s, p)| (s * t + p) as u32).collect();
-    let idx = Tensor::from_vec(idx, at.len(), x.device())?;
-    Ok(x.reshape(((), d))?.index_select(&idx, 0)?)
-}
-
 /// Keys at the subject's last token of each prompt, at each of `layers`, on the current model:
 /// layer → `[prompts, intermediate]` (f32).
 pub fn keys(model: &Model, prompts: &[Prompt], layers: &[usize]) -> Result<Vec<Tensor>> {
@@ -50,7 +43,7 @@ pub fn keys(model: &Model, prompts: &[Prompt], layers: &[usize]) -> Result<Vec<T
     let at: Vec<_> = prompts.iter().enumerate().map(|(i, p)| (i, p.lookup)).collect();
     let hooks = Hooks { keys: layers.to_vec(), stop_after: layers.iter().max().copied(), ..Hooks::default() };
     let trace = model.forward(&batch, &hooks, None)?;
-    layers.iter().map(|l| rows(&trace.keys[l], &at)).collect()
+    Ok(layers.iter().map(|l| rows(&trace.keys[l], &at)).collect::<model::Result<_>>()?)
 }
 
 /// Where a target vector is added, and what it is measured against.
@@ -368,46 +361,6 @@ impl Rows<'_> {
             decay: Tensor::from_vec(decay, facts.len(), dev)?,
             facts,
         })
-    }
-}
-
-/// Adam (no weight decay) over the rows of δ, kept on the host so that a fact's row can leave the
-/// batch while the others go on; the arithmetic is candle-nn's `AdamW` at weight decay 0, step for
-/// step, with one step count for all rows.
-struct Adam {
-    theta: Vec<f32>,
-    m: Vec<f32>,
-    v: Vec<f32>,
-    lr: f64,
-    t: i32,
-}
-
-impl Adam {
-    const BETA1: f64 = 0.9;
-    const BETA2: f64 = 0.999;
-    const EPS: f64 = 1e-8;
-
-    fn new(len: usize, lr: f64) -> Self {
-        Adam { theta: vec![0.0; len], m: vec![0.0; len], v: vec![0.0; len], lr, t: 0 }
-    }
-
-    /// Counts one step of the whole batch (the bias corrections follow it).
-    fn tick(&mut self) {
-        self.t += 1;
-    }
-
-    /// Updates the elements `range` with their gradient `g`.
-    fn step(&mut self, range: std::ops::Range<usize>, g: &[f32]) {
-        let (b1, b2) = (Self::BETA1 as f32, Self::BETA2 as f32);
-        let scale_m = (1.0 / (1.0 - Self::BETA1.powi(self.t))) as f32;
-        let scale_v = (1.0 / (1.0 - Self::BETA2.powi(self.t))) as f32;
-        let (lr, eps) = (self.lr as f32, Self::EPS as f32);
-        for (i, &g) in range.zip(g) {
-            self.m[i] = self.m[i] * b1 + g * (1.0 - Self::BETA1) as f32;
-            self.v[i] = self.v[i] * b2 + g * g * (1.0 - Self::BETA2) as f32;
-            let step = (self.m[i] * scale_m) / ((self.v[i] * scale_v).sqrt() + eps);
-            self.theta[i] -= step * lr;
-        }
     }
 }
 

@@ -35,6 +35,16 @@ pub struct Addition {
     pub delta: Tensor,
 }
 
+/// A low-rank change `U·Vᵀ` to layer `layer`'s MLP output projection (edit view `[out, in]`):
+/// the projection computes `(W + U·Vᵀ)·key` with ordinary matmuls, so the pass is
+/// differentiable in `u [out, r]` and `v [in, r]` while `W` stays frozen (MEND's training).
+#[derive(Clone, Debug)]
+pub struct WeightUpdate {
+    pub layer: usize,
+    pub u: Tensor,
+    pub v: Tensor,
+}
+
 /// What a forward pass should record or change.
 #[derive(Clone, Debug, Default)]
 pub struct Hooks {
@@ -50,6 +60,7 @@ pub struct Hooks {
     /// embeddings (what earlier layers computed, reused).
     pub resume: Option<(usize, Tensor)>,
     pub additions: Vec<Addition>,
+    pub weight_updates: Vec<WeightUpdate>,
     /// Run layers `0..=stop_after` only.
     pub stop_after: Option<usize>,
 }
@@ -148,8 +159,14 @@ impl Model {
             return Err(Error::Input(format!("layer {last} out of range: the model has {} layers", cfg.num_layers)));
         }
         let first = hooks.resume.as_ref().map_or(0, |(l, _)| *l);
-        let hooked =
-            hooks.keys.iter().chain(&hooks.residuals).chain(&hooks.mlp_outputs).chain(&hooks.attn_outputs).chain(hooks.additions.iter().map(|a| &a.layer));
+        let hooked = hooks
+            .keys
+            .iter()
+            .chain(&hooks.residuals)
+            .chain(&hooks.mlp_outputs)
+            .chain(&hooks.attn_outputs)
+            .chain(hooks.additions.iter().map(|a| &a.layer))
+            .chain(hooks.weight_updates.iter().map(|u| &u.layer));
         for l in hooked {
             if *l > last || *l < first {
                 return Err(Error::Input(format!("hook at layer {l} but the pass runs layers {first}..={last}")));
@@ -231,6 +248,9 @@ impl Model {
             };
             let key = add_vectors(key, hooks, l, Site::Key)?;
             let mut mlp = block.down.forward(&key)?;
+            for up in hooks.weight_updates.iter().filter(|u| u.layer == l) {
+                mlp = (mlp + low_rank(&key, &up.u, &up.v)?)?;
+            }
             if hooks.keys.contains(&l) {
                 trace.keys.insert(l, key);
             }
@@ -377,6 +397,25 @@ fn post_norm(norm: &Option<Norm>, x: Tensor) -> candle_core::Result<Tensor> {
         Some(n) => n.forward(&x),
         None => Ok(x),
     }
+}
+
+/// Rows `(sequence, position)` of `x [b, t, d]` as `[n, d]`.
+pub fn rows(x: &Tensor, at: &[(usize, usize)]) -> Result<Tensor> {
+    let (_, t, d) = x.dims3()?;
+    let idx: Vec<u32> = at.iter().map(|&(s, p)| (s * t + p) as u32).collect();
+    let idx = Tensor::from_vec(idx, at.len(), x.device())?;
+    Ok(x.reshape(((), d))?.index_select(&idx, 0)?)
+}
+
+/// `U·Vᵀ` applied to `x [b, t, in]`: `(x·V)·Uᵀ` `[b, t, out]`.
+fn low_rank(x: &Tensor, u: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (b, t, d_in) = x.dims3()?;
+    let (d_out, r) = u.dims2()?;
+    if v.dims() != [d_in, r] {
+        return Err(Error::Input(format!("weight update factors {:?} and {:?} do not fit a [{d_out}, {d_in}] projection", u.dims(), v.dims())));
+    }
+    let y = x.reshape((b * t, d_in))?.matmul(&v.to_dtype(x.dtype())?)?.matmul(&u.to_dtype(x.dtype())?.t()?)?;
+    Ok(y.reshape((b, t, d_out))?)
 }
 
 /// Adds the hooks' vectors for `(layer, site)` to `x [b, t, d]`.
