@@ -225,7 +225,7 @@ impl Gguf {
             return Err(Error::Metadata { path: path.to_path_buf(), key: "general.alignment".into(), problem: "is 0".into() });
         }
         let content = Content::read(&mut Cursor::new(&mmap[..])).map_err(|e| corrupt(e.to_string()))?;
-        let hp = super::llama_hparams(path, &content)?;
+        let hp = Hparams::read(&super::meta::Meta::new(path, &content.metadata))?;
         let gguf = Gguf { path: path.to_path_buf(), file, mmap, stamp, content, hp, metadata_end, alignment };
         gguf.check_layout()?;
         Ok(gguf)
