@@ -241,3 +241,47 @@ fn gemma(meta: &Meta, tokens: &[&str], types: &[usize], unk: &str, bos: Option<&
         },
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::gguf_file::Value as V;
+    use std::path::Path;
+
+    #[test]
+    fn gemma_merges_follow_token_order_and_spaces_are_respelled() {
+        let tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "a", "b", "ab", "  ", "\u{2581}", "aba", "ba", "\n"];
+        let types = [3, 3, 3, 2, 1, 1, 1, 4, 1, 1, 1, 4];
+        let strings = |items: &[&str]| V::Array(items.iter().map(|s| V::String(s.to_string())).collect());
+        let map: HashMap<String, V> = [
+            ("tokenizer.ggml.model", V::String("llama".into())),
+            ("tokenizer.ggml.tokens", strings(&tokens)),
+            ("tokenizer.ggml.token_type", V::Array(types.map(V::I32).to_vec())),
+            ("tokenizer.ggml.bos_token_id", V::U32(2)),
+            ("tokenizer.ggml.eos_token_id", V::U32(1)),
+            ("tokenizer.ggml.unknown_token_id", V::U32(3)),
+            ("tokenizer.ggml.add_bos_token", V::Bool(true)),
+            ("gemma3.context_length", V::U32(64)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let built = build(&Meta::new(Path::new("tiny.gguf"), &map), Arch::Gemma3).unwrap();
+        let json = &built.tokenizer;
+        // Token by token in file order; within one, the longer left part first. "  " is "▁▁".
+        let merges: Vec<[&str; 2]> = vec![["a", "b"], ["\u{2581}", "\u{2581}"], ["ab", "a"], ["a", "ba"], ["b", "a"]];
+        assert_eq!(json["model"]["merges"], json!(merges));
+        assert_eq!(json["model"]["vocab"]["\u{2581}\u{2581}"], json!(7));
+        // Control tokens are special; "\n" is a plain added token; the respelled "  " and <unk> (type 2) are not added.
+        let added: Vec<(u64, bool)> =
+            json["added_tokens"].as_array().unwrap().iter().map(|t| (t["id"].as_u64().unwrap(), t["special"] == json!(true))).collect();
+        assert_eq!(added, [(0, true), (1, true), (2, true), (11, false)]);
+        assert_eq!(built.config["add_bos_token"], json!(true));
+
+        let tok = tokenizers::Tokenizer::from_bytes(serde_json::to_vec(json).unwrap()).unwrap();
+        let enc = tok.encode("aba ab", true).unwrap();
+        // <bos>, then "aba▁ab": a+b first, then ab+a.
+        assert_eq!(enc.get_ids(), [2, 9, 8, 6]);
+        assert_eq!(tok.decode(&[9, 8, 6], false).unwrap(), "aba ab");
+    }
+}
