@@ -1,6 +1,6 @@
-//! Import a llama-architecture GGUF file (as written by llama.cpp) into a
+//! Import a llama- or gemma3-architecture GGUF file (as written by llama.cpp) into a
 //! Hugging Face model folder: `model.safetensors` (dequantized weights),
-//! `config.json` (LlamaForCausalLM), `generation_config.json`,
+//! `config.json` (LlamaForCausalLM or Gemma3ForCausalLM), `generation_config.json`,
 //! `tokenizer.json` and `tokenizer_config.json`.
 //!
 //! The import is all-or-nothing: everything is written into a staging folder
@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file;
 use serde_json::{json, Value};
 
+use crate::model::Family;
 use meta::Meta;
 pub use tensors::llama_gguf_name;
 
@@ -67,7 +68,7 @@ pub enum Error {
     #[error("{path}: corrupt or truncated GGUF file: {reason}")]
     Corrupt { path: PathBuf, reason: String },
     /// The GGUF describes a model architecture this importer does not handle.
-    #[error("{path}: unsupported architecture `{arch}` (supported: llama)")]
+    #[error("{path}: unsupported architecture `{arch}` (supported: llama, gemma3)")]
     UnsupportedArchitecture { path: PathBuf, arch: String },
     /// A metadata key is missing, has the wrong type or an unsupported value.
     #[error("{path}: metadata `{key}`: {problem}")]
@@ -75,9 +76,9 @@ pub enum Error {
     /// A tensor is missing, unexpected, or has the wrong shape.
     #[error("{path}: tensor `{name}`: {problem}")]
     Tensor { path: PathBuf, name: String, problem: String },
-    /// The tokenizer model named in the metadata is not supported.
-    #[error("{path}: unsupported tokenizer model `{model}` (supported: gpt2)")]
-    UnsupportedTokenizer { path: PathBuf, model: String },
+    /// The tokenizer model named in the metadata is not supported for the file's architecture.
+    #[error("{path}: unsupported tokenizer model `{model}` for architecture `{arch}` (supported: gpt2; llama with gemma3)")]
+    UnsupportedTokenizer { path: PathBuf, model: String, arch: String },
     /// The pre-tokenizer named in the metadata is not supported.
     #[error("{path}: unsupported pre-tokenizer `{pre}` (supported: {})", tokenizer::SUPPORTED_PRE.join(", "))]
     UnsupportedPreTokenizer { path: PathBuf, pre: String },
@@ -112,9 +113,9 @@ pub fn import(gguf: &Path, out_dir: &Path, dtype: OutDtype) -> Result<ImportSumm
     let mut reader = BufReader::new(file);
     let content = gguf_file::Content::read(&mut reader).map_err(|e| Error::Corrupt { path: gguf.to_path_buf(), reason: e.to_string() })?;
     let meta = Meta::new(gguf, &content.metadata);
-    let hparams = llama_hparams(gguf, &content)?;
+    let hparams = Hparams::read(&meta)?;
     // Build the tokenizer before the (slow) weights so metadata errors surface first.
-    let tok = tokenizer::build(&meta)?;
+    let tok = tokenizer::build(&meta, hparams.arch)?;
     if tok.vocab_size != hparams.vocab_size {
         return Err(meta.error("tokenizer.ggml.tokens", format!("{} tokens but the model's vocabulary has {}", tok.vocab_size, hparams.vocab_size)));
     }
@@ -149,19 +150,53 @@ pub fn import(gguf: &Path, out_dir: &Path, dtype: OutDtype) -> Result<ImportSumm
     })
 }
 
-/// The dimensions of the llama model in `content` (read from `gguf`); another architecture is an error.
-fn llama_hparams(gguf: &Path, content: &gguf_file::Content) -> Result<Hparams, Error> {
-    let meta = Meta::new(gguf, &content.metadata);
-    let arch = meta.string("general.architecture")?;
-    if arch != "llama" {
-        return Err(Error::UnsupportedArchitecture { path: gguf.to_path_buf(), arch: arch.to_string() });
-    }
-    Hparams::read(&meta)
+/// The architectures `import-gguf` reads (`general.architecture`), each with its family table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arch {
+    /// `llama`: the Llama family (SmolLM2, Llama 2 and 3).
+    Llama,
+    /// `gemma3`: the Gemma 3 text model.
+    Gemma3,
 }
 
-/// Model dimensions read from the `llama.*` metadata.
+impl Arch {
+    /// The architecture named by `general.architecture`; another is an error.
+    fn read(meta: &Meta) -> Result<Self, Error> {
+        match meta.string("general.architecture")? {
+            "llama" => Ok(Arch::Llama),
+            "gemma3" => Ok(Arch::Gemma3),
+            other => Err(Error::UnsupportedArchitecture { path: meta.path().to_path_buf(), arch: other.to_string() }),
+        }
+    }
+
+    /// The GGUF's name for it, the prefix of its metadata keys.
+    fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Gemma3 => "gemma3",
+        }
+    }
+
+    /// Its metadata key `ARCH.suffix`.
+    fn key(self, suffix: &str) -> String {
+        format!("{}.{suffix}", self.name())
+    }
+
+    /// Its family table, which names every tensor.
+    fn family(self) -> &'static Family {
+        let name = match self {
+            Arch::Llama => "llama",
+            Arch::Gemma3 => "gemma3_text",
+        };
+        crate::model::FAMILIES.iter().copied().find(|f| f.name == name).expect("the family is built in")
+    }
+}
+
+/// Model dimensions read from the `ARCH.*` metadata.
 #[derive(Debug, Clone, Copy)]
 struct Hparams {
+    /// The architecture.
+    arch: Arch,
     /// Width of the residual stream.
     hidden: usize,
     /// Width of the MLP.
@@ -172,73 +207,130 @@ struct Hparams {
     heads: usize,
     /// Number of key/value heads (grouped-query attention).
     kv_heads: usize,
+    /// Width of one attention head (`ARCH.attention.key_length`, else `hidden / heads`).
+    head_dim: usize,
     /// Vocabulary size.
     vocab_size: usize,
 }
 
+/// Every `n`-th layer of a Gemma 3 model attends fully, the others in a sliding window
+/// (llama.cpp's Gemma 3 sets this pattern; the GGUF does not record it).
+const GEMMA3_FULL_ATTENTION_EVERY: usize = 6;
+
 impl Hparams {
     /// Read and sanity-check the dimensions.
     fn read(meta: &Meta) -> Result<Self, Error> {
-        let hidden = meta.usize("llama.embedding_length")?;
-        let heads = meta.usize("llama.attention.head_count")?;
-        let kv_heads = match meta.opt_usize("llama.attention.head_count_kv")? {
-            Some(n) => n,
-            None => heads,
-        };
-        let vocab_size = match meta.opt_usize("llama.vocab_size")? {
+        let arch = Arch::read(meta)?;
+        let key = |suffix: &str| arch.key(suffix);
+        let hidden = meta.usize(&key("embedding_length"))?;
+        let heads = meta.usize(&key("attention.head_count"))?;
+        let kv_heads = meta.opt_usize(&key("attention.head_count_kv"))?.unwrap_or(heads);
+        let vocab_size = match meta.opt_usize(&key("vocab_size"))? {
             Some(n) => n,
             None => meta.string_array("tokenizer.ggml.tokens")?.len(),
         };
-        let hp =
-            Hparams { hidden, intermediate: meta.usize("llama.feed_forward_length")?, layers: meta.usize("llama.block_count")?, heads, kv_heads, vocab_size };
-        if heads == 0 || kv_heads == 0 || hidden % heads != 0 || heads % kv_heads != 0 {
-            return Err(meta.error("llama.attention.head_count", format!("{heads} heads, {kv_heads} kv heads and width {hidden} are inconsistent")));
+        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+            return Err(meta.error(&key("attention.head_count"), format!("{heads} heads and {kv_heads} kv heads are inconsistent")));
         }
-        if !hp.head_dim().is_multiple_of(2) {
-            return Err(meta.error("llama.attention.head_count", format!("head dimension {} is odd", hp.head_dim())));
-        }
-        if let Some(rot) = meta.opt_usize("llama.rope.dimension_count")? {
-            if rot != hp.head_dim() {
-                return Err(meta.error("llama.rope.dimension_count", format!("partial rotary ({rot} of {}) is not supported", hp.head_dim())));
+        let head_dim = match meta.opt_usize(&key("attention.key_length"))? {
+            Some(d) => d,
+            None if hidden % heads == 0 => hidden / heads,
+            None => return Err(meta.error(&key("attention.head_count"), format!("{heads} heads do not divide width {hidden}"))),
+        };
+        if let Some(v) = meta.opt_usize(&key("attention.value_length"))? {
+            if v != head_dim {
+                return Err(meta.error(&key("attention.value_length"), format!("{v} differs from the key length {head_dim}")));
             }
         }
-        if let Some(kind) = meta.opt_string("llama.rope.scaling.type")? {
-            if kind != "none" {
-                return Err(meta.error("llama.rope.scaling.type", format!("`{kind}` is not supported")));
+        let hp = Hparams {
+            arch,
+            hidden,
+            intermediate: meta.usize(&key("feed_forward_length"))?,
+            layers: meta.usize(&key("block_count"))?,
+            heads,
+            kv_heads,
+            head_dim,
+            vocab_size,
+        };
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(meta.error(&key("attention.head_count"), format!("head dimension {head_dim} is zero or odd")));
+        }
+        if let Some(rot) = meta.opt_usize(&key("rope.dimension_count"))? {
+            if rot != head_dim {
+                return Err(meta.error(&key("rope.dimension_count"), format!("partial rotary ({rot} of {head_dim}) is not supported")));
             }
         }
+        hp.rope_scaling(meta)?;
         Ok(hp)
     }
 
-    /// Width of one attention head.
-    fn head_dim(&self) -> usize {
-        self.hidden / self.heads
+    /// The factor of linear rotary scaling (`ARCH.rope.scaling.type` `linear`, Gemma 3 only),
+    /// none for `none` or no type; another type is an error.
+    fn rope_scaling(&self, meta: &Meta) -> Result<Option<f64>, Error> {
+        let kind_key = self.arch.key("rope.scaling.type");
+        match meta.opt_string(&kind_key)? {
+            None | Some("none") => Ok(None),
+            Some("linear") if self.arch == Arch::Gemma3 => meta.f64(&self.arch.key("rope.scaling.factor")).map(Some),
+            Some(kind) => Err(meta.error(&kind_key, format!("`{kind}` is not supported"))),
+        }
     }
 
     /// The Hugging Face `config.json` for this model.
     fn config_json(&self, meta: &Meta, tie: bool, dtype: OutDtype) -> Result<Value, Error> {
-        Ok(json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+        let key = |suffix: &str| self.arch.key(suffix);
+        let mut config = json!({
             "hidden_size": self.hidden,
             "intermediate_size": self.intermediate,
             "num_hidden_layers": self.layers,
             "num_attention_heads": self.heads,
             "num_key_value_heads": self.kv_heads,
-            "head_dim": self.head_dim(),
-            "hidden_act": "silu",
-            "rms_norm_eps": meta.f64("llama.attention.layer_norm_rms_epsilon")?,
-            "rope_theta": meta.opt_f64("llama.rope.freq_base")?.unwrap_or(10_000.0),
-            "max_position_embeddings": meta.usize("llama.context_length")?,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": meta.f64(&key("attention.layer_norm_rms_epsilon"))?,
+            "max_position_embeddings": meta.usize(&key("context_length"))?,
             "vocab_size": self.vocab_size,
             "tie_word_embeddings": tie,
             "attention_bias": false,
-            "mlp_bias": false,
             "bos_token_id": meta.opt_usize("tokenizer.ggml.bos_token_id")?,
             "eos_token_id": meta.opt_usize("tokenizer.ggml.eos_token_id")?,
             "pad_token_id": meta.opt_usize("tokenizer.ggml.padding_token_id")?,
             "torch_dtype": dtype.torch_name(),
-        }))
+        });
+        let extra = match self.arch {
+            Arch::Llama => json!({
+                "architectures": ["LlamaForCausalLM"],
+                "model_type": "llama",
+                "hidden_act": "silu",
+                "rope_theta": meta.opt_f64(&key("rope.freq_base"))?.unwrap_or(10_000.0),
+                "mlp_bias": false,
+            }),
+            // What llama.cpp's Gemma 3 assumes beyond the metadata: the full-attention pattern, the
+            // sliding layers' rotary base (10000 unless `rope.freq_base_swa` says), and queries scaled
+            // by the head width, except in the 27B model (62 layers) by `hidden / heads`.
+            Arch::Gemma3 => {
+                let mut full = json!({"rope_type": "default", "rope_theta": meta.f64(&key("rope.freq_base"))?});
+                if let Some(factor) = self.rope_scaling(meta)? {
+                    full = json!({"rope_type": "linear", "rope_theta": full["rope_theta"], "factor": factor});
+                }
+                let sliding = meta.opt_f64(&key("rope.freq_base_swa"))?.unwrap_or(10_000.0);
+                let layer_types: Vec<&str> =
+                    (0..self.layers).map(|i| if (i + 1) % GEMMA3_FULL_ATTENTION_EVERY == 0 { "full_attention" } else { "sliding_attention" }).collect();
+                let scalar = if self.layers == 62 { self.hidden / self.heads } else { self.head_dim };
+                json!({
+                    "architectures": ["Gemma3ForCausalLM"],
+                    "model_type": "gemma3_text",
+                    "hidden_activation": "gelu_pytorch_tanh",
+                    "rope_parameters": {"full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": sliding}},
+                    "sliding_window": meta.usize(&key("attention.sliding_window"))?,
+                    "layer_types": layer_types,
+                    "query_pre_attn_scalar": scalar,
+                    "attn_logit_softcapping": null,
+                    "final_logit_softcapping": meta.opt_f64(&key("final_logit_softcapping"))?,
+                })
+            }
+        };
+        let (Value::Object(config_map), Value::Object(extra)) = (&mut config, extra) else { unreachable!("both are objects") };
+        config_map.extend(extra);
+        Ok(config)
     }
 }
 

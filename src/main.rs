@@ -116,7 +116,7 @@ enum Command {
     ///
     /// Example: factpatch apply --model fixtures/models/SmolLM2-135M-Instruct.Q4_1.gguf --patch eiffel.fpatch --out /tmp/edited.gguf
     Apply {
-        /// A Hugging Face model folder, or a llama GGUF file (patches compiled on its `import-gguf` folder).
+        /// A Hugging Face model folder, or a llama or gemma3 GGUF file (patches compiled on its `import-gguf` folder).
         #[arg(long)]
         model: PathBuf,
         #[arg(long, required = true, num_args = 1..)]

@@ -1,11 +1,12 @@
 //! The forward pass matches Hugging Face transformers (fixtures from `fixtures/reference.py`):
 //! logits of tiny GPT-2 and Llama models (f32, bf16, sharded) and of the imported SmolLM2, alone
-//! and in a right-padded batch; captured keys and residuals; and greedy generation of known facts.
+//! and in a right-padded batch, and of the imported Gemma 3 270M; captured keys and residuals; and
+//! greedy generation of known facts by both.
 
 mod common;
 
 use candle_core::IndexOp;
-use common::{ids, read_ref, root, smollm2};
+use common::{gemma3_270m, ids, read_ref, root, smollm2};
 use factpatch::model::{generate, Batch, Hooks, Model, Sampling};
 use factpatch::tokenize::Tokenizer;
 
@@ -92,6 +93,21 @@ fn smollm2_logits_match_transformers() {
 }
 
 #[test]
+fn gemma3_270m_logits_match_transformers() {
+    let model = Model::load(&gemma3_270m()).unwrap();
+    let refs = read_ref(&root().join("fixtures/reference/gemma3-270m-logits.safetensors"));
+    let mut prompts = 0;
+    for p in 0.. {
+        let Some(input) = refs.get(&format!("p{p}.input_ids")) else { break };
+        let input = ids(input);
+        let got = logits(&model, &Batch::right_padded(std::slice::from_ref(&input)));
+        check_summary(&format!("prompt {p}"), &got[0], &refs, &format!("p{p}"), 0, input.len());
+        prompts += 1;
+    }
+    assert!(prompts >= 8, "only {prompts} reference prompts");
+}
+
+#[test]
 fn smollm2_keys_and_residuals_match_transformers() {
     let model = Model::load(&smollm2()).unwrap();
     let refs = read_ref(&root().join("fixtures/reference/smollm2-keys.safetensors"));
@@ -132,6 +148,29 @@ fn smollm2_greedy_generation_knows_its_facts() {
     for ((prompt, answer, known), gen) in cases.iter().zip(out) {
         let text = tok.decode(&gen).unwrap();
         assert_eq!(text.contains(answer), *known, "`{prompt}` → `{text}`");
+    }
+}
+
+#[test]
+fn gemma3_270m_greedy_generation_knows_its_facts() {
+    let dir = gemma3_270m();
+    let model = Model::load(&dir).unwrap();
+    let tok = Tokenizer::open(&dir).unwrap();
+    let bos = model.config.bos_token_id.expect("Gemma has <bos>");
+    let cases = [
+        ("The Eiffel Tower is located in the city of", "Paris"),
+        ("Paris is the capital of", "France"),
+        ("The capital of Japan is", "Tokyo"),
+        ("The Colosseum is located in the city of", "Rome"),
+        ("William Shakespeare was born in the town of", "Stratford"),
+        ("The Great Wall is located in the country of", "China"),
+    ];
+    // Gemma's tokenizer starts every sequence with <bos> (add_bos_token); `Tokenizer::ids` adds no special tokens.
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|(p, _)| [vec![bos], tok.ids(p).unwrap()].concat()).collect();
+    let out = generate(&model, &prompts, 8, Sampling::Greedy, &model.config.eos_token_ids).unwrap();
+    for ((prompt, answer), gen) in cases.iter().zip(out) {
+        let text = tok.decode(&gen).unwrap();
+        assert!(text.contains(answer), "`{prompt}` → `{text}`");
     }
 }
 

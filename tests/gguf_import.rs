@@ -66,9 +66,9 @@ fn tiny_weights() -> Vec<(String, Vec<usize>, Vec<f32>)> {
         .collect()
 }
 
-/// Write a tiny llama GGUF to `path`; `arch` and `pre` override the architecture
-/// and pre-tokenizer names.
-fn write_tiny_gguf(path: &Path, arch: &str, pre: &str) {
+/// Write a tiny llama GGUF to `path`; `arch`, `pre` and `model` override the architecture,
+/// pre-tokenizer and tokenizer model names.
+fn write_tiny_gguf(path: &Path, arch: &str, pre: &str, model: &str) {
     use gguf_file::Value as V;
     let strings = |items: &[&str]| V::Array(items.iter().map(|s| V::String(s.to_string())).collect());
     let metadata: Vec<(&str, V)> = vec![
@@ -82,7 +82,7 @@ fn write_tiny_gguf(path: &Path, arch: &str, pre: &str) {
         ("llama.rope.freq_base", V::F32(100000.0)),
         ("llama.attention.layer_norm_rms_epsilon", V::F32(1e-5)),
         ("llama.vocab_size", V::U32(TOKENS.len() as u32)),
-        ("tokenizer.ggml.model", V::String("gpt2".into())),
+        ("tokenizer.ggml.model", V::String(model.into())),
         ("tokenizer.ggml.pre", V::String(pre.into())),
         ("tokenizer.ggml.tokens", strings(&TOKENS)),
         ("tokenizer.ggml.token_type", V::Array([3, 1, 1, 1, 1].map(V::I32).to_vec())),
@@ -113,7 +113,7 @@ fn write_tiny_gguf(path: &Path, arch: &str, pre: &str) {
 fn setup(arch: &str, pre: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let gguf = dir.path().join("tiny.gguf");
-    write_tiny_gguf(&gguf, arch, pre);
+    write_tiny_gguf(&gguf, arch, pre, "gpt2");
     let out = dir.path().join("out").join("model");
     (dir, gguf, out)
 }
@@ -248,6 +248,14 @@ fn unsupported_pre_tokenizer_is_rejected_listing_supported_ones() {
     let (_dir, gguf, out) = setup("llama", "qwen2");
     let err = assert_rejected(&gguf, &out, "unsupported pre-tokenizer `qwen2` (supported: default, gpt2, smollm)");
     assert!(matches!(err, Error::UnsupportedPreTokenizer { .. }));
+}
+
+#[test]
+fn sentencepiece_tokenizer_outside_gemma_is_rejected() {
+    let (_dir, gguf, out) = setup("llama", "default");
+    write_tiny_gguf(&gguf, "llama", "default", "llama");
+    let err = assert_rejected(&gguf, &out, "unsupported tokenizer model `llama` for architecture `llama` (supported: gpt2; llama with gemma3)");
+    assert!(matches!(err, Error::UnsupportedTokenizer { .. }));
 }
 
 #[test]

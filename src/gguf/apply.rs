@@ -1,11 +1,11 @@
-//! Patches applied onto a llama GGUF file (`apply --model FILE.gguf`): a new GGUF file whose
+//! Patches applied onto a llama or gemma3 GGUF file (`apply --model FILE.gguf`): a new GGUF file whose
 //! metadata and untouched tensors are the input's bytes, and whose touched tensors are
 //! dequantized, patched and stored again (see `formats/patch.md`, "GGUF models").
 //!
 //! Patches are compiled against the Hugging Face folder `import-gguf` makes of the file, so the
 //! file is checked against them as that folder: its identity and every touched tensor's hash
-//! are those of the tensors as `import-gguf` writes them (dequantized to f32, `q_proj`/`k_proj`
-//! un-permuted), computed by the same code. Everything is verified before the output is created;
+//! are those of the tensors as `import-gguf` writes them (dequantized to f32, Llama's
+//! `q_proj`/`k_proj` un-permuted, Gemma's norms less 1), computed by the same code. Everything is verified before the output is created;
 //! then the touched tensors are computed in parallel (one held at a time per thread) while the
 //! rest of the file is copied by the kernel.
 
@@ -188,7 +188,7 @@ fn type_id(dtype: GgmlDType) -> u32 {
     }
 }
 
-/// An opened llama GGUF file (version 2 or 3), memory-mapped, its header parsed and checked.
+/// An opened llama or gemma3 GGUF file (version 2 or 3), memory-mapped, its header parsed and checked.
 struct Gguf {
     path: PathBuf,
     /// Kept open so that changes to the file can be detected.
@@ -225,7 +225,7 @@ impl Gguf {
             return Err(Error::Metadata { path: path.to_path_buf(), key: "general.alignment".into(), problem: "is 0".into() });
         }
         let content = Content::read(&mut Cursor::new(&mmap[..])).map_err(|e| corrupt(e.to_string()))?;
-        let hp = super::llama_hparams(path, &content)?;
+        let hp = Hparams::read(&super::meta::Meta::new(path, &content.metadata))?;
         let gguf = Gguf { path: path.to_path_buf(), file, mmap, stamp, content, hp, metadata_end, alignment };
         gguf.check_layout()?;
         Ok(gguf)

@@ -1,9 +1,10 @@
-//! GGUF tensors → Hugging Face Llama tensors: names, shapes, dequantization
-//! and the rotary un-permutation of `q_proj`/`k_proj`.
+//! GGUF tensors → Hugging Face tensors: names, shapes, dequantization, and what llama.cpp's
+//! converter changed undone: Llama's rotary permutation of `q_proj`/`k_proj`, and the 1 it adds
+//! to every norm weight of a `(1 + w)` RMSNorm family (Gemma 3).
 //!
-//! Names and shapes come from the Llama family table (`model::families::llama`, shown by
-//! `factpatch inspect-model`): each tensor's Hugging Face name beside its GGUF name
-//! (`blk.N.ffn_down.weight` → `model.layers.N.mlp.down_proj.weight`, `output.weight` →
+//! Names and shapes come from the architecture's family table (`model::families::llama`,
+//! `gemma3`; shown by `factpatch inspect-model`): each tensor's Hugging Face name beside its GGUF
+//! name (`blk.N.ffn_down.weight` → `model.layers.N.mlp.down_proj.weight`, `output.weight` →
 //! `lm_head.weight`, absent when the embeddings are tied).
 //!
 //! GGUF lists dimensions fastest-first; candle's reader reverses them, so the
@@ -19,18 +20,13 @@ use candle_core::quantized::QTensor;
 use candle_core::Device;
 use safetensors::{Dtype, View};
 
-use super::{Error, Hparams, OutDtype};
-use crate::model::{Dims, Family, Qkv, FAMILIES};
-
-/// The Llama family table, which names every tensor this importer reads.
-fn llama() -> &'static Family {
-    FAMILIES.iter().copied().find(|f| f.name == "llama").expect("the llama family is built in")
-}
+use super::{Arch, Error, Hparams, OutDtype};
+use crate::model::{Dims, NormKind, Projection, Qkv};
 
 /// The GGUF name of a per-layer Llama tensor, by the family table:
 /// `model.layers.N.mlp.down_proj.weight` → `blk.N.ffn_down.weight`.
 pub fn llama_gguf_name(hf: &str) -> Option<String> {
-    llama().layer_tensors().into_iter().find_map(|p| p.layer_of(hf).and_then(|l| p.gguf_at(l)))
+    Arch::Llama.family().layer_tensors().into_iter().find_map(|p| p.layer_of(hf).and_then(|l| p.gguf_at(l)))
 }
 
 /// One tensor ready to be written.
@@ -85,18 +81,36 @@ impl Weights {
     }
 }
 
-/// The expected Hugging Face name and shape of every GGUF tensor of a Llama
-/// model, keyed by GGUF name. `output.weight` is included but optional.
-fn expected(hp: &Hparams) -> BTreeMap<String, (String, Vec<usize>)> {
-    let dims =
-        Dims { vocab: hp.vocab_size, hidden: hp.hidden, ff: hp.intermediate, heads: hp.heads, kv_heads: hp.kv_heads, head_dim: hp.head_dim(), positions: 0 };
-    let f = llama();
-    let globals = f.global_tensors().into_iter().map(|p| (p, 0));
-    let layers = (0..hp.layers).flat_map(|l| f.layer_tensors().into_iter().map(move |p| (p, l)));
-    globals.chain(layers).filter_map(|(p, l)| Some((p.gguf_at(l)?, (p.at(l), p.stored_shape(&dims))))).collect()
+/// How llama.cpp's converter stored a tensor, relative to Hugging Face's values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stored {
+    /// The same values.
+    AsIs,
+    /// A Llama `q_proj`/`k_proj` of this many heads, rows permuted for llama.cpp's rotary pairs.
+    RotaryPermuted(usize),
+    /// A `(1 + w)` RMSNorm's weight, stored as `1 + w` (llama.cpp's Gemma converters add the 1).
+    PlusOne,
 }
 
-/// One tensor of a llama GGUF, as Hugging Face names and lays it out.
+/// The expected Hugging Face name, shape and storage of every GGUF tensor of the model `hp`
+/// describes, keyed by GGUF name. `output.weight` is included but optional.
+fn expected(hp: &Hparams) -> BTreeMap<String, (String, Vec<usize>, Stored)> {
+    let dims =
+        Dims { vocab: hp.vocab_size, hidden: hp.hidden, ff: hp.intermediate, heads: hp.heads, kv_heads: hp.kv_heads, head_dim: hp.head_dim, positions: 0 };
+    let f = hp.arch.family();
+    let Qkv::Separate { q, k, .. } = f.block.qkv else { unreachable!("llama and gemma3 have separate projections") };
+    let stored = |p: &Projection| match p.name {
+        n if hp.arch == Arch::Llama && n == q.name => Stored::RotaryPermuted(hp.heads),
+        n if hp.arch == Arch::Llama && n == k.name => Stored::RotaryPermuted(hp.kv_heads),
+        _ if f.norm == NormKind::RmsPlusOne && p.shape.len() == 1 => Stored::PlusOne,
+        _ => Stored::AsIs,
+    };
+    let globals = f.global_tensors().into_iter().map(|p| (p, 0));
+    let layers = (0..hp.layers).flat_map(|l| f.layer_tensors().into_iter().map(move |p| (p, l)));
+    globals.chain(layers).filter_map(|(p, l)| Some((p.gguf_at(l)?, (p.at(l), p.stored_shape(&dims), stored(p))))).collect()
+}
+
+/// One tensor of a GGUF, as Hugging Face names and lays it out.
 pub(super) struct Mapped<'a> {
     /// Its GGUF name.
     pub(super) gguf: &'a str,
@@ -106,46 +120,42 @@ pub(super) struct Mapped<'a> {
     pub(super) shape: Vec<usize>,
     /// Type, shape and place in the GGUF file.
     pub(super) info: &'a TensorInfo,
-    /// For `q_proj`/`k_proj`: the number of heads whose rows llama.cpp permuted.
-    rotary_heads: Option<usize>,
+    /// How llama.cpp stored it.
+    stored: Stored,
 }
 
-/// Every tensor of the GGUF, in GGUF name order, checked to be exactly a llama model's
-/// (`output.weight` optional) with the shapes `hp` implies.
+/// Every tensor of the GGUF, in GGUF name order, checked to be exactly the model's of `hp`'s
+/// architecture (`output.weight` optional) with the shapes `hp` implies.
 pub(super) fn map<'a>(path: &Path, content: &'a Content, hp: &Hparams) -> Result<Vec<Mapped<'a>>, Error> {
     let tensor_err = |name: &str, problem: String| Error::Tensor { path: path.to_path_buf(), name: name.to_string(), problem };
     let mut expected = expected(hp);
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     if let Some(extra) = names.iter().find(|n| !expected.contains_key(n.as_str())) {
-        return Err(tensor_err(extra, "not part of a llama model".into()));
+        return Err(tensor_err(extra, format!("not part of a {} model", hp.arch.name())));
     }
-    if let Some(missing) = expected.keys().find(|k| Some(k.as_str()) != llama().unembed.gguf && !content.tensor_infos.contains_key(k.as_str())) {
+    let unembed = hp.arch.family().unembed.gguf;
+    if let Some(missing) = expected.keys().find(|k| Some(k.as_str()) != unembed && !content.tensor_infos.contains_key(k.as_str())) {
         return Err(tensor_err(missing, "missing".into()));
     }
     names
         .into_iter()
         .map(|name| {
-            let (hf, shape) = expected.remove(name.as_str()).expect("checked above");
+            let (hf, shape, stored) = expected.remove(name.as_str()).expect("checked above");
             let info = &content.tensor_infos[name.as_str()];
             if info.shape.dims() != shape.as_slice() {
                 return Err(tensor_err(name, format!("shape {:?}, expected {:?}", info.shape.dims(), shape)));
             }
-            let Qkv::Separate { q, k, .. } = llama().block.qkv else { unreachable!("Llama's projections are separate") };
-            let rotary_heads = match &hf {
-                n if q.layer_of(n).is_some() => Some(hp.heads),
-                n if k.layer_of(n).is_some() => Some(hp.kv_heads),
-                _ => None,
-            };
-            Ok(Mapped { gguf: name, hf, shape, info, rotary_heads })
+            Ok(Mapped { gguf: name, hf, shape, info, stored })
         })
         .collect()
 }
 
 impl Mapped<'_> {
     /// The tensor's values as Hugging Face has them: read from `reader` (the GGUF file, whose
-    /// tensor data starts at `data_offset`), dequantized to f32 and, for `q_proj`/`k_proj`,
-    /// un-permuted. What `import-gguf` writes, and what `apply` hashes and patches.
+    /// tensor data starts at `data_offset`), dequantized to f32 and, for Llama's `q_proj`/`k_proj`,
+    /// un-permuted; Gemma's norm weights less the 1 llama.cpp added (in f32, as transformers'
+    /// GGUF loader does). What `import-gguf` writes, and what `apply` hashes and patches.
     pub(super) fn hf_values<R: Read + Seek>(&self, path: &Path, reader: &mut R, data_offset: u64) -> Result<Vec<f32>, Error> {
         let q = self.info.read(reader, data_offset, &Device::Cpu).map_err(|e| self.corrupt(path, e))?;
         self.hf_values_of(path, &q)
@@ -154,9 +164,10 @@ impl Mapped<'_> {
     /// [`Mapped::hf_values`] of `q`, this tensor's data in the GGUF's layout.
     pub(super) fn hf_values_of(&self, path: &Path, q: &QTensor) -> Result<Vec<f32>, Error> {
         let values = q.dequantize(&Device::Cpu).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1::<f32>()).map_err(|e| self.corrupt(path, e))?;
-        Ok(match self.rotary_heads {
-            Some(heads) => unpermute_rotary(&values, heads, self.shape[1]),
-            None => values,
+        Ok(match self.stored {
+            Stored::RotaryPermuted(heads) => unpermute_rotary(&values, heads, self.shape[1]),
+            Stored::PlusOne => values.into_iter().map(|v| v - 1.0).collect(),
+            Stored::AsIs => values,
         })
     }
 
@@ -165,12 +176,13 @@ impl Mapped<'_> {
         Error::Corrupt { path: path.to_path_buf(), reason: format!("tensor `{}`: {e}", self.gguf) }
     }
 
-    /// Hugging Face-ordered values back in the GGUF's row order (the inverse of the
-    /// un-permutation [`Mapped::hf_values`] applies).
+    /// Hugging Face values back as the GGUF stores them (the inverse of what
+    /// [`Mapped::hf_values`] undoes).
     pub(super) fn gguf_order(&self, values: Vec<f32>) -> Vec<f32> {
-        match self.rotary_heads {
-            Some(heads) => permute_rotary(&values, heads, self.shape[1]),
-            None => values,
+        match self.stored {
+            Stored::RotaryPermuted(heads) => permute_rotary(&values, heads, self.shape[1]),
+            Stored::PlusOne => values.into_iter().map(|v| v + 1.0).collect(),
+            Stored::AsIs => values,
         }
     }
 }
@@ -186,7 +198,7 @@ pub(super) fn convert<R: Read + Seek>(path: &Path, content: &Content, reader: &m
         };
         blobs.insert(m.hf, Blob { dtype: dtype_st, shape: m.shape, data: encode(&values, dtype) });
     }
-    let has_lm_head = blobs.contains_key(llama().unembed.name);
+    let has_lm_head = blobs.contains_key(hp.arch.family().unembed.name);
     Ok(Weights { blobs, has_lm_head })
 }
 

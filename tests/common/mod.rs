@@ -129,6 +129,13 @@ pub fn smollm2() -> PathBuf {
     dir
 }
 
+/// The imported Gemma 3 270M folder; tells how to get it when missing.
+pub fn gemma3_270m() -> PathBuf {
+    let dir = root().join("fixtures/models/gemma-3-270m");
+    assert!(dir.join("model.safetensors").is_file(), "{} is missing: run `bash fixtures/get-model.sh gemma3-270m` first", dir.display());
+    dir
+}
+
 /// The verified SmolLM2 GGUF the folder is imported from; tells how to get it when missing.
 pub fn smollm2_gguf() -> PathBuf {
     let path = root().join("fixtures/models/SmolLM2-135M-Instruct.Q4_1.gguf");

@@ -12,16 +12,17 @@ use super::{llama, LlamaJson};
 use serde_json::Value;
 use std::path::Path;
 
-/// A Gemma RMSNorm's weight. No GGUF name: llama.cpp stores these with the 1 added.
-const fn norm(name: &'static str) -> Projection {
-    Projection::vector(name, None, &[Dim::Hidden])
+/// A Gemma RMSNorm's weight and its GGUF name (llama.cpp stores it with the 1 added, which
+/// `import-gguf` subtracts).
+const fn norm(name: &'static str, gguf: &'static str) -> Projection {
+    Projection::vector(name, Some(gguf), &[Dim::Hidden])
 }
 
 pub static FAMILY: Family = Family {
     name: "gemma2",
     model_types: &["gemma2"],
     scaled_embedding: true,
-    final_norm: norm("model.norm.weight"),
+    final_norm: norm("model.norm.weight", "output_norm.weight"),
     block: BLOCK,
     norm: NormKind::RmsPlusOne,
     activation: Activation::GeluTanh,
@@ -31,10 +32,10 @@ pub static FAMILY: Family = Family {
 
 /// Gemma's block: Llama's projections, four norms.
 pub(crate) const BLOCK: BlockTable = BlockTable {
-    attn_norm: norm("model.layers.{layer}.input_layernorm.weight"),
-    post_attn_norm: Some(norm("model.layers.{layer}.post_attention_layernorm.weight")),
-    mlp_norm: Some(norm("model.layers.{layer}.pre_feedforward_layernorm.weight")),
-    post_mlp_norm: Some(norm("model.layers.{layer}.post_feedforward_layernorm.weight")),
+    attn_norm: norm("model.layers.{layer}.input_layernorm.weight", "blk.{layer}.attn_norm.weight"),
+    post_attn_norm: Some(norm("model.layers.{layer}.post_attention_layernorm.weight", "blk.{layer}.post_attention_norm.weight")),
+    mlp_norm: Some(norm("model.layers.{layer}.pre_feedforward_layernorm.weight", "blk.{layer}.ffn_norm.weight")),
+    post_mlp_norm: Some(norm("model.layers.{layer}.post_feedforward_layernorm.weight", "blk.{layer}.post_ffw_norm.weight")),
     ..llama::BLOCK
 };
 

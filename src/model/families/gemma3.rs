@@ -5,7 +5,9 @@
 //! `rope_scaling`, or `rope_parameters.full_attention`). Without `layer_types`, every
 //! `sliding_window_pattern`-th layer (default 6) attends fully. [`MULTIMODAL`] is the same text
 //! model inside a multimodal checkpoint (`model_type` `gemma3`): its config under `text_config`,
-//! its tensors under `language_model.`; the vision tower is left as it is.
+//! its tensors under `language_model.`; the vision tower is left as it is. The text model's GGUF
+//! names are llama.cpp's (`import-gguf` reads them); its norm weights are stored there with the 1
+//! added.
 
 use super::super::config::{Config, Field, Keys};
 use super::super::family::{BlockTable, Dim, Family, MlpInputs, Projection, Qkv};
@@ -19,8 +21,8 @@ pub static FAMILY: Family = Family { name: "gemma3_text", model_types: &["gemma3
 
 const BLOCK: BlockTable = BlockTable {
     qk_norm: Some((
-        Projection::vector("model.layers.{layer}.self_attn.q_norm.weight", None, &[Dim::HeadDim]),
-        Projection::vector("model.layers.{layer}.self_attn.k_norm.weight", None, &[Dim::HeadDim]),
+        Projection::vector("model.layers.{layer}.self_attn.q_norm.weight", Some("blk.{layer}.attn_q_norm.weight"), &[Dim::HeadDim]),
+        Projection::vector("model.layers.{layer}.self_attn.k_norm.weight", Some("blk.{layer}.attn_k_norm.weight"), &[Dim::HeadDim]),
     )),
     ..gemma2::BLOCK
 };
