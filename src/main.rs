@@ -485,6 +485,9 @@ enum MendAction {
         /// Request files held out: records about their subjects are neither trained nor validated on.
         #[arg(long, num_args = 1..)]
         exclude: Vec<PathBuf>,
+        /// Plain text whose windows join the locality loss (with --set 'text_locality={"windows":10,"tokens":64}').
+        #[arg(long)]
+        locality_corpus: Option<PathBuf>,
         /// Edited layers, e.g. 27-29 (default: the last three).
         #[arg(long)]
         layers: Option<String>,
@@ -692,7 +695,8 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Mend {
-            action: MendAction::Train { model, requests, train_records, validation_records, exclude, layers, steps, batch, validate_every, set, out },
+            action:
+                MendAction::Train { model, requests, train_records, validation_records, exclude, locality_corpus, layers, steps, batch, validate_every, set, out },
         } => {
             let config = model::Config::read(&model)?;
             let mut training = factpatch::mend::Training::defaults(config.num_layers);
@@ -715,7 +719,7 @@ fn run(command: Command) -> Result<()> {
             for assignment in &set {
                 training = factpatch::mend::Training::set(&training, assignment)?;
             }
-            let summary = factpatch::mend::train(&factpatch::mend::TrainSpec { model, requests, exclude, out, training, progress: true })?;
+            let summary = factpatch::mend::train(&factpatch::mend::TrainSpec { model, requests, exclude, locality_corpus, out, training, progress: true })?;
             println!("{} records trained on, {} validated on", summary.records[0], summary.records[1]);
             if let Some([es, ps, ns]) = summary.validation {
                 println!("validation: efficacy {es:.3}, paraphrase {ps:.3}, neighbourhood {ns:.3}");

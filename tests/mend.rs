@@ -111,7 +111,9 @@ fn the_editors_training_gradient_matches_finite_differences() {
         let base = if name == "step" { (var.ones_like().unwrap() * 0.05).unwrap() } else { var.as_tensor().clone() };
         var.set(&(base + noise * if name == "step" { 0.01 } else { 1.0 }).unwrap()).unwrap();
     }
-    let loss = |e: &Editor| mend::training_loss(&model, &tok, e, &batch, &tr).unwrap().0;
+    // A generic-text window joins the locality loss, as `text_locality` adds them.
+    let text = vec![tok.ids("The cat sat on the mat.").unwrap()];
+    let loss = |e: &Editor| mend::training_loss(&model, &tok, e, &batch, &text, &tr).unwrap().0;
     let grads = loss(&editor).backward().unwrap();
     let mut checked = 0;
     for (name, var) in &editor.params {
@@ -149,7 +151,16 @@ fn tiny_setup(dir: &Path, n: usize) -> (PathBuf, PathBuf) {
 }
 
 fn train(model: &Path, requests: &Path, out: &Path, training: Training) -> mend::TrainSummary {
-    mend::train(&TrainSpec { model: model.into(), requests: requests.into(), exclude: Vec::new(), out: out.into(), training, progress: false }).unwrap()
+    mend::train(&TrainSpec {
+        model: model.into(),
+        requests: requests.into(),
+        exclude: Vec::new(),
+        locality_corpus: None,
+        out: out.into(),
+        training,
+        progress: false,
+    })
+    .unwrap()
 }
 
 #[test]
@@ -177,7 +188,9 @@ fn training_is_seeded_and_resumes_to_the_same_editor() {
     let other = Training { seed: 1, ..tr.clone() };
     assert_ne!(train(&model, &requests, &tmp.path().join("c"), other.clone()).id, a.id);
     let err =
-        mend::train(&TrainSpec { model, requests, exclude: Vec::new(), out: tmp.path().join("a"), training: other, progress: false }).unwrap_err().to_string();
+        mend::train(&TrainSpec { model, requests, exclude: Vec::new(), locality_corpus: None, out: tmp.path().join("a"), training: other, progress: false })
+            .unwrap_err()
+            .to_string();
     assert!(err.contains("checkpoint.safetensors") && err.contains("another"), "{err}");
 }
 

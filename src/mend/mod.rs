@@ -16,7 +16,7 @@ mod train;
 
 pub use editor::{normalisation, Editor, Shape};
 pub use file::{read, write, EditorFile, Meta, FORMAT, FORMAT_VERSION};
-pub use train::{train, training_loss, TrainSpec, TrainSummary, Training};
+pub use train::{train, training_loss, TextLocality, TrainSpec, TrainSummary, Training};
 
 use crate::model::{self, Model};
 use factors::{LayerFactors, Sequence};

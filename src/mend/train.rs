@@ -54,6 +54,10 @@ pub struct Training {
     /// Per record, how many paraphrases join the edit loss and neighbourhood prompts the locality loss.
     pub paraphrases: usize,
     pub locality_prompts: usize,
+    /// Windows of generic text (from the run's locality corpus) that join the locality loss each
+    /// step, as the paper's unrelated passages do; absent: neighbourhood prompts only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_locality: Option<TextLocality>,
     /// Training records whose factors set the normalisation.
     pub norm_records: usize,
     pub seed: u64,
@@ -80,6 +84,7 @@ impl Training {
             validate_every: 100,
             paraphrases: 1,
             locality_prompts: 2,
+            text_locality: None,
             norm_records: 100,
             seed: 0,
         }
@@ -113,6 +118,8 @@ impl Training {
         let (key, value) = assignment.split_once('=').ok_or_else(|| bad("expected KEY=JSON".into()))?;
         let value: serde_json::Value = serde_json::from_str(value).map_err(|e| bad(format!("the value is not JSON ({e})")))?;
         let mut json = serde_json::to_value(self).expect("plain struct");
+        // Settings left out of the record when absent still exist.
+        json.as_object_mut().expect("a struct").entry("text_locality").or_insert(serde_json::Value::Null);
         let mut slot = &mut json;
         for part in key.split('.') {
             slot = slot.as_object_mut().and_then(|m| m.get_mut(part)).ok_or_else(|| bad(format!("no training setting `{key}`")))?;
@@ -127,6 +134,13 @@ impl Training {
     }
 }
 
+/// Generic-text windows in the locality loss: `windows` a step, `tokens` long.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TextLocality {
+    pub windows: usize,
+    pub tokens: usize,
+}
+
 /// What to train.
 #[derive(Clone, Debug)]
 pub struct TrainSpec {
@@ -136,6 +150,8 @@ pub struct TrainSpec {
     /// Request files held out: no record about one of their subjects is trained or validated on
     /// (the evaluation records of the other experiments).
     pub exclude: Vec<PathBuf>,
+    /// Plain text the generic locality windows come from (with `Training::text_locality`).
+    pub locality_corpus: Option<PathBuf>,
     /// The run folder: `editor.safetensors`, `checkpoint.safetensors`, `training.csv` and the
     /// charts. A rerun resumes the run it holds.
     pub out: PathBuf,
@@ -190,6 +206,18 @@ pub fn train(spec: &TrainSpec) -> Result<TrainSummary> {
         request_text += &format!("exclude {}\n", hash(path)?);
         held_out.extend(request::records(path)?.into_iter().map(|r| r.subject));
     }
+    let text = match (&spec.locality_corpus, tr.text_locality) {
+        (Some(path), Some(t)) if t.windows > 0 && t.tokens > 0 => {
+            request_text += &format!("locality_corpus {}\n", hash(path)?);
+            let ids = tok_ids(&spec.model, &crate::read_regular_text(path, crate::MAX_DATA_BYTES)?)?;
+            if ids.len() <= t.tokens {
+                return Err(Error::Settings(format!("{}: {} tokens, fewer than one locality window of {}", path.display(), ids.len(), t.tokens)));
+            }
+            Some((ids, t))
+        }
+        (None, None) => None,
+        _ => return Err(Error::Settings("text_locality (windows and tokens > 0) and a locality corpus go together".into())),
+    };
     request_text += &format!("training {}\n", tr.request_json());
     let request_id = blake3::hash(request_text.as_bytes()).to_hex().to_string();
     let model = Model::from_checkpoint(config.clone(), &ckpt, &model::default_device()?)?;
@@ -247,7 +275,8 @@ pub fn train(spec: &TrainSpec) -> Result<TrainSummary> {
     let mut sums = [0.0; 3];
     for step in start..tr.steps {
         let batch: Vec<&Request> = (0..tr.batch).map(|j| &train_set[draw(step * tr.batch + j, train_set.len(), tr.seed)]).collect();
-        let (loss, edit_loss, locality_loss) = training_loss(&model, &tok, &editor, &batch, tr)?;
+        let windows = text.as_ref().map_or(Vec::new(), |(ids, t)| windows(ids, *t, tr.seed, step));
+        let (loss, edit_loss, locality_loss) = training_loss(&model, &tok, &editor, &batch, &windows, tr)?;
         for (s, v) in sums.iter_mut().zip([scalar(&loss)?, edit_loss, locality_loss]) {
             *s += v;
         }
@@ -280,6 +309,18 @@ pub fn train(spec: &TrainSpec) -> Result<TrainSummary> {
     })
 }
 
+/// The model's tokenization of `text` (the corpus the locality windows are cut from).
+fn tok_ids(model: &Path, text: &str) -> Result<Vec<u32>> {
+    Ok(Tokenizer::open(model)?.ids(text)?)
+}
+
+/// Step `step`'s generic-text windows: `t.windows` runs of `t.tokens` tokens at seeded offsets.
+fn windows(ids: &[u32], t: TextLocality, seed: u64, step: usize) -> Vec<Vec<u32>> {
+    use rand::Rng;
+    let mut rng = StdRng::seed_from_u64(seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    (0..t.windows).map(|_| ids[rng.random_range(0..ids.len() - t.tokens)..][..t.tokens].to_vec()).collect()
+}
+
 /// The training record used for the `i`-th edit: epoch by epoch, each a seeded permutation.
 fn draw(i: usize, n: usize, seed: u64) -> usize {
     let mut order: Vec<usize> = (0..n).collect();
@@ -301,8 +342,8 @@ fn teacher_forced(tok: &Tokenizer, prompt: &str, r: &Request) -> Result<Sequence
 }
 
 /// One step's loss `edit_weight·edit + locality_weight·KL` (differentiable in the editor), with
-/// its two parts' values.
-pub fn training_loss(model: &Model, tok: &Tokenizer, editor: &Editor, batch: &[&Request], tr: &Training) -> Result<(Tensor, f64, f64)> {
+/// its two parts' values; `text` (token windows of generic text) joins the locality loss.
+pub fn training_loss(model: &Model, tok: &Tokenizer, editor: &Editor, batch: &[&Request], text: &[Vec<u32>], tr: &Training) -> Result<(Tensor, f64, f64)> {
     let mut rewrites = Vec::new();
     let mut paraphrases = Vec::new();
     let mut locality = Vec::new();
@@ -315,6 +356,7 @@ pub fn training_loss(model: &Model, tok: &Tokenizer, editor: &Editor, batch: &[&
             locality.push(Sequence { ids: tok.ids(&n.prompt)?, targets: Vec::new() });
         }
     }
+    locality.extend(text.iter().map(|ids| Sequence { ids: ids.clone(), targets: Vec::new() }));
     let nr = rewrites.len();
     let seqs: Vec<Sequence> = rewrites.iter().chain(&paraphrases).chain(&locality).cloned().collect();
     let batch = Batch::right_padded(&seqs.iter().map(|s| s.ids.clone()).collect::<Vec<_>>());
