@@ -6,9 +6,10 @@
 mod common;
 
 use candle_core::IndexOp;
-use common::{gemma3_270m, ids, read_ref, root, smollm2};
+use common::{gemma3_270m, ids, read_ref, root, smollm2, Ref};
 use factpatch::model::{generate, Batch, Hooks, Model, Sampling};
 use factpatch::tokenize::Tokenizer;
+use std::collections::BTreeMap;
 
 fn logits(model: &Model, batch: &Batch) -> Vec<Vec<Vec<f32>>> {
     let trace = model.forward(batch, &Hooks::default(), None).unwrap();
@@ -64,19 +65,24 @@ fn check_summary(name: &str, got: &[Vec<f32>], refs: &std::collections::BTreeMap
     assert!(worst <= 1e-3, "{name}: max |Δ| over logsumexp, top-20 and sampled logits = {worst:e}");
 }
 
-#[test]
-fn smollm2_logits_match_transformers() {
-    let model = Model::load(&smollm2()).unwrap();
-    let refs = read_ref(&root().join("fixtures/reference/smollm2-logits.safetensors"));
+/// Every reference prompt `p{n}` alone (at least 8 of them) against its reference summary.
+fn check_prompts(model: &Model, refs: &BTreeMap<String, Ref>) {
     let mut prompts = 0;
     for p in 0.. {
         let Some(input) = refs.get(&format!("p{p}.input_ids")) else { break };
         let input = ids(input);
-        let got = logits(&model, &Batch::right_padded(std::slice::from_ref(&input)));
-        check_summary(&format!("prompt {p}"), &got[0], &refs, &format!("p{p}"), 0, input.len());
+        let got = logits(model, &Batch::right_padded(std::slice::from_ref(&input)));
+        check_summary(&format!("prompt {p}"), &got[0], refs, &format!("p{p}"), 0, input.len());
         prompts += 1;
     }
     assert!(prompts >= 8, "only {prompts} reference prompts");
+}
+
+#[test]
+fn smollm2_logits_match_transformers() {
+    let model = Model::load(&smollm2()).unwrap();
+    let refs = read_ref(&root().join("fixtures/reference/smollm2-logits.safetensors"));
+    check_prompts(&model, &refs);
 
     let input = &refs["batch.input_ids"];
     let mask = &refs["batch.attention_mask"];
@@ -96,15 +102,7 @@ fn smollm2_logits_match_transformers() {
 fn gemma3_270m_logits_match_transformers() {
     let model = Model::load(&gemma3_270m()).unwrap();
     let refs = read_ref(&root().join("fixtures/reference/gemma3-270m-logits.safetensors"));
-    let mut prompts = 0;
-    for p in 0.. {
-        let Some(input) = refs.get(&format!("p{p}.input_ids")) else { break };
-        let input = ids(input);
-        let got = logits(&model, &Batch::right_padded(std::slice::from_ref(&input)));
-        check_summary(&format!("prompt {p}"), &got[0], &refs, &format!("p{p}"), 0, input.len());
-        prompts += 1;
-    }
-    assert!(prompts >= 8, "only {prompts} reference prompts");
+    check_prompts(&model, &refs);
 }
 
 #[test]

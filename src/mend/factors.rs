@@ -41,12 +41,6 @@ pub fn target_nll(model: &Model, hidden: &Tensor, seqs: &[Sequence]) -> Result<T
     Ok((logp.gather(&ids, 1)?.mean_all()? * -1.0)?)
 }
 
-/// Log-probabilities of the next token at every real position of `batch`, from its final hidden
-/// states: `[n, vocab]`, rows in [`real_positions`] order.
-pub fn next_token_logprobs(model: &Model, hidden: &Tensor, batch: &Batch) -> Result<Tensor> {
-    Ok(ops::log_softmax(&model.logits(&rows(hidden, &real_positions(batch))?)?)?)
-}
-
 /// `KL(p ‖ q)` averaged over rows, for log-probabilities `[n, vocab]`.
 pub fn kl(logp: &Tensor, logq: &Tensor) -> Result<Tensor> {
     Ok((logp.exp()? * (logp - logq)?)?.sum(D::Minus1)?.mean_all()?)

@@ -206,10 +206,11 @@ pub fn train(spec: &TrainSpec) -> Result<TrainSummary> {
         request_text += &format!("exclude {}\n", hash(path)?);
         held_out.extend(request::records(path)?.into_iter().map(|r| r.subject));
     }
+    let tok = Tokenizer::open(&spec.model)?;
     let text = match (&spec.locality_corpus, tr.text_locality) {
         (Some(path), Some(t)) if t.windows > 0 && t.tokens > 0 => {
             request_text += &format!("locality_corpus {}\n", hash(path)?);
-            let ids = tok_ids(&spec.model, &crate::read_regular_text(path, crate::MAX_DATA_BYTES)?)?;
+            let ids = tok.ids(&crate::read_regular_text(path, crate::MAX_DATA_BYTES)?)?;
             if ids.len() <= t.tokens {
                 return Err(Error::Settings(format!("{}: {} tokens, fewer than one locality window of {}", path.display(), ids.len(), t.tokens)));
             }
@@ -221,7 +222,6 @@ pub fn train(spec: &TrainSpec) -> Result<TrainSummary> {
     request_text += &format!("training {}\n", tr.request_json());
     let request_id = blake3::hash(request_text.as_bytes()).to_hex().to_string();
     let model = Model::from_checkpoint(config.clone(), &ckpt, &model::default_device()?)?;
-    let tok = Tokenizer::open(&spec.model)?;
     let policy = Policy::rewrite().reading([spec.model.clone(), spec.requests.clone()].into_iter().chain(spec.exclude.iter().cloned()));
     std::fs::create_dir_all(&spec.out).map_err(crate::io_err(&spec.out))?;
     let (editor_path, checkpoint_path, csv_path) =
@@ -307,11 +307,6 @@ pub fn train(spec: &TrainSpec) -> Result<TrainSummary> {
         seconds: started.elapsed().as_secs_f64(),
         validation,
     })
-}
-
-/// The model's tokenization of `text` (the corpus the locality windows are cut from).
-fn tok_ids(model: &Path, text: &str) -> Result<Vec<u32>> {
-    Ok(Tokenizer::open(model)?.ids(text)?)
 }
 
 /// Step `step`'s generic-text windows: `t.windows` runs of `t.tokens` tokens at seeded offsets.
@@ -411,7 +406,7 @@ fn descend(editor: &mut Editor, adam: &mut BTreeMap<String, Adam>, loss: &Tensor
 
 /// Efficacy, paraphrase and neighbourhood (CounterFact protocol) of editing each of `records`
 /// alone into the unedited model with `editor`, averaged over the records.
-pub(crate) fn validate(model: &Model, tok: &Tokenizer, editor: &Editor, records: &[Request], path: &Path) -> Result<[f64; 3]> {
+fn validate(model: &Model, tok: &Tokenizer, editor: &Editor, records: &[Request], path: &Path) -> Result<[f64; 3]> {
     let mut sums = [0.0; 3];
     let mut counts = [0usize; 3];
     for r in records {
