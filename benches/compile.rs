@@ -1,4 +1,4 @@
-//! Compile speed and edit quality on SmolLM2: seconds per fact for each method one fact at a
+//! Compile speed and edit quality on SmolLM2 (or `FACTPATCH_BENCH_MODEL`, a model folder): seconds per fact for each method one fact at a
 //! time (or all facts in one batch), each with RECT off and at 40%, and the CounterFact scores
 //! of the edited model (probability comparison: new target more probable than the true one).
 //!
@@ -8,7 +8,8 @@
 //! `FACTPATCH_BENCH_RUNS` which runs: methods (`rome`, `memit`, `emmet`, `alphaedit`, `encore`,
 //! `kn`, `mend` with `FACTPATCH_BENCH_EDITOR` naming the editor file), a `-batch` suffix for one batch of N, then `:KEY=VALUE` hyperparameter overrides
 //! (default `rome,memit,memit:early_stop=mpes,encore,memit-batch`), and
-//! `FACTPATCH_BENCH_RECT` the RECT settings (default `none,40`). The `capped` column counts the
+//! `FACTPATCH_BENCH_RECT` the RECT settings (default `none,40`), `FACTPATCH_BENCH_STATS` a
+//! statistics file covering the edited layers (default: 100k tokens of SOTU, cached). The `capped` column counts the
 //! facts whose target optimisation stopped at its step cap; each of them, and each fact whose edit
 //! does not take (efficacy 0), is listed on stderr with its steps and final loss.
 
@@ -21,7 +22,7 @@ use std::time::Instant;
 
 /// Share of prompts whose mean log-probability of `new` exceeds that of `old`.
 fn prefers_new(m: &Model, tok: &Tokenizer, prompts: &[String], new: &str, old: &str) -> f64 {
-    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| tok.ids(p).unwrap()).collect();
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| tok.prompt_ids(p).unwrap()).collect();
     let lp = |t: &str| target::target_logprob(m, &ids, &tok.ids(&request::continuation(t)).unwrap()).unwrap();
     let (a, b) = (lp(new), lp(old));
     a.iter().zip(&b).filter(|(x, y)| x > y).count() as f64 / a.len().max(1) as f64
@@ -43,7 +44,7 @@ fn scores(m: &Model, tok: &Tokenizer, reqs: &[request::Request]) -> [f64; 3] {
 fn main() {
     factpatch::init_process();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = root.join("fixtures/models/SmolLM2-135M-Instruct");
+    let dir = std::env::var("FACTPATCH_BENCH_MODEL").map_or_else(|_| root.join("fixtures/models/SmolLM2-135M-Instruct"), |p| root.join(p));
     let file = std::env::var("FACTPATCH_BENCH_REQUESTS").map_or_else(|_| root.join("fixtures/data/edit/counterfact-rome-300.json"), |p| root.join(p));
     let reqs = request::read(&file).unwrap_or_else(|e| panic!("{e}"));
     let n = match std::env::var("FACTPATCH_BENCH_FACTS").as_deref() {
@@ -54,7 +55,8 @@ fn main() {
     let reqs = &reqs[..n];
     let spec = |method: Method, rect: f64, sets: &[String]| Spec {
         overrides: std::iter::once(format!("rect_k={rect}")).chain(sets.iter().cloned()).collect(),
-        stats: StatsSource::Corpus { files: vec![root.join("fixtures/corpus/sotu.txt")], tokens: 100_000 },
+        stats: std::env::var("FACTPATCH_BENCH_STATS")
+            .map_or_else(|_| StatsSource::Corpus { files: vec![root.join("fixtures/corpus/sotu.txt")], tokens: 100_000 }, |f| StatsSource::File(f.into())),
         progress: true,
         editor: (method == Method::Mend)
             .then(|| root.join(std::env::var("FACTPATCH_BENCH_EDITOR").expect("mend needs FACTPATCH_BENCH_EDITOR: an editor file"))),

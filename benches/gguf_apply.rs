@@ -163,7 +163,7 @@ fn main() {
         let imported = scratch.path().join(format!("{}-import", name(mode)));
         gguf::import(&out, &imported, OutDtype::F32).unwrap();
         let (m, tok) = (Model::load(&imported).unwrap(), Tokenizer::open(&imported).unwrap());
-        let ids = generate(&m, &[tok.ids(PROMPT).unwrap()], 6, Sampling::Greedy, &[]).unwrap();
+        let ids = generate(&m, &[tok.prompt_ids(PROMPT).unwrap()], 6, Sampling::Greedy, &[]).unwrap();
         let text = tok.decode(&ids[0]).unwrap().replace('\n', " ");
         println!("| {} | {} | {:.3} | {:.3} | {text:?} |", name(mode), bytes.len(), dot / norm, (err / norm).sqrt());
         std::fs::remove_dir_all(&imported).unwrap();

@@ -91,7 +91,7 @@ fn main() {
     };
     let fwd = run(&Hooks { stop_after: Some(8), ..Hooks::default() });
     let cap = run(&Hooks { keys: layers.clone(), stop_after: Some(8), ..Hooks::default() });
-    let acc = timed(|| drop(stats::accumulate(&model, &layers, &plan.batches, &ProgressBar::hidden()).unwrap()));
+    let acc = timed(|| drop(stats::accumulate(&model, &layers, tok.prefix(), &plan.batches, &ProgressBar::hidden()).unwrap()));
 
     // GEMM-bound limit: weight GEMMs and attention to layer 8 at sgemm rate, updates at dsyrk rate.
     let per_layer = 2.0 * (h * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim + cfg.num_heads * cfg.head_dim * h + 3 * h * d) as f64;

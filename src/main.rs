@@ -316,11 +316,21 @@ enum Command {
         #[arg(long)]
         model: PathBuf,
         /// The fact: 'PROMPT|SUBJECT|TARGET' (PROMPT with {} for the subject; TARGET the answer the model gives).
+        #[arg(long, required_unless_present = "facts", conflicts_with = "facts")]
+        fact: Option<String>,
+        /// Average the traces of the first --count facts of this file (ROME's known-facts format:
+        /// prompt, subject, attribute) that the model knows (its greedy answer is the
+        /// attribute), by token class; prints the edit layers they suggest.
         #[arg(long)]
-        fact: String,
+        facts: Option<PathBuf>,
+        #[arg(long, default_value_t = 20, requires = "facts")]
+        count: usize,
         /// Noise draws averaged over.
         #[arg(long, default_value_t = 10)]
         samples: usize,
+        /// Layers whose MLP or attention outputs one restoration sets, centred on its layer.
+        #[arg(long, default_value_t = 10)]
+        window: usize,
         /// The noise's standard deviation, in standard deviations of the token embeddings.
         #[arg(long, default_value_t = 3.0)]
         noise: f64,
@@ -671,14 +681,19 @@ fn run(command: Command) -> Result<()> {
             );
             Ok(())
         }
-        Command::Trace { model, fact, samples, noise, seed, out, force } => {
-            let req = request::parse_fact(&fact)?;
-            let policy = atomic::Policy::force(force).reading([&model]);
+        Command::Trace { model, fact, facts, count, samples, window, noise, seed, out, force } => {
+            let policy = atomic::Policy::force(force).reading([&model]).reading(facts.iter());
             if let Some(png) = &out {
                 policy.check(png).map_err(factpatch::io_err(png))?;
             }
             let (m, tok) = (Model::load(&model)?, Tokenizer::open(&model)?);
-            let t = trace::trace(&m, &tok, &req.prompt, &req.subject, &req.target_new, trace::Options { samples, noise_scale: noise, seed })?;
+            let opts = trace::Options { samples, noise_scale: noise, seed, window };
+            let Some(fact) = fact else {
+                let path = facts.expect("clap: --fact or --facts");
+                return trace_facts(&m, &tok, &path, count, opts, out.as_deref(), &policy);
+            };
+            let req = request::parse_fact(&fact)?;
+            let t = trace::trace(&m, &tok, &req.prompt, &req.subject, &req.target_new, opts)?;
             println!("P({:?}): clean {:.4}, corrupted {:.4} (noise σ {:.4}, {samples} draws)", t.answer, t.clean, t.corrupted, t.noise);
             for (kind, layers) in trace::Kind::ALL.iter().zip(&t.restored) {
                 println!("restoring the {} (P(answer) by layer 0..{}):", kind.name(), layers.len() - 1);
@@ -798,12 +813,56 @@ fn run(command: Command) -> Result<()> {
             };
             let tok = Tokenizer::open(&model)?;
             let m = Model::load(&model)?;
-            let ids = tok.ids(&prompt)?;
+            let ids = tok.prompt_ids(&prompt)?;
             let out = model::generate(&m, &[ids], max_new_tokens, sampling, &m.config.eos_token_ids)?;
             println!("{prompt}{}", tok.decode(&out[0])?);
             Ok(())
         }
     }
+}
+
+/// `trace --facts`: the average trace of the first `count` known facts of `path`, its table, the
+/// edit layers it suggests, and its heatmaps.
+fn trace_facts(
+    m: &Model,
+    tok: &Tokenizer,
+    path: &std::path::Path,
+    count: usize,
+    opts: trace::Options,
+    out: Option<&std::path::Path>,
+    policy: &atomic::Policy,
+) -> Result<()> {
+    let facts = trace::read_facts(path)?;
+    let (known, read) = trace::known(m, tok, &facts, count)?;
+    if known.is_empty() {
+        anyhow::bail!("{}: the model knows none of its {} facts (its greedy next token is not the attribute's first)", path.display(), facts.len());
+    }
+    println!("{} known facts in the first {read} records of {}", known.len(), path.display());
+    let bar = indicatif::ProgressBar::new(known.len() as u64);
+    bar.set_style(indicatif::ProgressStyle::with_template("trace {bar:30} {pos}/{len} facts  ETA {eta}").expect("valid template"));
+    let mut traces = Vec::new();
+    for f in &known {
+        traces.push(trace::trace(m, tok, &f.template, &f.subject, &f.answer, opts)?);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let avg = trace::average(&traces, opts.window);
+    println!("mean P(answer): clean {:.4}, corrupted {:.4}; average indirect effect by class and layer:", avg.clean, avg.corrupted);
+    for (kind, classes) in trace::Kind::ALL.iter().zip(&avg.effect) {
+        println!("restoring the {}:", kind.name());
+        for ((class, n), row) in trace::CLASSES.iter().zip(avg.counts).zip(classes) {
+            let best = (0..row.len()).fold(0, |b, l| if row[l] > row[b] { l } else { b });
+            let cells: Vec<String> = row.iter().map(|v| format!("{v:.2}")).collect();
+            println!("  {class:>22} ({n:>2}) best layer {best:>2} ({:.3}): {}", row[best], cells.join(" "));
+        }
+    }
+    let (one, five) = (avg.edit_layers(1), avg.edit_layers(5));
+    println!("MLP effect at the last subject token: peak layer {} (ROME), best 5 consecutive layers {}-{} (MEMIT)", one.start, five.start, five.end - 1);
+    if let Some(png) = out {
+        avg.draw(&format!("{} facts of {}", known.len(), path.display()), png, policy)?;
+        eprintln!("heatmaps: {}", png.display());
+    }
+    Ok(())
 }
 
 fn inspect(dir: &std::path::Path, json: bool) -> Result<()> {

@@ -2,10 +2,11 @@
 //! which hidden states carry a fact. Noise on the subject's token embeddings makes the model lose
 //! the answer; restoring one clean state, at one layer and one token, shows how much of the
 //! answer's probability that state alone brings back. Done for the block output (the hidden
-//! state), and separately for the MLP output and the attention output, of every layer at every
-//! token.
+//! state), and separately for the MLP output and the attention output (of a window of layers
+//! around each layer, as the paper does), of every layer at every token. Traces of many facts
+//! average by token class ([`average`]), which is how a family's edit layers are chosen.
 
-use crate::model::{self, Addition, Batch, Hooks, Model, Site};
+use crate::model::{self, Addition, Batch, Hooks, Model, Restore, Sampling, Site};
 use crate::tokenize::{self, Tokenizer};
 use candle_core::{DType, IndexOp, Tensor};
 use rand::SeedableRng;
@@ -52,18 +53,32 @@ impl Kind {
 }
 
 /// How to corrupt the subject: `samples` noise draws of `noise_scale` times the standard deviation
-/// of the token embeddings, from `seed`.
+/// of the token embeddings, from `seed`; and how many layers' MLP or attention outputs one
+/// restoration sets (`window`, centred on the layer; the hidden state is restored one layer at a
+/// time).
 #[derive(Clone, Copy, Debug)]
 pub struct Options {
     pub samples: usize,
     pub noise_scale: f64,
     pub seed: u64,
+    pub window: usize,
 }
 
 impl Default for Options {
-    /// ROME's: 10 draws of 3σ.
+    /// ROME's: 10 draws of 3σ, windows of 10 layers.
     fn default() -> Self {
-        Options { samples: 10, noise_scale: 3.0, seed: 0 }
+        Options { samples: 10, noise_scale: 3.0, seed: 0, window: 10 }
+    }
+}
+
+impl Kind {
+    /// The layers one restoration "at layer `l`" sets, of `layers`: `l` alone for the hidden
+    /// state, `l − ⌊w/2⌋ .. l + ⌈w/2⌉` (clipped) for the MLP and attention outputs, as in ROME.
+    pub fn window(self, l: usize, window: usize, layers: usize) -> std::ops::Range<usize> {
+        match self {
+            Kind::Hidden => l..l + 1,
+            _ => l.saturating_sub(window / 2)..(l + window - window / 2).min(layers),
+        }
     }
 }
 
@@ -88,12 +103,15 @@ pub struct CausalTrace {
 
 /// Traces `prompt` (the subject at its `{}`) towards the first token of `target`.
 pub fn trace(model: &Model, tok: &Tokenizer, template: &str, subject: &str, target: &str, opts: Options) -> Result<CausalTrace> {
-    if opts.samples == 0 || opts.noise_scale.is_nan() || opts.noise_scale <= 0.0 {
-        return Err(Error::Fact(format!("tracing needs at least one noise draw and a positive noise scale (got {} and {})", opts.samples, opts.noise_scale)));
+    if opts.samples == 0 || opts.window == 0 || opts.noise_scale.is_nan() || opts.noise_scale <= 0.0 {
+        return Err(Error::Fact(format!(
+            "tracing needs at least one noise draw, a window of at least one layer and a positive noise scale (got {}, {} and {})",
+            opts.samples, opts.window, opts.noise_scale
+        )));
     }
     let start = template.find("{}").ok_or_else(|| Error::Fact(format!("the prompt `{template}` has no {{}} for the subject")))?;
     let text = template.replacen("{}", subject, 1);
-    let enc = tok.encode(&text)?;
+    let enc = tok.encode_prompt(&text)?;
     let span = (start, start + subject.len());
     let first = enc.offsets.iter().position(|&(a, b)| a < span.1 && b > span.0);
     let last = tokenize::last_token_in(&enc.offsets, span);
@@ -128,9 +146,11 @@ pub fn trace(model: &Model, tok: &Tokenizer, template: &str, subject: &str, targ
     let p_corrupt = prob(&corrupt.hidden)?.iter().sum::<f64>() / s as f64;
 
     // Restoring state (l, p) in draw i: rows `i·t + p` of one batch per layer and kind, which
-    // resumes from the corrupted stream entering layer l (draw i's noise already in it).
+    // resumes from the corrupted stream entering the window's first layer (draw i's noise
+    // already in it) and sets the window's states at p to their clean values.
     let rows = Batch::right_padded(&vec![ids.clone(); s * t]);
     let repeat = Tensor::from_vec((0..s * t).map(|r| (r / t) as u32).collect::<Vec<_>>(), s * t, dev)?;
+    let position = Tensor::from_vec((0..s * t).map(|r| (r % t) as u32).collect::<Vec<_>>(), s * t, dev)?;
     let at: Vec<(usize, usize)> = (0..s * t).map(|r| (r, r % t)).collect();
     // Passes restoring a state of layer 0 start from the embeddings: each row takes its draw's noise.
     let nsub = last + 1 - first;
@@ -144,18 +164,20 @@ pub fn trace(model: &Model, tok: &Tokenizer, template: &str, subject: &str, targ
     for kind in Kind::ALL {
         let mut per_layer = Vec::new();
         for l in 0..layers {
-            let (site, captured_clean, captured_corrupt) = match kind {
-                Kind::Hidden => (Site::Residual, &clean.residuals[&l], &corrupt.residuals[&l]),
-                Kind::Mlp => (Site::MlpOut, &clean.mlp_outputs[&l], &corrupt.mlp_outputs[&l]),
-                Kind::Attention => (Site::AttnOut, &clean.attn_outputs[&l], &corrupt.attn_outputs[&l]),
-            };
-            // Row (i, p) adds clean − corrupted at position p: the state becomes the clean one.
-            let gap = captured_clean.broadcast_sub(captured_corrupt)?; // [s, t, d]
-            let delta = gap.reshape((s * t, d))?;
-            let restore = Addition { layer: l, site, at: at.clone(), delta };
-            let hooks = match l {
-                0 => Hooks { additions: vec![row_noise.clone(), restore], ..Hooks::default() },
-                _ => Hooks { resume: Some((l, corrupt.residuals[&(l - 1)].index_select(&repeat, 0)?)), additions: vec![restore], ..Hooks::default() },
+            let window = kind.window(l, opts.window, layers);
+            let mut restores = Vec::new();
+            for j in window.clone() {
+                let (site, captured) = match kind {
+                    Kind::Hidden => (Site::Residual, &clean.residuals[&j]),
+                    Kind::Mlp => (Site::MlpOut, &clean.mlp_outputs[&j]),
+                    Kind::Attention => (Site::AttnOut, &clean.attn_outputs[&j]),
+                };
+                // Row (i, p) takes the clean state at position p.
+                restores.push(Restore { layer: j, site, at: at.clone(), values: captured.i(0)?.index_select(&position, 0)? });
+            }
+            let hooks = match window.start {
+                0 => Hooks { additions: vec![row_noise.clone()], restores, ..Hooks::default() },
+                first => Hooks { resume: Some((first, corrupt.residuals[&(first - 1)].index_select(&repeat, 0)?)), restores, ..Hooks::default() },
             };
             let p = prob(&model.forward(&rows, &hooks, None)?.hidden)?;
             per_layer.push((0..t).map(|pos| (0..s).map(|i| p[i * t + pos]).sum::<f64>() / s as f64).collect());
@@ -193,4 +215,174 @@ impl CausalTrace {
         ];
         crate::plot::grid(png, &format!("Causal trace: {what}"), &notes, "P(answer)", &panels, policy)
     }
+}
+
+/// ROME's token classes (Meng et al. 2022, Figure 2), by which traces of different prompts are
+/// averaged. Tokens before the subject belong to none.
+pub const CLASSES: [&str; 6] = ["first subject token", "middle subject tokens", "last subject token", "first subsequent token", "further tokens", "last token"];
+/// The index of "last subject token" in [`CLASSES`]: where ROME and MEMIT read their keys.
+pub const LAST_SUBJECT: usize = 2;
+
+impl CausalTrace {
+    /// Each token's class in [`CLASSES`]. A one-token subject is its last token; the prompt's last
+    /// token is "last token" unless it is the subject's.
+    pub fn classes(&self) -> Vec<Option<usize>> {
+        let (first, last, end) = (self.subject.start, self.subject.end - 1, self.tokens.len() - 1);
+        (0..self.tokens.len())
+            .map(|i| match i {
+                _ if i < first => None,
+                _ if i == last => Some(2),
+                _ if i == first => Some(0),
+                _ if i < last => Some(1),
+                _ if i == end => Some(5),
+                _ if i == last + 1 => Some(3),
+                _ => Some(4),
+            })
+            .collect()
+    }
+}
+
+/// Traces of many facts averaged by token class.
+#[derive(Clone, Debug)]
+pub struct Average {
+    pub facts: usize,
+    /// Mean P(answer), clean and corrupted.
+    pub clean: f64,
+    pub corrupted: f64,
+    /// Per kind, class and layer: the average indirect effect, the mean over the facts that
+    /// have the class of (P restored − P corrupted), each fact's tokens of the class averaged
+    /// first.
+    pub effect: Vec<Vec<Vec<f64>>>,
+    /// How many facts have each class.
+    pub counts: [usize; 6],
+    /// Layers restored together for the MLP and attention outputs.
+    pub window: usize,
+}
+
+/// Averages `traces` (all of one model) by token class.
+pub fn average(traces: &[CausalTrace], window: usize) -> Average {
+    let layers = traces.first().map_or(0, |t| t.restored[0].len());
+    let mut effect = vec![vec![vec![0.0; layers]; CLASSES.len()]; Kind::ALL.len()];
+    let mut counts = [0usize; 6];
+    for t in traces {
+        let classes = t.classes();
+        for (c, count) in counts.iter_mut().enumerate() {
+            let members: Vec<usize> = (0..classes.len()).filter(|&i| classes[i] == Some(c)).collect();
+            if members.is_empty() {
+                continue;
+            }
+            *count += 1;
+            for (k, per_layer) in t.restored.iter().enumerate() {
+                for (l, row) in per_layer.iter().enumerate() {
+                    effect[k][c][l] += members.iter().map(|&i| row[i] - t.corrupted).sum::<f64>() / members.len() as f64;
+                }
+            }
+        }
+    }
+    for k in &mut effect {
+        for (c, row) in k.iter_mut().enumerate() {
+            row.iter_mut().for_each(|v| *v /= counts[c].max(1) as f64);
+        }
+    }
+    let n = traces.len().max(1) as f64;
+    Average {
+        facts: traces.len(),
+        clean: traces.iter().map(|t| t.clean).sum::<f64>() / n,
+        corrupted: traces.iter().map(|t| t.corrupted).sum::<f64>() / n,
+        effect,
+        counts,
+        window,
+    }
+}
+
+impl Average {
+    /// The `n` consecutive layers whose MLP outputs, restored at the subject's last token, bring
+    /// back the most of the answer (the largest summed effect; the earliest of equals).
+    pub fn edit_layers(&self, n: usize) -> std::ops::Range<usize> {
+        let mlp = &self.effect[Kind::ALL.iter().position(|&k| k == Kind::Mlp).expect("MLP")][LAST_SUBJECT];
+        let n = n.clamp(1, mlp.len().max(1));
+        let sums: Vec<f64> = mlp.windows(n).map(|w| w.iter().sum()).collect();
+        let start = (0..sums.len()).fold(0, |b, i| if sums[i] > sums[b] { i } else { b });
+        start..start + n
+    }
+
+    /// The heatmaps (classes × layers, one panel per kind), titled with `what`, into `png`.
+    pub fn draw(&self, what: &str, png: &std::path::Path, policy: &crate::atomic::Policy) -> std::result::Result<(), crate::plot::Error> {
+        let panels: Vec<crate::plot::Grid> = Kind::ALL
+            .iter()
+            .zip(&self.effect)
+            .map(|(k, classes)| crate::plot::Grid {
+                title: match k {
+                    Kind::Hidden => format!("restoring the {}", k.name()),
+                    _ => format!("restoring the {} of {} layers around each", k.name(), self.window),
+                },
+                row_labels: CLASSES.iter().zip(&self.counts).map(|(c, n)| format!("{c} ({n})")).collect(),
+                x_label: "layer".into(),
+                values: classes.clone(),
+            })
+            .collect();
+        let notes = vec![
+            format!("{} facts the model knows; mean P(answer) clean {:.3}, with the subject's embeddings corrupted {:.3}", self.facts, self.clean, self.corrupted),
+            "each cell: average indirect effect, P(answer) with the state restored minus P corrupted, over the facts with tokens of that class (count in brackets)".into(),
+        ];
+        crate::plot::grid(png, &format!("Average causal trace: {what}"), &notes, "indirect effect", &panels, policy)
+    }
+}
+
+/// A fact to trace: the prompt (the subject at its `{}`), the subject and the answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fact {
+    pub template: String,
+    pub subject: String,
+    pub answer: String,
+}
+
+/// The facts of a file in the format of ROME's `known_1000.json`: a JSON array of objects with
+/// `prompt` (containing `subject`), `subject` and `attribute` (the answer).
+pub fn read_facts(path: &std::path::Path) -> Result<Vec<Fact>> {
+    #[derive(serde::Deserialize)]
+    struct Known {
+        prompt: String,
+        subject: String,
+        attribute: String,
+    }
+    let bad = |problem: String| Error::Fact(format!("{}: {problem}", path.display()));
+    let text = crate::read_regular_text(path, crate::MAX_DATA_BYTES).map_err(|e| bad(e.source.to_string()))?;
+    let known: Vec<Known> = serde_json::from_str(&text).map_err(|e| bad(format!("not an array of {{prompt, subject, attribute}} records: {e}")))?;
+    known
+        .into_iter()
+        .enumerate()
+        .map(|(i, k)| match k.prompt.find(&k.subject) {
+            Some(_) if !k.subject.trim().is_empty() && !k.attribute.trim().is_empty() => {
+                Ok(Fact { template: k.prompt.replacen(&k.subject, "{}", 1), subject: k.subject, answer: k.attribute })
+            }
+            _ => Err(bad(format!("record {}: the prompt must contain a non-empty subject, and the attribute must not be empty", i + 1))),
+        })
+        .collect()
+}
+
+/// The first `n` of `facts` the model knows: its greedy next token after the prompt is the
+/// answer's first token. Also how many were read to find them.
+pub fn known<'a>(model: &Model, tok: &Tokenizer, facts: &'a [Fact], n: usize) -> Result<(Vec<&'a Fact>, usize)> {
+    const BATCH: usize = 16;
+    let mut found = Vec::new();
+    let mut read = 0;
+    for group in facts.chunks(BATCH) {
+        let mut prompts = Vec::new();
+        let mut answers = Vec::new();
+        for f in group {
+            answers.push(tok.ids(&crate::edit::request::continuation(&f.answer))?.first().copied());
+            prompts.push(tok.prompt_ids(&f.template.replacen("{}", &f.subject, 1))?);
+        }
+        for ((r, answer), out) in group.iter().zip(answers).zip(model::generate(model, &prompts, 1, Sampling::Greedy, &[])?) {
+            read += 1;
+            if answer.is_some() && out.first().copied() == answer {
+                found.push(r);
+                if found.len() == n {
+                    return Ok((found, read));
+                }
+            }
+        }
+    }
+    Ok((found, read))
 }

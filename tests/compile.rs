@@ -15,7 +15,7 @@ use factpatch::tokenize::Tokenizer;
 use std::path::{Path, PathBuf};
 
 fn greedy(model: &Model, tok: &Tokenizer, prompt: &str) -> String {
-    let out = generate(model, &[tok.ids(prompt).unwrap()], 6, Sampling::Greedy, &[]).unwrap();
+    let out = generate(model, &[tok.prompt_ids(prompt).unwrap()], 6, Sampling::Greedy, &[]).unwrap();
     tok.decode(&out[0]).unwrap()
 }
 
@@ -72,7 +72,7 @@ fn rome_edits_counterfact_records() {
 fn prefers_new(model: &Model, tok: &Tokenizer, r: &request::Request) -> bool {
     let score = |target: &str| {
         let t = tok.ids(&request::continuation(target)).unwrap();
-        factpatch::edit::target::target_logprob(model, &[tok.ids(&r.filled()).unwrap()], &t).unwrap()[0]
+        factpatch::edit::target::target_logprob(model, &[tok.prompt_ids(&r.filled()).unwrap()], &t).unwrap()[0]
     };
     score(&r.target_new) > score(r.target_true.as_deref().unwrap())
 }
@@ -295,7 +295,7 @@ fn encore_keeps_the_keys_of_the_facts_its_parents_edited() {
 /// Probability of the whole continuation `target` after `prompt`: the product of its tokens'.
 fn sequence_probability(model: &Model, tok: &Tokenizer, prompt: &str, target: &str) -> f64 {
     let t = tok.ids(&request::continuation(target)).unwrap();
-    (target::target_logprob(model, &[tok.ids(prompt).unwrap()], &t).unwrap()[0] * t.len() as f64).exp()
+    (target::target_logprob(model, &[tok.prompt_ids(prompt).unwrap()], &t).unwrap()[0] * t.len() as f64).exp()
 }
 
 #[test]

@@ -99,16 +99,24 @@ fn choice_scores_match_plain_forward_passes() {
 fn perplexity_matches_the_logits() {
     let model = tiny();
     let ids: Vec<u32> = (0..250u32).map(|i| (i * 37 + 11) % 512).collect();
-    let windows = score::windows(&ids, 100);
+    let windows = score::windows(&ids, &[], 100);
     assert_eq!(windows.iter().map(|w| w.len()).collect::<Vec<_>>(), [100, 100, 50]);
-    assert_eq!(score::windows(&ids[..201], 100).len(), 2, "a one-token window predicts nothing");
+    assert_eq!(score::windows(&ids[..201], &[], 100).len(), 2, "a one-token window predicts nothing");
+    assert_eq!(score::windows(&ids[..201], &[1], 100).iter().map(|w| w.len()).collect::<Vec<_>>(), [99, 99, 3], "the prefix takes room; every window predicts");
+    assert!(score::windows(&ids, &[1, 2], 2).is_empty(), "no room after the prefix");
     let lp = log_softmax_rows(&model, windows[0]);
     let nll: f64 = (1..100).map(|t| -lp[t - 1][windows[0][t] as usize]).sum();
     for chunk in [7, 100, 512] {
-        let l = score::window_likelihood(&model, windows[0], chunk).unwrap();
+        let l = score::window_likelihood(&model, &[], windows[0], chunk).unwrap();
         assert_eq!(l.tokens, 99);
         assert!((l.nll - nll).abs() < 1e-3 * nll, "chunk {chunk}: {} vs {nll}", l.nll);
         assert!((l.perplexity() - (nll / 99.0).exp()).abs() < 1e-3);
+        // With a prefix, every window token is predicted and the prefix is not.
+        let (prefix, window) = (&windows[0][..2], &windows[0][2..]);
+        let with = score::window_likelihood(&model, prefix, window, chunk).unwrap();
+        let tail: f64 = (2..100).map(|t| -lp[t - 1][windows[0][t] as usize]).sum();
+        assert_eq!(with.tokens, 98);
+        assert!((with.nll - tail).abs() < 1e-3 * tail, "chunk {chunk} with a prefix: {} vs {tail}", with.nll);
     }
 }
 
@@ -299,7 +307,7 @@ fn smollm2_small_run_is_sane_and_repeats() {
     for r in &edits.records {
         let (cf, req) = (&r.counterfact, &requests[r.record - 1]);
         // Efficacy and its magnitude agree with the editor's own target scoring.
-        let prompt = [tok.ids(&req.filled()).unwrap()];
+        let prompt = [tok.prompt_ids(&req.filled()).unwrap()];
         let lp = |t: &str| target::target_logprob(&model, &prompt, &tok.ids(&request::continuation(t)).unwrap()).unwrap()[0];
         let (new, old) = (lp(&req.target_new), lp(req.target_true.as_deref().unwrap()));
         assert_eq!(cf.efficacy, Some((new > old) as u8 as f64));
@@ -343,7 +351,7 @@ fn smollm2_metrics_follow_the_fields_present_and_the_patch() {
     let neighbors: Vec<score::Choices> = requests[0]
         .neighbors
         .iter()
-        .map(|n| score::Choices { context: tok.ids(&n.prompt).unwrap(), continuations: vec![tok.ids(&request::continuation(&n.answer)).unwrap()] })
+        .map(|n| score::Choices { context: tok.prompt_ids(&n.prompt).unwrap(), continuations: vec![tok.ids(&request::continuation(&n.answer)).unwrap()] })
         .collect();
     let (post, pre) = (score::score(models.evaluated(), &neighbors).unwrap(), score::score(&models.base, &neighbors).unwrap());
     let agree: Vec<f64> = post.iter().zip(&pre).map(|(a, b)| score::agreement(&a[0].argmax, &b[0].argmax)).collect();

@@ -141,7 +141,7 @@ fn smollm2_greedy_generation_knows_its_facts() {
         // A fact this small model does not know: the edit demos can teach it.
         ("Michael Jordan is a professional", "basketball", false),
     ];
-    let prompts: Vec<Vec<u32>> = cases.iter().map(|(p, _, _)| tok.ids(p).unwrap()).collect();
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|(p, _, _)| tok.prompt_ids(p).unwrap()).collect();
     let out = generate(&model, &prompts, 8, Sampling::Greedy, &model.config.eos_token_ids).unwrap();
     for ((prompt, answer, known), gen) in cases.iter().zip(out) {
         let text = tok.decode(&gen).unwrap();
@@ -163,8 +163,10 @@ fn gemma3_270m_greedy_generation_knows_its_facts() {
         ("William Shakespeare was born in the town of", "Stratford"),
         ("The Great Wall is located in the country of", "China"),
     ];
-    // Gemma's tokenizer starts every sequence with <bos> (add_bos_token); `Tokenizer::ids` adds no special tokens.
-    let prompts: Vec<Vec<u32>> = cases.iter().map(|(p, _)| [vec![bos], tok.ids(p).unwrap()].concat()).collect();
+    // Gemma's tokenizer starts every sequence with <bos>.
+    assert_eq!(tok.prefix(), [bos]);
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|(p, _)| tok.prompt_ids(p).unwrap()).collect();
+    assert!(prompts.iter().zip(&cases).all(|(ids, (p, _))| ids[0] == bos && ids[1..] == tok.ids(p).unwrap()));
     let out = generate(&model, &prompts, 8, Sampling::Greedy, &model.config.eos_token_ids).unwrap();
     for ((prompt, answer), gen) in cases.iter().zip(out) {
         let text = tok.decode(&gen).unwrap();

@@ -1,14 +1,15 @@
 //! `apply` onto a GGUF file, on the real SmolLM2 Q4_1 GGUF that the test model folder is
 //! imported from: the demo's MEMIT patch, compiled on that folder, applied to the GGUF with
 //! the touched tensors stored as Q4_1 again, f16 or f32, checked against `apply` onto the f32
-//! folder; every type candle quantizes; and refusals, which must leave nothing behind.
+//! folder; the same for a Gemma 3 270M Q4_K_M patch with a `(1 + w)` norm; every type candle
+//! quantizes; and refusals, which must leave nothing behind.
 
 mod common;
 
 use candle_core::quantized::gguf_file::{self, Content};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use common::{manifest, root, smollm2, smollm2_gguf, smollm2_spec, values, write_patch};
+use common::{factors, gemma3_270m, manifest, root, smollm2, smollm2_gguf, smollm2_spec, values, write_patch};
 use factpatch::apply::{self, ApplyOptions, Stack};
 use factpatch::checkpoint::{Checkpoint, Dtype, Tensors};
 use factpatch::compile::Compiler;
@@ -182,6 +183,41 @@ fn memit_patch_on_the_q4_1_gguf_matches_apply_on_the_folder() {
             assert_eq!(s.identity, on_folder.identity, "the f32 output is the model apply writes into the folder");
         }
     }
+}
+
+/// On the real Gemma 3 270M Q4_K_M GGUF: a low-rank MLP edit and a change to a `(1 + w)` norm,
+/// applied with the touched tensors as f32: the matrix imports back to the bytes `apply` writes
+/// into the imported folder, and the norm is stored as llama.cpp stores it, 1 + that folder's
+/// value (exactly; subtracting the 1 again on import rounds).
+#[test]
+fn gemma3_patch_on_the_q4_k_m_gguf_matches_apply_on_the_folder() {
+    let t = tempfile::tempdir().unwrap();
+    let (dir, gguf_path) = (gemma3_270m(), root().join("fixtures/models/gemma-3-270m.Q4_K_M.gguf"));
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let (down, norm) = ("model.layers.6.mlp.down_proj.weight", "model.layers.6.post_feedforward_layernorm.weight");
+    let deltas = vec![(down, Delta::LowRank(vec![factors(640, 2048, 2, 7, 0.01)])), (norm, Delta::Dense(values(640, 9, 0.05)))];
+    let patch = write_patch(&t.path().join("p.fpatch"), &ckpt, &[], manifest("memit"), deltas);
+    let folder = t.path().join("folder");
+    apply::apply_with(&dir, std::slice::from_ref(&patch), &folder, &options(t.path())).unwrap();
+    let base = GgufBytes::read(&gguf_path);
+    assert!(!matches!(base.dtype("blk.6.ffn_down.weight"), GgmlDType::F32 | GgmlDType::F16), "a quantized matrix");
+
+    let out = t.path().join("edited.gguf");
+    let s = gguf::apply(&gguf_path, std::slice::from_ref(&patch), &out, &options(t.path()), TouchedAs::F32).unwrap();
+    assert_eq!(s.tensors_patched, 2);
+    let got = GgufBytes::read(&out);
+    for name in base.content.tensor_infos.keys() {
+        if name != "blk.6.ffn_down.weight" && name != "blk.6.post_ffw_norm.weight" {
+            assert!(got.raw(name) == base.raw(name), "untouched tensor {name} changed");
+        }
+    }
+    let want = Checkpoint::open(&folder).unwrap();
+    // The matrix imports back to the folder's bytes; the norm is stored as 1 + (the folder's w + δ).
+    let imported = t.path().join("import");
+    gguf::import(&out, &imported, OutDtype::F32).unwrap();
+    assert!(Checkpoint::open(&imported).unwrap().tensor(down).unwrap().bytes == want.tensor(down).unwrap().bytes, "{down}: differs from apply onto the folder");
+    let stored: Vec<f32> = want.tensor(norm).unwrap().to_f32().iter().map(|w| w + 1.0).collect();
+    assert_eq!(got.values("blk.6.post_ffw_norm.weight"), stored, "{norm}: not 1 + the folder's value");
 }
 
 #[test]

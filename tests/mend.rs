@@ -100,7 +100,8 @@ fn the_editors_training_gradient_matches_finite_differences() {
     let reqs = [record("Eiffel", "Rome", "Louvre"), record("Orsay", "Oslo", "Pantheon")];
     let batch: Vec<&Request> = reqs.iter().collect();
     let tr = tiny_training(6);
-    let seqs: Vec<Sequence> = reqs.iter().map(|r| Sequence::teacher_forced(tok.ids(&r.filled()).unwrap(), &tok.ids(&r.target_text()).unwrap())).collect();
+    let seqs: Vec<Sequence> =
+        reqs.iter().map(|r| Sequence::teacher_forced(tok.prompt_ids(&r.filled()).unwrap(), &tok.ids(&r.target_text()).unwrap())).collect();
     let norm = normalisation(&[gradient_factors(&model, &seqs, &tr.layers, None).unwrap()]).unwrap();
     let (d_in, d_out) = (model.config.intermediate_size, model.config.hidden_size);
     let editor = Editor::init(&tr.layers, d_in, d_out, tr.shape, norm, 3, model.device()).unwrap().to_dtype(DType::F64).unwrap();

@@ -66,7 +66,7 @@ fn tiny_statistics_equal_direct_computation() {
     let plan = stats::plan(docs.iter().flat_map(|d| d.chunks(48).map(<[u32]>::to_vec)).collect(), Shard::ALL);
     assert_eq!(plan.tokens, docs.iter().map(|d| d.len() as u64).sum::<u64>());
     assert!(plan.batches.iter().any(|b| b.iter().any(|s| s.len() < b[0].len())), "some batch must be padded");
-    let got = stats::accumulate(&model, &[0, 1], &plan.batches, &ProgressBar::hidden()).unwrap();
+    let got = stats::accumulate(&model, &[0, 1], &[], &plan.batches, &ProgressBar::hidden()).unwrap();
     for layer in [0, 1] {
         // The same keys summed naively: equal up to f64 rounding.
         let (sum, n) = direct(&model, layer, &plan.batches, true);

@@ -94,12 +94,12 @@ pub fn context_templates(model: &Model, tok: &Tokenizer, groups: &[(usize, usize
     const OPENERS: [&str; 5] = ["The", "Therefore", "Because", "I", "You"];
     let mut out = vec![vec!["{}".to_string()]];
     for (g, &(n, len)) in groups.iter().enumerate() {
-        let prompts: Vec<Vec<u32>> = (0..n).map(|i| tok.ids(OPENERS[i % OPENERS.len()])).collect::<std::result::Result<_, _>>()?;
+        let prompts: Vec<Vec<u32>> = (0..n).map(|i| tok.prompt_ids(OPENERS[i % OPENERS.len()])).collect::<std::result::Result<_, _>>()?;
         let sampling = Sampling::TopK { k: 5, temperature: 1.0, seed: seed.wrapping_add(g as u64) };
         let gens = model::generate(model, &prompts, len, sampling, &[])?;
         let mut group = Vec::new();
         for (p, g) in prompts.iter().zip(gens) {
-            let text = tok.decode(&p.iter().chain(&g).copied().collect::<Vec<_>>())?;
+            let text = tok.decode(&p[tok.prefix().len()..].iter().chain(&g).copied().collect::<Vec<_>>())?;
             group.push(format!("{}. {{}}", text.replace(['{', '}'], " ")));
         }
         out.push(group);
@@ -166,7 +166,7 @@ fn check_lengths(model: &Model, tok: &Tokenizer, requests: &[Request], templates
         context = context.max(tok.ids(&t.replacen("{}", "", 1))?.len());
     }
     for r in requests {
-        let (prompt, target) = (tok.ids(&r.filled())?.len(), tok.ids(&r.target_text())?.len());
+        let (prompt, target) = (tok.prompt_ids(&r.filled())?.len(), tok.ids(&r.target_text())?.len());
         if prompt + target + context > max {
             let problem = format!(
                 "the prompt ({prompt} tokens) and target ({target} tokens) in the longest context template ({context} tokens) do not fit the model's context of {max} tokens"
@@ -267,7 +267,7 @@ fn rome(
 /// applied to every layer it edits (one rank per token of prompt and target). The report's loss
 /// is that NLL after the edit.
 fn mend(model: &mut Model, tok: &Tokenizer, req: &Request, hp: &Hparams, editor: &crate::mend::Editor) -> Result<(Vec<LayerUpdate>, FactReport)> {
-    let (prompt, target) = (tok.ids(&req.filled())?, target_ids(tok, req)?);
+    let (prompt, target) = (tok.prompt_ids(&req.filled())?, target_ids(tok, req)?);
     let seq = crate::mend::factors::Sequence::teacher_forced(prompt.clone(), &target);
     let mut updates = Vec::new();
     for (layer, u, v) in crate::mend::updates(model, editor, &seq)? {

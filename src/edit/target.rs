@@ -22,7 +22,7 @@ pub struct Prompt {
 pub fn prompt(tok: &Tokenizer, template: &str, subject: &str, target: Option<&[u32]>, req: &Request) -> Result<Prompt> {
     let start = template.find("{}").expect("validated: one {}");
     let text = template.replacen("{}", subject, 1);
-    let enc = tok.encode(&text)?;
+    let enc = tok.encode_prompt(&text)?;
     let lookup = tokenize::last_token_in(&enc.offsets, (start, start + subject.len()))
         .ok_or_else(|| Error::Request { origin: req.origin.clone(), problem: format!("subject `{subject}` cannot be located among the tokens of `{text}`") })?;
     let mut ids = enc.ids;

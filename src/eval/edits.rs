@@ -169,16 +169,16 @@ fn evaluate(models: &Models, tok: &Tokenizer, requests: &[&Request], opts: &Opti
         let old = r.target_true.as_deref().map(|t| ids(&continuation(t))).transpose()?;
         let targets: Vec<Vec<u32>> = std::iter::once(new.clone()).chain(old.clone()).collect();
         let rewrite = items.len();
-        items.push(Choices { context: ids(&r.filled())?, continuations: targets.clone() });
+        items.push(Choices { context: tok.prompt_ids(&r.filled())?, continuations: targets.clone() });
         for p in &r.paraphrases {
-            items.push(Choices { context: ids(p)?, continuations: targets.clone() });
+            items.push(Choices { context: tok.prompt_ids(p)?, continuations: targets.clone() });
         }
         let (paraphrases, first_neighbor) = (rewrite + 1..items.len(), neighbor_items.len());
         for n in &r.neighbors {
             let answer = ids(&continuation(&n.answer))?;
             // Neighbours answered by the true target also compare it with the new one.
             let new_too = old.as_ref() == Some(&answer);
-            let context = ids(&n.prompt)?;
+            let context = tok.prompt_ids(&n.prompt)?;
             neighbor_items.push(Choices { context: context.clone(), continuations: vec![answer.clone()] });
             items.push(Choices { context, continuations: std::iter::once(answer).chain(new_too.then(|| new.clone())).collect() });
         }
@@ -259,14 +259,14 @@ fn counterfact(r: &Request, rewrite: &[Scored], paraphrases: &[Vec<Scored>], nei
 /// The sampler's seed mixes `opts.seed` with the prompts, so a record's texts do not depend on
 /// which other records are evaluated.
 fn generations(model: &Model, tok: &Tokenizer, r: &Request, opts: &Options) -> Result<Vec<String>> {
-    let prompts = r.generation_prompts.iter().map(|p| tok.ids(p)).collect::<std::result::Result<Vec<_>, _>>()?;
+    let prompts = r.generation_prompts.iter().map(|p| tok.prompt_ids(p)).collect::<std::result::Result<Vec<_>, _>>()?;
     let mut hasher = blake3::Hasher::new();
     hasher.update(&opts.seed.to_le_bytes());
     for p in &r.generation_prompts {
         hasher.update(p.as_bytes()).update(&[0]);
     }
     let seed = u64::from_le_bytes(hasher.finalize().as_bytes()[..8].try_into().expect("8 bytes"));
-    let shortest = prompts.iter().map(Vec::len).min().unwrap_or(0);
+    let shortest = prompts.iter().map(|p| p.len() - tok.prefix().len()).min().unwrap_or(0);
     let max_new = opts.fluency_length.saturating_sub(shortest).max(1);
     let sampling = Sampling::TopK { k: FLUENCY_TOP_K, temperature: 1.0, seed };
     let eos = &model.config.eos_token_ids;
@@ -275,6 +275,7 @@ fn generations(model: &Model, tok: &Tokenizer, r: &Request, opts: &Options) -> R
         .iter()
         .zip(outputs)
         .map(|(p, out)| {
+            let p = &p[tok.prefix().len()..];
             let room = opts.fluency_length.saturating_sub(p.len());
             let ids: Vec<u32> = p.iter().copied().chain(out.into_iter().filter(|t| !eos.contains(t)).take(room)).collect();
             Ok(tok.decode(&ids)?)

@@ -60,7 +60,8 @@ pub fn run(model: &Model, tok: &Tokenizer, data: &TaskData, opts: &Options) -> R
 }
 
 /// Token-level perplexity of `text` over non-overlapping windows of `opts.seq_len` tokens
-/// (default: the model's context); the limit picks windows.
+/// (default: the model's context), the tokenizer's sequence start included; the limit picks
+/// windows.
 fn perplexity(model: &Model, tok: &Tokenizer, data: &TaskData, text: &str, opts: &Options) -> Result<(usize, Vec<Metric>, String)> {
     let max = model.config.max_positions;
     let seq_len = opts.seq_len.unwrap_or(max);
@@ -69,7 +70,7 @@ fn perplexity(model: &Model, tok: &Tokenizer, data: &TaskData, text: &str, opts:
         return Err(Error::TooLong { path: data.path.clone(), what });
     }
     let ids = tok.ids(text)?;
-    let windows = score::windows(&ids, seq_len);
+    let windows = score::windows(&ids, tok.prefix(), seq_len);
     if windows.is_empty() {
         let what = format!("no window of {seq_len} token(s) has a token to predict");
         return Err(Error::Empty { path: data.path.clone(), what });
@@ -78,14 +79,18 @@ fn perplexity(model: &Model, tok: &Tokenizer, data: &TaskData, text: &str, opts:
     let bar = progress(opts.progress, data.task.name(), picked.len());
     let mut total = Likelihood::default();
     for &w in &picked {
-        let l = score::window_likelihood(model, windows[w], score::CHUNK)?;
+        let l = score::window_likelihood(model, tok.prefix(), windows[w], score::CHUNK)?;
         total.nll += l.nll;
         total.tokens += l.tokens;
         bar.inc(1);
     }
     bar.finish_and_clear();
+    let start = match tok.prefix().len() {
+        0 => String::new(),
+        n => format!(", each opening with the tokenizer's {n} sequence-start token(s)"),
+    };
     let protocol = format!(
-        "token-level, non-overlapping windows of {seq_len} tokens, each token predicted from the ones before it in its window ({} of {} windows, {} tokens predicted)",
+        "token-level, non-overlapping windows of {seq_len} tokens{start}, each token predicted from the ones before it in its window ({} of {} windows, {} tokens predicted)",
         picked.len(),
         windows.len(),
         total.tokens
@@ -120,7 +125,7 @@ fn choice_accuracy(model: &Model, tok: &Tokenizer, data: &TaskData, items: &[(us
             .iter()
             .map(|&(i, c)| {
                 let continuations: Vec<Vec<u32>> = c.choices.iter().map(|x| tok.ids(&format!(" {x}"))).collect::<std::result::Result<_, _>>()?;
-                let context = tok.ids(&c.prompt)?;
+                let context = tok.prompt_ids(&c.prompt)?;
                 check_fits(model, data, i, context.len() + continuations.iter().map(Vec::len).max().unwrap_or(0))?;
                 Ok(Choices { context, continuations })
             })
@@ -166,7 +171,7 @@ impl Budget {
 fn exact_match(model: &Model, tok: &Tokenizer, data: &TaskData, items: &[(usize, &Question)], budget: &Budget, opts: &Options) -> Result<f64> {
     let task = data.task;
     let bar = progress(opts.progress, task.name(), items.len());
-    let prompts = items.iter().map(|(_, q)| tok.ids(&q.prompt)).collect::<std::result::Result<Vec<_>, _>>()?;
+    let prompts = items.iter().map(|(_, q)| tok.prompt_ids(&q.prompt)).collect::<std::result::Result<Vec<_>, _>>()?;
     for (&(i, _), p) in items.iter().zip(&prompts) {
         check_fits(model, data, i, p.len() + 1)?;
     }

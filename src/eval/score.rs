@@ -144,28 +144,37 @@ impl Likelihood {
     }
 }
 
-/// Non-overlapping windows of `seq_len` tokens covering `ids` (a last window of one token,
-/// which predicts nothing, is dropped).
-pub fn windows(ids: &[u32], seq_len: usize) -> Vec<&[u32]> {
-    ids.chunks(seq_len.max(1)).filter(|w| w.len() > 1).collect()
+/// Non-overlapping windows covering `ids`, each `seq_len` tokens long with `prefix` (the
+/// tokenizer's sequence start, [`Tokenizer::prefix`](crate::tokenize::Tokenizer::prefix)) in
+/// front; a window with no token to predict is dropped, and so is every window when the prefix
+/// leaves no room.
+pub fn windows<'a>(ids: &'a [u32], prefix: &[u32], seq_len: usize) -> Vec<&'a [u32]> {
+    if seq_len <= prefix.len() {
+        return Vec::new();
+    }
+    ids.chunks(seq_len - prefix.len()).filter(|w| prefix.len() + w.len() > 1).collect()
 }
 
-/// The negative log-likelihood of every token of `window` but the first, each predicted from
-/// the window's tokens before it. The window runs `chunk` tokens at a time through a KV cache:
-/// the same numbers as one pass, in bounded memory.
-pub fn window_likelihood(model: &Model, window: &[u32], chunk: usize) -> Result<Likelihood> {
+/// The negative log-likelihood of every token of `window`, each predicted from `prefix` and the
+/// window's tokens before it (without a prefix, the first token is not predicted). The sequence
+/// runs `chunk` tokens at a time through a KV cache: the same numbers as one pass, in bounded
+/// memory.
+pub fn window_likelihood(model: &Model, prefix: &[u32], window: &[u32], chunk: usize) -> Result<Likelihood> {
+    let seq = [prefix, window].concat();
+    let first = prefix.len().max(1);
     let mut cache = KvCache::default();
     let mut nll = 0.0;
-    for start in (0..window.len()).step_by(chunk.max(1)) {
-        let chunk = &window[start..(start + chunk.max(1)).min(window.len())];
+    for start in (0..seq.len()).step_by(chunk.max(1)) {
+        let chunk = &seq[start..(start + chunk.max(1)).min(seq.len())];
         let hidden = model.forward(&Batch::right_padded(&[chunk.to_vec()]), &Hooks::default(), Some(&mut cache))?.hidden;
-        // Position j predicts token start + j + 1, if the window has it.
-        let next = &window[start + 1..(start + chunk.len() + 1).min(window.len())];
+        // Position j predicts token start + j + 1, if the sequence has it.
+        let next = &seq[start + 1..(start + chunk.len() + 1).min(seq.len())];
         if next.is_empty() {
             break;
         }
         let (logprobs, _) = predictions(model, &hidden.i((0, ..next.len()))?, next)?;
-        nll -= logprobs.iter().sum::<f64>();
+        let skip = first.saturating_sub(start + 1).min(logprobs.len());
+        nll -= logprobs[skip..].iter().sum::<f64>();
     }
-    Ok(Likelihood { nll, tokens: window.len() - 1 })
+    Ok(Likelihood { nll, tokens: seq.len().saturating_sub(first) })
 }

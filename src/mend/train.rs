@@ -333,7 +333,7 @@ fn teacher_forced(tok: &Tokenizer, prompt: &str, r: &Request) -> Result<Sequence
     if target.is_empty() {
         return Err(Error::Settings(format!("{}: the target tokenizes to nothing", r.origin)));
     }
-    Ok(Sequence::teacher_forced(tok.ids(prompt)?, &target))
+    Ok(Sequence::teacher_forced(tok.prompt_ids(prompt)?, &target))
 }
 
 /// One step's loss `edit_weight·edit + locality_weight·KL` (differentiable in the editor), with
@@ -348,10 +348,10 @@ pub fn training_loss(model: &Model, tok: &Tokenizer, editor: &Editor, batch: &[&
             paraphrases.push(teacher_forced(tok, p, r)?);
         }
         for n in r.neighbors.iter().take(tr.locality_prompts) {
-            locality.push(Sequence { ids: tok.ids(&n.prompt)?, targets: Vec::new() });
+            locality.push(Sequence { ids: tok.prompt_ids(&n.prompt)?, targets: Vec::new() });
         }
     }
-    locality.extend(text.iter().map(|ids| Sequence { ids: ids.clone(), targets: Vec::new() }));
+    locality.extend(text.iter().map(|ids| Sequence { ids: [tok.prefix(), ids].concat(), targets: Vec::new() }));
     let nr = rewrites.len();
     let seqs: Vec<Sequence> = rewrites.iter().chain(&paraphrases).chain(&locality).cloned().collect();
     let batch = Batch::right_padded(&seqs.iter().map(|s| s.ids.clone()).collect::<Vec<_>>());

@@ -35,6 +35,18 @@ pub struct Addition {
     pub delta: Tensor,
 }
 
+/// States set to given values at chosen token positions of one layer, after its additions
+/// (causal tracing's restoration of clean states).
+#[derive(Clone, Debug)]
+pub struct Restore {
+    pub layer: usize,
+    pub site: Site,
+    /// `(sequence, position)` pairs in the batch.
+    pub at: Vec<(usize, usize)>,
+    /// `[at.len(), hidden]`: the state each position takes.
+    pub values: Tensor,
+}
+
 /// A low-rank change `U·Vᵀ` to layer `layer`'s MLP output projection (edit view `[out, in]`):
 /// the projection computes `(W + U·Vᵀ)·key` with ordinary matmuls, so the pass is
 /// differentiable in `u [out, r]` and `v [in, r]` while `W` stays frozen (MEND's training).
@@ -60,6 +72,7 @@ pub struct Hooks {
     /// embeddings (what earlier layers computed, reused).
     pub resume: Option<(usize, Tensor)>,
     pub additions: Vec<Addition>,
+    pub restores: Vec<Restore>,
     pub weight_updates: Vec<WeightUpdate>,
     /// Run layers `0..=stop_after` only.
     pub stop_after: Option<usize>,
@@ -166,6 +179,7 @@ impl Model {
             .chain(&hooks.mlp_outputs)
             .chain(&hooks.attn_outputs)
             .chain(hooks.additions.iter().map(|a| &a.layer))
+            .chain(hooks.restores.iter().map(|r| &r.layer))
             .chain(hooks.weight_updates.iter().map(|u| &u.layer));
         for l in hooked {
             if *l > last || *l < first {
@@ -214,8 +228,14 @@ impl Model {
                 }
             }
         };
-        if hooks.additions.iter().any(|a| a.site == Site::Embedding && (a.layer != 0 || first != 0)) {
-            return Err(Error::Input("an addition to the embeddings must be at layer 0, in a pass that starts there".into()));
+        if hooks
+            .additions
+            .iter()
+            .map(|a| (a.site, a.layer))
+            .chain(hooks.restores.iter().map(|r| (r.site, r.layer)))
+            .any(|(s, l)| s == Site::Embedding && (l != 0 || first != 0))
+        {
+            return Err(Error::Input("a change to the embeddings must be at layer 0, in a pass that starts there".into()));
         }
         let mut x = add_vectors(x, hooks, 0, Site::Embedding)?;
 
@@ -418,11 +438,15 @@ fn low_rank(x: &Tensor, u: &Tensor, v: &Tensor) -> Result<Tensor> {
     Ok(y.reshape((b, t, d_out))?)
 }
 
-/// Adds the hooks' vectors for `(layer, site)` to `x [b, t, d]`.
+/// Adds the hooks' vectors for `(layer, site)` to `x [b, t, d]`, then sets the restored states.
 fn add_vectors(x: Tensor, hooks: &Hooks, layer: usize, site: Site) -> Result<Tensor> {
     let mut x = x;
     for a in hooks.additions.iter().filter(|a| a.layer == layer && a.site == site) {
         x = add_at(&x, &a.at, &a.delta)?;
+    }
+    for r in hooks.restores.iter().filter(|r| r.layer == layer && r.site == site) {
+        let now = rows(&x, &r.at)?;
+        x = add_at(&x, &r.at, &(r.values.to_dtype(x.dtype())? - now.to_dtype(x.dtype())?)?)?;
     }
     Ok(x)
 }

@@ -20,7 +20,7 @@ mod weights;
 pub use config::{Config, RopeConfig, RopeScaling, MAX_DIMENSION, MAX_LAYERS, MAX_POSITIONS};
 pub use device::{default_device, device_name};
 pub use family::{BlockTable, Dim, Dims, Family, NormKind, Orientation, Projection, Qkv};
-pub use forward::{add_at, rows, Addition, Batch, Hooks, KvCache, Site, Trace, WeightUpdate};
+pub use forward::{add_at, rows, Addition, Batch, Hooks, KvCache, Restore, Site, Trace, WeightUpdate};
 pub use generate::{generate, Sampling};
 
 use crate::checkpoint::{self, Checkpoint, Tensors};

@@ -24,17 +24,19 @@ impl Sums {
     }
 }
 
-/// Runs the model over `batches` once each, stopping after the highest of `layers`, and sums
-/// k kᵀ over every real (non-pad) token of every layer. `progress` advances by tokens.
-pub fn accumulate(model: &Model, layers: &[usize], batches: &[Vec<Vec<u32>>], progress: &ProgressBar) -> Result<BTreeMap<usize, Sums>> {
+/// Runs the model over `batches` once each, every sequence behind `prefix` (the tokenizer's
+/// sequence start), stopping after the highest of `layers`, and sums k kᵀ over every real token
+/// but the prefix's, at every layer. `progress` advances by tokens summed.
+pub fn accumulate(model: &Model, layers: &[usize], prefix: &[u32], batches: &[Vec<Vec<u32>>], progress: &ProgressBar) -> Result<BTreeMap<usize, Sums>> {
     let d = model.config.intermediate_size;
     let hooks = Hooks { keys: layers.to_vec(), stop_after: layers.iter().max().copied(), ..Hooks::default() };
     // Upper triangles only until the end (dsyrk); mirrored below.
     let mut upper: BTreeMap<usize, Vec<f64>> = layers.iter().map(|&l| (l, vec![0f64; d * d])).collect();
     let mut count = 0u64;
     let mut rows = Vec::new();
+    let p = prefix.len();
     for seqs in batches {
-        let batch = Batch::right_padded(seqs);
+        let batch = Batch::right_padded(&seqs.iter().map(|s| [prefix, s].concat()).collect::<Vec<_>>());
         let trace = model.forward(&batch, &hooks, None)?;
         let t = batch.seq_len();
         let real: usize = seqs.iter().map(Vec::len).sum();
@@ -42,7 +44,7 @@ pub fn accumulate(model: &Model, layers: &[usize], batches: &[Vec<Vec<u32>>], pr
             let keys = keys.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             rows.clear();
             for (s, seq) in seqs.iter().enumerate() {
-                rows.extend(keys[s * t * d..(s * t + seq.len()) * d].iter().map(|&k| k as f64));
+                rows.extend(keys[(s * t + p) * d..(s * t + p + seq.len()) * d].iter().map(|&k| k as f64));
             }
             syrk_upper(&mut upper.get_mut(layer).expect("hooked layer")[..], &rows, d);
         }

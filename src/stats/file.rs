@@ -29,6 +29,9 @@ pub struct Meta {
     pub max_tokens: Option<u64>,
     pub seq_len: usize,
     pub seed: u64,
+    /// The tokenizer's sequence-start tokens, put before every window and not summed (empty
+    /// for tokenizers that add none; then absent from the file and the request).
+    pub prefix: Vec<usize>,
     /// Shards of the run summed here, out of `shard_count` (a complete run is `[0]` of 1).
     pub shards: Vec<usize>,
     pub shard_count: usize,
@@ -52,6 +55,7 @@ impl Meta {
             self.seq_len,
             self.seed
         );
+        let text = if self.prefix.is_empty() { text } else { format!("{text}prefix {}\n", join(&self.prefix)) };
         blake3::hash(text.as_bytes()).to_hex().to_string()
     }
 
@@ -78,6 +82,7 @@ impl Meta {
             ("request", self.request_id()),
         ]
         .into_iter()
+        .chain((!self.prefix.is_empty()).then(|| ("prefix", join(&self.prefix))))
         .map(|(k, v)| (k.to_string(), v))
         .collect()
     }
@@ -104,6 +109,7 @@ impl Meta {
             max_tokens: if max == "all" { None } else { Some(num("max_tokens")?) },
             seq_len: num("seq_len")? as usize,
             seed: num("seed")?,
+            prefix: m.get("prefix").map(|p| list(p)).transpose()?.unwrap_or_default(),
             shards: list(idx)?,
             shard_count: n.parse().map_err(|_| bad(format!("bad `shards` `{shards}`")))?,
             tokens: num("tokens")?,

@@ -77,15 +77,21 @@ pub fn prepare(req: &Request) -> Result<Prepared> {
     if let Some(&layer) = layers.iter().find(|&&l| l >= cfg.num_layers) {
         return Err(Error::LayerOutOfRange { layer, model: req.model.clone(), last: cfg.num_layers - 1 });
     }
-    if req.seq_len == 0 || req.seq_len > cfg.max_positions {
-        return Err(Error::Invalid(format!("seq-len {} must be between 1 and the model's {} positions", req.seq_len, cfg.max_positions)));
+    let tokenizer = Tokenizer::open(&req.model)?;
+    let start = tokenizer.prefix().len();
+    if req.seq_len <= start || req.seq_len > cfg.max_positions {
+        return Err(Error::Invalid(format!(
+            "seq-len {} must be between {} (the tokenizer's {start} sequence-start token(s), and one more) and the model's {} positions",
+            req.seq_len,
+            start + 1,
+            cfg.max_positions
+        )));
     }
     if req.max_tokens == Some(0) {
         return Err(Error::Invalid("--tokens must be positive".into()));
     }
     let tok_path = req.model.join(tokenize::FILE);
     let tokenizer_hash = blake3::hash(&crate::read_regular(&tok_path, crate::MAX_METADATA_BYTES)?);
-    let tokenizer = Tokenizer::open(&req.model)?;
     let corpus = Corpus::read(&req.corpus)?;
     let meta = Meta {
         model: Checkpoint::open(&req.model)?.identity_cached(&crate::checkpoint::default_hash_cache())?.to_hex().to_string(),
@@ -95,6 +101,7 @@ pub fn prepare(req: &Request) -> Result<Prepared> {
         max_tokens: req.max_tokens,
         seq_len: req.seq_len,
         seed: req.seed,
+        prefix: tokenizer.prefix().iter().map(|&t| t as usize).collect(),
         shards: vec![req.shard.index],
         shard_count: req.shard.count,
         tokens: 0,
@@ -109,7 +116,8 @@ pub fn compute(p: &Prepared, progress: bool) -> Result<Stats> {
     spinner.set_message(format!("stats: sampling {} documents", p.corpus.documents.len()));
     spinner.enable_steady_tick(std::time::Duration::from_millis(200));
     let ids = |d: &str| Ok(p.tokenizer.ids(d)?);
-    let chunks = sample(&p.corpus.documents, ids, p.meta.seq_len, p.meta.seed, p.meta.max_tokens)?;
+    let prefix = p.tokenizer.prefix();
+    let chunks = sample(&p.corpus.documents, ids, p.meta.seq_len - prefix.len(), p.meta.seed, p.meta.max_tokens)?;
     spinner.finish_and_clear();
     if chunks.is_empty() {
         return Err(Error::EmptyCorpus(format!("{} document(s) but no tokens", p.corpus.documents.len())));
@@ -118,7 +126,7 @@ pub fn compute(p: &Prepared, progress: bool) -> Result<Stats> {
     let bar = if progress { ProgressBar::new(plan.tokens) } else { ProgressBar::hidden() };
     bar.set_style(ProgressStyle::with_template("stats {bar:30} {human_pos}/{human_len} tokens  {per_sec}  ETA {eta}").expect("valid template"));
     let model = Model::load(&p.model)?;
-    let layers = accumulate(&model, &p.meta.layers, &plan.batches, &bar)?;
+    let layers = accumulate(&model, &p.meta.layers, prefix, &plan.batches, &bar)?;
     bar.finish_and_clear();
     Ok(Stats { meta: Meta { tokens: plan.tokens, ..p.meta.clone() }, layers })
 }
