@@ -696,7 +696,7 @@ fn run(command: Command) -> Result<()> {
             let t = trace::trace(&m, &tok, &req.prompt, &req.subject, &req.target_new, opts)?;
             println!("P({:?}): clean {:.4}, corrupted {:.4} (noise σ {:.4}, {samples} draws)", t.answer, t.clean, t.corrupted, t.noise);
             for (kind, layers) in trace::Kind::ALL.iter().zip(&t.restored) {
-                println!("restoring the {} (P(answer) by layer 0..{}):", kind.name(), layers.len() - 1);
+                println!("{} (P(answer) by layer 0..{}):", kind.title(t.window), layers.len() - 1);
                 for (p, label) in t.labels().iter().enumerate() {
                     let row: Vec<String> = layers.iter().map(|l| format!("{:.2}", l[p])).collect();
                     let best = (0..layers.len()).max_by(|&a, &b| layers[a][p].total_cmp(&layers[b][p])).unwrap_or(0);
@@ -846,10 +846,10 @@ fn trace_facts(
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let avg = trace::average(&traces, opts.window);
+    let avg = trace::average(&traces);
     println!("mean P(answer): clean {:.4}, corrupted {:.4}; average indirect effect by class and layer:", avg.clean, avg.corrupted);
     for (kind, classes) in trace::Kind::ALL.iter().zip(&avg.effect) {
-        println!("restoring the {}:", kind.name());
+        println!("{}:", kind.title(avg.window));
         for ((class, n), row) in trace::CLASSES.iter().zip(avg.counts).zip(classes) {
             let best = (0..row.len()).fold(0, |b, l| if row[l] > row[b] { l } else { b });
             let cells: Vec<String> = row.iter().map(|v| format!("{v:.2}")).collect();
@@ -859,7 +859,8 @@ fn trace_facts(
     let (one, five) = (avg.edit_layers(1), avg.edit_layers(5));
     println!("MLP effect at the last subject token: peak layer {} (ROME), best 5 consecutive layers {}-{} (MEMIT)", one.start, five.start, five.end - 1);
     if let Some(png) = out {
-        avg.draw(&format!("{} facts of {}", known.len(), path.display()), png, policy)?;
+        let file = path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned());
+        avg.draw(&format!("{} facts of {file}", known.len()), png, policy)?;
         eprintln!("heatmaps: {}", png.display());
     }
     Ok(())

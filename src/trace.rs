@@ -72,6 +72,14 @@ impl Default for Options {
 }
 
 impl Kind {
+    /// What a restoration of this kind sets, as tables and heatmaps title it.
+    pub fn title(self, window: usize) -> String {
+        match self {
+            Kind::Hidden => format!("restoring the {}", self.name()),
+            _ => format!("restoring the {} of the {window} layers around each", self.name()),
+        }
+    }
+
     /// The layers one restoration "at layer `l`" sets, of `layers`: `l` alone for the hidden
     /// state, `l − ⌊w/2⌋ .. l + ⌈w/2⌉` (clipped) for the MLP and attention outputs, as in ROME.
     pub fn window(self, l: usize, window: usize, layers: usize) -> std::ops::Range<usize> {
@@ -99,6 +107,8 @@ pub struct CausalTrace {
     /// Per kind (in [`Kind::ALL`] order): P(answer) with that state restored, `[layer][token]`,
     /// the mean over the draws.
     pub restored: Vec<Vec<Vec<f64>>>,
+    /// Layers restored together for the MLP and attention outputs.
+    pub window: usize,
 }
 
 /// Traces `prompt` (the subject at its `{}`) towards the first token of `target`.
@@ -185,7 +195,16 @@ pub fn trace(model: &Model, tok: &Tokenizer, template: &str, subject: &str, targ
         restored.push(per_layer);
     }
     let tokens = ids.iter().map(|&id| tok.decode(&[id])).collect::<std::result::Result<_, _>>()?;
-    Ok(CausalTrace { tokens, subject: first..last + 1, answer: tok.decode(&[answer])?, clean: p_clean, corrupted: p_corrupt, noise, restored })
+    Ok(CausalTrace {
+        tokens,
+        subject: first..last + 1,
+        answer: tok.decode(&[answer])?,
+        clean: p_clean,
+        corrupted: p_corrupt,
+        noise,
+        restored,
+        window: opts.window,
+    })
 }
 
 impl CausalTrace {
@@ -200,7 +219,7 @@ impl CausalTrace {
             .iter()
             .zip(&self.restored)
             .map(|(k, layers)| crate::plot::Grid {
-                title: format!("restoring the {}", k.name()),
+                title: k.title(self.window),
                 row_labels: self.labels(),
                 x_label: "layer".into(),
                 values: (0..self.tokens.len()).map(|p| layers.iter().map(|row| row[p]).collect()).collect(),
@@ -211,7 +230,8 @@ impl CausalTrace {
                 "P({:?}) clean {:.3}, with the subject's embeddings (* tokens) corrupted {:.3} (noise σ = {:.4})",
                 self.answer, self.clean, self.corrupted, self.noise
             ),
-            "each cell: P(answer) with that one layer's state at that one token restored to its clean value".into(),
+            "cell: P(answer) with that layer's state (MLP, attention: the window's)".into(),
+            "at that one token restored to its clean value".into(),
         ];
         crate::plot::grid(png, &format!("Causal trace: {what}"), &notes, "P(answer)", &panels, policy)
     }
@@ -260,7 +280,7 @@ pub struct Average {
 }
 
 /// Averages `traces` (all of one model) by token class.
-pub fn average(traces: &[CausalTrace], window: usize) -> Average {
+pub fn average(traces: &[CausalTrace]) -> Average {
     let layers = traces.first().map_or(0, |t| t.restored[0].len());
     let mut effect = vec![vec![vec![0.0; layers]; CLASSES.len()]; Kind::ALL.len()];
     let mut counts = [0usize; 6];
@@ -291,7 +311,7 @@ pub fn average(traces: &[CausalTrace], window: usize) -> Average {
         corrupted: traces.iter().map(|t| t.corrupted).sum::<f64>() / n,
         effect,
         counts,
-        window,
+        window: traces.first().map_or(0, |t| t.window),
     }
 }
 
@@ -312,18 +332,16 @@ impl Average {
             .iter()
             .zip(&self.effect)
             .map(|(k, classes)| crate::plot::Grid {
-                title: match k {
-                    Kind::Hidden => format!("restoring the {}", k.name()),
-                    _ => format!("restoring the {} of {} layers around each", k.name(), self.window),
-                },
+                title: k.title(self.window),
                 row_labels: CLASSES.iter().zip(&self.counts).map(|(c, n)| format!("{c} ({n})")).collect(),
                 x_label: "layer".into(),
                 values: classes.clone(),
             })
             .collect();
         let notes = vec![
-            format!("{} facts the model knows; mean P(answer) clean {:.3}, with the subject's embeddings corrupted {:.3}", self.facts, self.clean, self.corrupted),
-            "each cell: average indirect effect, P(answer) with the state restored minus P corrupted, over the facts with tokens of that class (count in brackets)".into(),
+            format!("{} facts the model knows; mean P(answer) clean {:.3}, subject corrupted {:.3}", self.facts, self.clean, self.corrupted),
+            "cell: average indirect effect, P(answer) restored − P(answer) corrupted,".into(),
+            "over the facts with tokens of that class (how many in brackets)".into(),
         ];
         crate::plot::grid(png, &format!("Average causal trace: {what}"), &notes, "indirect effect", &panels, policy)
     }

@@ -80,6 +80,7 @@ fn synthetic(tokens: usize, subject: std::ops::Range<usize>, value: impl Fn(usiz
         corrupted: 0.1,
         noise: 1.0,
         restored: vec![per_kind; 3],
+        window: 10,
     }
 }
 
@@ -91,7 +92,7 @@ fn traces_average_by_token_class() {
     // A one-token subject is its last token; no middle, no further tokens.
     let b = synthetic(3, 0..1, |l, _| if l == 2 { 0.9 } else { 0.1 });
     assert_eq!(b.classes(), [Some(2), Some(3), Some(5)]);
-    let avg = trace::average(&[a, b], 10);
+    let avg = trace::average(&[a, b]);
     assert_eq!((avg.facts, avg.counts), (2, [1, 1, 2, 2, 1, 2]));
     // Effects are P restored − P corrupted, class means per fact, then means over facts.
     let last_subject = &avg.effect[1][trace::LAST_SUBJECT];
