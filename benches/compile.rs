@@ -41,6 +41,24 @@ fn scores(m: &Model, tok: &Tokenizer, reqs: &[request::Request]) -> [f64; 3] {
     s
 }
 
+/// `text` split at the commas outside brackets (`memit:layers=[2,3],rome` is two runs).
+fn top_level(text: &str) -> Vec<&str> {
+    let (mut parts, mut depth, mut start) = (Vec::new(), 0i32, 0);
+    for (i, c) in text.char_indices() {
+        match c {
+            '[' | '{' => depth += 1,
+            ']' | '}' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&text[start..]);
+    parts
+}
+
 fn main() {
     factpatch::init_process();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -75,8 +93,8 @@ fn main() {
     println!("\n| method | RECT k | batch | s/fact | steps | capped | efficacy | paraphrase | neighbourhood |\n|---|---|---|---|---|---|---|---|---|");
     // FACTPATCH_BENCH_RUNS picks and orders the runs, e.g. `memit-batch,memit:early_stop=mpes,rome`.
     let runs = std::env::var("FACTPATCH_BENCH_RUNS").unwrap_or_else(|_| "rome,memit,memit:early_stop=mpes,encore,memit-batch".into());
-    let runs: Vec<(Method, usize, Vec<String>)> = runs
-        .split(',')
+    let runs: Vec<(Method, usize, Vec<String>)> = top_level(&runs)
+        .into_iter()
         .map(|r| {
             let mut parts = r.trim().split(':');
             let name = parts.next().unwrap_or_default();
