@@ -851,7 +851,7 @@ fn trace_facts(
     for (kind, classes) in trace::Kind::ALL.iter().zip(&avg.effect) {
         println!("{}:", kind.title(avg.window));
         for ((class, n), row) in trace::CLASSES.iter().zip(avg.counts).zip(classes) {
-            let best = (0..row.len()).fold(0, |b, l| if row[l] > row[b] { l } else { b });
+            let best = eval::general::best(row);
             let cells: Vec<String> = row.iter().map(|v| format!("{v:.2}")).collect();
             println!("  {class:>22} ({n:>2}) best layer {best:>2} ({:.3}): {}", row[best], cells.join(" "));
         }

@@ -151,7 +151,8 @@ pub fn trace(model: &Model, tok: &Tokenizer, template: &str, subject: &str, targ
     let at_subject: Vec<(usize, usize)> = (0..s).flat_map(|i| (first..=last).map(move |p| (i, p))).collect();
     let corrupt_noise = Addition { layer: 0, site: Site::Embedding, at: at_subject, delta: draws.clone() };
     let batch = Batch::right_padded(&vec![ids.clone(); s]);
-    let corrupt = model.forward(&batch, &Hooks { additions: vec![corrupt_noise], ..hooks.clone() }, None)?;
+    // Restorations resume from the corrupted residual stream; its other states are not read.
+    let corrupt = model.forward(&batch, &Hooks { residuals: all.clone(), additions: vec![corrupt_noise], ..Hooks::default() }, None)?;
     let p_clean = prob(&clean.hidden)?[0];
     let p_corrupt = prob(&corrupt.hidden)?.iter().sum::<f64>() / s as f64;
 
@@ -215,16 +216,9 @@ impl CausalTrace {
 
     /// The heatmaps (tokens × layers, one panel per kind), titled with `what`, into `png`.
     pub fn draw(&self, what: &str, png: &std::path::Path, policy: &crate::atomic::Policy) -> std::result::Result<(), crate::plot::Error> {
-        let panels: Vec<crate::plot::Grid> = Kind::ALL
-            .iter()
-            .zip(&self.restored)
-            .map(|(k, layers)| crate::plot::Grid {
-                title: k.title(self.window),
-                row_labels: self.labels(),
-                x_label: "layer".into(),
-                values: (0..self.tokens.len()).map(|p| layers.iter().map(|row| row[p]).collect()).collect(),
-            })
-            .collect();
+        let rows: Vec<Vec<Vec<f64>>> =
+            self.restored.iter().map(|layers| (0..self.tokens.len()).map(|p| layers.iter().map(|row| row[p]).collect()).collect()).collect();
+        let panels = panels(self.window, &self.labels(), &rows);
         let notes = vec![
             format!(
                 "P({:?}) clean {:.3}, with the subject's embeddings (* tokens) corrupted {:.3} (noise σ = {:.4})",
@@ -235,6 +229,15 @@ impl CausalTrace {
         ];
         crate::plot::grid(png, &format!("Causal trace: {what}"), &notes, "P(answer)", &panels, policy)
     }
+}
+
+/// One heatmap panel per kind (in [`Kind::ALL`] order): `rows[kind][row][layer]`, labelled.
+fn panels(window: usize, labels: &[String], rows: &[Vec<Vec<f64>>]) -> Vec<crate::plot::Grid> {
+    Kind::ALL
+        .iter()
+        .zip(rows)
+        .map(|(k, values)| crate::plot::Grid { title: k.title(window), row_labels: labels.to_vec(), x_label: "layer".into(), values: values.clone() })
+        .collect()
 }
 
 /// ROME's token classes (Meng et al. 2022, Figure 2), by which traces of different prompts are
@@ -322,22 +325,14 @@ impl Average {
         let mlp = &self.effect[Kind::ALL.iter().position(|&k| k == Kind::Mlp).expect("MLP")][LAST_SUBJECT];
         let n = n.clamp(1, mlp.len().max(1));
         let sums: Vec<f64> = mlp.windows(n).map(|w| w.iter().sum()).collect();
-        let start = (0..sums.len()).fold(0, |b, i| if sums[i] > sums[b] { i } else { b });
+        let start = crate::eval::general::best(&sums);
         start..start + n
     }
 
     /// The heatmaps (classes × layers, one panel per kind), titled with `what`, into `png`.
     pub fn draw(&self, what: &str, png: &std::path::Path, policy: &crate::atomic::Policy) -> std::result::Result<(), crate::plot::Error> {
-        let panels: Vec<crate::plot::Grid> = Kind::ALL
-            .iter()
-            .zip(&self.effect)
-            .map(|(k, classes)| crate::plot::Grid {
-                title: k.title(self.window),
-                row_labels: CLASSES.iter().zip(&self.counts).map(|(c, n)| format!("{c} ({n})")).collect(),
-                x_label: "layer".into(),
-                values: classes.clone(),
-            })
-            .collect();
+        let labels: Vec<String> = CLASSES.iter().zip(&self.counts).map(|(c, n)| format!("{c} ({n})")).collect();
+        let panels = panels(self.window, &labels, &self.effect);
         let notes = vec![
             format!("{} facts the model knows; mean P(answer) clean {:.3}, subject corrupted {:.3}", self.facts, self.clean, self.corrupted),
             "cell: average indirect effect, P(answer) restored − P(answer) corrupted,".into(),
@@ -370,11 +365,12 @@ pub fn read_facts(path: &std::path::Path) -> Result<Vec<Fact>> {
     known
         .into_iter()
         .enumerate()
-        .map(|(i, k)| match k.prompt.find(&k.subject) {
-            Some(_) if !k.subject.trim().is_empty() && !k.attribute.trim().is_empty() => {
-                Ok(Fact { template: k.prompt.replacen(&k.subject, "{}", 1), subject: k.subject, answer: k.attribute })
+        .map(|(i, k)| {
+            let template = crate::edit::request::template(&k.prompt, &k.subject, &format!("record {}", i + 1)).map_err(|e| bad(e.to_string()))?;
+            match k.attribute.trim().is_empty() {
+                true => Err(bad(format!("record {}: the attribute is empty", i + 1))),
+                false => Ok(Fact { template, subject: k.subject.trim().to_string(), answer: k.attribute }),
             }
-            _ => Err(bad(format!("record {}: the prompt must contain a non-empty subject, and the attribute must not be empty", i + 1))),
         })
         .collect()
 }

@@ -142,7 +142,7 @@ pub fn parse_fact(spec: &str) -> Result<Request> {
 }
 
 /// `prompt` as a template: kept if it has `{}`, else the subject's first occurrence becomes `{}`.
-fn template(prompt: &str, subject: &str, origin: &str) -> Result<String> {
+pub(crate) fn template(prompt: &str, subject: &str, origin: &str) -> Result<String> {
     if prompt.contains("{}") {
         return Ok(prompt.to_string());
     }
