@@ -334,5 +334,11 @@ fn memit_lands_its_target_at_the_family_edit_point() {
         let gap = now.iter().zip(t.init.iter().zip(&t.delta)).map(|(v, (h, d))| (*v as f64 - h - d).powi(2)).sum::<f64>().sqrt();
         let norm = t.delta.iter().map(|d| d * d).sum::<f64>().sqrt();
         assert!(norm > 0.0 && gap < 0.4 * norm, "{name}: ‖after − target‖ = {gap:.4}, ‖δ‖ = {norm:.4}");
+        if at_mlp {
+            // Only the target's direction passes the norm: it keeps the norm of the output it replaces.
+            let length = |v: Vec<f64>| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let (target, init) = (length(t.init.iter().zip(&t.delta).map(|(h, d)| h + d).collect()), length(t.init.clone()));
+            assert!((target - init).abs() <= 1e-9 * init, "{name}: ‖target‖ = {target}, ‖init‖ = {init}");
+        }
     }
 }

@@ -167,7 +167,7 @@ impl Hparams {
         Hparams {
             method,
             layers: match method {
-                Method::Rome | Method::Emmet => vec![layers[1.min(layers.len() - 1)]],
+                Method::Rome | Method::Emmet => vec![layers[config.family.rome_layer_index.min(layers.len() - 1)]],
                 Method::Memit | Method::AlphaEdit | Method::Encore => layers,
                 Method::Kn => (0..config.num_layers).collect(),
                 Method::Mend => (config.num_layers.saturating_sub(3)..config.num_layers).collect(),

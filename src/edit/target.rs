@@ -261,16 +261,31 @@ pub fn optimize(model: &Model, facts: &[FactPrompts], edit: Edit, hp: &Hparams) 
             }
         }
     }
+    let normed = matches!(edit, Edit::MlpOut(_)) && !model.config.family.mlp_joins_residual();
     Ok((0..nf)
         .map(|f| {
             let (steps, loss, row, stop) = match &done[f] {
                 Some(s) => (s.step, s.loss, s.delta.clone(), s.stop),
                 None => (cap, last_loss[f], adam.theta[f * d..(f + 1) * d].to_vec(), Stop::StepCap),
             };
-            let delta = row.iter().map(|&x| x as f64).collect();
+            let delta: Vec<f64> = row.iter().map(|&x| x as f64).collect();
+            let delta = if normed { at_init_norm(&inits[f], &delta) } else { delta };
             Target { delta, init: inits[f].clone(), key: keys[f].clone(), value: outputs[f].clone(), steps, loss, stop }
         })
         .collect())
+}
+
+/// Where a norm follows the MLP, only the direction of its output `m + δ` reaches the residual
+/// stream, yet neighbours' leak grows with ‖δ‖. Rescaled to the norm of `m`, the target points
+/// the same way (the raw prompt's residual is unchanged, up to the norm's ε) with ‖δ‖ ≤ 2‖m‖.
+fn at_init_norm(m: &[f64], delta: &[f64]) -> Vec<f64> {
+    let z: Vec<f64> = m.iter().zip(delta).map(|(m, d)| m + d).collect();
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let (nz, nm) = (norm(&z), norm(m));
+    if nz == 0.0 {
+        return delta.to_vec();
+    }
+    z.iter().zip(m).map(|(z, m)| z * nm / nz - m).collect()
 }
 
 /// Everything [`optimize`] knows of every fact, from which the batch of the facts still being

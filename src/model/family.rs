@@ -233,6 +233,9 @@ pub struct Family {
     pub mlp_out: Projection,
     /// Layers MEMIT edits by default in a model that has them all (see [`Family::edit_layers`]).
     pub default_edit_layers: [usize; 5],
+    /// Which of those layers ROME and EMMET edit by default (an index into them; the last one
+    /// in a shallower model that has fewer).
+    pub rome_layer_index: usize,
     /// The `config.json` key of the layer count.
     pub layers_key: &'static str,
     /// KN's integrated-gradient steps by default (the peers' setting for the family).
@@ -243,8 +246,8 @@ pub struct Family {
 }
 
 impl Family {
-    /// The layers MEMIT edits by default in a model of `num_layers` layers (ROME edits the
-    /// second of them, or the only one): [`Family::default_edit_layers`] when the model has
+    /// The layers MEMIT edits by default in a model of `num_layers` layers (ROME edits the one
+    /// [`Family::rome_layer_index`] picks): [`Family::default_edit_layers`] when the model has
     /// them all; in a shallower model, the same relative depths, each once: layer `l` becomes
     /// `l·n / (last + 1)` for `n` layers and `last` the deepest default. A 2-layer Llama gets
     /// `[0, 1]`, a 1-layer one `[0]`.

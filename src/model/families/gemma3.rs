@@ -17,7 +17,17 @@ use super::rope_section;
 use serde_json::{Map, Value};
 use std::path::Path;
 
-pub static FAMILY: Family = Family { name: "gemma3_text", model_types: &["gemma3_text"], block: BLOCK, config, ..gemma2::FAMILY };
+/// Edit layers from the average causal trace of 20 known facts on Gemma 3 270M (the MLP effect
+/// at the last subject token peaks at layer 4: ROME there, MEMIT two layers either side).
+pub static FAMILY: Family = Family {
+    name: "gemma3_text",
+    model_types: &["gemma3_text"],
+    block: BLOCK,
+    default_edit_layers: [2, 3, 4, 5, 6],
+    rome_layer_index: 2,
+    config,
+    ..gemma2::FAMILY
+};
 
 const BLOCK: BlockTable = BlockTable {
     qk_norm: Some((
