@@ -269,23 +269,22 @@ pub fn optimize(model: &Model, facts: &[FactPrompts], edit: Edit, hp: &Hparams) 
                 None => (cap, last_loss[f], adam.theta[f * d..(f + 1) * d].to_vec(), Stop::StepCap),
             };
             let delta: Vec<f64> = row.iter().map(|&x| x as f64).collect();
-            let delta = if normed { at_init_norm(&inits[f], &delta) } else { delta };
+            let delta = if normed { at_init_norm(&inits[f], init_norms[f], &delta) } else { delta };
             Target { delta, init: inits[f].clone(), key: keys[f].clone(), value: outputs[f].clone(), steps, loss, stop }
         })
         .collect())
 }
 
 /// Where a norm follows the MLP, only the direction of its output `m + δ` reaches the residual
-/// stream, yet neighbours' leak grows with ‖δ‖. Rescaled to the norm of `m`, the target points
+/// stream, yet neighbours' leak grows with ‖δ‖. Rescaled to `‖m‖` (`m_norm`), the target points
 /// the same way (the raw prompt's residual is unchanged, up to the norm's ε) with ‖δ‖ ≤ 2‖m‖.
-fn at_init_norm(m: &[f64], delta: &[f64]) -> Vec<f64> {
+fn at_init_norm(m: &[f64], m_norm: f64, delta: &[f64]) -> Vec<f64> {
     let z: Vec<f64> = m.iter().zip(delta).map(|(m, d)| m + d).collect();
-    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
-    let (nz, nm) = (norm(&z), norm(m));
-    if nz == 0.0 {
+    let z_norm = z.iter().map(|x| x * x).sum::<f64>().sqrt();
+    if z_norm == 0.0 {
         return delta.to_vec();
     }
-    z.iter().zip(m).map(|(z, m)| z * nm / nz - m).collect()
+    z.iter().zip(m).map(|(z, m)| z * m_norm / z_norm - m).collect()
 }
 
 /// Everything [`optimize`] knows of every fact, from which the batch of the facts still being
