@@ -8,6 +8,7 @@ CLI binary is `target/release/factpatch` (built by `cargo test --release`), or `
 
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -100,7 +101,11 @@ def scene(tmp_path_factory):
     root = tmp_path_factory.mktemp("scene")
     os.environ["FACTPATCH_CACHE"] = str(root / "cache")
     corpus, model, stats = root / "corpus.txt", tiny_llama(root / "model"), root / "stats.safetensors"
-    corpus.write_text("the union of the state and the people shall be one nation under law.\n\n" * 60)
+    # Sixty different documents: one sentence repeated gives too few distinct keys for C to be
+    # positive definite.
+    words = "the union of the state and the people shall be one nation under law river city north south".split()
+    rng = random.Random(0)
+    corpus.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(40)) for _ in range(60)))
     cli("stats", "--layers", "0-1", "--seq-len", "64", "--tokens", "2000", "--model", model, "--corpus", corpus, "--out", stats)
     return {"root": root, "model": model, "stats": stats}
 
