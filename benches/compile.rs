@@ -4,7 +4,8 @@
 //!
 //! Run: `cargo bench --bench compile` (after `fixtures/setup.sh`); `FACTPATCH_BENCH_REQUESTS`
 //! names the requests file (default `fixtures/data/edit/counterfact-rome-300.json`),
-//! `FACTPATCH_BENCH_FACTS=N` how many of its records (default 10; `all` for every one),
+//! `FACTPATCH_BENCH_FACTS` which of its records: `N` the first N (default 10), `A-B` records A
+//! to B counted from 1, `all` every one,
 //! `FACTPATCH_BENCH_RUNS` which runs: methods (`rome`, `memit`, `emmet`, `alphaedit`, `encore`,
 //! `kn`, `mend` with `FACTPATCH_BENCH_EDITOR` naming the editor file), a `-batch` suffix for one batch of N, then `:KEY=VALUE` hyperparameter overrides
 //! (default `rome,memit,memit:early_stop=mpes,encore,memit-batch`), and
@@ -65,12 +66,20 @@ fn main() {
     let dir = std::env::var("FACTPATCH_BENCH_MODEL").map_or_else(|_| root.join("fixtures/models/SmolLM2-135M-Instruct"), |p| root.join(p));
     let file = std::env::var("FACTPATCH_BENCH_REQUESTS").map_or_else(|_| root.join("fixtures/data/edit/counterfact-rome-300.json"), |p| root.join(p));
     let reqs = request::read(&file).unwrap_or_else(|e| panic!("{e}"));
-    let n = match std::env::var("FACTPATCH_BENCH_FACTS").as_deref() {
-        Ok("all") => reqs.len(),
-        Ok(v) => v.parse::<usize>().unwrap_or_else(|e| panic!("FACTPATCH_BENCH_FACTS: `{v}`: {e}")).min(reqs.len()),
-        Err(_) => 10.min(reqs.len()),
+    let (first, n) = match std::env::var("FACTPATCH_BENCH_FACTS").as_deref() {
+        Ok("all") => (0, reqs.len()),
+        Ok(v) => {
+            let number = |x: &str| x.parse::<usize>().unwrap_or_else(|e| panic!("FACTPATCH_BENCH_FACTS: `{v}`: {e}"));
+            match v.split_once('-') {
+                Some((a, b)) if number(a) >= 1 && number(b) >= number(a) => (number(a) - 1, number(b) + 1 - number(a)),
+                Some(_) => panic!("FACTPATCH_BENCH_FACTS: `{v}` is not a range FIRST-LAST of records counted from 1"),
+                None => (0, number(v)),
+            }
+        }
+        Err(_) => (0, 10),
     };
-    let reqs = &reqs[..n];
+    let reqs = &reqs[first.min(reqs.len())..(first + n).min(reqs.len())];
+    let n = reqs.len();
     let spec = |method: Method, rect: f64, sets: &[String]| Spec {
         overrides: std::iter::once(format!("rect_k={rect}")).chain(sets.iter().cloned()).collect(),
         stats: std::env::var("FACTPATCH_BENCH_STATS")
@@ -84,7 +93,9 @@ fn main() {
     let (base, tok) = (&unedited.model, &unedited.tokenizer);
     let pre = scores(base, tok, reqs);
     println!(
-        "{n} records of {}; unedited: efficacy {:.2}, paraphrase {:.2}, neighbourhood {:.2}",
+        "{n} records ({}-{}) of {}; unedited: efficacy {:.2}, paraphrase {:.2}, neighbourhood {:.2}",
+        first + 1,
+        first + n,
         file.display(),
         pre[0] / n as f64,
         pre[1] / n as f64,

@@ -1,12 +1,14 @@
 //! Do edits survive quantization? The first `FACTPATCH_BENCH_RECORDS` (default 50) CounterFact
-//! records of `fixtures/data/edit/counterfact-easyedit-10k.json`, each a single MEMIT edit of the
-//! unedited SmolLM2-135M-Instruct folder (imported from the Q4_1 GGUF, statistics from the demo's
-//! corpus), once per RECT setting of `FACTPATCH_BENCH_RECT` (default `none,40`), evaluated by
-//! `eval`'s CounterFact metrics (efficacy, paraphrase, neighbourhood) on:
+//! records of `fixtures/data/edit/counterfact-easyedit-10k.json`, each a single edit
+//! (`FACTPATCH_BENCH_METHOD`, default `memit`) of an unedited folder imported from a GGUF
+//! (`FACTPATCH_BENCH_MODEL`: `smollm2`, the default, from its Q4_1 GGUF with SOTU statistics, or
+//! `gemma3-270m`, from its Q4_K_M GGUF with Brown statistics; 100k tokens, as the demo), once per
+//! RECT setting of `FACTPATCH_BENCH_RECT` (default `none,40`), evaluated by `eval`'s CounterFact
+//! metrics (efficacy, paraphrase, neighbourhood) on:
 //!
 //! - (a) the f32 folder with the patch overlaid (`eval --patch`);
-//! - (b) the GGUF `apply` writes with the touched tensors quantized again (`--touched-as own`),
-//!   imported back;
+//! - (b) the GGUF `apply` writes with the touched tensors quantized again in their own type
+//!   (`--touched-as own`), imported back;
 //! - (c) the same with the touched tensors stored as f16 (`--touched-as f16`);
 //! - (d) the PEFT LoRA adapter `export` makes (the factors exactly without RECT, else the rank
 //!   `FACTPATCH_BENCH_LORA_RANK` (default 1) truncated SVD), as base + B·A in f32: the folder is
@@ -34,7 +36,24 @@ use std::path::{Path, PathBuf};
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-const VARIANTS: [&str; 5] = ["unedited", "(a) f32 folder + patch", "(b) GGUF, touched Q4_1 again", "(c) GGUF, touched f16", "(d) LoRA adapter, base + B·A"];
+const VARIANTS: [&str; 5] =
+    ["unedited", "(a) f32 folder + patch", "(b) GGUF, touched in own type again", "(c) GGUF, touched f16", "(d) LoRA adapter, base + B·A"];
+
+/// A model the bench can edit: the imported folder, the GGUF it came from, its statistics corpus.
+struct Subject {
+    folder: PathBuf,
+    gguf: PathBuf,
+    corpus: &'static str,
+}
+
+/// The subject `FACTPATCH_BENCH_MODEL` names.
+fn subject(name: &str) -> Subject {
+    match name {
+        "smollm2" => Subject { folder: common::smollm2(), gguf: common::smollm2_gguf(), corpus: "fixtures/corpus/sotu.txt" },
+        "gemma3-270m" => Subject { folder: common::gemma3_270m(), gguf: common::gemma3_270m_gguf(), corpus: "fixtures/corpus/brown.txt" },
+        other => panic!("FACTPATCH_BENCH_MODEL: `{other}` is none of smollm2, gemma3-270m"),
+    }
+}
 
 /// A variable's value, or `default`.
 fn env(name: &str, default: &str) -> String {
@@ -82,7 +101,9 @@ fn main() {
     let records: usize = env("FACTPATCH_BENCH_RECORDS", "50").parse().unwrap();
     let settings: Vec<f64> = env("FACTPATCH_BENCH_RECT", "none,40").split(',').map(|k| rect::parse_k(k).unwrap()).collect();
     let rank: usize = env("FACTPATCH_BENCH_LORA_RANK", "1").parse().unwrap();
-    let (folder, file) = (common::smollm2(), common::smollm2_gguf());
+    let method = env("FACTPATCH_BENCH_METHOD", "memit");
+    let method = <Method as clap::ValueEnum>::from_str(&method, true).unwrap_or_else(|e| panic!("FACTPATCH_BENCH_METHOD: {e}"));
+    let Subject { folder, gguf: file, corpus } = subject(&env("FACTPATCH_BENCH_MODEL", "smollm2"));
     let path = common::root().join("fixtures/data/edit/counterfact-easyedit-10k.json");
     let mut requests = request::records(&path).unwrap();
     requests.truncate(records);
@@ -96,8 +117,8 @@ fn main() {
         let setting = factpatch::experiment::setting_name(k);
         let spec = Spec {
             overrides: vec![format!("rect_k={k}")],
-            stats: StatsSource::Corpus { files: vec![common::root().join("fixtures/corpus/sotu.txt")], tokens: 100_000 },
-            ..Spec::new(&folder, Method::Memit)
+            stats: StatsSource::Corpus { files: vec![common::root().join(corpus)], tokens: 100_000 },
+            ..Spec::new(&folder, method)
         };
         let compiler = Compiler::open(&spec).unwrap();
         let mut sums = [[0f64; 4]; VARIANTS.len()];
@@ -130,7 +151,7 @@ fn main() {
         tables.push((setting, sums, lost));
     }
     let n = records as f64;
-    println!("\nMEMIT, one edit per record from the unedited model, records 1-{records}; means over the records.");
+    println!("\n{method:?} on {}, one edit per record from the unedited model, records 1-{records}; means over the records.", folder.display());
     println!("(d): the adapter's factors exactly without RECT, their rank-{rank} truncated SVD with it.\n");
     println!("| RECT | model | efficacy | efficacy magnitude | paraphrase | neighbourhood | score (harmonic mean) |");
     println!("| --- | --- | ---: | ---: | ---: | ---: | ---: |");

@@ -40,7 +40,8 @@ pub enum TouchedAs {
 /// again to Q4_1, single MEMIT edits of SmolLM2 are mostly lost (the demo's model still answers
 /// Paris; over 50 CounterFact edits the mean margin P(new) − P(true) falls from +0.97 to +0.08,
 /// `cargo bench --bench gguf_quant`); in f16 they score as on the f32 folder, for 6% more bytes
-/// (`docs/runtimes.md`, "GGUF apply").
+/// (`docs/runtimes.md`, "GGUF apply"). Gemma 3 270M's Q4_K keeps its edits when quantized
+/// again, but rounds part of each away (paraphrase 0.96 → 0.88 over the same 50 records).
 pub const DEFAULT_TOUCHED_AS: TouchedAs = TouchedAs::F16;
 
 /// What the cache of tensor hashes calls the hashes of a GGUF file's dequantized tensors.

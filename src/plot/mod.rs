@@ -252,7 +252,10 @@ pub fn grid(path: &Path, title: &str, notes: &[String], scale_label: &str, panel
     let cols = panels.iter().flat_map(|p| p.values.iter().map(Vec::len)).max().unwrap_or(0);
     let panel_w = LABELS + cols * CELL.0 + 24;
     let panel_h = 30 + rows * CELL.1 + 50;
-    let width = (panel_w + 40).max(700);
+    // Wide enough for the panels, and for the title and every note on one line.
+    let text_w = |t: &str, size: u32| text(size).font.box_size(t).map_or(0, |(w, _)| w as usize);
+    let words = notes.iter().map(|n| text_w(n, 14)).chain([text_w(title, 22)]).max().unwrap_or(0);
+    let width = (panel_w + 40).max(words + 32).max(700);
     let height = top + panel_h * panels.len() + 60;
     let max = panels.iter().flat_map(|p| p.values.iter().flatten()).fold(0f64, |m, &v| m.max(v));
     let shade = |v: f64| viridis(if max > 0.0 { v / max } else { 0.0 });

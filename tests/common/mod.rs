@@ -143,6 +143,13 @@ pub fn smollm2_gguf() -> PathBuf {
     path
 }
 
+/// The verified Gemma 3 270M GGUF its folder is imported from; tells how to get it when missing.
+pub fn gemma3_270m_gguf() -> PathBuf {
+    let path = root().join("fixtures/models/gemma-3-270m.Q4_K_M.gguf");
+    assert!(path.is_file(), "{} is missing: run `bash fixtures/get-model.sh gemma3-270m` first", path.display());
+    path
+}
+
 /// A reference tensor: shape and values as f64 (floats) or i64 (ids).
 pub struct Ref {
     pub shape: Vec<usize>,
