@@ -70,8 +70,8 @@ fn main() {
         Ok("all") => (0, reqs.len()),
         Ok(v) => {
             let number = |x: &str| x.parse::<usize>().unwrap_or_else(|e| panic!("FACTPATCH_BENCH_FACTS: `{v}`: {e}"));
-            match v.split_once('-') {
-                Some((a, b)) if number(a) >= 1 && number(b) >= number(a) => (number(a) - 1, number(b) + 1 - number(a)),
+            match v.split_once('-').map(|(a, b)| (number(a), number(b))) {
+                Some((a, b)) if 1 <= a && a <= b => (a - 1, b + 1 - a),
                 Some(_) => panic!("FACTPATCH_BENCH_FACTS: `{v}` is not a range FIRST-LAST of records counted from 1"),
                 None => (0, number(v)),
             }

@@ -122,32 +122,32 @@ pub fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// `fixtures/models/NAME` when it is a file, or a folder holding the file `inside`; else a panic
+/// that names the command `fetch` to run first.
+fn fixture_model(name: &str, inside: Option<&str>, fetch: &str) -> PathBuf {
+    let path = root().join("fixtures/models").join(name);
+    assert!(inside.map_or(path.clone(), |f| path.join(f)).is_file(), "{} is missing: run `{fetch}` first", path.display());
+    path
+}
+
 /// The imported SmolLM2 folder; tells how to get it when missing.
 pub fn smollm2() -> PathBuf {
-    let dir = root().join("fixtures/models/SmolLM2-135M-Instruct");
-    assert!(dir.join("model.safetensors").is_file(), "{} is missing: run `bash fixtures/setup.sh` first", dir.display());
-    dir
+    fixture_model("SmolLM2-135M-Instruct", Some("model.safetensors"), "bash fixtures/setup.sh")
 }
 
 /// The imported Gemma 3 270M folder; tells how to get it when missing.
 pub fn gemma3_270m() -> PathBuf {
-    let dir = root().join("fixtures/models/gemma-3-270m");
-    assert!(dir.join("model.safetensors").is_file(), "{} is missing: run `bash fixtures/get-model.sh gemma3-270m` first", dir.display());
-    dir
+    fixture_model("gemma-3-270m", Some("model.safetensors"), "bash fixtures/get-model.sh gemma3-270m")
 }
 
 /// The verified SmolLM2 GGUF the folder is imported from; tells how to get it when missing.
 pub fn smollm2_gguf() -> PathBuf {
-    let path = root().join("fixtures/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(path.is_file(), "{} is missing: run `bash fixtures/setup.sh` first", path.display());
-    path
+    fixture_model("SmolLM2-135M-Instruct.Q4_1.gguf", None, "bash fixtures/setup.sh")
 }
 
 /// The verified Gemma 3 270M GGUF its folder is imported from; tells how to get it when missing.
 pub fn gemma3_270m_gguf() -> PathBuf {
-    let path = root().join("fixtures/models/gemma-3-270m.Q4_K_M.gguf");
-    assert!(path.is_file(), "{} is missing: run `bash fixtures/get-model.sh gemma3-270m` first", path.display());
-    path
+    fixture_model("gemma-3-270m.Q4_K_M.gguf", None, "bash fixtures/get-model.sh gemma3-270m")
 }
 
 /// A reference tensor: shape and values as f64 (floats) or i64 (ids).
