@@ -1,8 +1,8 @@
 //! `apply` onto the SmolLM2-135M-Instruct Q4_1 GGUF (98 MB) against `cp` of the same file, in
 //! the same run: the demo's MEMIT patch (compiled on the imported folder, RECT 40%) applied with
-//! the touched tensors stored each way `--touched-as` offers, each in a child process, as cp is:
-//! wall clock, CPU time and peak RSS. Then, for each way, how much of the edit the stored
-//! tensors keep and what the edited model answers. Prints tables.
+//! the touched tensors stored each way `--touched-as` offers, each by the `factpatch apply`
+//! command in a child process, as cp is: wall clock, CPU time and peak RSS. Then, for each way,
+//! how much of the edit the stored tensors keep and what the edited model answers. Prints tables.
 //!
 //! Run: `cargo bench --bench gguf_apply` (after `fixtures/setup.sh`); `FACTPATCH_BENCH_RUNS=N`
 //! timed runs (default 5).
@@ -11,13 +11,11 @@ use candle_core::quantized::gguf_file::Content;
 use candle_core::Device;
 use factpatch::apply::{ApplyOptions, Overlay, Stack};
 use factpatch::checkpoint::{Checkpoint, Tensors};
-use factpatch::compile::Compiler;
-use factpatch::edit::{request, Method};
 use factpatch::gguf::{self, OutDtype, TouchedAs};
 use factpatch::model::{generate, Model, Sampling};
 use factpatch::tokenize::Tokenizer;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 #[path = "../tests/common/mod.rs"]
@@ -26,11 +24,6 @@ mod common;
 const FACT: &str = "{} is located in the city of|The Eiffel Tower|Rome";
 const PROMPT: &str = "The Eiffel Tower is located in the city of";
 const MODES: [TouchedAs; 3] = [TouchedAs::Own, TouchedAs::F16, TouchedAs::F32];
-
-fn peak_rss_kib() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    s.lines().find(|l| l.starts_with("VmHWM")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0)
-}
 
 /// The `--touched-as` value of a mode.
 fn name(mode: TouchedAs) -> &'static str {
@@ -41,58 +34,56 @@ fn name(mode: TouchedAs) -> &'static str {
     }
 }
 
-/// Runs `cmd` to completion: its output and the CPU seconds (user + system) it used.
-fn timed(cmd: &mut Command) -> (std::process::Output, f64) {
-    let children = || {
-        // SAFETY: getrusage fills the zeroed struct it is given.
-        let mut r: libc::rusage = unsafe { std::mem::zeroed() };
-        unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut r) };
-        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-        secs(r.ru_utime) + secs(r.ru_stime)
-    };
-    let before = children();
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{:?}: {}", cmd, String::from_utf8_lossy(&out.stderr));
-    (out, children() - before)
+/// Runs `cmd` to completion, its standard output discarded: wall-clock seconds, CPU seconds (user +
+/// system) and peak RSS in MiB of the process.
+fn timed(cmd: &mut Command) -> (f64, f64, f64) {
+    let t = Instant::now();
+    #[allow(clippy::zombie_processes, reason = "reaped by wait4 below, which also gives its resource use")]
+    let child = cmd.stdout(Stdio::null()).spawn().unwrap();
+    let (mut status, mut r) = (0, unsafe { std::mem::zeroed::<libc::rusage>() });
+    // SAFETY: waits for our own child, filling the zeroed rusage and status it is given.
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut r) };
+    let wall = t.elapsed().as_secs_f64();
+    assert!(pid > 0 && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "{cmd:?} failed");
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    (wall, secs(r.ru_utime) + secs(r.ru_stime), r.ru_maxrss as f64 / 1024.0)
 }
 
 fn main() {
-    // Child mode: one apply, printing its seconds and this process's peak RSS (KiB).
-    if let (Ok(patch), Ok(out), Ok(mode)) = (std::env::var("FP_PATCH"), std::env::var("FP_OUT"), std::env::var("FP_MODE")) {
-        let mode = MODES.into_iter().find(|m| name(*m) == mode).unwrap();
-        let options = ApplyOptions {
-            sync: std::env::var("FP_SYNC").as_deref() == Ok("1"),
-            hash_cache: std::env::var_os("FP_CACHE").map(PathBuf::from),
-            ..Default::default()
-        };
-        let t = Instant::now();
-        gguf::apply(&common::smollm2_gguf(), &[PathBuf::from(patch)], Path::new(&out), &options, mode).unwrap();
-        println!("{} {}", t.elapsed().as_secs_f64(), peak_rss_kib());
-        return;
-    }
     let runs: usize = std::env::var("FACTPATCH_BENCH_RUNS").ok().and_then(|n| n.parse().ok()).unwrap_or(5);
     let model = common::smollm2_gguf();
     let scratch = tempfile::tempdir().unwrap();
     let patch = scratch.path().join("eiffel.fpatch");
-    let mut compiler = Compiler::open(&common::smollm2_spec(Method::Memit, &[])).unwrap();
-    std::fs::write(&patch, compiler.patch(&[request::parse_fact(FACT).unwrap()]).unwrap().patch.bytes).unwrap();
+    // Compiled by the command too: a child's peak RSS counts the memory of the process it was
+    // started from, which must stay small until the timed runs are done.
+    let root = common::root();
+    let compile = Command::new(env!("CARGO_BIN_EXE_factpatch"))
+        .args(["compile", "--method", "memit", "--rect", "40", "--stats-tokens", "20000", "--fact", FACT, "--model"])
+        .arg(common::smollm2())
+        .arg("--corpus")
+        .arg(root.join("fixtures/corpus/sotu.txt"))
+        .arg("--cache")
+        .arg(root.join("target/test-stats"))
+        .arg("--out")
+        .arg(&patch)
+        .status()
+        .unwrap();
+    assert!(compile.success(), "factpatch compile failed");
     let stack = Stack::load(std::slice::from_ref(&patch)).unwrap();
     let size = std::fs::metadata(&model).unwrap().len();
     println!("model: {} ({size} bytes)", model.display());
     println!("patch: MEMIT, RECT 40%, `{FACT}`: {} bytes, {} tensors touched", std::fs::metadata(&patch).unwrap().len(), stack.touched().count());
     println!("load average: {}", std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim());
 
-    let cache = scratch.path().join("hashes");
-    // One apply in a child process: (seconds, CPU seconds, peak RSS MiB).
+    // The hash cache lives in the scratch folder: the first apply fills it.
+    let cache = scratch.path().join("cache");
     let apply = |mode: TouchedAs, sync: bool, out: &Path| -> (f64, f64, f64) {
-        let mut cmd = Command::new(std::env::current_exe().unwrap());
-        cmd.env("FP_PATCH", &patch).env("FP_OUT", out).env("FP_MODE", name(mode)).env("FP_SYNC", if sync { "1" } else { "0" }).env("FP_CACHE", &cache);
-        let (child, cpu) = timed(&mut cmd);
-        let text = String::from_utf8_lossy(&child.stdout);
-        let v: Vec<f64> = text.split_whitespace().map(|x| x.parse().unwrap()).collect();
-        assert_eq!(v.len(), 2, "child failed: {}", String::from_utf8_lossy(&child.stderr));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_factpatch"));
+        cmd.env("FACTPATCH_CACHE", &cache).arg("apply").arg("--model").arg(&model).arg("--patch").arg(&patch).arg("--out").arg(out);
+        cmd.args(["--touched-as", name(mode)]).args((!sync).then_some("--no-sync"));
+        let measured = timed(&mut cmd);
         std::fs::remove_file(out).unwrap();
-        (v[0], cpu, v[1] / 1024.0)
+        measured
     };
     let sync = || assert!(Command::new("sync").status().unwrap().success());
     let (secs, _, rss) = apply(gguf::DEFAULT_TOUCHED_AS, false, &scratch.path().join("cold.gguf"));
@@ -105,8 +96,7 @@ fn main() {
         sync();
         let copy = scratch.path().join("copy.gguf");
         let t = Instant::now();
-        let (_, cp_cpu) = timed(Command::new("cp").arg(&model).arg(&copy));
-        let cp = t.elapsed().as_secs_f64();
+        let (cp, cp_cpu, _) = timed(Command::new("cp").arg(&model).arg(&copy));
         sync();
         let cp_sync = t.elapsed().as_secs_f64();
         std::fs::remove_file(&copy).unwrap();
@@ -141,7 +131,7 @@ fn main() {
     println!("\nΔ intended: base + delta − base in the f32 folder; Δ stored: the output's dequantized tensor − base.");
     println!("\n| --touched-as | output bytes | ⟨Δ stored, Δ intended⟩ / ‖Δ intended‖² | ‖Δ stored − Δ intended‖ / ‖Δ intended‖ | greedy continuation of \"{PROMPT}\" |");
     println!("| --- | ---: | ---: | ---: | --- |");
-    let opts = ApplyOptions { sync: false, hash_cache: Some(cache.clone()), ..Default::default() };
+    let opts = ApplyOptions { sync: false, hash_cache: Some(cache.join("hashes")), ..Default::default() };
     for mode in MODES {
         let out = scratch.path().join(format!("{}.gguf", name(mode)));
         gguf::apply(&model, std::slice::from_ref(&patch), &out, &opts, mode).unwrap();

@@ -87,10 +87,29 @@ impl Dtype {
     /// [`Dtype::decode`], appended to `out`.
     pub fn decode_into(self, bytes: &[u8], out: &mut Vec<f32>) {
         match self {
-            Dtype::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+            Dtype::F32 => {
+                // A copy of the bytes, then (on big-endian machines only) each value turned round.
+                let start = out.len();
+                out.resize(start + bytes.len() / 4, 0.0);
+                bytemuck::cast_slice_mut::<f32, u8>(&mut out[start..]).copy_from_slice(&bytes[..bytes.len() / 4 * 4]);
+                out[start..].iter_mut().for_each(|v| *v = f32::from_bits(u32::from_le(v.to_bits())));
+            }
             Dtype::F16 => out.extend(bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())),
             Dtype::BF16 => out.extend(bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())),
         }
+    }
+
+    /// `bytes` as f32 values: borrowed when they are f32 in memory already (aligned, on a
+    /// little-endian machine), else decoded into `buf`.
+    pub fn as_f32<'a>(self, bytes: &'a [u8], buf: &'a mut Vec<f32>) -> &'a [f32] {
+        if self == Dtype::F32 && cfg!(target_endian = "little") {
+            if let Ok(values) = bytemuck::try_cast_slice(bytes) {
+                return values;
+            }
+        }
+        buf.clear();
+        self.decode_into(bytes, buf);
+        buf
     }
 
     /// f32 values to little-endian bytes, rounding to nearest-even once.

@@ -7,6 +7,7 @@
 //! next to the destination and renamed into place only once complete.
 
 mod apply;
+mod header;
 mod meta;
 mod tensors;
 mod tokenizer;
@@ -14,10 +15,9 @@ mod tokenizer;
 pub use apply::{apply, is_gguf, TouchedAs, DEFAULT_TOUCHED_AS};
 
 use std::fs;
-use std::io::BufReader;
+use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file;
 use serde_json::{json, Value};
 
 use crate::model::Family;
@@ -110,9 +110,12 @@ pub fn import(gguf: &Path, out_dir: &Path, dtype: OutDtype) -> Result<ImportSumm
     })?;
 
     let (file, _) = crate::open_regular(gguf, u64::MAX).map_err(|e| Error::Open { path: gguf.to_path_buf(), source: e.source })?;
-    let mut reader = BufReader::new(file);
-    let content = gguf_file::Content::read(&mut reader).map_err(|e| Error::Corrupt { path: gguf.to_path_buf(), reason: e.to_string() })?;
-    let meta = Meta::new(gguf, &content.metadata);
+    // SAFETY: factpatch never writes into an input; a file truncated by another program while
+    // mapped ends the process with an error naming it (`sigbus`).
+    let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::Open { path: gguf.to_path_buf(), source: e })?;
+    let header = header::read(gguf, &bytes, |_| true)?;
+    let (content, mut reader) = (&header.content, Cursor::new(&bytes[..]));
+    let meta = Meta::of(gguf, &header);
     let hparams = Hparams::read(&meta)?;
     // Build the tokenizer before the (slow) weights so metadata errors surface first.
     let tok = tokenizer::build(&meta, hparams.arch)?;
@@ -120,7 +123,7 @@ pub fn import(gguf: &Path, out_dir: &Path, dtype: OutDtype) -> Result<ImportSumm
         return Err(meta.error("tokenizer.ggml.tokens", format!("{} tokens but the model's vocabulary has {}", tok.vocab_size, hparams.vocab_size)));
     }
 
-    let weights = tensors::convert(gguf, &content, &mut reader, &hparams, dtype)?;
+    let weights = tensors::convert(gguf, content, &mut reader, &hparams, dtype)?;
     let tie_word_embeddings = !weights.has_lm_head;
     let config = hparams.config_json(&meta, tie_word_embeddings, dtype)?;
     let generation = json!({
@@ -227,7 +230,7 @@ impl Hparams {
         let kv_heads = meta.opt_usize(&key("attention.head_count_kv"))?.unwrap_or(heads);
         let vocab_size = match meta.opt_usize(&key("vocab_size"))? {
             Some(n) => n,
-            None => meta.string_array("tokenizer.ggml.tokens")?.len(),
+            None => meta.array_len("tokenizer.ggml.tokens")?,
         };
         if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
             return Err(meta.error(&key("attention.head_count"), format!("{heads} heads and {kv_heads} kv heads are inconsistent")));

@@ -131,8 +131,18 @@ pub fn tool_version() -> String {
 /// - glibc keeps freed tensor buffers for reuse rather than handing them back to the kernel at
 ///   every free. Its defaults unmapped and re-faulted megabytes per op in the optimisation loop:
 ///   one CounterFact MEMIT fact took 7.2-8.0 s, and 5.9-6.2 s with the buffers kept.
+/// - OpenBLAS starts its threads when it is loaded, and an idle one spins (`sched_yield`) for
+///   about 2^28 cycles before it sleeps. On 2 cores that took one from `apply`, which does no
+///   BLAS, for its whole run (0.06-0.12 s). They are stopped here; OpenBLAS starts them again
+///   at its first threaded call.
 pub fn init_process() {
     sigbus::install();
+    extern "C" {
+        fn blas_thread_shutdown_() -> std::os::raw::c_int;
+    }
+    // SAFETY: no BLAS call is in flight (no other thread exists yet); OpenBLAS restarts its
+    // threads when it next needs them, as it does after a fork.
+    unsafe { blas_thread_shutdown_() };
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }

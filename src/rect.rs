@@ -1,8 +1,6 @@
 //! RECT: keep only the top-k% of a delta by relative change |ΔW|/max(|W|, ε).
 //! Deterministic: f32 scores, ties broken by the lower flat index.
 
-use std::cmp::Ordering;
-
 /// ε in |ΔW|/max(|W|, ε): keeps the score finite where a weight is zero.
 pub const EPS: f32 = 1e-8;
 
@@ -72,30 +70,35 @@ impl Cut {
         Some(Cut { threshold: high << 16 | low, ties })
     }
 
-    /// Whether the next key, in flat order, is kept: call it once per element, in order.
-    #[inline]
-    pub fn keeps(&mut self, key: u32) -> bool {
-        match key.cmp(&self.threshold) {
-            Ordering::Greater => true,
-            Ordering::Equal if self.ties > 0 => {
-                self.ties -= 1;
-                true
-            }
-            _ => false,
-        }
-    }
-
     /// Zeroes the elements of `delta` that are not kept, `keys` theirs: the next ones in flat
-    /// order. [`Cut::keeps`] without a branch on the (unpredictable) outcome, only on a tie.
+    /// order. The ties still kept are found first; then each element is kept or zeroed by one
+    /// comparison and a bit mask, with no branch on the (unpredictable) outcome, so it vectorizes.
     pub fn zero(&mut self, delta: &mut [f32], keys: &[u32]) {
-        for (d, &key) in delta.iter_mut().zip(keys) {
-            let mut kept = key > self.threshold;
-            if key == self.threshold {
-                kept = self.keeps(key);
+        let t = self.threshold;
+        // Up to `split`, a key equal to the threshold is a tie still kept; from there on, not.
+        let mut split = 0;
+        if self.ties > 0 {
+            split = keys.len();
+            for (i, _) in keys.iter().enumerate().filter(|&(_, &k)| k == t) {
+                if self.ties == 0 {
+                    split = i;
+                    break;
+                }
+                self.ties -= 1;
             }
-            // +0 where not kept, by a bit mask.
-            *d = f32::from_bits(d.to_bits() & u32::from(kept).wrapping_neg());
         }
+        let (d_ties, d_rest) = delta.split_at_mut(split);
+        let (k_ties, k_rest) = keys.split_at(split);
+        keep_where(d_ties, k_ties, |k| k >= t);
+        keep_where(d_rest, k_rest, |k| k > t);
+    }
+}
+
+/// Sets the elements of `delta` whose keys fail `kept` to +0, by a bit mask.
+#[inline]
+fn keep_where(delta: &mut [f32], keys: &[u32], kept: impl Fn(u32) -> bool) {
+    for (d, &key) in delta.iter_mut().zip(keys) {
+        *d = f32::from_bits(d.to_bits() & u32::from(kept(key)).wrapping_neg());
     }
 }
 

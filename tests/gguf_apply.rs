@@ -16,7 +16,7 @@ use factpatch::compile::Compiler;
 use factpatch::edit::{request, Method};
 use factpatch::gguf::{self, Error, OutDtype, TouchedAs};
 use factpatch::patch::{self, BaseTensor, Delta, Factors};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -376,6 +376,26 @@ fn another_base_is_refused_before_anything_is_written() {
     let err = gguf::apply(&down, std::slice::from_ref(&patch), &out, &allow, TouchedAs::Own).unwrap_err();
     assert!(matches!(&err, Error::Apply(apply::Error::BaseMismatch { name, .. }) if name == "model.layers.4.mlp.down_proj.weight"), "{err}");
     nothing_written("touched tensor differs");
+    // Even when the hash cache lies about it, its entries altered to give the patch's base hash:
+    // the patches are verified against the cache, but the tensor's bytes are checked again as
+    // they are read for writing, and nothing is committed.
+    let name = "model.layers.4.mlp.down_proj.weight";
+    let stack = Stack::load(std::slice::from_ref(&patch)).unwrap();
+    let expected = &stack.patches()[0].manifest().entries.iter().find(|e| e.tensor == name).unwrap().base_blake3;
+    let mut lied = 0;
+    for entry in fs::read_dir(t.path().join("hashes")).unwrap() {
+        let path = entry.unwrap().path();
+        let mut hashes: BTreeMap<String, String> = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        if hashes[name] != *expected {
+            hashes.insert(name.to_string(), expected.clone());
+            fs::write(&path, serde_json::to_vec(&hashes).unwrap()).unwrap();
+            lied += 1;
+        }
+    }
+    assert_eq!(lied, 1, "one cache entry, down.gguf's, had another hash");
+    let err = gguf::apply(&down, std::slice::from_ref(&patch), &out, &allow, TouchedAs::Own).unwrap_err();
+    assert!(matches!(&err, Error::Apply(apply::Error::BaseMismatch { name: n, .. }) if n == name), "{err}");
+    nothing_written("the cache lied");
 
     // A patch made for the tiny llama fixture.
     let tiny = Checkpoint::open(&root().join("fixtures/tiny-llama")).unwrap();

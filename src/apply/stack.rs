@@ -237,6 +237,20 @@ impl Stack {
         Ok(())
     }
 
+    /// Verifies the patches touching tensor `name` without reading it, from `hash`, the blake3 its
+    /// bytes have by the record the model's identity was checked against (the hash cache, or the
+    /// bytes): dtype, shape, base hash and payload, as [`Stack::verify_tensor`] does. `false`, with
+    /// nothing checked, when several patches touch it: later base hashes depend on earlier
+    /// patches, so only its bytes can tell.
+    pub fn verify_recorded(&self, name: &str, dtype: Dtype, shape: &[usize], hash: &blake3::Hash) -> Result<bool> {
+        let &[(p, e)] = self.touched.get(name).map_or(&[][..], Vec::as_slice) else { return Ok(false) };
+        let (patch, entry) = (&self.patches[p], &self.patches[p].manifest().entries[e]);
+        check_layout(patch, entry, dtype, shape)?;
+        check_found(patch, entry, *hash)?;
+        patch.delta(e)?;
+        Ok(true)
+    }
+
     /// The accumulated f32 delta of every touched tensor of `ckpt` (see [`Stack::delta_for`]), by
     /// name.
     pub fn deltas(&self, ckpt: &Checkpoint) -> Result<Vec<(String, Vec<f32>)>> {
@@ -424,6 +438,15 @@ fn add_product(d: &mut [f32], f: &Factors, shape: &[usize], start: usize) {
         let (i, j0) = (q / cols, q % cols);
         let (row, tail) = rest.split_at_mut((cols - j0).min(rest.len()));
         let v = &f.v[j0 * r..(j0 + row.len()) * r];
+        if r == 1 {
+            // As below (+0 + u·v is u·v), but for the sign of a zero sum, which leaves an
+            // element unchanged either way.
+            let u = f.u[i];
+            row.iter_mut().zip(v).for_each(|(d, &v)| *d += u * v);
+            q += row.len();
+            rest = tail;
+            continue;
+        }
         sum.clear();
         sum.resize(row.len(), 0f32);
         for (t, &u) in f.u[i * r..(i + 1) * r].iter().enumerate() {

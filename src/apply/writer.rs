@@ -57,20 +57,19 @@ fn stream_one(base: &TensorRef, delta: &Delta, patch: &Patch, done: &dyn Fn(Rang
     let s = base.dtype.size();
     let n = base.bytes.len() / s;
     let chunks = || (0..n).step_by(CHUNK).map(move |a| a..(a + CHUNK).min(n));
-    // The delta's unmasked chunk into `d`, the base's values there into `w`.
-    let fill = |r: &Range<usize>, d: &mut Vec<f32>, w: &mut Vec<f32>| {
+    // The delta's unmasked chunk into `d`.
+    let fill = |r: &Range<usize>, d: &mut Vec<f32>| {
         d.clear();
         d.resize(r.len(), 0.0);
         add_chunk(d, delta, base.shape, r.start);
-        w.clear();
-        base.dtype.decode_into(&base.bytes[r.start * s..r.end * s], w);
     };
-    let (mut d, mut w, mut keys) = (Vec::with_capacity(CHUNK), Vec::with_capacity(CHUNK), Vec::with_capacity(CHUNK));
+    let (mut d, mut buf, mut keys) = (Vec::with_capacity(CHUNK), Vec::with_capacity(CHUNK), Vec::with_capacity(CHUNK));
     let mut cut = match delta {
         Delta::LowRankRect { k, eps, .. } => rect::Cut::find(n, *k, |visit| {
             for r in chunks() {
-                fill(&r, &mut d, &mut w);
-                rect::keys(&d, &w, *eps, &mut keys);
+                fill(&r, &mut d);
+                let w = base.dtype.as_f32(&base.bytes[r.start * s..r.end * s], &mut buf);
+                rect::keys(&d, w, *eps, &mut keys);
                 visit(&keys);
                 done(r.start * s..r.end * s);
             }
@@ -78,12 +77,13 @@ fn stream_one(base: &TensorRef, delta: &Delta, patch: &Patch, done: &dyn Fn(Rang
         _ => None,
     };
     for r in chunks() {
-        fill(&r, &mut d, &mut w);
+        fill(&r, &mut d);
+        let w = base.dtype.as_f32(&base.bytes[r.start * s..r.end * s], &mut buf);
         if let (Some(cut), Delta::LowRankRect { eps, .. }) = (&mut cut, delta) {
-            rect::keys(&d, &w, *eps, &mut keys);
+            rect::keys(&d, w, *eps, &mut keys);
             cut.zero(&mut d, &keys);
         }
-        sink(&materialize_chunk(base, r.start, &w, &d, patch)?)?;
+        sink(&materialize_chunk(base, r.start, w, &d, patch)?)?;
         done(r.start * s..r.end * s);
     }
     Ok(())

@@ -5,10 +5,14 @@
 //! Patches are compiled against the Hugging Face folder `import-gguf` makes of the file, so the
 //! file is checked against them as that folder: its identity and every touched tensor's hash
 //! are those of the tensors as `import-gguf` writes them (dequantized to f32, Llama's
-//! `q_proj`/`k_proj` un-permuted, Gemma's norms less 1), computed by the same code. Everything is verified before the output is created;
-//! then the touched tensors are computed in parallel (one held at a time per thread) while the
-//! rest of the file is copied by the kernel.
+//! `q_proj`/`k_proj` un-permuted, Gemma's norms less 1), computed by the same code. Every patch
+//! is verified before the output is created: against the tensor hashes the identity was checked
+//! with (from the hash cache, or the bytes), and a tensor several patches touch from its bytes.
+//! Then the kernel copies the rest of the file while this thread computes the touched tensors,
+//! one at a time, each checked against its patch again as it is read; the copying thread joins
+//! in once done. Nothing is committed unless every check passed.
 
+use super::header;
 use super::tensors::{self, Mapped};
 use super::{Error, Hparams};
 use crate::apply::{self, ApplyOptions, ApplySummary, ModelIdentity, Stack};
@@ -20,10 +24,11 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use memmap2::Mmap;
 use rayon::prelude::*;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// How the output stores the tensors the patches change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -99,12 +104,28 @@ pub fn apply(model: &Path, patches: &[PathBuf], out: &Path, options: &ApplyOptio
     };
     let base = stack.check_identity(model, remembered, from_bytes, options.allow_other_base)?;
     let mut hashes = base.hashes.or(cached).expect("hashed from the cache or the bytes");
-    touched.par_iter().try_for_each(|m| gguf.verify(&stack, m))?;
+    // Every touched tensor against the hashes the identity was checked with, and one that
+    // several patches touch from its bytes (in parallel: it is accumulated). The others' bytes
+    // are checked again as they are read for writing, below.
+    let mut from_record = BTreeSet::new();
+    let mut from_bytes = Vec::new();
+    for m in &touched {
+        if stack.verify_recorded(&m.hf, Dtype::F32, &m.shape, &hashes[&m.hf])? {
+            from_record.insert(m.hf.as_str());
+        } else {
+            from_bytes.push(*m);
+        }
+    }
+    // Not even an empty parallel iterator otherwise: it starts rayon's threads, whose idle
+    // spinning takes CPU time from the copy and the touched tensors.
+    if !from_bytes.is_empty() {
+        from_bytes.par_iter().try_for_each(|m| gguf.verify(&stack, m))?;
+    }
 
     let mut file = AtomicFile::create(out, &policy).map_err(io_err(out))?;
     let types: BTreeMap<&str, GgmlDType> = touched.iter().map(|m| (m.gguf, stored_type(m.info.ggml_dtype, touched_as))).collect();
     let (bytes_written, written) = gguf.write(&tensors, &types, file.file().map_err(io_err(out))?, out, |m, sink| {
-        let values = gguf.patched(&stack, m)?;
+        let values = gguf.patched(&stack, m, from_record.contains(m.hf.as_str()))?;
         let q = quantize(m, values, types[m.gguf]).map_err(|e| gguf.corrupt(m, e))?;
         sink(&q.data().map_err(|e| gguf.corrupt(m, e))?)?;
         Ok((m.hf.clone(), hash_f32(&m.hf_values_of(&gguf.path, &q)?)))
@@ -170,23 +191,7 @@ fn stored_len(dtype: GgmlDType, elems: usize) -> Option<usize> {
 
 /// The type's number in a GGUF tensor info (ggml's `ggml_type`).
 fn type_id(dtype: GgmlDType) -> u32 {
-    match dtype {
-        GgmlDType::F32 => 0,
-        GgmlDType::F16 => 1,
-        GgmlDType::Q4_0 => 2,
-        GgmlDType::Q4_1 => 3,
-        GgmlDType::Q5_0 => 6,
-        GgmlDType::Q5_1 => 7,
-        GgmlDType::Q8_0 => 8,
-        GgmlDType::Q8_1 => 9,
-        GgmlDType::Q2K => 10,
-        GgmlDType::Q3K => 11,
-        GgmlDType::Q4K => 12,
-        GgmlDType::Q5K => 13,
-        GgmlDType::Q6K => 14,
-        GgmlDType::Q8K => 15,
-        GgmlDType::BF16 => 30,
-    }
+    header::TYPES.iter().find(|(_, t)| *t == dtype).expect("every candle type is in the table").0
 }
 
 /// An opened llama or gemma3 GGUF file (version 2 or 3), memory-mapped, its header parsed and checked.
@@ -208,25 +213,20 @@ struct Gguf {
 impl Gguf {
     /// Opens and checks `path`: a llama model whose every tensor lies inside the file.
     fn open(path: &Path) -> Result<Self, Error> {
-        let corrupt = |reason: String| Error::Corrupt { path: path.to_path_buf(), reason };
         let (file, _) = crate::open_regular(path, u64::MAX).map_err(|e| Error::Open { path: path.to_path_buf(), source: e.source })?;
         let stamp = Stamp::of(&file, path).map_err(apply::Error::from)?;
         // SAFETY: the file is treated as immutable while open; factpatch never writes into an
         // input, and `check_unchanged` is called around reads to catch others who do.
         let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
-        if mmap.get(..4) != Some(b"GGUF") {
-            return Err(corrupt("no GGUF magic".into()));
-        }
-        let version = mmap.get(4..8).map_or(0, |v| u32::from_le_bytes(v.try_into().expect("4 bytes")));
-        if !matches!(version, 2 | 3) {
+        // Version 1 lays the header out otherwise (32-bit lengths); `write` writes 2 and 3.
+        let version = mmap.get(4..8).filter(|_| mmap.starts_with(b"GGUF")).map(|v| u32::from_le_bytes(v.try_into().expect("4 bytes")));
+        if let Some(version) = version.filter(|v| !matches!(v, 2 | 3)) {
             return Err(Error::UnsupportedVersion { path: path.to_path_buf(), version });
         }
-        let (metadata_end, alignment) = metadata_section(&mmap).map_err(corrupt)?;
-        if alignment == 0 {
-            return Err(Error::Metadata { path: path.to_path_buf(), key: "general.alignment".into(), problem: "is 0".into() });
-        }
-        let content = Content::read(&mut Cursor::new(&mmap[..])).map_err(|e| corrupt(e.to_string()))?;
-        let hp = Hparams::read(&super::meta::Meta::new(path, &content.metadata))?;
+        // The tokenizer's arrays (most of the header) are stepped over: apply needs only the shapes.
+        let header = header::read(path, &mmap, |key| !key.starts_with("tokenizer."))?;
+        let hp = Hparams::read(&super::meta::Meta::of(path, &header))?;
+        let (content, metadata_end, alignment) = (header.content, header.metadata_end, header.alignment);
         let gguf = Gguf { path: path.to_path_buf(), file, mmap, stamp, content, hp, metadata_end, alignment };
         gguf.check_layout()?;
         Ok(gguf)
@@ -312,12 +312,18 @@ impl Gguf {
         Ok(stack.verify_tensor(&self.base(m, &checkpoint::f32_bytes(&values))?, &|_| {})?)
     }
 
-    /// `m`'s values with the whole stack applied, as f32 in Hugging Face order, once
-    /// [`Gguf::verify`] has passed (`Stack::stream_verified`: the base is not hashed again).
-    fn patched(&self, stack: &Stack, m: &Mapped) -> Result<Vec<f32>, Error> {
+    /// `m`'s values with the whole stack applied, as f32 in Hugging Face order, once verified
+    /// (`Stack::stream_verified`). With `check`, its bytes are first checked against the patch
+    /// (`Stack::verify_tensor`): it was verified by its recorded hash only.
+    fn patched(&self, stack: &Stack, m: &Mapped, check: bool) -> Result<Vec<f32>, Error> {
         let values = self.hf_values(m)?;
+        let bytes = checkpoint::f32_bytes(&values);
+        let base = self.base(m, &bytes)?;
+        if check {
+            stack.verify_tensor(&base, &|_| {})?;
+        }
         let mut out = Vec::with_capacity(values.len());
-        stack.stream_verified(&self.base(m, &checkpoint::f32_bytes(&values))?, &|_| {}, &mut |chunk| {
+        stack.stream_verified(&base, &|_| {}, &mut |chunk| {
             Dtype::F32.decode_into(chunk, &mut out);
             Ok(())
         })?;
@@ -331,9 +337,10 @@ impl Gguf {
 
     /// Writes the output GGUF into `out` (at `path`): the header and metadata as read, tensor
     /// infos in data order with `types` for the touched tensors and offsets recomputed, the
-    /// untouched tensors' bytes copied by the kernel on one thread while the touched ones are
-    /// computed in parallel, each written where it goes as `touched` hands its bytes to its
-    /// sink. Returns the file's length and what `touched` returned for each, in data order.
+    /// untouched tensors' bytes copied by the kernel on one thread while the others compute the
+    /// touched ones (one thread per core in all: more would take CPU time from the copy), each written
+    /// where it goes as `touched` hands its bytes to its sink. Returns the file's length and
+    /// what `touched` returned for each, in data order.
     fn write<T: Send>(
         &self,
         tensors: &[Mapped],
@@ -365,7 +372,6 @@ impl Gguf {
         let data = head.len() as u64;
         // Sized first: the padding after each tensor is never written, and reads as zeros.
         out.set_len(data + offset).map_err(io_err(path))?;
-        out.write_all_at(&head, 0).map_err(io_err(path))?;
         let (streamed, copied): (Vec<_>, Vec<_>) = places.into_iter().partition(|(m, ..)| types.contains_key(m.gguf));
         // The untouched tensors as spans of the input and where they go, each run of tensors
         // that follow each other without padding in both files copied as one span.
@@ -378,117 +384,66 @@ impl Gguf {
                 _ => spans.push((from, to)),
             }
         }
-        let written = std::thread::scope(|s| {
-            let copier = s.spawn(|| spans.iter().try_for_each(|(range, at)| crate::apply::copy_range(&self.file, &self.path, out, path, range.clone(), *at)));
-            let written = streamed
-                .par_iter()
-                .map(|&(m, at, len)| -> Result<T, Error> {
-                    let mut pos = data + at;
-                    let done = touched(m, &mut |bytes| {
-                        out.write_all_at(bytes, pos).map_err(io_err(path))?;
-                        pos += bytes.len() as u64;
-                        Ok(())
-                    })?;
-                    assert_eq!(pos - data - at, len, "tensor `{}`: written length differs from its tensor info", m.gguf);
-                    Ok(done)
-                })
-                .collect::<Result<Vec<T>, Error>>();
-            copier.join().expect("the copying thread does not panic").map_err(Error::from)?;
-            written
-        })?;
-        Ok((data + offset, written))
-    }
-}
-
-/// The end of the metadata key/value section of a GGUF v2/v3 file `bytes` (where the tensor
-/// infos start) and the tensor data alignment its `general.alignment` sets, read as candle's
-/// reader reads it (an integer type of at most 32 bits, else the default 32). Values are
-/// skipped, not decoded.
-fn metadata_section(bytes: &[u8]) -> Result<(usize, u64), String> {
-    let mut c = Bytes { bytes, at: 16 };
-    let count = c.u64()?;
-    let mut alignment = 32;
-    for _ in 0..count {
-        let key_len = c.u64()?;
-        let key = c.take(key_len)?;
-        let kind = c.u32()?;
-        if key == b"general.alignment" {
-            let v = &bytes[c.at..];
-            let le = |n: usize| v.get(..n).map(|b| b.iter().rev().fold(0u64, |a, &x| a << 8 | u64::from(x)));
-            // u8, i8, u16, i16, u32, i32; a negative value counts as absent.
-            alignment = match kind {
-                0 => le(1),
-                1 => le(1).filter(|&x| x < 0x80),
-                2 => le(2),
-                3 => le(2).filter(|&x| x < 0x8000),
-                4 => le(4),
-                5 => le(4).filter(|&x| x < 0x8000_0000),
-                _ => None,
-            }
-            .unwrap_or(32);
+        // A span that starts the tensor data in both files is copied from offset 0, the input's
+        // header with it, and the new header written over that: the kernel copies page-aligned
+        // ranges a quarter faster. Otherwise the header is written first.
+        let head_in_span = spans.first().is_some_and(|(from, to)| from.start == self.content.tensor_data_offset && *to == data);
+        if head_in_span {
+            spans[0] = (0..spans[0].0.end, 0);
+        } else {
+            out.write_all_at(&head, 0).map_err(io_err(path))?;
         }
-        c.skip_value(kind, 0)?;
-    }
-    Ok((c.at, alignment))
-}
-
-/// A read position in a GGUF file's bytes.
-struct Bytes<'a> {
-    bytes: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Bytes<'a> {
-    /// The next `n` bytes.
-    fn take(&mut self, n: u64) -> Result<&'a [u8], String> {
-        let end = usize::try_from(n).ok().and_then(|n| self.at.checked_add(n)).filter(|&e| e <= self.bytes.len());
-        let end = end.ok_or_else(|| format!("metadata ends past the end of the file (needs {n} bytes at offset {})", self.at))?;
-        let b = &self.bytes[self.at..end];
-        self.at = end;
-        Ok(b)
-    }
-
-    fn u32(&mut self) -> Result<u32, String> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
-    }
-
-    fn u64(&mut self) -> Result<u64, String> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
-    }
-
-    /// Skips one metadata value of type `kind`; arrays nest at most 64 deep.
-    fn skip_value(&mut self, kind: u32, depth: usize) -> Result<(), String> {
-        let fixed = |k: u32| match k {
-            0 | 1 | 7 => Some(1),
-            2 | 3 => Some(2),
-            4..=6 => Some(4),
-            10..=12 => Some(8),
-            _ => None,
-        };
-        match kind {
-            8 => {
-                let n = self.u64()?;
-                self.take(n)?;
-            }
-            9 if depth < 64 => {
-                let item = self.u32()?;
-                let n = self.u64()?;
-                match fixed(item) {
-                    Some(size) => {
-                        self.take(n.checked_mul(size).ok_or("array too long")?)?;
-                    }
-                    None => {
-                        for _ in 0..n {
-                            self.skip_value(item, depth + 1)?;
-                        }
-                    }
+        let copy = || {
+            for (i, (range, at)) in spans.iter().enumerate() {
+                crate::apply::copy_range(&self.file, &self.path, out, path, range.clone(), *at)?;
+                if i == 0 && head_in_span {
+                    out.write_all_at(&head, 0).map_err(io_err(path))?;
                 }
             }
-            9 => return Err("metadata arrays nested more than 64 deep".into()),
-            k => {
-                self.take(fixed(k).ok_or_else(|| format!("unknown metadata value type {k}"))?)?;
+            Ok::<_, crate::IoError>(())
+        };
+        // The touched tensors, taken in turn by this thread, one more per further core, and the
+        // copier once it has copied. After an error, none is taken.
+        let next = AtomicUsize::new(0);
+        let work = || -> Result<Vec<(usize, T)>, Error> {
+            let mut done = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(m, at, len)) = streamed.get(i) else { return Ok(done) };
+                let mut pos = data + at;
+                let written = touched(m, &mut |bytes| {
+                    out.write_all_at(bytes, pos).map_err(io_err(path))?;
+                    pos += bytes.len() as u64;
+                    Ok(())
+                });
+                match written {
+                    Ok(t) => done.push((i, t)),
+                    Err(e) => {
+                        next.store(streamed.len(), Ordering::Relaxed);
+                        return Err(e);
+                    }
+                }
+                assert_eq!(pos - data - at, len, "tensor `{}`: written length differs from its tensor info", m.gguf);
             }
+        };
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let helpers = cores.saturating_sub(2).min(streamed.len());
+        let results = std::thread::scope(|s| {
+            let copier = s.spawn(|| {
+                copy()?;
+                work()
+            });
+            let helpers: Vec<_> = (0..helpers).map(|_| s.spawn(work)).collect();
+            let mut results = vec![work()];
+            results.extend(std::iter::once(copier).chain(helpers).map(|t| t.join().expect("a writing thread does not panic")));
+            results
+        });
+        let mut written = Vec::new();
+        for r in results {
+            written.extend(r?);
         }
-        Ok(())
+        written.sort_by_key(|&(i, _)| i);
+        let written = written.into_iter().map(|(_, t)| t).collect();
+        Ok((data + offset, written))
     }
 }

@@ -1,10 +1,11 @@
 //! Typed access to GGUF metadata, with errors naming the file and the key.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::Value;
 
+use super::header::Header;
 use super::Error;
 
 /// The metadata of one GGUF file.
@@ -13,12 +14,24 @@ pub(super) struct Meta<'a> {
     path: &'a Path,
     /// Its key/value pairs.
     map: &'a HashMap<String, Value>,
+    /// The element counts of the arrays that were not read, by key.
+    skipped: &'a BTreeMap<String, u64>,
 }
 
+/// No arrays left unread.
+#[cfg(test)]
+static NONE_SKIPPED: BTreeMap<String, u64> = BTreeMap::new();
+
 impl<'a> Meta<'a> {
-    /// Wrap the metadata read from `path`.
+    /// Wrap the metadata read from `path`, every array read.
+    #[cfg(test)]
     pub(super) fn new(path: &'a Path, map: &'a HashMap<String, Value>) -> Self {
-        Meta { path, map }
+        Meta { path, map, skipped: &NONE_SKIPPED }
+    }
+
+    /// Wrap the metadata of `header`, read from `path`.
+    pub(super) fn of(path: &'a Path, header: &'a Header) -> Self {
+        Meta { path, map: &header.content.metadata, skipped: &header.skipped }
     }
 
     /// The GGUF file this metadata came from.
@@ -108,8 +121,19 @@ impl<'a> Meta<'a> {
         }
     }
 
-    /// The elements of a required array.
+    /// The number of elements of a required array, read or not.
+    pub(super) fn array_len(&self, key: &str) -> Result<usize, Error> {
+        match self.skipped.get(key) {
+            Some(&n) => usize::try_from(n).map_err(|_| self.error(key, format!("{n} elements are too many"))),
+            None => self.array(key).map(<[Value]>::len),
+        }
+    }
+
+    /// The elements of a required array (one that was read).
     fn array(&self, key: &str) -> Result<&'a [Value], Error> {
+        if self.skipped.contains_key(key) {
+            return Err(self.error(key, "was not read"));
+        }
         match self.get(key)? {
             Value::Array(items) => Ok(items),
             other => Err(self.error(key, format!("expected an array, found {}", kind(other)))),
