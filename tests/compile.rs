@@ -1,13 +1,14 @@
 //! compile on the real model: an edit changes the fact and leaves others alone, patches are
 //! reproducible to the byte (and unchanged by the new options at their defaults), MPES stops at
 //! the first step its criterion holds, a hard fact converges past the old step cap, the hard
-//! facts are facts the model knows, ENCORE keeps the keys of its parents' facts, and bad
-//! requests are refused with the record named.
+//! facts are facts the model knows, ENCORE keeps the keys of its parents' facts, an edit of Gemma
+//! 3 270M keeps writing text after its new answer, and bad requests are refused with the record
+//! named.
 
 mod common;
 
-use common::{root, smollm2, smollm2_spec};
-use factpatch::compile::Compiler;
+use common::{gemma3_270m, root, smollm2, smollm2_spec};
+use factpatch::compile::{Compiler, Spec, StatsSource};
 use factpatch::edit::target::{self, Edit, FactPrompts, Stop};
 use factpatch::edit::{request, Method};
 use factpatch::model::{generate, Addition, Batch, Hooks, Model, Sampling, Site};
@@ -17,6 +18,27 @@ use std::path::{Path, PathBuf};
 fn greedy(model: &Model, tok: &Tokenizer, prompt: &str) -> String {
     let out = generate(model, &[tok.prompt_ids(prompt).unwrap()], 6, Sampling::Greedy, &[]).unwrap();
     tok.decode(&out[0]).unwrap()
+}
+
+/// ROME and MEMIT edits of Gemma 3 270M sent greedy continuations after the new answer into
+/// `<start_of_image>`, the image placeholder no text contains ("Rome" and nine of it, for this
+/// fact); the family's `answer_kl` keeps what follows the answer what the model would say there.
+#[test]
+fn gemma3_270m_keeps_writing_text_after_the_new_answer() {
+    let spec = Spec {
+        stats: StatsSource::Corpus { files: vec![root().join("fixtures/corpus/sotu.txt")], tokens: 20_000 },
+        cache: root().join("target/test-stats"),
+        ..Spec::new(&gemma3_270m(), Method::Rome)
+    };
+    let mut edited = Compiler::open(&spec).unwrap();
+    assert_eq!(edited.hp.answer_kl, 1.0, "the family's default");
+    edited.patch(&[request::parse_fact("{} is located in the city of|The Eiffel Tower|Rome").unwrap()]).unwrap();
+    let (model, tok) = (&edited.model, &edited.tokenizer);
+    for prompt in ["The Eiffel Tower is located in the city of", "The Colosseum is located in the city of"] {
+        let out = generate(model, &[tok.prompt_ids(prompt).unwrap()], 12, Sampling::Greedy, &[]).unwrap();
+        let text = tok.decode(&out[0]).unwrap();
+        assert!(text.starts_with(" Rome") && !text.contains("<start_of_image>"), "`{prompt}` → `{text}`");
+    }
 }
 
 #[test]
@@ -248,7 +270,7 @@ fn mpes_stops_at_the_first_step_where_the_new_target_is_most_probable() {
     let compiler = Compiler::open(&smollm2_spec(Method::Memit, &["early_stop=mpes"])).unwrap();
     let (model, hp) = (&compiler.model, &compiler.hp);
     let layer = *hp.layers.iter().max().unwrap();
-    let prompts = factpatch::edit::optimisation_prompts(&compiler.tokenizer, &records[0], &compiler.templates).unwrap();
+    let prompts = factpatch::edit::optimisation_prompts(&compiler.tokenizer, &records[0], &compiler.templates, &compiler.hp).unwrap();
     let optimize = |hp: &factpatch::edit::Hparams| target::optimize(model, std::slice::from_ref(&prompts), Edit::Residual(layer), hp).unwrap().remove(0);
     let stopped = optimize(hp);
     assert_eq!(stopped.stop, Stop::MostProbable, "{} steps", stopped.steps);
@@ -321,7 +343,7 @@ fn a_hard_fact_converges_past_the_old_step_cap() {
     let compiler = Compiler::open(&smollm2_spec(Method::Memit, &[])).unwrap();
     let (model, hp) = (&compiler.model, &compiler.hp);
     let layer = *hp.layers.iter().max().unwrap();
-    let prompts = factpatch::edit::optimisation_prompts(&compiler.tokenizer, r, &compiler.templates).unwrap();
+    let prompts = factpatch::edit::optimisation_prompts(&compiler.tokenizer, r, &compiler.templates, &compiler.hp).unwrap();
     let optimize = |hp: &factpatch::edit::Hparams| target::optimize(model, std::slice::from_ref(&prompts), Edit::Residual(layer), hp).unwrap().remove(0);
     // Without the adaptive cap (as before it existed), 25 steps leave it far from the goal.
     let mut fixed = hp.clone();
@@ -360,7 +382,7 @@ fn facts_optimised_together_stop_as_they_would_alone() {
     let (model, hp) = (&compiler.model, &compiler.hp);
     let layer = *hp.layers.iter().max().unwrap();
     let prompts: Vec<FactPrompts> =
-        records[..3].iter().map(|r| factpatch::edit::optimisation_prompts(&compiler.tokenizer, r, &compiler.templates).unwrap()).collect();
+        records[..3].iter().map(|r| factpatch::edit::optimisation_prompts(&compiler.tokenizer, r, &compiler.templates, &compiler.hp).unwrap()).collect();
     let together = target::optimize(model, &prompts, Edit::Residual(layer), hp).unwrap();
     let steps: Vec<usize> = together.iter().map(|t| t.steps).collect();
     assert!(steps.iter().any(|&s| s != steps[0]), "the facts stop at the same step ({steps:?}): nothing leaves the batch");

@@ -322,7 +322,7 @@ fn memit_lands_its_target_at_the_family_edit_point() {
         let at_mlp = !compiler.model.config.family.mlp_joins_residual();
         assert_eq!(at_mlp, name.starts_with("tiny-gemma"), "{name}");
         let edit = if at_mlp { Edit::MlpOut(last) } else { Edit::Residual(last) };
-        let prompts = optimisation_prompts(&compiler.tokenizer, &fact, &compiler.templates).unwrap();
+        let prompts = optimisation_prompts(&compiler.tokenizer, &fact, &compiler.templates, &compiler.hp).unwrap();
         let t = target::optimize(&compiler.model, &[prompts], edit, &compiler.hp).unwrap().remove(0);
         let mut edited = compiler.clone();
         edited.patch(std::slice::from_ref(&fact)).unwrap();

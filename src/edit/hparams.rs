@@ -81,6 +81,10 @@ fn is_one(n: &usize) -> bool {
     *n == 1
 }
 
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
 impl EarlyStop {
     fn is_none(&self) -> bool {
         *self == EarlyStop::None
@@ -112,6 +116,10 @@ pub struct Hparams {
     pub v_weight_decay: f64,
     pub clamp_norm: f64,
     pub kl_factor: f64,
+    /// The weight of KL(now ‖ before) on the next token after the bare rewriting prompt and the
+    /// whole target: what the model says after the new answer (0: not measured).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub answer_kl: f64,
     /// MEMIT's λ on the key second moment (ENCORE's λ_p). The peers' Llama-7B value is 15,000; on
     /// SmolLM2-135M (10 CounterFact facts, batch) 15,000 gave efficacy 0.70, 5,000 gave 0.90 and
     /// 1,500 gave 1.00 with neighbourhood 0.94× its pre-edit value, so 1,500 is the default. For
@@ -179,6 +187,7 @@ impl Hparams {
             v_weight_decay: if encore { 0.5 } else { 1e-3 },
             clamp_norm: if encore { 0.75 } else { 4.0 },
             kl_factor: 0.0625,
+            answer_kl: if method.optimises_targets() { config.family.answer_kl } else { 0.0 },
             mom2_weight: 1500.0,
             mom2_adjustment: true,
             templates: match method {
@@ -214,6 +223,7 @@ impl Hparams {
             if self.method.optimises_targets() {
                 map.entry("early_stop").or_insert("none".into());
                 map.entry("v_extend").or_insert(1.into());
+                map.entry("answer_kl").or_insert(0.0.into());
             }
             if self.method.memit_schedule() {
                 map.entry("value_norm").or_insert("none".into());

@@ -186,8 +186,9 @@ pub(crate) fn target_ids(tok: &Tokenizer, req: &Request) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-/// The rewriting prompts (every template, with the target) and the essence prompt.
-pub fn optimisation_prompts(tok: &Tokenizer, req: &Request, templates: &[Vec<String>]) -> Result<FactPrompts> {
+/// The rewriting prompts (every template, with the target), the essence prompt and, when `hp`
+/// weighs it (`answer_kl`), the bare rewriting prompt followed by the whole target.
+pub fn optimisation_prompts(tok: &Tokenizer, req: &Request, templates: &[Vec<String>], hp: &Hparams) -> Result<FactPrompts> {
     let target = target_ids(tok, req)?;
     let rewriting = templates
         .iter()
@@ -195,7 +196,14 @@ pub fn optimisation_prompts(tok: &Tokenizer, req: &Request, templates: &[Vec<Str
         .map(|ctx| target::prompt(tok, &ctx.replacen("{}", &req.prompt, 1), &req.subject, Some(&target), req))
         .collect::<Result<Vec<_>>>()?;
     let essence = target::prompt(tok, "{} is a", &req.subject, None, req)?;
-    Ok(FactPrompts { rewriting, essence })
+    let answer = match hp.answer_kl > 0.0 {
+        true => Some(target::prompt(tok, &req.prompt, &req.subject, None, req).map(|mut p| {
+            p.ids.extend_from_slice(&target);
+            p
+        })?),
+        false => None,
+    };
+    Ok(FactPrompts { rewriting, essence, answer })
 }
 
 /// Keys of each request at `layer`, in one forward pass over every request × template: the
@@ -255,7 +263,7 @@ fn rome(
     // ROME weighs every template equally.
     let flat = vec![templates.iter().flatten().cloned().collect::<Vec<_>>()];
     let (k_mean, k_prompt) = request_keys(model, tok, std::slice::from_ref(req), &flat, layer)?.remove(0);
-    let prompts = optimisation_prompts(tok, req, templates)?;
+    let prompts = optimisation_prompts(tok, req, templates, hp)?;
     let t = target::optimize(model, &[prompts], Edit::MlpOut(layer), hp)?.remove(0);
     let c = if hp.mom2_adjustment { Some(preserved.second_moment(layer)?) } else { None };
     let (u, v) = solve::rome(&Array1::from(t.delta.clone()), &k_mean, &k_prompt, c)?;
@@ -306,7 +314,7 @@ fn memit(
     let mut reports = Vec::new();
     // Facts are optimised together, a bounded number at a time.
     for chunk in requests.chunks(TARGET_BATCH) {
-        let prompts = chunk.iter().map(|r| optimisation_prompts(tok, r, templates)).collect::<Result<Vec<_>>>()?;
+        let prompts = chunk.iter().map(|r| optimisation_prompts(tok, r, templates, hp)).collect::<Result<Vec<_>>>()?;
         for (req, t) in chunk.iter().zip(target::optimize(model, &prompts, edit, hp)?) {
             reports.push(report(req, &t));
             let delta = Array1::from(t.delta);

@@ -92,10 +92,12 @@ pub struct Target {
     pub stop: Stop,
 }
 
-/// One fact's prompts for [`optimize`]: the rewriting prompts (with targets) and the essence prompt.
+/// One fact's prompts for [`optimize`]: the rewriting prompts (with targets), the essence prompt
+/// and, with `answer_kl`, the bare rewriting prompt followed by the whole target.
 pub struct FactPrompts {
     pub rewriting: Vec<Prompt>,
     pub essence: Prompt,
+    pub answer: Option<Prompt>,
 }
 
 /// Optimises, for each fact, a vector δ added at the subject's last token (at `edit`) of every
@@ -126,13 +128,18 @@ pub fn optimize(model: &Model, facts: &[FactPrompts], edit: Edit, hp: &Hparams) 
         Edit::MlpOut(l) | Edit::Residual(l) => l,
     };
     let nf = facts.len();
-    // Rows: each fact's rewriting prompts, then its essence prompt.
+    // Rows: each fact's rewriting prompts, then its essence prompt, then its answer prompt.
     let mut all: Vec<&Prompt> = Vec::new();
-    let mut fact_rows = Vec::new();
+    let (mut fact_rows, mut essence, mut answer) = (Vec::new(), Vec::new(), Vec::new());
     for fp in facts {
         let first = all.len();
         all.extend(fp.rewriting.iter());
+        essence.push((all.len(), 0));
         all.push(&fp.essence);
+        if let Some(a) = &fp.answer {
+            answer.push((all.len(), a.ids.len() - 1 - a.lookup));
+            all.push(a);
+        }
         fact_rows.push(first..all.len());
     }
     let prefixes: Vec<Vec<u32>> = all.iter().map(|p| p.ids[..p.lookup].to_vec()).collect();
@@ -154,8 +161,11 @@ pub fn optimize(model: &Model, facts: &[FactPrompts], edit: Edit, hp: &Hparams) 
     let inits = raw_rows(source)?;
     let (keys, outputs) = (raw_rows(&base.keys[&layer])?, raw_rows(&base.mlp_outputs[&layer])?);
     let init_norms: Vec<f64> = inits.iter().map(|v| v.iter().map(|x| x * x).sum::<f64>().sqrt()).collect();
-    let essence: Vec<_> = fact_rows.iter().map(|r| (r.end - 1, 0)).collect();
     let anchor = ops::log_softmax(&model.logits(&rows(&base.hidden, &essence)?)?)?.detach();
+    let answer_anchor = match answer.is_empty() {
+        true => None,
+        false => Some(ops::log_softmax(&model.logits(&rows(&base.hidden, &answer)?)?)?.detach()),
+    };
     let all = Rows {
         facts,
         fact_rows: &fact_rows,
@@ -164,6 +174,7 @@ pub fn optimize(model: &Model, facts: &[FactPrompts], edit: Edit, hp: &Hparams) 
         resume: &resume,
         mlp_out: &base.mlp_outputs[&layer],
         anchor: &anchor,
+        answer_anchor: answer_anchor.as_ref(),
         init_norms: &init_norms,
         hp,
     };
@@ -212,11 +223,17 @@ pub fn optimize(model: &Model, facts: &[FactPrompts], edit: Edit, hp: &Hparams) 
         }
         let picked = (target_lp.squeeze(1)? * &w.weight)?;
         let nll = w.by_fact.matmul(&picked.unsqueeze(1)?)?.squeeze(1)?.neg()?;
-        let now = lp.narrow(0, n, w.facts.len())?;
-        let kl = (now.exp()? * (&now - &w.anchor)?)?.sum(1)?;
+        let kl_at = |from: usize, anchor: &Tensor| -> Result<Tensor> {
+            let now = lp.narrow(0, from, w.facts.len())?;
+            Ok((now.exp()? * (&now - anchor)?)?.sum(1)?)
+        };
+        let mut kl = (kl_at(n, &w.anchor)? * hp.kl_factor)?;
+        if let Some(anchor) = &w.answer_anchor {
+            kl = (kl + (kl_at(n + w.facts.len(), anchor)? * hp.answer_kl)?)?;
+        }
         // ‖δ‖ with a zero-safe gradient (δ starts at 0, where √ has none).
         let norm = (delta.as_tensor().sqr()?.sum(1)? + 1e-24)?.sqrt()?;
-        let penalties = ((kl * hp.kl_factor)? + (norm * &w.decay)?)?;
+        let penalties = (kl + (norm * &w.decay)?)?;
         let losses = (nll + &penalties)?;
         let values: Vec<f32> = losses.to_vec1()?;
         let mut still = vec![0f32; w.facts.len()];
@@ -300,8 +317,10 @@ struct Rows<'a> {
     /// The unedited residual stream and MLP output of the edited layer `[rows, suffix, hidden]`.
     resume: &'a Tensor,
     mlp_out: &'a Tensor,
-    /// Each fact's unedited next-token log-probabilities after its essence prompt.
+    /// Each fact's unedited next-token log-probabilities after its essence prompt, and after its
+    /// answer prompt.
     anchor: &'a Tensor,
+    answer_anchor: Option<&'a Tensor>,
     init_norms: &'a [f64],
     hp: &'a Hparams,
 }
@@ -316,7 +335,7 @@ struct Working {
     /// Every row's subject's last token (position 0 of its suffix), and each row's fact.
     at: Vec<(usize, usize)>,
     row_fact: Tensor,
-    /// The target-token rows, then each fact's essence row.
+    /// The target-token rows, then each fact's essence row, then each fact's answer row.
     wanted: Vec<(usize, usize)>,
     /// Each target token's id `[n, 1]`, weight in its fact's mean `[n]`, fact (local) and the
     /// `[facts, n]` indicator that sums each fact's tokens.
@@ -325,6 +344,7 @@ struct Working {
     owner: Vec<usize>,
     by_fact: Tensor,
     anchor: Tensor,
+    answer_anchor: Option<Tensor>,
     decay: Tensor,
 }
 
@@ -338,7 +358,7 @@ impl Rows<'_> {
         let cut = |x: &Tensor| x.index_select(&picked, 0)?.narrow(1, 0, suffix.seq_len());
         let (resume, mlp_out) = (cut(self.resume)?, cut(self.mlp_out)?);
         let (mut wanted, mut ids, mut weight, mut owner) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let (mut row_fact, mut essence) = (Vec::new(), Vec::new());
+        let (mut row_fact, mut essence, mut answer) = (Vec::new(), Vec::new(), Vec::new());
         let mut first = 0;
         for (j, &f) in facts.iter().enumerate() {
             let fp = &self.facts[f];
@@ -350,13 +370,18 @@ impl Rows<'_> {
                     owner.push(j);
                 }
             }
-            row_fact.extend(std::iter::repeat_n(j as u32, fp.rewriting.len() + 1));
+            let extra = 1 + usize::from(fp.answer.is_some());
+            row_fact.extend(std::iter::repeat_n(j as u32, fp.rewriting.len() + extra));
             essence.push((first + fp.rewriting.len(), 0));
-            first += fp.rewriting.len() + 1;
+            if let Some(a) = &fp.answer {
+                answer.push((first + fp.rewriting.len() + 1, a.ids.len() - 1 - a.lookup));
+            }
+            first += fp.rewriting.len() + extra;
         }
         let n = ids.len();
         let indicator: Vec<f32> = (0..facts.len()).flat_map(|j| owner.iter().map(move |&o| (o == j) as u8 as f32)).collect();
         wanted.extend(essence);
+        wanted.extend(answer);
         let chosen = Tensor::from_vec(facts.iter().map(|&f| f as u32).collect::<Vec<_>>(), facts.len(), dev)?;
         let decay: Vec<f32> = facts.iter().map(|&f| (self.hp.v_weight_decay / (self.init_norms[f] * self.init_norms[f])) as f32).collect();
         Ok(Working {
@@ -372,6 +397,7 @@ impl Rows<'_> {
             owner,
             by_fact: Tensor::from_vec(indicator, (facts.len(), n), dev)?,
             anchor: self.anchor.index_select(&chosen, 0)?,
+            answer_anchor: self.answer_anchor.map(|a| a.index_select(&chosen, 0)).transpose()?,
             decay: Tensor::from_vec(decay, facts.len(), dev)?,
             facts,
         })

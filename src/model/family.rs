@@ -240,6 +240,10 @@ pub struct Family {
     pub layers_key: &'static str,
     /// KN's integrated-gradient steps by default (the peers' setting for the family).
     pub kn_steps: usize,
+    /// The target optimisation's weight on keeping what the model says after the new answer
+    /// (`answer_kl`) by default: 0, but for Gemma 3, whose edits without it sent greedy
+    /// continuations after the answer into `<start_of_image>` (docs/families.md).
+    pub answer_kl: f64,
     /// Reads and validates `config.json` (the family's serde struct).
     #[serde(skip)]
     pub(super) config: fn(&serde_json::Value, &Path) -> Result<Config>,

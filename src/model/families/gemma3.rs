@@ -25,6 +25,7 @@ pub static FAMILY: Family = Family {
     block: BLOCK,
     default_edit_layers: [2, 3, 4, 5, 6],
     rome_layer_index: 2,
+    answer_kl: 1.0,
     config,
     ..gemma2::FAMILY
 };

@@ -44,6 +44,7 @@ pub static FAMILY: Family = Family {
     rome_layer_index: 1,
     layers_key: "num_hidden_layers",
     kn_steps: 20,
+    answer_kl: 0.0,
     config,
 };
 

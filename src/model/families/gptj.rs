@@ -46,6 +46,7 @@ pub static FAMILY: Family = Family {
     rome_layer_index: 1,
     layers_key: "n_layer",
     kn_steps: 20,
+    answer_kl: 0.0,
     config,
 };
 

@@ -28,6 +28,7 @@ pub static FAMILY: Family = Family {
     rome_layer_index: 1,
     layers_key: "num_hidden_layers",
     kn_steps: 1,
+    answer_kl: 0.0,
     config,
 };
 
