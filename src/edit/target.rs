@@ -17,6 +17,13 @@ pub struct Prompt {
     pub targets: Vec<(usize, u32)>,
 }
 
+impl Prompt {
+    /// Where its last token is in its suffix, the tokens from the subject's last one on.
+    fn last_in_suffix(&self) -> usize {
+        self.ids.len() - 1 - self.lookup
+    }
+}
+
 /// `template` (one `{}`: the subject's place) filled with `subject`, optionally followed by the
 /// target tokens but the last (their predictions are what the loss reads).
 pub fn prompt(tok: &Tokenizer, template: &str, subject: &str, target: Option<&[u32]>, req: &Request) -> Result<Prompt> {
@@ -137,7 +144,7 @@ pub fn optimize(model: &Model, facts: &[FactPrompts], edit: Edit, hp: &Hparams) 
         essence.push((all.len(), 0));
         all.push(&fp.essence);
         if let Some(a) = &fp.answer {
-            answer.push((all.len(), a.ids.len() - 1 - a.lookup));
+            answer.push((all.len(), a.last_in_suffix()));
             all.push(a);
         }
         fact_rows.push(first..all.len());
@@ -162,10 +169,7 @@ pub fn optimize(model: &Model, facts: &[FactPrompts], edit: Edit, hp: &Hparams) 
     let (keys, outputs) = (raw_rows(&base.keys[&layer])?, raw_rows(&base.mlp_outputs[&layer])?);
     let init_norms: Vec<f64> = inits.iter().map(|v| v.iter().map(|x| x * x).sum::<f64>().sqrt()).collect();
     let anchor = ops::log_softmax(&model.logits(&rows(&base.hidden, &essence)?)?)?.detach();
-    let answer_anchor = match answer.is_empty() {
-        true => None,
-        false => Some(ops::log_softmax(&model.logits(&rows(&base.hidden, &answer)?)?)?.detach()),
-    };
+    let answer_anchor = (!answer.is_empty()).then(|| Ok::<_, Error>(ops::log_softmax(&model.logits(&rows(&base.hidden, &answer)?)?)?.detach())).transpose()?;
     let all = Rows {
         facts,
         fact_rows: &fact_rows,
@@ -374,7 +378,7 @@ impl Rows<'_> {
             row_fact.extend(std::iter::repeat_n(j as u32, fp.rewriting.len() + extra));
             essence.push((first + fp.rewriting.len(), 0));
             if let Some(a) = &fp.answer {
-                answer.push((first + fp.rewriting.len() + 1, a.ids.len() - 1 - a.lookup));
+                answer.push((first + fp.rewriting.len() + 1, a.last_in_suffix()));
             }
             first += fp.rewriting.len() + extra;
         }

@@ -108,18 +108,18 @@ pub fn apply(model: &Path, patches: &[PathBuf], out: &Path, options: &ApplyOptio
     // several patches touch from its bytes (in parallel: it is accumulated). The others' bytes
     // are checked again as they are read for writing, below.
     let mut from_record = BTreeSet::new();
-    let mut from_bytes = Vec::new();
+    let mut accumulated = Vec::new();
     for m in &touched {
         if stack.verify_recorded(&m.hf, Dtype::F32, &m.shape, &hashes[&m.hf])? {
             from_record.insert(m.hf.as_str());
         } else {
-            from_bytes.push(*m);
+            accumulated.push(*m);
         }
     }
     // Not even an empty parallel iterator otherwise: it starts rayon's threads, whose idle
     // spinning takes CPU time from the copy and the touched tensors.
-    if !from_bytes.is_empty() {
-        from_bytes.par_iter().try_for_each(|m| gguf.verify(&stack, m))?;
+    if !accumulated.is_empty() {
+        accumulated.par_iter().try_for_each(|m| gguf.verify(&stack, m))?;
     }
 
     let mut file = AtomicFile::create(out, &policy).map_err(io_err(out))?;
