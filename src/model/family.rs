@@ -232,7 +232,7 @@ pub struct Family {
     /// The MLP's output projection: the matrix ROME and MEMIT edit. Its input is the "key".
     pub mlp_out: Projection,
     /// Layers MEMIT edits by default in a model that has them all (see [`Family::edit_layers`]).
-    pub default_edit_layers: [usize; 5],
+    pub default_edit_layers: &'static [usize],
     /// Which of those layers ROME and EMMET edit by default (an index into them; the last one
     /// in a shallower model that has fewer).
     pub rome_layer_index: usize,
@@ -256,7 +256,7 @@ impl Family {
     /// `l·n / (last + 1)` for `n` layers and `last` the deepest default. A 2-layer Llama gets
     /// `[0, 1]`, a 1-layer one `[0]`.
     pub fn edit_layers(&self, num_layers: usize) -> Vec<usize> {
-        let last = *self.default_edit_layers.iter().max().expect("five layers");
+        let last = *self.default_edit_layers.iter().max().expect("at least one default edit layer");
         if last < num_layers {
             return self.default_edit_layers.to_vec();
         }

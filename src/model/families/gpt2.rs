@@ -36,7 +36,7 @@ pub static FAMILY: Family = Family {
     activation: Activation::GeluTanh,
     mlp_in: MlpInputs::Plain(conv1d("transformer.h.{layer}.mlp.c_fc.weight", &[Ff, Hidden])),
     mlp_out: conv1d("transformer.h.{layer}.mlp.c_proj.weight", &[Hidden, Ff]),
-    default_edit_layers: [3, 4, 5, 6, 7],
+    default_edit_layers: &[3, 4, 5, 6, 7],
     rome_layer_index: 1,
     layers_key: "n_layer",
     kn_steps: 20,

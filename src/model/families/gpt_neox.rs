@@ -40,7 +40,7 @@ pub static FAMILY: Family = Family {
     activation: Activation::Gelu,
     mlp_in: MlpInputs::Plain(linear("gpt_neox.layers.{layer}.mlp.dense_h_to_4h.weight", &[Ff, Hidden])),
     mlp_out: linear("gpt_neox.layers.{layer}.mlp.dense_4h_to_h.weight", &[Hidden, Ff]),
-    default_edit_layers: [3, 4, 5, 6, 7],
+    default_edit_layers: &[3, 4, 5, 6, 7],
     rome_layer_index: 1,
     layers_key: "num_hidden_layers",
     kn_steps: 20,

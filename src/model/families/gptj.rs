@@ -42,7 +42,7 @@ pub static FAMILY: Family = Family {
     activation: Activation::GeluTanh,
     mlp_in: MlpInputs::Plain(Projection::linear("transformer.h.{layer}.mlp.fc_in.weight", None, &[Ff, Hidden]).with_bias()),
     mlp_out: Projection::linear("transformer.h.{layer}.mlp.fc_out.weight", None, &[Hidden, Ff]).with_bias(),
-    default_edit_layers: [3, 4, 5, 6, 7],
+    default_edit_layers: &[3, 4, 5, 6, 7],
     rome_layer_index: 1,
     layers_key: "n_layer",
     kn_steps: 20,

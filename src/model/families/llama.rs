@@ -24,7 +24,7 @@ pub static FAMILY: Family = Family {
     activation: Activation::Silu,
     mlp_in: MLP_IN,
     mlp_out: MLP_OUT,
-    default_edit_layers: [4, 5, 6, 7, 8],
+    default_edit_layers: &[4, 5, 6, 7, 8],
     rome_layer_index: 1,
     layers_key: "num_hidden_layers",
     kn_steps: 1,
