@@ -227,6 +227,19 @@ fn the_gguf_names_come_from_the_table() {
     assert_eq!(factpatch::gguf::llama_gguf_name("model.layers.3.self_attn.q_norm.weight"), None, "not in the Llama table");
 }
 
+/// A family's default edit layers are a slice of any length: each table's must be non-empty and
+/// ascending, and ROME's index must point into them (`edit_layers` and the ROME default rely on it).
+#[test]
+fn every_table_has_ascending_edit_layers_and_a_rome_layer_among_them() {
+    for f in factpatch::model::FAMILIES {
+        let layers = f.default_edit_layers;
+        assert!(!layers.is_empty() && layers.windows(2).all(|w| w[0] < w[1]), "{}: {layers:?}", f.name);
+        assert!(f.rome_layer_index < layers.len(), "{}: ROME's index {} is outside {layers:?}", f.name, f.rome_layer_index);
+    }
+    let gemma = factpatch::model::FAMILIES.iter().find(|f| f.name == "gemma3_text").unwrap();
+    assert_eq!((gemma.edit_layers(18), gemma.edit_layers(2)), (vec![2, 3, 4], vec![0, 1]), "Gemma 3 270M's 18 layers, a tiny model's 2");
+}
+
 /// The logits of every prompt of `name`'s reference under `model`.
 fn all_logits(model: &Model, refs: &BTreeMap<String, Ref>) -> Vec<Vec<Vec<f32>>> {
     (0..3)

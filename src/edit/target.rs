@@ -169,7 +169,7 @@ pub fn optimize(model: &Model, facts: &[FactPrompts], edit: Edit, hp: &Hparams) 
     let (keys, outputs) = (raw_rows(&base.keys[&layer])?, raw_rows(&base.mlp_outputs[&layer])?);
     let init_norms: Vec<f64> = inits.iter().map(|v| v.iter().map(|x| x * x).sum::<f64>().sqrt()).collect();
     let anchor = ops::log_softmax(&model.logits(&rows(&base.hidden, &essence)?)?)?.detach();
-    let answer_anchor = (!answer.is_empty()).then(|| Ok::<_, Error>(ops::log_softmax(&model.logits(&rows(&base.hidden, &answer)?)?)?.detach())).transpose()?;
+    let answer_anchor = if answer.is_empty() { None } else { Some(ops::log_softmax(&model.logits(&rows(&base.hidden, &answer)?)?)?.detach()) };
     let all = Rows {
         facts,
         fact_rows: &fact_rows,
