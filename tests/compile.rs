@@ -290,6 +290,21 @@ fn mpes_stops_at_the_first_step_where_the_new_target_is_most_probable() {
 }
 
 #[test]
+fn the_stop_rule_brings_its_learning_rate_unless_one_was_given() {
+    let config = factpatch::model::Config::read(&smollm2()).unwrap();
+    let lr = |method, sets: &[&str]| {
+        let mut hp = factpatch::edit::Hparams::defaults(method, &config);
+        sets.iter().for_each(|s| hp.set(s).unwrap());
+        hp.v_lr
+    };
+    assert_eq!((lr(Method::Memit, &[]), lr(Method::Rome, &[]), lr(Method::Encore, &[])), (0.5, 0.5, 1.0));
+    assert_eq!(lr(Method::Memit, &["early_stop=mpes"]), 1.0);
+    assert_eq!(lr(Method::Encore, &["early_stop=none"]), 0.5);
+    assert_eq!(lr(Method::Rome, &["early_stop=mpes", "v_lr=0.7"]), 0.7);
+    assert_eq!(lr(Method::Rome, &["v_lr=0.7", "early_stop=mpes"]), 0.7, "a rate given before the rule is kept");
+}
+
+#[test]
 fn encore_keeps_the_keys_of_the_facts_its_parents_edited() {
     let records = request::read(&root().join("fixtures/data/edit/counterfact-rome-300.json")).unwrap();
     let tmp = tempfile::tempdir().unwrap();

@@ -89,6 +89,17 @@ impl EarlyStop {
     fn is_none(&self) -> bool {
         *self == EarlyStop::None
     }
+
+    /// The target optimisation's default Adam learning rate under this rule: the peers' 0.5, and
+    /// 1.0 with MPES, which stops at the first step where the new target wins, so a larger step
+    /// overshoots by at most that step (on SmolLM2 it reaches the stop in 0.6× the steps with the
+    /// same scores, docs/methods-on-smollm2.md).
+    pub fn default_lr(self) -> f64 {
+        match self {
+            EarlyStop::None => 0.5,
+            EarlyStop::Mpes => 1.0,
+        }
+    }
 }
 
 impl ValueNorm {
@@ -172,6 +183,7 @@ impl Hparams {
     pub fn defaults(method: Method, config: &model::Config) -> Self {
         let layers = config.family.edit_layers(config.num_layers);
         let encore = method == Method::Encore;
+        let early_stop = if encore { EarlyStop::Mpes } else { EarlyStop::None };
         Hparams {
             method,
             layers: match method {
@@ -182,7 +194,7 @@ impl Hparams {
             },
             v_steps: 25,
             v_extend: if method.optimises_targets() { 4 } else { 1 },
-            v_lr: 0.5,
+            v_lr: early_stop.default_lr(),
             // ENCORE's published settings hold the target vectors closer to where they start.
             v_weight_decay: if encore { 0.5 } else { 1e-3 },
             clamp_norm: if encore { 0.75 } else { 4.0 },
@@ -200,7 +212,7 @@ impl Hparams {
             nullspace_threshold: (method == Method::AlphaEdit).then_some(2e-2),
             alpha: (method == Method::AlphaEdit).then_some(10.0),
             norm_lambda: encore.then_some(10.0),
-            early_stop: if encore { EarlyStop::Mpes } else { EarlyStop::None },
+            early_stop,
             value_norm: ValueNorm::None,
             kn: (method == Method::Kn).then_some(KnParams { steps: config.family.kn_steps, threshold: 0.2, share: 0.4 }),
         }
@@ -208,7 +220,8 @@ impl Hparams {
 
     /// Overrides one hyperparameter: `KEY=VALUE` with a JSON value or a bare word (a string), a
     /// dot for nested keys (`alpha=1`, `layers=[3,4]`, `kn.steps=5`, `early_stop=mpes`). Only the
-    /// method's own keys exist.
+    /// method's own keys exist. A new `early_stop` brings its default `v_lr` unless `v_lr` was
+    /// changed before it.
     pub fn set(&mut self, assignment: &str) -> Result<()> {
         let bad = |why: String| Error::Hparams(format!("--set {assignment}: {why}"));
         let (key, value) = assignment.split_once('=').ok_or_else(|| bad("expected KEY=VALUE".into()))?;
@@ -234,7 +247,11 @@ impl Hparams {
             slot = slot.as_object_mut().and_then(|m| m.get_mut(part)).ok_or_else(|| bad(format!("{:?} has no hyperparameter `{key}`", self.method)))?;
         }
         *slot = value;
+        let before = (self.early_stop, self.v_lr);
         *self = serde_json::from_value(json).map_err(|e| bad(e.to_string()))?;
+        if key == "early_stop" && before.1 == before.0.default_lr() {
+            self.v_lr = self.early_stop.default_lr();
+        }
         Ok(())
     }
 

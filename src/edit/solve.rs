@@ -2,7 +2,7 @@
 //! `ΔW = U·Vᵀ` (`U [d_out, r]`, `V [d_in, r]`) in the edit view `out = W·k`.
 
 use ndarray::{Array1, Array2, Axis};
-use ndarray_linalg::{Eigh, FactorizeC, SolveC, UPLO};
+use ndarray_linalg::{Eigh, FactorizeCInto, SolveC, UPLO};
 
 /// A linear solve failed.
 #[derive(Debug, thiserror::Error)]
@@ -21,8 +21,10 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Solves `A X = B` for symmetric positive definite `A`, column by column on one Cholesky factor.
-fn solve_spd(a: &Array2<f64>, b: &Array2<f64>, what: &'static str) -> Result<Array2<f64>> {
-    let factor = a.factorizec(UPLO::Lower).map_err(|_| Error::NotPositiveDefinite(what))?;
+/// LAPACK gets `Aᵀ` in column order: the same matrix, without the two transposes a row-major
+/// matrix costs.
+fn solve_spd(a: Array2<f64>, b: &Array2<f64>, what: &'static str) -> Result<Array2<f64>> {
+    let factor = a.reversed_axes().factorizec_into(UPLO::Lower).map_err(|_| Error::NotPositiveDefinite(what))?;
     let mut x = Array2::zeros(b.raw_dim());
     for (j, col) in b.axis_iter(Axis(1)).enumerate() {
         let sol = factor.solvec(&col.to_owned()).map_err(|_| Error::NotPositiveDefinite(what))?;
@@ -38,7 +40,7 @@ pub fn memit(r: &Array2<f64>, k: &Array2<f64>, c: &Array2<f64>, lambda: f64) -> 
         return Err(Error::Shape(format!("memit: R {:?}, K {:?}, C {:?} do not fit", r.dim(), k.dim(), c.dim())));
     }
     let a = c * lambda + k.dot(&k.t());
-    Ok((r.clone(), solve_spd(&a, k, "λC + KKᵀ")?))
+    Ok((r.clone(), solve_spd(a, k, "λC + KKᵀ")?))
 }
 
 /// ENCORE's norm-constrained MEMIT (Gupta et al. 2025, arXiv:2502.01636), as the authors' code
@@ -52,7 +54,7 @@ pub fn encore(r: &Array2<f64>, k: &Array2<f64>, c: &Array2<f64>, lambda_p: f64, 
         return Err(Error::Shape(format!("encore: R {:?}, K {:?}, C {:?}, S_p {:?} do not fit", r.dim(), k.dim(), c.dim(), s_p.dim())));
     }
     let a = c * lambda_p + s_p + Array2::<f64>::eye(d) * lambda_n + k.dot(&k.t());
-    Ok((r.clone(), solve_spd(&a, k, "λ_p C + S_p + λₙI + KKᵀ")?))
+    Ok((r.clone(), solve_spd(a, k, "λ_p C + S_p + λₙI + KKᵀ")?))
 }
 
 /// Norm anchoring of a value vector (after NAS, Liu et al. 2026, arXiv:2602.02543): with
@@ -81,9 +83,9 @@ pub fn emmet(r: &Array2<f64>, k: &Array2<f64>, c: &Array2<f64>, lambda: f64, mu:
     if r.ncols() != k.ncols() || c.nrows() != k.nrows() || c.ncols() != k.nrows() {
         return Err(Error::Shape(format!("emmet: R {:?}, K {:?}, C {:?} do not fit", r.dim(), k.dim(), c.dim())));
     }
-    let v = solve_spd(&(c * lambda), k, "λC")?;
+    let v = solve_spd(c * lambda, k, "λC")?;
     let d = k.t().dot(&v) + Array2::<f64>::eye(k.ncols()) * mu;
-    let ut = solve_spd(&d, &r.t().to_owned(), "Kᵀ(λC)⁻¹K + μI")?;
+    let ut = solve_spd(d, &r.t().to_owned(), "Kᵀ(λC)⁻¹K + μI")?;
     Ok((ut.t().to_owned(), v))
 }
 
@@ -128,7 +130,7 @@ pub fn alphaedit(r: &Array2<f64>, k: &Array2<f64>, s_p: &Array2<f64>, p: &Array2
         return Err(Error::Shape(format!("alphaedit: R {:?}, K {:?}, S_p {:?}, P {:?} do not fit", r.dim(), k.dim(), s_p.dim(), p.dim())));
     }
     let psp = p.dot(&(k.dot(&k.t()) + s_p)).dot(p);
-    let z = solve_spd(&(psp + Array2::<f64>::eye(d) * alpha), &p.dot(k), "P S P + αI")?;
+    let z = solve_spd(psp + Array2::<f64>::eye(d) * alpha, &p.dot(k), "P S P + αI")?;
     Ok((r.clone(), p.dot(&z)))
 }
 
@@ -140,7 +142,7 @@ pub fn rome(delta: &Array1<f64>, k_mean: &Array1<f64>, k_prompt: &Array1<f64>, c
         return Err(Error::Shape(format!("rome: keys {} and {} and C do not fit", k_mean.len(), k_prompt.len())));
     }
     let mut u = match c {
-        Some(c) => solve_spd(c, &k_mean.clone().insert_axis(Axis(1)), "C")?.column(0).to_owned(),
+        Some(c) => solve_spd(c.clone(), &k_mean.clone().insert_axis(Axis(1)), "C")?.column(0).to_owned(),
         None => k_mean.clone(),
     };
     let norm = u.dot(&u).sqrt();
