@@ -121,11 +121,7 @@ fn main() {
             // Statistics, AlphaEdit's projections and the context templates are made once per
             // run, outside the timed edits, as in real use.
             let mut compiler = Compiler::open(&spec(method, rect, &sets)).unwrap();
-            if let Some(tau) = compiler.hp.nullspace_threshold {
-                for l in compiler.hp.layers.clone() {
-                    compiler.preserved.nullspace(l, tau).unwrap();
-                }
-            }
+            compiler.preserved.prepare(&compiler.hp).unwrap();
             let (mut seconds, mut steps, mut capped, mut s) = (0.0, 0, 0, [0.0; 3]);
             for group in reqs.chunks(batch) {
                 let mut c = compiler.clone();

@@ -329,6 +329,6 @@ fn statistics(spec: &Spec, hp: &Hparams, base_identity: &str, max_positions: usi
         }
     };
     let preserved: Preserved = stats.layers.iter().map(|(l, s)| (*l, s.second_moment())).collect();
-    // AlphaEdit's projectors are kept beside the statistics they come from.
-    Ok((preserved.keep_projectors(&spec.cache, &used.id), Some(used)))
+    // Projectors and factors are kept beside the statistics they come from.
+    Ok((preserved.keep_derived(&spec.cache, &used.id), Some(used)))
 }

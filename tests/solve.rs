@@ -39,6 +39,11 @@ fn second_moment(rng: &mut impl Rng, d: usize) -> Array2<f64> {
     keys.dot(&keys.t()) / (4 * d) as f64
 }
 
+/// The Cholesky factor of `a`.
+fn factor(a: Array2<f64>) -> solve::Factor {
+    solve::Factor::cholesky(a, "test").unwrap()
+}
+
 fn max_abs(a: &Array2<f64>) -> f64 {
     a.iter().fold(0.0, |m, x| m.max(x.abs()))
 }
@@ -46,11 +51,12 @@ fn max_abs(a: &Array2<f64>) -> f64 {
 #[test]
 fn memit_matches_dense_reference() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    for (d_out, d_in, n, lambda) in [(6, 9, 1, 10.0), (5, 12, 4, 1.5), (8, 16, 7, 15000.0)] {
+    // Up to d/2 keys go through the Woodbury identity, more through a fresh factorisation.
+    for (d_out, d_in, n, lambda) in [(6, 9, 1, 10.0), (5, 12, 4, 1.5), (8, 16, 7, 15000.0), (4, 10, 5, 2.0), (4, 10, 6, 2.0), (3, 6, 14, 0.5)] {
         let r = random(&mut rng, d_out, n);
         let k = random(&mut rng, d_in, n);
         let c = second_moment(&mut rng, d_in);
-        let (u, v) = solve::memit(&r, &k, &c, lambda).unwrap();
+        let (u, v) = solve::memit(&r, &k, &factor(&c * lambda)).unwrap();
         let dense = r.dot(&k.t()).dot(&inverse(&(&c * lambda + k.dot(&k.t()))));
         let err = max_abs(&(u.dot(&v.t()) - &dense)) / max_abs(&dense);
         assert!(err < 1e-9, "memit ({d_out}x{d_in}, n={n}, λ={lambda}): relative error {err:e}");
@@ -68,7 +74,7 @@ fn rome_matches_dense_reference_and_writes_the_value() {
     let v_star = Array1::from_iter((0..d_out).map(|_| rng.random::<f64>()));
     let delta = &v_star - &w.dot(&k_prompt);
     for c in [Some(&c), None] {
-        let (u, v) = solve::rome(&delta, &k_mean, &k_prompt, c).unwrap();
+        let (u, v) = solve::rome(&delta, &k_mean, &k_prompt, c.map(|c| factor(c.clone())).as_ref()).unwrap();
         // Paper form: ΔW = Λ (C⁻¹k̄)ᵀ with Λ = (v* − W k_p) / ((C⁻¹k̄)ᵀ k_p).
         let cinv_k = match c {
             Some(c) => inverse(c).dot(&k_mean),
@@ -86,10 +92,36 @@ fn rome_matches_dense_reference_and_writes_the_value() {
 }
 
 #[test]
-fn memit_refuses_a_degenerate_system() {
-    let k = Array2::zeros((4, 2));
-    let err = solve::memit(&Array2::zeros((3, 2)), &k, &Array2::zeros((4, 4)), 1.0).unwrap_err();
-    assert!(err.to_string().contains("not positive definite"), "{err}");
+fn a_degenerate_system_is_refused() {
+    let err = solve::Factor::cholesky(Array2::zeros((4, 4)), "λC").unwrap_err();
+    assert!(err.to_string().contains("λC: the matrix is not positive definite"), "{err}");
+    // A factor read back from storage is checked: lower triangular, positive diagonal.
+    let l = Array2::from_shape_vec((2, 2), vec![1.0, 0.0, 0.5, 2.0]).unwrap();
+    assert!(solve::Factor::from_lower(l.clone()).is_some());
+    assert!(solve::Factor::from_lower(l.t().to_owned()).is_none(), "upper triangular taken");
+    assert!(solve::Factor::from_lower(-l.clone()).is_none(), "negative diagonal taken");
+    assert!(solve::Factor::from_lower(Array2::zeros((2, 3))).is_none(), "not square taken");
+    let nan = Array2::from_shape_vec((2, 2), vec![1.0, 0.0, f64::NAN, 2.0]).unwrap();
+    assert!(solve::Factor::from_lower(nan).is_none(), "NaN taken");
+}
+
+#[test]
+fn a_factor_solves_like_the_inverse() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    for (d, n) in [(1, 1), (7, 3), (20, 1), (20, 30)] {
+        let a = second_moment(&mut rng, d) * 3.0 + Array2::<f64>::eye(d) * 0.25;
+        let b = random(&mut rng, d, n);
+        let dense = inverse(&a).dot(&b);
+        for f in [factor(a.clone()), solve::Factor::from_lower(factor(a.clone()).lower().unwrap().clone()).unwrap()] {
+            let err = max_abs(&(f.solve(&b).unwrap() - &dense)) / max_abs(&dense);
+            assert!(err < 1e-9, "A⁻¹B ({d}x{d}, {n} columns): relative error {err:e}");
+        }
+        let l = factor(a.clone()).lower().unwrap().clone();
+        assert!(max_abs(&(l.dot(&l.t()) - &a)) < 1e-12 * max_abs(&a), "L Lᵀ is not A");
+        let scaled = solve::Factor::identity(2.5, d, "αI").unwrap();
+        assert!(max_abs(&(scaled.solve(&b).unwrap() - &b / 2.5)) < 1e-15);
+    }
+    assert!(solve::Factor::identity(0.0, 3, "αI").is_err());
 }
 
 #[test]
@@ -99,7 +131,7 @@ fn emmet_matches_dense_reference_and_is_exact_without_ridge() {
         let r = random(&mut rng, d_out, n);
         let k = random(&mut rng, d_in, n);
         let c = second_moment(&mut rng, d_in);
-        let (u, v) = solve::emmet(&r, &k, &c, lambda, mu).unwrap();
+        let (u, v) = solve::emmet(&r, &k, &factor(&c * lambda), mu).unwrap();
         let cinv = inverse(&(&c * lambda));
         let d = k.t().dot(&cinv).dot(&k) + Array2::<f64>::eye(n) * mu;
         let dense = r.dot(&inverse(&d)).dot(&k.t()).dot(&cinv);
@@ -156,12 +188,13 @@ fn alphaedit_matches_dense_reference_and_spares_the_preserved_keys() {
     let values = [4.0, 2.0, 1.0, 0.5, 0.3, 0.1, 1e-4, 1e-5, 1e-6, 1e-7];
     let (c, q) = with_spectrum(&mut rng, &values);
     let p = solve::nullspace(&c, 1e-2).unwrap();
-    for (d_out, n, alpha) in [(6, 1, 10.0), (5, 3, 1.0), (7, 2, 0.1)] {
+    // Up to d/2 keys in all go through the Woodbury identity, more through a factorisation.
+    for (d_out, n, n_p, alpha) in [(6, 1, 2, 10.0), (5, 3, 2, 1.0), (7, 2, 2, 0.1), (4, 2, 0, 1.0), (4, 3, 9, 0.5)] {
         let r = random(&mut rng, d_out, n);
         let k = random(&mut rng, d_in, n);
-        let kp = random(&mut rng, d_in, 2);
+        let kp = random(&mut rng, d_in, n_p);
         let s_p = kp.dot(&kp.t());
-        let (u, v) = solve::alphaedit(&r, &k, &s_p, &p, alpha).unwrap();
+        let (u, v) = solve::alphaedit(&r, &k, &kp, &p, alpha).unwrap();
         let s = k.dot(&k.t()) + &s_p;
         let dense = r.dot(&k.t()).dot(&p).dot(&inverse(&(s.dot(&p) + Array2::<f64>::eye(d_in) * alpha)));
         let update = u.dot(&v.t());
@@ -179,7 +212,7 @@ fn projectors_are_kept_beside_their_statistics() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(18);
     let (c, _) = with_spectrum(&mut rng, &[3.0, 1e-3, 0.5, 1e-6, 7.0, 0.03]);
     let dir = tempfile::tempdir().unwrap();
-    let fresh = || [(4, c.clone())].into_iter().collect::<factpatch::edit::Preserved>().keep_projectors(dir.path(), "stats-id");
+    let fresh = || [(4, c.clone())].into_iter().collect::<factpatch::edit::Preserved>().keep_derived(dir.path(), "stats-id");
     let computed = fresh().nullspace(4, 2e-2).unwrap();
     assert_eq!(*computed, solve::nullspace(&c, 2e-2).unwrap());
     let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
@@ -198,15 +231,45 @@ fn projectors_are_kept_beside_their_statistics() {
 }
 
 #[test]
+fn factors_are_kept_beside_their_statistics() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(31);
+    let c = second_moment(&mut rng, 6);
+    let dir = tempfile::tempdir().unwrap();
+    let fresh = || [(4, c.clone())].into_iter().collect::<factpatch::edit::Preserved>().keep_derived(dir.path(), "stats-id");
+    let computed = fresh().factor(4, 3.0, 0.5).unwrap();
+    assert_eq!(*computed, factor(&c * 3.0 + Array2::<f64>::eye(6) * 0.5));
+    let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1);
+    assert!(files[0].file_name().unwrap().to_string_lossy().starts_with("stats-id.cholesky-4-"));
+    let plant = |m: &Array2<f64>| {
+        let bytes: Vec<u8> = m.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F64, vec![6, 6], &bytes).unwrap();
+        std::fs::write(&files[0], safetensors::serialize([("factor", view)], None).unwrap()).unwrap();
+    };
+    // Read back by a later run, not recomputed: a planted factor is what it gets.
+    let planted = Array2::<f64>::eye(6) * 0.5;
+    plant(&planted);
+    assert_eq!(fresh().factor(4, 3.0, 0.5).unwrap().lower(), Some(&planted));
+    // One that is not a Cholesky factor (upper triangular) is computed again, as is another scale.
+    plant(&(Array2::<f64>::eye(6) + Array2::from_shape_fn((6, 6), |(i, j)| f64::from(j > i))));
+    assert_eq!(*fresh().factor(4, 3.0, 0.5).unwrap(), *computed);
+    assert_eq!(*fresh().factor(4, 2.0, 0.5).unwrap(), factor(&c * 2.0 + Array2::<f64>::eye(6) * 0.5));
+    // Missing statistics are named.
+    assert!(fresh().factor(5, 3.0, 0.5).unwrap_err().to_string().contains("no key statistics for layer 5"));
+}
+
+#[test]
 fn encore_matches_dense_reference_and_zeroes_its_objective_gradient() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(23);
-    for (d_out, d_in, n, n_p, lambda_p, lambda_n) in [(6, 9, 1, 0, 10.0, 10.0), (5, 12, 4, 3, 1.5, 0.5), (8, 16, 7, 5, 15000.0, 20.0)] {
+    for (d_out, d_in, n, n_p, lambda_p, lambda_n) in [(6, 9, 1, 0, 10.0, 10.0), (5, 12, 4, 2, 1.5, 0.5), (8, 16, 7, 5, 15000.0, 20.0), (3, 8, 2, 12, 2.0, 0.0)]
+    {
         let r = random(&mut rng, d_out, n);
         let k = random(&mut rng, d_in, n);
         let c = second_moment(&mut rng, d_in);
         let kp = random(&mut rng, d_in, n_p);
         let s_p = kp.dot(&kp.t());
-        let (u, v) = solve::encore(&r, &k, &c, lambda_p, &s_p, lambda_n).unwrap();
+        let base = factor(&c * lambda_p + Array2::<f64>::eye(d_in) * lambda_n);
+        let (u, v) = solve::encore(&r, &k, &base, &kp).unwrap();
         let a = &c * lambda_p + &s_p + Array2::<f64>::eye(d_in) * lambda_n + k.dot(&k.t());
         let dense = r.dot(&k.t()).dot(&inverse(&a));
         let update = u.dot(&v.t());
@@ -219,8 +282,8 @@ fn encore_matches_dense_reference_and_zeroes_its_objective_gradient() {
     }
     // Without the norm penalty and earlier keys, ENCORE is MEMIT.
     let (r, k, c) = (random(&mut rng, 4, 2), random(&mut rng, 7, 2), second_moment(&mut rng, 7));
-    let (u, v) = solve::encore(&r, &k, &c, 3.0, &Array2::zeros((7, 7)), 0.0).unwrap();
-    let (mu, mv) = solve::memit(&r, &k, &c, 3.0).unwrap();
+    let (u, v) = solve::encore(&r, &k, &factor(&c * 3.0), &Array2::zeros((7, 0))).unwrap();
+    let (mu, mv) = solve::memit(&r, &k, &factor(&c * 3.0)).unwrap();
     assert!(max_abs(&(u.dot(&v.t()) - mu.dot(&mv.t()))) < 1e-12);
 }
 
@@ -260,7 +323,7 @@ fn merging_equal_columns_keeps_the_update_at_a_lower_rank() {
     let r2 = ndarray::concatenate![ndarray::Axis(1), r, r];
     let k = random(&mut rng, 9, 6);
     let c = second_moment(&mut rng, 9);
-    let (u, v) = solve::memit(&r2, &k, &c, 2.0).unwrap();
+    let (u, v) = solve::memit(&r2, &k, &factor(&c * 2.0)).unwrap();
     let dense = u.dot(&v.t());
     let (u, v) = solve::merge_equal_columns(u, v);
     assert_eq!((u.ncols(), v.ncols()), (3, 3), "six columns of three distinct residuals merge into three");

@@ -264,6 +264,17 @@ impl Hparams {
         }
     }
 
+    /// The fixed part `scale·C + ridge·I` of the closed form's system matrix, as
+    /// `(scale, ridge)`; none for methods without one.
+    pub fn regulariser(&self) -> Result<Option<(f64, f64)>> {
+        Ok(match self.method {
+            Method::Rome if self.mom2_adjustment => Some((1.0, 0.0)),
+            Method::Memit | Method::Emmet => Some((self.mom2_weight, 0.0)),
+            Method::Encore => Some((self.mom2_weight, self.required(self.norm_lambda, "norm_lambda")?)),
+            _ => None,
+        })
+    }
+
     /// A method-specific value, which `defaults` sets for that method.
     pub(crate) fn required<T: Copy>(&self, value: Option<T>, name: &str) -> Result<T> {
         value.ok_or_else(|| Error::Hparams(format!("{:?} needs `{name}` in its hyperparameters", self.method)))

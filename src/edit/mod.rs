@@ -122,11 +122,7 @@ pub fn compile(
 ) -> Result<(Vec<LayerUpdate>, Vec<FactReport>)> {
     hp.check(&model.config)?;
     check_lengths(model, tok, requests, templates)?;
-    if hp.needs_stats() {
-        for &l in &hp.layers {
-            preserved.second_moment(l)?;
-        }
-    }
+    preserved.prepare(hp)?;
     let mut updates = Vec::new();
     let mut reports = Vec::new();
     match hp.method {
@@ -257,7 +253,7 @@ fn rome(
     req: &Request,
     hp: &Hparams,
     templates: &[Vec<String>],
-    preserved: &Preserved,
+    preserved: &mut Preserved,
 ) -> Result<(Vec<LayerUpdate>, FactReport)> {
     let layer = hp.layers[0];
     // ROME weighs every template equally.
@@ -265,8 +261,8 @@ fn rome(
     let (k_mean, k_prompt) = request_keys(model, tok, std::slice::from_ref(req), &flat, layer)?.remove(0);
     let prompts = optimisation_prompts(tok, req, templates, hp)?;
     let t = target::optimize(model, &[prompts], Edit::MlpOut(layer), hp)?.remove(0);
-    let c = if hp.mom2_adjustment { Some(preserved.second_moment(layer)?) } else { None };
-    let (u, v) = solve::rome(&Array1::from(t.delta.clone()), &k_mean, &k_prompt, c)?;
+    let c = preserved.regulariser(layer, hp)?;
+    let (u, v) = solve::rome(&Array1::from(t.delta.clone()), &k_mean, &k_prompt, c.as_deref())?;
     let update = commit(model, layer, &u, &v, hp.rect_k)?;
     Ok((vec![update], report(req, &t)))
 }
@@ -348,23 +344,22 @@ fn memit(
         let now: Vec<Array1<f64>> = now.into_iter().map(Array1::from).collect();
         let r = (stack(&targets) - stack(&now)) / (layers.len() - i) as f64;
         let r = ndarray::concatenate![ndarray::Axis(1), r, r];
+        let base = preserved.regulariser(layer, hp)?;
+        let base = || base.as_deref().ok_or(Error::MissingStats(layer));
         let (u, v) = match hp.method {
-            Method::Emmet => solve::emmet(&r, &k, preserved.second_moment(layer)?, hp.mom2_weight, hp.required(hp.emmet_lambda, "emmet_lambda")?)?,
+            Method::Emmet => solve::emmet(&r, &k, base()?, hp.required(hp.emmet_lambda, "emmet_lambda")?)?,
             Method::AlphaEdit => {
                 let p = preserved.nullspace(layer, hp.required(hp.nullspace_threshold, "nullspace_threshold")?)?;
-                let s_p = preserved.earlier_second_moment(layer, k.nrows());
-                let uv = solve::alphaedit(&r, &k, &s_p, &p, hp.required(hp.alpha, "alpha")?)?;
+                let uv = solve::alphaedit(&r, &k, &preserved.earlier_keys(layer, k.nrows()), &p, hp.required(hp.alpha, "alpha")?)?;
                 preserved.remember(layer, &k);
                 uv
             }
             Method::Encore => {
-                let s_p = preserved.earlier_second_moment(layer, k.nrows());
-                let lambda_n = hp.required(hp.norm_lambda, "norm_lambda")?;
-                let uv = solve::encore(&r, &k, preserved.second_moment(layer)?, hp.mom2_weight, &s_p, lambda_n)?;
+                let uv = solve::encore(&r, &k, base()?, &preserved.earlier_keys(layer, k.nrows()))?;
                 preserved.remember(layer, &k);
                 uv
             }
-            _ => solve::memit(&r, &k, preserved.second_moment(layer)?, hp.mom2_weight)?,
+            _ => solve::memit(&r, &k, base()?)?,
         };
         let (u, v) = solve::merge_equal_columns(u, v);
         updates.push(commit(model, layer, &u, &v, hp.rect_k)?);

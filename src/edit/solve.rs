@@ -1,8 +1,13 @@
-//! The closed-form updates, in f64 with LAPACK. Every update is returned as low-rank factors
+//! The closed forms, in f64 with LAPACK. Every update is returned as low-rank factors
 //! `ΔW = U·Vᵀ` (`U [d_out, r]`, `V [d_in, r]`) in the edit view `out = W·k`.
+//!
+//! Each system matrix is a fixed part `A` (a scaled key second moment plus a ridge) plus the
+//! outer products `U Uᵀ` of a few keys. `A`'s Cholesky factor is computed once ([`Factor`], kept
+//! by `Preserved`), and each edit's keys enter by the Woodbury identity: a solve of `O(d² r)`
+//! instead of a new `O(d³)` factorisation.
 
-use ndarray::{Array1, Array2, Axis};
-use ndarray_linalg::{Eigh, FactorizeCInto, SolveC, UPLO};
+use ndarray::{s, Array1, Array2, Axis};
+use ndarray_linalg::{CholeskyInto, Eigh, FactorizeCInto, SolveC, UPLO};
 
 /// A linear solve failed.
 #[derive(Debug, thiserror::Error)]
@@ -33,28 +38,153 @@ fn solve_spd(a: Array2<f64>, b: &Array2<f64>, what: &'static str) -> Result<Arra
     Ok(x)
 }
 
-/// MEMIT: `ΔW = R Kᵀ (λC + K Kᵀ)⁻¹` for residuals `R [d_out, n]`, keys `K [d_in, n]` and the
-/// key second moment `C [d_in, d_in]`. Factors: `U = R`, `V = (λC + KKᵀ)⁻¹ K` (symmetric system).
-pub fn memit(r: &Array2<f64>, k: &Array2<f64>, c: &Array2<f64>, lambda: f64) -> Result<(Array2<f64>, Array2<f64>)> {
-    if r.ncols() != k.ncols() || c.nrows() != k.nrows() || c.ncols() != k.nrows() {
-        return Err(Error::Shape(format!("memit: R {:?}, K {:?}, C {:?} do not fit", r.dim(), k.dim(), c.dim())));
+/// A symmetric positive definite matrix `A`, held as its Cholesky factor `A = L Lᵀ` (or, for
+/// a multiple of the identity, as that multiple).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Factor(Kind);
+
+#[derive(Clone, Debug, PartialEq)]
+enum Kind {
+    /// `L`, lower triangular with a positive diagonal, row-major.
+    Lower(Array2<f64>),
+    /// `A = a·I` of this size.
+    Identity(f64, usize),
+}
+
+impl Factor {
+    /// The Cholesky factor of `a`. LAPACK reads `a` in column order, where it is `Aᵀ = A`
+    /// without a transpose; the upper factor `U` it writes there is `L = Uᵀ`.
+    pub fn cholesky(a: Array2<f64>, what: &'static str) -> Result<Self> {
+        if !a.is_square() {
+            return Err(Error::Shape(format!("{what}: {:?} is not square", a.dim())));
+        }
+        let upper = a.reversed_axes().cholesky_into(UPLO::Upper).map_err(|_| Error::NotPositiveDefinite(what))?;
+        Ok(Factor(Kind::Lower(upper.reversed_axes().as_standard_layout().into_owned())))
     }
-    let a = c * lambda + k.dot(&k.t());
-    Ok((r.clone(), solve_spd(a, k, "λC + KKᵀ")?))
+
+    /// `a·I` of size `d`, for `a > 0`.
+    pub fn identity(a: f64, d: usize, what: &'static str) -> Result<Self> {
+        if !(a > 0.0 && a.is_finite()) {
+            return Err(Error::NotPositiveDefinite(what));
+        }
+        Ok(Factor(Kind::Identity(a, d)))
+    }
+
+    /// A factor read back from storage: `l` if it is square, lower triangular, with a positive
+    /// finite diagonal and finite entries.
+    pub fn from_lower(l: Array2<f64>) -> Option<Self> {
+        let valid = l.is_square() && l.indexed_iter().all(|((i, j), &x)| x.is_finite() && if i == j { x > 0.0 } else { j < i || x == 0.0 });
+        valid.then(|| Factor(Kind::Lower(l.as_standard_layout().into_owned())))
+    }
+
+    /// `L` (row-major, zeros above the diagonal), for storage; none for a multiple of the identity.
+    pub fn lower(&self) -> Option<&Array2<f64>> {
+        match &self.0 {
+            Kind::Lower(l) => Some(l),
+            Kind::Identity(..) => None,
+        }
+    }
+
+    /// The size `d` of `A`.
+    pub fn dim(&self) -> usize {
+        match &self.0 {
+            Kind::Lower(l) => l.nrows(),
+            Kind::Identity(_, d) => *d,
+        }
+    }
+
+    /// `A⁻¹ B`: two triangular solves (`L Z = B`, `Lᵀ X = Z`).
+    pub fn solve(&self, b: &Array2<f64>) -> Result<Array2<f64>> {
+        let d = self.dim();
+        if b.nrows() != d {
+            return Err(Error::Shape(format!("solve: A is {d}x{d}, B has {} rows", b.nrows())));
+        }
+        let l = match &self.0 {
+            Kind::Identity(a, _) => return Ok(b / *a),
+            Kind::Lower(l) => l.as_slice().expect("kept in row order"),
+        };
+        let mut x = b.as_standard_layout().into_owned();
+        let n = x.ncols();
+        if n == 0 || d == 0 {
+            return Ok(x);
+        }
+        assert!(d <= i32::MAX as usize && n <= i32::MAX as usize);
+        for trans in [cblas_sys::CblasNoTrans, cblas_sys::CblasTrans] {
+            // SAFETY: `l` is a row-major [d, d] matrix and `x` a row-major [d, n] one, as the
+            // call reads and writes them.
+            unsafe {
+                cblas_sys::cblas_dtrsm(
+                    cblas_sys::CblasRowMajor,
+                    cblas_sys::CblasLeft,
+                    cblas_sys::CblasLower,
+                    trans,
+                    cblas_sys::CblasNonUnit,
+                    d as i32,
+                    n as i32,
+                    1.0,
+                    l.as_ptr(),
+                    d as i32,
+                    x.as_mut_ptr(),
+                    n as i32,
+                );
+            }
+        }
+        Ok(x)
+    }
+
+    /// `A` itself.
+    fn matrix(&self) -> Array2<f64> {
+        match &self.0 {
+            Kind::Lower(l) => l.dot(&l.t()),
+            Kind::Identity(a, d) => Array2::eye(*d) * *a,
+        }
+    }
+
+    /// `(A + U Uᵀ)⁻¹ U E`, `E` the last `n` columns of the identity: the system solved for the
+    /// last `n` columns of `U`, the earlier ones only part of its matrix. While `U` has at most
+    /// `d/2` columns, by the Woodbury identity on `A`'s factor: with `Y = A⁻¹U` and
+    /// `S = I + UᵀY`, `(A + UUᵀ) Y S⁻¹ E = U S S⁻¹ E = U E`, so the solution is `Y (S⁻¹E)`
+    /// (no subtraction, so no cancellation). With more, `A + UUᵀ` is factorised afresh, which
+    /// is then the cheaper.
+    pub fn solve_with(&self, u: &Array2<f64>, n: usize, what: &'static str) -> Result<Array2<f64>> {
+        let (d, r) = u.dim();
+        if d != self.dim() || n > r {
+            return Err(Error::Shape(format!("{what}: A is {0}x{0}, U is {d}x{r}, solving for {n} columns", self.dim())));
+        }
+        let last = u.slice(s![.., r - n..]).to_owned();
+        if 2 * r > d {
+            return solve_spd(self.matrix() + u.dot(&u.t()), &last, what);
+        }
+        let y = self.solve(u)?;
+        let s = Array2::<f64>::eye(r) + u.t().dot(&y);
+        let e = Array2::from_shape_fn((r, n), |(i, j)| f64::from(i == r - n + j));
+        Ok(y.dot(&solve_spd(s, &e, what)?))
+    }
+}
+
+/// MEMIT: `ΔW = R Kᵀ (λC + K Kᵀ)⁻¹` for residuals `R [d_out, n]`, keys `K [d_in, n]` and the
+/// factor of `λC` (`C [d_in, d_in]` the key second moment). Factors: `U = R`,
+/// `V = (λC + KKᵀ)⁻¹ K`.
+pub fn memit(r: &Array2<f64>, k: &Array2<f64>, lambda_c: &Factor) -> Result<(Array2<f64>, Array2<f64>)> {
+    if r.ncols() != k.ncols() || lambda_c.dim() != k.nrows() {
+        return Err(Error::Shape(format!("memit: R {:?}, K {:?}, λC {2}x{2} do not fit", r.dim(), k.dim(), lambda_c.dim())));
+    }
+    Ok((r.clone(), lambda_c.solve_with(k, k.ncols(), "λC + KKᵀ")?))
 }
 
 /// ENCORE's norm-constrained MEMIT (Gupta et al. 2025, arXiv:2502.01636), as the authors' code
 /// solves it: the update minimising `‖ΔW K − R‖² + λ_p·tr(ΔW C ΔWᵀ) + ‖ΔW K_p‖² + λₙ‖ΔW‖²_F`,
-/// `ΔW = R Kᵀ (λ_p C + S_p + λₙI + K Kᵀ)⁻¹`, with `S_p = K_p K_pᵀ` the summed `k kᵀ` of facts
-/// edited earlier. The penalty is on this edit's update, relative to the weights it is applied
-/// to (after earlier edits). Factors: `U = R`, `V = (λ_p C + S_p + λₙI + KKᵀ)⁻¹ K`.
-pub fn encore(r: &Array2<f64>, k: &Array2<f64>, c: &Array2<f64>, lambda_p: f64, s_p: &Array2<f64>, lambda_n: f64) -> Result<(Array2<f64>, Array2<f64>)> {
+/// `ΔW = R Kᵀ (λ_p C + λₙI + K_p K_pᵀ + K Kᵀ)⁻¹`, with `K_p` the keys of facts edited earlier
+/// (columns) and `base` the factor of `λ_p C + λₙI`. The penalty is on this edit's update,
+/// relative to the weights it is applied to (after earlier edits). Factors: `U = R`,
+/// `V = (λ_p C + λₙI + K_pK_pᵀ + KKᵀ)⁻¹ K`.
+pub fn encore(r: &Array2<f64>, k: &Array2<f64>, base: &Factor, k_p: &Array2<f64>) -> Result<(Array2<f64>, Array2<f64>)> {
     let d = k.nrows();
-    if r.ncols() != k.ncols() || c.dim() != (d, d) || s_p.dim() != (d, d) {
-        return Err(Error::Shape(format!("encore: R {:?}, K {:?}, C {:?}, S_p {:?} do not fit", r.dim(), k.dim(), c.dim(), s_p.dim())));
+    if r.ncols() != k.ncols() || base.dim() != d || k_p.nrows() != d {
+        return Err(Error::Shape(format!("encore: R {:?}, K {:?}, λ_pC + λₙI {2}x{2}, K_p {3:?} do not fit", r.dim(), k.dim(), base.dim(), k_p.dim())));
     }
-    let a = c * lambda_p + s_p + Array2::<f64>::eye(d) * lambda_n + k.dot(&k.t());
-    Ok((r.clone(), solve_spd(a, k, "λ_p C + S_p + λₙI + KKᵀ")?))
+    let u = ndarray::concatenate![Axis(1), k_p.view(), k.view()];
+    Ok((r.clone(), base.solve_with(&u, k.ncols(), "λ_p C + λₙI + K_pK_pᵀ + KKᵀ")?))
 }
 
 /// Norm anchoring of a value vector (after NAS, Liu et al. 2026, arXiv:2602.02543): with
@@ -78,12 +208,13 @@ pub fn anchored_delta(w0: &Array2<f64>, key: &Array1<f64>, value: &Array1<f64>, 
 }
 
 /// EMMET: the batch update that maps every key exactly to its target (as `μ → 0`):
-/// `ΔW = R D⁻¹ Kᵀ (λC)⁻¹` with `D = Kᵀ (λC)⁻¹ K + μI`. Factors: `U = R D⁻¹`, `V = (λC)⁻¹ K`.
-pub fn emmet(r: &Array2<f64>, k: &Array2<f64>, c: &Array2<f64>, lambda: f64, mu: f64) -> Result<(Array2<f64>, Array2<f64>)> {
-    if r.ncols() != k.ncols() || c.nrows() != k.nrows() || c.ncols() != k.nrows() {
-        return Err(Error::Shape(format!("emmet: R {:?}, K {:?}, C {:?} do not fit", r.dim(), k.dim(), c.dim())));
+/// `ΔW = R D⁻¹ Kᵀ (λC)⁻¹` with `D = Kᵀ (λC)⁻¹ K + μI`, given the factor of `λC`. Factors:
+/// `U = R D⁻¹`, `V = (λC)⁻¹ K`.
+pub fn emmet(r: &Array2<f64>, k: &Array2<f64>, lambda_c: &Factor, mu: f64) -> Result<(Array2<f64>, Array2<f64>)> {
+    if r.ncols() != k.ncols() || lambda_c.dim() != k.nrows() {
+        return Err(Error::Shape(format!("emmet: R {:?}, K {:?}, λC {2}x{2} do not fit", r.dim(), k.dim(), lambda_c.dim())));
     }
-    let v = solve_spd(c * lambda, k, "λC")?;
+    let v = lambda_c.solve(k)?;
     let d = k.t().dot(&v) + Array2::<f64>::eye(k.ncols()) * mu;
     let ut = solve_spd(d, &r.t().to_owned(), "Kᵀ(λC)⁻¹K + μI")?;
     Ok((ut.t().to_owned(), v))
@@ -119,30 +250,31 @@ pub fn nullspace(c: &Array2<f64>, tau: f64) -> Result<Array2<f64>> {
     Ok(u.dot(&u.t()))
 }
 
-/// AlphaEdit: `ΔW = R Kᵀ P (S P + αI)⁻¹` with `S = K Kᵀ + S_p` (`S_p`: the summed `k kᵀ` of
-/// facts edited earlier) and `P` from [`nullspace`]; `ΔW` lies in `P`'s range, so keys the
+/// AlphaEdit: `ΔW = R Kᵀ P (S P + αI)⁻¹` with `S = K Kᵀ + K_p K_pᵀ` (`K_p`: the keys of facts
+/// edited earlier, columns) and `P` from [`nullspace`]; `ΔW` lies in `P`'s range, so keys the
 /// corpus spans are left (nearly) alone. Factors: `U = R`, `V = (P S + αI)⁻¹ P K`, computed as
-/// `P (P S P + αI)⁻¹ P K` (equal since `P² = P`): a symmetric positive definite system for
-/// Cholesky, where LU (OpenBLAS's `dgetrf`) needs more stack than a 2 MiB thread has.
-pub fn alphaedit(r: &Array2<f64>, k: &Array2<f64>, s_p: &Array2<f64>, p: &Array2<f64>, alpha: f64) -> Result<(Array2<f64>, Array2<f64>)> {
+/// `P (αI + P S P)⁻¹ P K` (equal since `P² = P`), where `P S P = (P[K_p K])(P[K_p K])ᵀ`: a
+/// symmetric positive definite system of a few outer products, for Cholesky (LU, OpenBLAS's
+/// `dgetrf`, needs more stack than a 2 MiB thread has) or the Woodbury identity.
+pub fn alphaedit(r: &Array2<f64>, k: &Array2<f64>, k_p: &Array2<f64>, p: &Array2<f64>, alpha: f64) -> Result<(Array2<f64>, Array2<f64>)> {
     let d = k.nrows();
-    if r.ncols() != k.ncols() || s_p.dim() != (d, d) || p.dim() != (d, d) {
-        return Err(Error::Shape(format!("alphaedit: R {:?}, K {:?}, S_p {:?}, P {:?} do not fit", r.dim(), k.dim(), s_p.dim(), p.dim())));
+    if r.ncols() != k.ncols() || k_p.nrows() != d || p.dim() != (d, d) {
+        return Err(Error::Shape(format!("alphaedit: R {:?}, K {:?}, K_p {:?}, P {:?} do not fit", r.dim(), k.dim(), k_p.dim(), p.dim())));
     }
-    let psp = p.dot(&(k.dot(&k.t()) + s_p)).dot(p);
-    let z = solve_spd(psp + Array2::<f64>::eye(d) * alpha, &p.dot(k), "P S P + αI")?;
+    let u = p.dot(&ndarray::concatenate![Axis(1), k_p.view(), k.view()]);
+    let z = Factor::identity(alpha, d, "αI")?.solve_with(&u, k.ncols(), "P S P + αI")?;
     Ok((r.clone(), p.dot(&z)))
 }
 
 /// ROME: the rank-one update that maps the prompt's key `k_p` to `W k_p + delta` exactly,
 /// along `u = C⁻¹ k̄ / ‖C⁻¹ k̄‖` (`k̄` the template-averaged key; `C = I` without mom2
-/// adjustment). Factors: `U = delta / (k_p · u)`, `V = u`.
-pub fn rome(delta: &Array1<f64>, k_mean: &Array1<f64>, k_prompt: &Array1<f64>, c: Option<&Array2<f64>>) -> Result<(Array2<f64>, Array2<f64>)> {
-    if k_mean.len() != k_prompt.len() || c.is_some_and(|c| c.dim() != (k_mean.len(), k_mean.len())) {
+/// adjustment; `c` its factor). Factors: `U = delta / (k_p · u)`, `V = u`.
+pub fn rome(delta: &Array1<f64>, k_mean: &Array1<f64>, k_prompt: &Array1<f64>, c: Option<&Factor>) -> Result<(Array2<f64>, Array2<f64>)> {
+    if k_mean.len() != k_prompt.len() || c.is_some_and(|c| c.dim() != k_mean.len()) {
         return Err(Error::Shape(format!("rome: keys {} and {} and C do not fit", k_mean.len(), k_prompt.len())));
     }
     let mut u = match c {
-        Some(c) => solve_spd(c.clone(), &k_mean.clone().insert_axis(Axis(1)), "C")?.column(0).to_owned(),
+        Some(c) => c.solve(&k_mean.clone().insert_axis(Axis(1)))?.column(0).to_owned(),
         None => k_mean.clone(),
     };
     let norm = u.dot(&u).sqrt();
