@@ -194,7 +194,7 @@ fn alphaedit_matches_dense_reference_and_spares_the_preserved_keys() {
         let k = random(&mut rng, d_in, n);
         let kp = random(&mut rng, d_in, n_p);
         let s_p = kp.dot(&kp.t());
-        let (u, v) = solve::alphaedit(&r, &k, &kp, &p, alpha).unwrap();
+        let (u, v) = solve::alphaedit(&r, &k, kp.view(), &p, alpha).unwrap();
         let s = k.dot(&k.t()) + &s_p;
         let dense = r.dot(&k.t()).dot(&p).dot(&inverse(&(s.dot(&p) + Array2::<f64>::eye(d_in) * alpha)));
         let update = u.dot(&v.t());
@@ -269,7 +269,7 @@ fn encore_matches_dense_reference_and_zeroes_its_objective_gradient() {
         let kp = random(&mut rng, d_in, n_p);
         let s_p = kp.dot(&kp.t());
         let base = factor(&c * lambda_p + Array2::<f64>::eye(d_in) * lambda_n);
-        let (u, v) = solve::encore(&r, &k, &base, &kp).unwrap();
+        let (u, v) = solve::encore(&r, &k, &base, kp.view()).unwrap();
         let a = &c * lambda_p + &s_p + Array2::<f64>::eye(d_in) * lambda_n + k.dot(&k.t());
         let dense = r.dot(&k.t()).dot(&inverse(&a));
         let update = u.dot(&v.t());
@@ -282,7 +282,7 @@ fn encore_matches_dense_reference_and_zeroes_its_objective_gradient() {
     }
     // Without the norm penalty and earlier keys, ENCORE is MEMIT.
     let (r, k, c) = (random(&mut rng, 4, 2), random(&mut rng, 7, 2), second_moment(&mut rng, 7));
-    let (u, v) = solve::encore(&r, &k, &factor(&c * 3.0), &Array2::zeros((7, 0))).unwrap();
+    let (u, v) = solve::encore(&r, &k, &factor(&c * 3.0), Array2::zeros((7, 0)).view()).unwrap();
     let (mu, mv) = solve::memit(&r, &k, &factor(&c * 3.0)).unwrap();
     assert!(max_abs(&(u.dot(&v.t()) - mu.dot(&mv.t()))) < 1e-12);
 }

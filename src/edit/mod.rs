@@ -350,12 +350,12 @@ fn memit(
             Method::Emmet => solve::emmet(&r, &k, base()?, hp.required(hp.emmet_lambda, "emmet_lambda")?)?,
             Method::AlphaEdit => {
                 let p = preserved.nullspace(layer, hp.required(hp.nullspace_threshold, "nullspace_threshold")?)?;
-                let uv = solve::alphaedit(&r, &k, &preserved.earlier_keys(layer, k.nrows()), &p, hp.required(hp.alpha, "alpha")?)?;
+                let uv = solve::alphaedit(&r, &k, preserved.earlier_keys(layer, k.nrows()), &p, hp.required(hp.alpha, "alpha")?)?;
                 preserved.remember(layer, &k);
                 uv
             }
             Method::Encore => {
-                let uv = solve::encore(&r, &k, base()?, &preserved.earlier_keys(layer, k.nrows()))?;
+                let uv = solve::encore(&r, &k, base()?, preserved.earlier_keys(layer, k.nrows()))?;
                 preserved.remember(layer, &k);
                 uv
             }

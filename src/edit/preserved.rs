@@ -5,7 +5,7 @@
 use super::{key_columns, request::Request, request_keys, solve, Error, Hparams, Method, Result};
 use crate::model::Model;
 use crate::tokenize::Tokenizer;
-use ndarray::Array2;
+use ndarray::{Array2, ArrayView2};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -152,8 +152,8 @@ impl Preserved {
     }
 
     /// `layer`'s earlier keys as columns `[d, n]` (none: `[d, 0]`).
-    pub(crate) fn earlier_keys(&self, layer: usize, d: usize) -> Array2<f64> {
-        self.earlier.get(&layer).map_or_else(|| Array2::zeros((d, 0)), Array2::clone)
+    pub(crate) fn earlier_keys(&self, layer: usize, d: usize) -> ArrayView2<'_, f64> {
+        self.earlier.get(&layer).map_or_else(|| ArrayView2::from_shape((d, 0), &[]).expect("an empty matrix"), |k| k.view())
     }
 
     /// Remembers, for AlphaEdit and ENCORE, the keys of facts that earlier patches edited, computed on

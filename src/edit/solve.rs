@@ -6,7 +6,7 @@
 //! by `Preserved`), and each edit's keys enter by the Woodbury identity: a solve of `O(d² r)`
 //! instead of a new `O(d³)` factorisation.
 
-use ndarray::{s, Array1, Array2, Axis};
+use ndarray::{s, Array1, Array2, ArrayView2, Axis};
 use ndarray_linalg::{CholeskyInto, Eigh, FactorizeCInto, SolveC, UPLO};
 
 /// A linear solve failed.
@@ -74,7 +74,7 @@ impl Factor {
     /// finite diagonal and finite entries.
     pub fn from_lower(l: Array2<f64>) -> Option<Self> {
         let valid = l.is_square() && l.indexed_iter().all(|((i, j), &x)| x.is_finite() && if i == j { x > 0.0 } else { j < i || x == 0.0 });
-        valid.then(|| Factor(Kind::Lower(l.as_standard_layout().into_owned())))
+        valid.then(|| Factor(Kind::Lower(if l.is_standard_layout() { l } else { l.as_standard_layout().into_owned() })))
     }
 
     /// `L` (row-major, zeros above the diagonal), for storage; none for a multiple of the identity.
@@ -178,12 +178,12 @@ pub fn memit(r: &Array2<f64>, k: &Array2<f64>, lambda_c: &Factor) -> Result<(Arr
 /// (columns) and `base` the factor of `λ_p C + λₙI`. The penalty is on this edit's update,
 /// relative to the weights it is applied to (after earlier edits). Factors: `U = R`,
 /// `V = (λ_p C + λₙI + K_pK_pᵀ + KKᵀ)⁻¹ K`.
-pub fn encore(r: &Array2<f64>, k: &Array2<f64>, base: &Factor, k_p: &Array2<f64>) -> Result<(Array2<f64>, Array2<f64>)> {
+pub fn encore(r: &Array2<f64>, k: &Array2<f64>, base: &Factor, k_p: ArrayView2<f64>) -> Result<(Array2<f64>, Array2<f64>)> {
     let d = k.nrows();
     if r.ncols() != k.ncols() || base.dim() != d || k_p.nrows() != d {
         return Err(Error::Shape(format!("encore: R {:?}, K {:?}, λ_pC + λₙI {2}x{2}, K_p {3:?} do not fit", r.dim(), k.dim(), base.dim(), k_p.dim())));
     }
-    let u = ndarray::concatenate![Axis(1), k_p.view(), k.view()];
+    let u = ndarray::concatenate![Axis(1), k_p, k.view()];
     Ok((r.clone(), base.solve_with(&u, k.ncols(), "λ_p C + λₙI + K_pK_pᵀ + KKᵀ")?))
 }
 
@@ -256,12 +256,12 @@ pub fn nullspace(c: &Array2<f64>, tau: f64) -> Result<Array2<f64>> {
 /// `P (αI + P S P)⁻¹ P K` (equal since `P² = P`), where `P S P = (P[K_p K])(P[K_p K])ᵀ`: a
 /// symmetric positive definite system of a few outer products, for Cholesky (LU, OpenBLAS's
 /// `dgetrf`, needs more stack than a 2 MiB thread has) or the Woodbury identity.
-pub fn alphaedit(r: &Array2<f64>, k: &Array2<f64>, k_p: &Array2<f64>, p: &Array2<f64>, alpha: f64) -> Result<(Array2<f64>, Array2<f64>)> {
+pub fn alphaedit(r: &Array2<f64>, k: &Array2<f64>, k_p: ArrayView2<f64>, p: &Array2<f64>, alpha: f64) -> Result<(Array2<f64>, Array2<f64>)> {
     let d = k.nrows();
     if r.ncols() != k.ncols() || k_p.nrows() != d || p.dim() != (d, d) {
         return Err(Error::Shape(format!("alphaedit: R {:?}, K {:?}, K_p {:?}, P {:?} do not fit", r.dim(), k.dim(), k_p.dim(), p.dim())));
     }
-    let u = p.dot(&ndarray::concatenate![Axis(1), k_p.view(), k.view()]);
+    let u = p.dot(&ndarray::concatenate![Axis(1), k_p, k.view()]);
     let z = Factor::identity(alpha, d, "αI")?.solve_with(&u, k.ncols(), "P S P + αI")?;
     Ok((r.clone(), p.dot(&z)))
 }
