@@ -388,7 +388,7 @@ fn read_rows(path: &Path) -> Result<Vec<Row>> {
 
 /// Draws runs side by side into `out`: per metric one chart, a line per run and setting
 /// (colour by run, solid for the first setting and dashed for the others), the number of edits
-/// on a log axis, the metric on a log axis where it spans over two decades, and the unedited
+/// on a log axis, the metric on a log axis where it spans over a decade, and the unedited
 /// value as a black dashed line. `out/results.csv` holds every row with its run's name. The
 /// CSV and charts in `out` are rewritten, but never a run's results.
 pub fn compare(runs: &[PathBuf], out: &Path) -> Result<()> {
@@ -435,7 +435,7 @@ pub fn compare(runs: &[PathBuf], out: &Path) -> Result<()> {
         }
         let values = || series.iter().flat_map(|s| s.points.iter().map(|p| p.1));
         let (lo, hi) = values().fold((f64::INFINITY, 0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
-        let axes = plot::Axes { log_x: true, log_y: lo > 0.0 && hi / lo > 100.0 };
+        let axes = plot::Axes { log_x: true, log_y: lo > 0.0 && hi / lo > 10.0 };
         plot::lines(&out.join(format!("{}.png", metric.replace('/', "-"))), metric, "edits", metric, &series, axes, &policy)?;
     }
     Ok(())
