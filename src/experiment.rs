@@ -386,22 +386,64 @@ fn read_rows(path: &Path) -> Result<Vec<Row>> {
         .collect()
 }
 
+/// One run for [`compare`]: the output folder of an `experiment` and the name it is drawn under.
+/// Folders given one name are one run: one colour, a line per setting of every folder.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunFolder {
+    pub name: String,
+    pub folder: PathBuf,
+}
+
+impl std::str::FromStr for RunFolder {
+    type Err = String;
+
+    /// `NAME=FOLDER`, or a bare `FOLDER` named after its last component. The text before the
+    /// first `=` is a name only if it is letters, digits, `-`, `_`, `.` and `+`: `runs/k=40`
+    /// is a folder (write `./k=40` for a folder of that name in the current one).
+    fn from_str(arg: &str) -> std::result::Result<Self, String> {
+        let is_name = |n: &str| !n.is_empty() && n.chars().all(|c| c.is_alphanumeric() || "-_.+".contains(c));
+        let (name, folder) = match arg.split_once('=') {
+            Some((name, folder)) if is_name(name) && !folder.is_empty() => (name.to_string(), PathBuf::from(folder)),
+            _ => {
+                let folder = PathBuf::from(arg);
+                let name = folder.file_name().map_or_else(|| arg.to_string(), |n| n.to_string_lossy().into_owned());
+                (name, folder)
+            }
+        };
+        if name.contains([',', '\n', '\r']) {
+            return Err(format!("run name `{name}` would break the CSV; name it with NAME=FOLDER"));
+        }
+        Ok(RunFolder { name, folder })
+    }
+}
+
 /// Draws runs side by side into `out`: per metric one chart, a line per run and setting
 /// (colour by run, solid for the first setting and dashed for the others), the number of edits
 /// on a log axis, the metric on a log axis where it spans over a decade, and the unedited
 /// value as a black dashed line. `out/results.csv` holds every row with its run's name. The
-/// CSV and charts in `out` are rewritten, but never a run's results.
-pub fn compare(runs: &[PathBuf], out: &Path) -> Result<()> {
-    let policy = Policy::rewrite().reading(runs.iter().map(|r| r.join("results.csv")));
+/// CSV and charts in `out` are rewritten, but never a run's results. Two folders of one run
+/// may not hold the same setting.
+pub fn compare(runs: &[RunFolder], out: &Path) -> Result<()> {
+    let policy = Policy::rewrite().reading(runs.iter().map(|r| r.folder.join("results.csv")));
     let mut all: Vec<(String, Row)> = Vec::new();
+    let mut seen: Vec<(&str, String, &Path)> = Vec::new();
     for run in runs {
-        let path = run.join("results.csv");
+        let path = run.folder.join("results.csv");
         let rows = read_rows(&path)?;
         if rows.is_empty() {
             return Err(Error::State { path, problem: "no results (is this an experiment's output folder?)".into() });
         }
-        let name = run.file_name().map_or_else(|| run.display().to_string(), |n| n.to_string_lossy().into_owned());
-        all.extend(rows.into_iter().map(|r| (name.clone(), r)));
+        let mut settings: Vec<&str> = rows.iter().map(|r| r.setting.as_str()).collect();
+        settings.sort_unstable();
+        settings.dedup();
+        for setting in settings {
+            if let Some((_, _, other)) = seen.iter().find(|(n, s, _)| *n == run.name && s == setting) {
+                let problem = format!("setting `{setting}` of run `{}` is also in {}; give the two folders different names", run.name, other.display());
+                return Err(Error::State { path, problem });
+            }
+            seen.push((&run.name, setting.to_string(), &run.folder));
+        }
+        all.extend(rows.into_iter().map(|r| (run.name.clone(), r)));
     }
     std::fs::create_dir_all(out).map_err(|e| state_err(out, e))?;
     let mut text = String::from("run,setting,x,metric,value\n");

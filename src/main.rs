@@ -283,10 +283,12 @@ enum Command {
     /// Draw experiment runs side by side: one PNG per metric (a line per run and setting, edits on a log axis) and their rows in one CSV.
     ///
     /// Example: factpatch compare runs/memit runs/rome --out runs/compare
+    /// Example: factpatch compare memit=runs/memit-none memit=runs/memit-40 rome=runs/rome --out runs/compare
     Compare {
-        /// Output folders of `experiment` runs; each run is named after its folder.
+        /// Output folders of `experiment` runs, as NAME=FOLDER or FOLDER (named after its last
+        /// component). Folders of one name are drawn as one run, one colour.
         #[arg(required = true, num_args = 1..)]
-        runs: Vec<PathBuf>,
+        runs: Vec<factpatch::experiment::RunFolder>,
         #[arg(long)]
         out: PathBuf,
     },
@@ -803,7 +805,8 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Compare { runs, out } => {
             factpatch::experiment::compare(&runs, &out)?;
-            println!("{} runs drawn in {}", runs.len(), out.display());
+            let names: std::collections::BTreeSet<&str> = runs.iter().map(|r| r.name.as_str()).collect();
+            println!("{} runs drawn in {}", names.len(), out.display());
             Ok(())
         }
         Command::Generate { model, prompt, max_new_tokens, top_k, temperature, seed } => {

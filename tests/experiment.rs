@@ -7,7 +7,7 @@ use common::{root, smollm2_spec};
 use factpatch::compile::Compiler;
 use factpatch::edit::{request, Method};
 use factpatch::eval::{self, tasks};
-use factpatch::experiment::{self, Schedule, Setup};
+use factpatch::experiment::{self, RunFolder, Schedule, Setup};
 use std::path::Path;
 
 fn setup(out: &Path, method: Method, rects: &[f64]) -> Setup {
@@ -141,7 +141,8 @@ fn runs_are_compared_in_one_csv_and_one_chart_per_metric() {
         std::fs::write(dir.join("results.csv"), rows).unwrap();
         dir
     };
-    let runs = [run("memit", 23.0), run("kn", 4e12)];
+    let runs = [run("memit", 23.0), run("kn", 4e12)].map(|dir| dir.to_str().unwrap().parse::<RunFolder>().unwrap());
+    assert_eq!(runs[0].name, "memit");
     let out = t.path().join("cmp");
     factpatch::experiment::compare(&runs, &out).unwrap();
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
@@ -152,6 +153,38 @@ fn runs_are_compared_in_one_csv_and_one_chart_per_metric() {
         let bytes = std::fs::read(out.join(chart)).unwrap();
         assert_eq!(&bytes[1..4], b"PNG", "{chart}");
     }
-    let err = factpatch::experiment::compare(&[t.path().join("missing")], &out).unwrap_err().to_string();
+    let missing = RunFolder { name: "missing".into(), folder: t.path().join("missing") };
+    let err = factpatch::experiment::compare(&[missing], &out).unwrap_err().to_string();
     assert!(err.contains("missing") && err.contains("no results"), "{err}");
+}
+
+/// Folders given one name are one run: their rows under that name, as if one run had held them.
+#[test]
+fn folders_of_one_name_are_compared_as_one_run() {
+    let t = tempfile::tempdir().unwrap();
+    let run = |folder: &str, setting: &str| {
+        let dir = t.path().join(folder);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("results.csv"), format!("setting,x,metric,value\n{setting},0,perplexity,20\n{setting},10,perplexity,21\n")).unwrap();
+        format!("memit={}", dir.display()).parse::<RunFolder>().unwrap()
+    };
+    let (off, on) = (run("memit-none", "none"), run("memit-40", "k=40"));
+    assert_eq!((off.name.as_str(), off.folder.as_path()), ("memit", t.path().join("memit-none").as_path()));
+    let out = t.path().join("cmp");
+    factpatch::experiment::compare(&[off.clone(), on.clone()], &out).unwrap();
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    assert_eq!(
+        csv,
+        "run,setting,x,metric,value\nmemit,none,0,perplexity,20\nmemit,none,10,perplexity,21\nmemit,k=40,0,perplexity,20\nmemit,k=40,10,perplexity,21\n"
+    );
+    // One setting in two folders of one name would draw two runs as one line.
+    let twin = run("memit-none-again", "none");
+    let err = factpatch::experiment::compare(&[off.clone(), on, twin], &out).unwrap_err().to_string();
+    assert!(err.contains("memit-none-again") && err.contains("setting `none` of run `memit`") && err.contains("memit-none;"), "{err}");
+    let err = factpatch::experiment::compare(&[off.clone(), off.clone()], &out).unwrap_err().to_string();
+    assert!(err.contains("setting `none` of run `memit` is also in"), "{err}");
+    // A folder named like `k=40` stays a folder; a name with a comma is refused.
+    assert_eq!("runs/k=40".parse::<RunFolder>().unwrap(), RunFolder { name: "k=40".into(), folder: "runs/k=40".into() });
+    assert_eq!("./k=40".parse::<RunFolder>().unwrap().name, "k=40");
+    assert!("runs/a,b".parse::<RunFolder>().unwrap_err().contains("`a,b`"));
 }
