@@ -426,22 +426,19 @@ impl std::str::FromStr for RunFolder {
 pub fn compare(runs: &[RunFolder], out: &Path) -> Result<()> {
     let policy = Policy::rewrite().reading(runs.iter().map(|r| r.folder.join("results.csv")));
     let mut all: Vec<(String, Row)> = Vec::new();
-    let mut seen: Vec<(&str, String, &Path)> = Vec::new();
+    let mut owner: BTreeMap<(&str, String), &Path> = BTreeMap::new();
     for run in runs {
         let path = run.folder.join("results.csv");
         let rows = read_rows(&path)?;
         if rows.is_empty() {
             return Err(Error::State { path, problem: "no results (is this an experiment's output folder?)".into() });
         }
-        let mut settings: Vec<&str> = rows.iter().map(|r| r.setting.as_str()).collect();
-        settings.sort_unstable();
-        settings.dedup();
+        let settings: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.setting.as_str()).collect();
         for setting in settings {
-            if let Some((_, _, other)) = seen.iter().find(|(n, s, _)| *n == run.name && s == setting) {
+            if let Some(other) = owner.insert((&run.name, setting.to_string()), &run.folder) {
                 let problem = format!("setting `{setting}` of run `{}` is also in {}; give the two folders different names", run.name, other.display());
                 return Err(Error::State { path, problem });
             }
-            seen.push((&run.name, setting.to_string(), &run.folder));
         }
         all.extend(rows.into_iter().map(|r| (run.name.clone(), r)));
     }
