@@ -243,6 +243,18 @@ impl Compiler {
         Ok(Compiled { patch, reports, seconds })
     }
 
+    /// What decides the edits it makes, as JSON: the base model's identity, the parent patches,
+    /// the statistics, the editor and the hyperparameters.
+    pub fn recipe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "model": self.base_identity,
+            "parents": self.parents.patches().iter().map(|p| p.id()).collect::<Vec<_>>(),
+            "stats": self.stats.as_ref().map(|s| &s.id),
+            "editor": self.editor.as_ref().map(|(_, id, _)| id),
+            "hparams": self.hp,
+        })
+    }
+
     /// What it read: the model folder, the parent patches, the statistics file and the editor.
     pub fn inputs(&self) -> Vec<PathBuf> {
         let parents = self.parents.patches().iter().map(|p| p.path().to_path_buf());

@@ -147,14 +147,15 @@ pub fn run(setup: &Setup, schedule: &Schedule) -> Result<Vec<Row>> {
             return Err(Error::Plan(format!("edits are made {batch} at a time: evaluate after positive multiples of {batch} (--at, --every, --edits)")));
         }
     }
-    std::fs::create_dir_all(setup.out.join("state")).map_err(|e| state_err(&setup.out, e))?;
-    let results = setup.out.join("results.csv");
-    let mut rows = read_rows(&results)?;
-    // Fluency needs long generations at every evaluation; experiments leave it out.
-    let requests: Vec<Request> = edited.into_iter().map(|r| Request { generation_prompts: Vec::new(), ..r }).collect();
     // The results, state and plots in `out` are rewritten at every evaluation; no input ever is.
     let inputs = setup.compiler.inputs().into_iter().chain([setup.requests_path.clone()]).chain(setup.general.iter().map(|t| t.path.clone()));
-    let ctx = Context { setup, requests: &requests, policy: Policy::rewrite().reading(inputs) };
+    let policy = Policy::rewrite().reading(inputs);
+    std::fs::create_dir_all(setup.out.join("state")).map_err(|e| state_err(&setup.out, e))?;
+    check_recipe(setup, schedule, &policy)?;
+    let mut rows = read_rows(&setup.out.join("results.csv"))?;
+    // Fluency needs long generations at every evaluation; experiments leave it out.
+    let requests: Vec<Request> = edited.into_iter().map(|r| Request { generation_prompts: Vec::new(), ..r }).collect();
+    let ctx = Context { setup, requests: &requests, policy };
     for &k in &setup.rects {
         let mut compiler = setup.compiler.clone();
         compiler.hp.rect_k = k;
@@ -169,6 +170,87 @@ pub fn run(setup: &Setup, schedule: &Schedule) -> Result<Vec<Row>> {
         draw(&setup.out, &rows, x_label(schedule), &ctx.policy)?;
     }
     Ok(rows)
+}
+
+/// The file in an experiment's folder that records what decides its results.
+pub const RECIPE: &str = "experiment.json";
+
+/// What decides an experiment's results, as JSON: the compiler's recipe (without RECT's k, which
+/// each setting sets), how facts are batched, and the files and options edits and abilities are
+/// measured with. Evaluation points, batch sizes and settings may be added to a run; nothing
+/// here may change.
+fn recipe(setup: &Setup, schedule: &Schedule) -> Result<serde_json::Value> {
+    let mut compiler = setup.compiler.recipe();
+    if let Some(hp) = compiler["hparams"].as_object_mut() {
+        hp.remove("rect_k");
+    }
+    let schedule = match schedule {
+        Schedule::Sequential { batch, .. } => serde_json::json!({ "sequential": { "batch": batch } }),
+        Schedule::Batch { .. } => serde_json::json!("batch"),
+    };
+    let hash = |path: &Path| crate::hash_file(path, crate::MAX_DATA_BYTES).map_err(|e| state_err(&e.path, e.source));
+    let general =
+        setup.general.iter().map(|t| Ok(serde_json::json!({ "task": t.task.name(), "file": hash(&t.path)?, "limit": t.limit }))).collect::<Result<Vec<_>>>()?;
+    let o = &setup.options;
+    Ok(serde_json::json!({
+        "compiler": compiler,
+        "schedule": schedule,
+        "requests": hash(&setup.requests_path)?,
+        "general": general,
+        "options": { "limit": o.limit, "seed": o.seed, "seq_len": o.seq_len },
+    }))
+}
+
+/// Records the experiment's recipe in a new folder, or checks it against the one recorded, so
+/// that a run never resumes another experiment's results or state.
+fn check_recipe(setup: &Setup, schedule: &Schedule, policy: &Policy) -> Result<()> {
+    let path = setup.out.join(RECIPE);
+    let bad = |problem: String| Error::State { path: path.clone(), problem };
+    let start_over = "give another --out, or delete the folder to start over";
+    let now = recipe(setup, schedule)?;
+    let text = match crate::read_regular_text(&path, crate::MAX_METADATA_BYTES) {
+        Ok(text) => text,
+        Err(e) if e.source.kind() == std::io::ErrorKind::NotFound => {
+            let results = setup.out.join("results.csv");
+            let state = std::fs::read_dir(setup.out.join("state")).map_err(|e| state_err(&setup.out, e))?.next().is_some();
+            if results.exists() || state {
+                return Err(Error::State { path: setup.out.clone(), problem: format!("holds results but no {RECIPE} saying what made them; {start_over}") });
+            }
+            let json = serde_json::to_string_pretty(&now).expect("JSON values serialize") + "\n";
+            return crate::atomic::write(&path, json.as_bytes(), policy).map_err(|e| state_err(&path, e));
+        }
+        Err(e) => return Err(state_err(&path, e.source)),
+    };
+    let then: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON ({e}); {start_over}")))?;
+    let mut changed = Vec::new();
+    differences(&then, &now, "", &mut changed);
+    if changed.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<String> = changed.iter().take(3).map(|(key, was, is)| format!("`{key}` is {was} there, {is} here")).collect();
+    let more = if changed.len() > 3 { format!(" (and {} more)", changed.len() - 3) } else { String::new() };
+    Err(bad(format!("holds another experiment: {}{more}; {start_over}", shown.join(", "))))
+}
+
+/// Every place where `a` and `b` differ, as dotted keys in order, with the two values there.
+fn differences(a: &serde_json::Value, b: &serde_json::Value, at: &str, out: &mut Vec<(String, serde_json::Value, serde_json::Value)>) {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let key = if at.is_empty() { k.to_string() } else { format!("{at}.{k}") };
+                differences(x.get(k).unwrap_or(&Value::Null), y.get(k).unwrap_or(&Value::Null), &key, out);
+            }
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+            for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                differences(p, q, &format!("{at}[{i}]"), out);
+            }
+        }
+        _ if a != b => out.push((at.to_string(), a.clone(), b.clone())),
+        _ => {}
+    }
 }
 
 struct Context<'a> {
@@ -325,19 +407,36 @@ impl Context<'_> {
             return Err(bad(format!("holds the state of setting `{saved}`, not `{setting}`; delete the folder to start over")));
         }
         let edits = state["edits"].as_u64().ok_or_else(|| bad("no count of edits in its metadata; delete the folder to start over".into()))? as usize;
+        let records = self.setup.requests.len();
+        if edits > records {
+            return Err(bad(format!("holds the state after {edits} edits, more than the {records} records in {}", self.setup.requests_path.display())));
+        }
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+        // Tensors are checked against the model before any is used: the file is only data.
+        let expect = |name: &str, t: &safetensors::tensor::TensorView, dtype: safetensors::Dtype, shape_ok: bool| {
+            if t.dtype() != dtype || !shape_ok {
+                return Err(bad(format!("tensor `{name}` is {:?} {:?}, not the {dtype:?} this model's layer needs", t.dtype(), t.shape())));
+            }
+            Ok(())
+        };
         for &l in &hp.layers {
-            let t = st.tensor(&format!("layer.{l}")).map_err(|e| bad(e.to_string()))?;
+            let name = format!("layer.{l}");
+            let t = st.tensor(&name).map_err(|e| bad(e.to_string()))?;
+            expect(&name, &t, safetensors::Dtype::F32, t.shape() == model.mlp_out_weight(l).dims())?;
             let w = Tensor::from_vec(crate::checkpoint::Dtype::F32.decode(t.data()), t.shape(), model.device()).map_err(|e| Error::Model(e.into()))?;
             model.set_mlp_out_weight(l, w)?;
         }
         for (name, t) in st.tensors() {
-            if let Some(l) = name.strip_prefix("earlier_keys.").and_then(|l| l.parse().ok()) {
-                let shape = (t.shape()[0], t.shape()[1]);
-                let k = ndarray::Array2::from_shape_vec(shape, t.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))).collect())
-                    .map_err(|e| bad(e.to_string()))?;
-                preserved.remember(l, &k);
-            }
+            let Some(layer) = name.strip_prefix("earlier_keys.") else { continue };
+            let l = layer.parse().ok().filter(|l| hp.layers.contains(l)).ok_or_else(|| bad(format!("tensor `{name}`: no edited layer {layer}")))?;
+            let d = model.mlp_out_weight(l).dims()[1];
+            expect(&name, &t, safetensors::Dtype::F64, matches!(t.shape(), [rows, _] if *rows == d))?;
+            let k = ndarray::Array2::from_shape_vec(
+                (d, t.shape()[1]),
+                t.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))).collect(),
+            )
+            .map_err(|e| bad(e.to_string()))?;
+            preserved.remember(l, &k);
         }
         Ok(edits)
     }

@@ -105,6 +105,20 @@ pub fn read_regular(path: &Path, max_bytes: u64) -> Result<Vec<u8>, IoError> {
     Ok(bytes)
 }
 
+/// blake3 of the bytes of `path`, a regular file of at most `max_bytes` bytes (see
+/// [`open_regular`]), as hex. The file is streamed, not held in memory.
+pub fn hash_file(path: &Path, max_bytes: u64) -> Result<String, IoError> {
+    use std::io::Read;
+    let (file, _) = open_regular(path, max_bytes)?;
+    let mut hasher = blake3::Hasher::new();
+    let read = std::io::copy(&mut file.take(max_bytes.saturating_add(1)), &mut hasher).map_err(io_err(path))?;
+    if read > max_bytes {
+        let grew = std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("grew past the {max_bytes} bytes allowed while being read"));
+        return Err(io_err(path)(grew));
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
 /// The text of `path` (see [`read_regular`]); invalid UTF-8 is an error naming the line.
 pub fn read_regular_text(path: &Path, max_bytes: u64) -> Result<String, IoError> {
     String::from_utf8(read_regular(path, max_bytes)?).map_err(|e| io_err(path)(not_utf8(e.as_bytes(), e.utf8_error().valid_up_to())))

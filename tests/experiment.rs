@@ -8,6 +8,8 @@ use factpatch::compile::Compiler;
 use factpatch::edit::{request, Method};
 use factpatch::eval::{self, tasks};
 use factpatch::experiment::{self, RunFolder, Schedule, Setup};
+use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+use std::collections::HashMap;
 use std::path::Path;
 
 fn setup(out: &Path, method: Method, rects: &[f64]) -> Setup {
@@ -100,6 +102,89 @@ fn alphaedit_runs_resume_with_the_keys_they_kept() {
     for file in ["results.csv", "state/none.safetensors"] {
         assert!(std::fs::read(whole.join(file)).unwrap() == std::fs::read(resumed.join(file)).unwrap(), "{file} differs after resuming");
     }
+}
+
+/// A tensor of a saved state: name, dtype, shape, bytes.
+type Saved = (String, Dtype, Vec<usize>, Vec<u8>);
+
+#[test]
+fn a_folder_resumes_only_the_experiment_that_made_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let s = setup(&out, Method::Memit, &[100.0]);
+    let one = Schedule::every(1, 1);
+    experiment::run(&s, &one).unwrap();
+    let files = ["experiment.json", "results.csv", "state/none.safetensors"];
+    let read = |file: &str| std::fs::read(out.join(file)).unwrap();
+    let before: Vec<Vec<u8>> = files.iter().map(|f| read(f)).collect();
+    let refused = |s: &Setup, schedule: &Schedule, expected: &str| {
+        let e = experiment::run(s, schedule).unwrap_err().to_string();
+        assert!(e.contains(expected), "expected `{expected}` in: {e}");
+        for (file, bytes) in files.iter().zip(&before) {
+            assert!(read(file) == *bytes, "{file} changed by a refused run");
+        }
+    };
+
+    // Whatever decides the results may not change: it is named with both values.
+    let recipe = out.join("experiment.json");
+    let mut other = setup(&out, Method::Memit, &[100.0]);
+    other.compiler.hp.v_steps = 5;
+    refused(&other, &one, &format!("{}: holds another experiment: `compiler.hparams.v_steps` is 4 there, 5 here", recipe.display()));
+    refused(&s, &Schedule::Sequential { at: vec![2], batch: 2 }, "`schedule.sequential.batch` is 1 there, 2 here");
+    refused(
+        &Setup { options: eval::Options { seq_len: Some(32), ..s.options.clone() }, ..setup(&out, Method::Memit, &[100.0]) },
+        &one,
+        "`options.seq_len` is 64 there, 32 here",
+    );
+    let copy = tmp.path().join("requests.json");
+    std::fs::write(&copy, [std::fs::read(&s.requests_path).unwrap(), b"\n".to_vec()].concat()).unwrap();
+    refused(&Setup { requests_path: copy, ..setup(&out, Method::Memit, &[100.0]) }, &one, "`requests` is");
+    let mut no_tasks = setup(&out, Method::Memit, &[100.0]);
+    no_tasks.general.clear();
+    refused(&no_tasks, &one, "`general` is [{");
+    // RECT settings and evaluation points may be added.
+    let rows = experiment::run(&setup(&out, Method::Memit, &[100.0, 40.0]), &Schedule::every(2, 1)).unwrap();
+    assert!(rows.iter().any(|r| r.setting == "k=40" && r.x == 2), "{rows:?}");
+    assert!(read("experiment.json") == before[0]);
+
+    // A folder with results that no recipe accounts for is refused.
+    std::fs::rename(&recipe, tmp.path().join("recipe")).unwrap();
+    let e = experiment::run(&s, &one).unwrap_err().to_string();
+    assert!(e.contains("holds results but no experiment.json"), "{e}");
+    std::fs::rename(tmp.path().join("recipe"), &recipe).unwrap();
+    std::fs::write(&recipe, b"{\"compiler\": ").unwrap();
+    let e = experiment::run(&s, &one).unwrap_err().to_string();
+    assert!(e.contains("experiment.json: not JSON"), "{e}");
+    std::fs::write(&recipe, &before[0]).unwrap();
+
+    // A state file is data: tensors that do not fit the model are refused, not trusted.
+    let state = out.join("state/none.safetensors");
+    let saved = std::fs::read(&state).unwrap();
+    let layer = s.compiler.hp.layers[0];
+    let tampered = |edits: usize, change: &dyn Fn(&mut Vec<Saved>), expected: &str| {
+        let st = SafeTensors::deserialize(&saved).unwrap();
+        let mut tensors: Vec<_> = st.tensors().into_iter().map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec())).collect();
+        change(&mut tensors);
+        let views = tensors.iter().map(|(n, d, shape, b)| (n.clone(), TensorView::new(*d, shape.clone(), b).unwrap()));
+        let meta = HashMap::from([("state".to_string(), format!(r#"{{"edits":{edits},"setting":"none"}}"#))]);
+        std::fs::write(&state, safetensors::serialize(views, Some(meta)).unwrap()).unwrap();
+        let e = experiment::run(&s, &Schedule::every(2, 1)).unwrap_err().to_string();
+        assert!(e.contains("none.safetensors") && e.contains(expected), "expected `{expected}` in: {e}");
+    };
+    tampered(3, &|_| {}, "holds the state after 3 edits, more than the 2 records");
+    let name = format!("layer.{layer}");
+    let as_f64 = |t: &mut Vec<Saved>| {
+        let w = t.iter_mut().find(|w| w.0 == name).unwrap();
+        w.1 = Dtype::F64;
+        w.2[1] /= 2;
+    };
+    tampered(2, &as_f64, &format!("tensor `{name}` is F64"));
+    let keys = |shape: Vec<usize>, layer: usize| {
+        move |t: &mut Vec<Saved>| t.push((format!("earlier_keys.{layer}"), Dtype::F64, shape.clone(), vec![0; 8 * shape.iter().product::<usize>()]))
+    };
+    tampered(2, &keys(vec![3], layer), &format!("tensor `earlier_keys.{layer}` is F64 [3]"));
+    tampered(2, &keys(vec![7, 1], layer), &format!("tensor `earlier_keys.{layer}` is F64 [7, 1]"));
+    tampered(2, &keys(vec![3, 1], 999), "tensor `earlier_keys.999`: no edited layer 999");
 }
 
 #[test]

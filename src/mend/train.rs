@@ -199,7 +199,7 @@ pub fn train(spec: &TrainSpec) -> Result<TrainSummary> {
     tr.check(&config, requests.len())?;
     let ckpt = Checkpoint::open(&spec.model)?;
     let identity = ckpt.identity_cached(&crate::checkpoint::default_hash_cache())?.to_hex().to_string();
-    let hash = |p: &Path| -> Result<String> { Ok(blake3::hash(&crate::read_regular(p, crate::MAX_DATA_BYTES)?).to_hex().to_string()) };
+    let hash = |p: &Path| -> Result<String> { Ok(crate::hash_file(p, crate::MAX_DATA_BYTES)?) };
     let mut request_text = format!("factpatch mend request {}\nmodel {identity}\nrequests {}\n", file::FORMAT_VERSION, hash(&spec.requests)?);
     let mut held_out = std::collections::BTreeSet::new();
     for path in &spec.exclude {

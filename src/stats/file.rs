@@ -293,7 +293,7 @@ pub fn read_meta(path: &Path) -> Result<Meta> {
 
 /// The file id of a statistics file: blake3 of its bytes.
 pub fn file_id(path: &Path) -> Result<String> {
-    Ok(blake3::hash(&crate::read_regular(path, crate::MAX_DATA_BYTES)?).to_hex().to_string())
+    Ok(crate::hash_file(path, crate::MAX_DATA_BYTES)?)
 }
 
 fn join<T: ToString>(xs: &[T]) -> String {
