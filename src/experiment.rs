@@ -413,16 +413,17 @@ impl Context<'_> {
         }
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
         // Tensors are checked against the model before any is used: the file is only data.
-        let expect = |name: &str, t: &safetensors::tensor::TensorView, dtype: safetensors::Dtype, shape_ok: bool| {
+        let expect = |name: &str, t: &safetensors::tensor::TensorView, dtype: safetensors::Dtype, shape_ok: bool, shape: &str| {
             if t.dtype() != dtype || !shape_ok {
-                return Err(bad(format!("tensor `{name}` is {:?} {:?}, not the {dtype:?} this model's layer needs", t.dtype(), t.shape())));
+                return Err(bad(format!("tensor `{name}` is {:?} {:?}, not the {dtype:?} {shape} this model needs", t.dtype(), t.shape())));
             }
             Ok(())
         };
         for &l in &hp.layers {
             let name = format!("layer.{l}");
             let t = st.tensor(&name).map_err(|e| bad(e.to_string()))?;
-            expect(&name, &t, safetensors::Dtype::F32, t.shape() == model.mlp_out_weight(l).dims())?;
+            let dims = model.mlp_out_weight(l).dims();
+            expect(&name, &t, safetensors::Dtype::F32, t.shape() == dims, &format!("{dims:?}"))?;
             let w = Tensor::from_vec(crate::checkpoint::Dtype::F32.decode(t.data()), t.shape(), model.device()).map_err(|e| Error::Model(e.into()))?;
             model.set_mlp_out_weight(l, w)?;
         }
@@ -430,7 +431,7 @@ impl Context<'_> {
             let Some(layer) = name.strip_prefix("earlier_keys.") else { continue };
             let l = layer.parse().ok().filter(|l| hp.layers.contains(l)).ok_or_else(|| bad(format!("tensor `{name}`: no edited layer {layer}")))?;
             let d = model.mlp_out_weight(l).dims()[1];
-            expect(&name, &t, safetensors::Dtype::F64, matches!(t.shape(), [rows, _] if *rows == d))?;
+            expect(&name, &t, safetensors::Dtype::F64, matches!(t.shape(), [rows, _] if *rows == d), &format!("[{d}, edits]"))?;
             let k = ndarray::Array2::from_shape_vec(
                 (d, t.shape()[1]),
                 t.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))).collect(),

@@ -178,12 +178,13 @@ fn a_folder_resumes_only_the_experiment_that_made_it() {
         w.1 = Dtype::F64;
         w.2[1] /= 2;
     };
-    tampered(2, &as_f64, &format!("tensor `{name}` is F64"));
+    let dims = s.compiler.model.mlp_out_weight(layer).dims().to_vec();
+    tampered(2, &as_f64, &format!("tensor `{name}` is F64 [{}, {}], not the F32 {dims:?} this model needs", dims[0], dims[1] / 2));
     let keys = |shape: Vec<usize>, layer: usize| {
         move |t: &mut Vec<Saved>| t.push((format!("earlier_keys.{layer}"), Dtype::F64, shape.clone(), vec![0; 8 * shape.iter().product::<usize>()]))
     };
     tampered(2, &keys(vec![3], layer), &format!("tensor `earlier_keys.{layer}` is F64 [3]"));
-    tampered(2, &keys(vec![7, 1], layer), &format!("tensor `earlier_keys.{layer}` is F64 [7, 1]"));
+    tampered(2, &keys(vec![7, 1], layer), &format!("tensor `earlier_keys.{layer}` is F64 [7, 1], not the F64 [{}, edits] this model needs", dims[1]));
     tampered(2, &keys(vec![3, 1], 999), "tensor `earlier_keys.999`: no edited layer 999");
 }
 
