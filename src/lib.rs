@@ -92,31 +92,29 @@ pub fn open_regular(path: &Path, max_bytes: u64) -> Result<(std::fs::File, u64),
     opened().map_err(io_err(path))
 }
 
-/// The bytes of `path`, a regular file of at most `max_bytes` bytes (see [`open_regular`]).
-pub fn read_regular(path: &Path, max_bytes: u64) -> Result<Vec<u8>, IoError> {
+/// Copies `path`, a regular file of at most `max_bytes` bytes (see [`open_regular`]), into the
+/// sink `make` builds from its length; a file that grows past the limit while read is an error.
+fn copy_regular<W: std::io::Write>(path: &Path, max_bytes: u64, make: impl FnOnce(u64) -> W) -> Result<W, IoError> {
     use std::io::Read;
     let (file, len) = open_regular(path, max_bytes)?;
-    let mut bytes = Vec::with_capacity(len as usize);
-    file.take(max_bytes.saturating_add(1)).read_to_end(&mut bytes).map_err(io_err(path))?;
-    if bytes.len() as u64 > max_bytes {
+    let mut sink = make(len);
+    let copied = std::io::copy(&mut file.take(max_bytes.saturating_add(1)), &mut sink).map_err(io_err(path))?;
+    if copied > max_bytes {
         let grew = std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("grew past the {max_bytes} bytes allowed while being read"));
         return Err(io_err(path)(grew));
     }
-    Ok(bytes)
+    Ok(sink)
 }
 
-/// blake3 of the bytes of `path`, a regular file of at most `max_bytes` bytes (see
-/// [`open_regular`]), as hex. The file is streamed, not held in memory.
+/// The bytes of `path`, a regular file of at most `max_bytes` bytes (see [`open_regular`]).
+pub fn read_regular(path: &Path, max_bytes: u64) -> Result<Vec<u8>, IoError> {
+    copy_regular(path, max_bytes, |len| Vec::with_capacity(len as usize))
+}
+
+/// blake3 of the bytes of `path`, a regular file of at most `max_bytes` bytes, as hex. The file
+/// is streamed, not held in memory.
 pub fn hash_file(path: &Path, max_bytes: u64) -> Result<String, IoError> {
-    use std::io::Read;
-    let (file, _) = open_regular(path, max_bytes)?;
-    let mut hasher = blake3::Hasher::new();
-    let read = std::io::copy(&mut file.take(max_bytes.saturating_add(1)), &mut hasher).map_err(io_err(path))?;
-    if read > max_bytes {
-        let grew = std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("grew past the {max_bytes} bytes allowed while being read"));
-        return Err(io_err(path)(grew));
-    }
-    Ok(hasher.finalize().to_hex().to_string())
+    Ok(copy_regular(path, max_bytes, |_| blake3::Hasher::new())?.finalize().to_hex().to_string())
 }
 
 /// The text of `path` (see [`read_regular`]); invalid UTF-8 is an error naming the line.
